@@ -1,0 +1,97 @@
+"""The block-storage contract the SCSI target executes against, and the errors it may raise.
+
+`BlockStore` is implemented by `firmware.volume.Volume` (a plain file or block device) and by
+`firmware.local_unit.LocalUnit` (journal first, then the local volume, with the acknowledgement
+policy). The SCSI target maps each `StorageError` to the sense data named on the class.
+
+Durability contract (DESIGN.md): `write()` returns only when the data is where the write-cache
+mode promises. With the write cache off it is durable; with it on it may sit in RAM until the next
+`flush()` or a `write(..., fua=True)`, which return only once everything before them is durable.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class StorageError(Exception):
+    """A failure the host must hear about as SCSI sense (key, ASC, ASCQ)."""
+
+    sense_key: int = 0x04  # HARDWARE ERROR
+    asc: int = 0x44  # INTERNAL TARGET FAILURE
+    ascq: int = 0x00
+
+
+class ReadError(StorageError):
+    """The medium could not be read: MEDIUM ERROR, UNRECOVERED READ ERROR."""
+
+    sense_key, asc, ascq = 0x03, 0x11, 0x00
+
+
+class WriteError(StorageError):
+    """The medium could not be written: MEDIUM ERROR, WRITE ERROR."""
+
+    sense_key, asc, ascq = 0x03, 0x0C, 0x00
+
+
+class SpaceExhausted(StorageError):
+    """No space left behind the volume (a sparse file on a full disk):
+    DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3 4.7.3.6)."""
+
+    sense_key, asc, ascq = 0x07, 0x27, 0x07
+
+
+class WriteProtected(StorageError):
+    """The store is read-only: DATA PROTECT, WRITE PROTECTED."""
+
+    sense_key, asc, ascq = 0x07, 0x27, 0x00
+
+
+class NotReady(StorageError):
+    """The store is temporarily unavailable (e.g. recovering): NOT READY, LOGICAL UNIT NOT READY,
+    CAUSE NOT REPORTABLE."""
+
+    sense_key, asc, ascq = 0x02, 0x04, 0x00
+
+
+class BlockStore(Protocol):
+    """Fixed-size array of logical blocks. All addresses are in logical blocks.
+
+    The caller (the SCSI target) has already checked that `lba + count <= num_blocks`.
+    """
+
+    @property
+    def block_size(self) -> int:
+        """Logical block size in bytes: 512 or 4096."""
+        ...
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of logical blocks."""
+        ...
+
+    @property
+    def write_cache(self) -> bool:
+        """True when writes may be acknowledged before they are durable (SCSI caching page WCE)."""
+        ...
+
+    def set_write_cache(self, enabled: bool) -> None:
+        """Switch the write cache (MODE SELECT of the caching page). Turning it off flushes first."""
+        ...
+
+    def read(self, lba: int, count: int) -> bytes:
+        """Return `count` blocks starting at `lba`; always the newest data written."""
+        ...
+
+    def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
+        """Write `len(data) // block_size` blocks. With `fua`, returns once this write and every
+        write before it is durable (FUA is also a consistency point)."""
+        ...
+
+    def flush(self) -> None:
+        """SYNCHRONIZE CACHE: returns once every write acknowledged before it is durable."""
+        ...
+
+    def unmap(self, lba: int, count: int) -> None:
+        """Discard blocks; they read back as zeros afterwards (LBPRZ=1)."""
+        ...
