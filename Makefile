@@ -1,0 +1,56 @@
+# usbmirror: `make demo` and `make test` do all set-up on a fresh Debian 12 machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 20
+
+.PHONY: help setup test test-fast demo bench fuzz lint flash clean
+
+help:
+	@echo "make setup   install Debian packages, a venv and the pinned Python packages"
+	@echo "make demo    local + remote unit on this machine, a real kernel (QEMU) writing through USB/IP"
+	@echo "make test    every host test, the real-kernel tests in QEMU included"
+	@echo "make bench   throughput and latency figures, each beside the raw rate of the same disk"
+	@echo "make fuzz    a short atheris campaign over the BOT, SCSI, USB/IP and journey parsers"
+	@echo "make lint    ruff + mypy --strict"
+	@echo "make flash BOARD=<profile> TARGET=<user@host|mounted root>   install onto a board"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml hw/setup_host.sh
+	hw/setup_host.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,board,fuzz]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest host_tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest host_tests -m "not realkernel and not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m hw.demo
+
+bench: setup
+	$(PY) bench/run_all.py
+
+fuzz: setup
+	@mkdir -p .cache/fuzz; set -e; for f in host_tests/fuzz/fuzz_*.py; do \
+		n=$$(basename $$f .py); echo "== $$n ($(FUZZ_SECONDS) s, corpus .cache/fuzz/$$n)"; mkdir -p .cache/fuzz/$$n; \
+		$(PY) $$f .cache/fuzz/$$n -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 > .cache/fuzz/$$n.log 2>&1 \
+			|| { cat .cache/fuzz/$$n.log; echo "FUZZ FAILURE in $$n"; exit 1; }; \
+		grep -E 'stat::number_of_executed_units|Done' .cache/fuzz/$$n.log | tail -n 2; \
+	done
+
+lint: setup
+	$(VENV)/bin/ruff check gadget firmware hw bench host_tests
+	$(VENV)/bin/mypy
+
+-include hw/flash/flash.mk
+
+clean:
+	rm -rf .cache build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,494 @@
+"""The `usbmirror` command: serve a local unit, run a remote unit, pair units, report status.
+
+Every option of `local`, `remote` and `selftest` is also a key of the TOML file given with
+`--config` (spelled with dashes or underscores); the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from firmware import __version__
+
+log = logging.getLogger("usbmirror")
+
+DEFAULT_STATE_DIR = "/var/lib/usbmirror"
+
+
+class UsageError(Exception):
+    """Bad options or config: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# options shared by the command line and the config file
+
+
+@dataclass(frozen=True)
+class Opt:
+    flag: str
+    help: str
+    default: Any = None
+    kind: Callable[[str], Any] = str
+    multiple: bool = False
+    choices: Sequence[str] | None = None
+    metavar: str | None = None
+    nargs: str | None = None
+    const: Any = None
+
+    @property
+    def key(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _add_opts(p: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
+    for o in opts:
+        kw: dict[str, Any] = {"help": o.help, "default": None, "dest": o.key}
+        if o.multiple:
+            kw["action"] = "append"
+        if o.choices:
+            kw["choices"] = o.choices
+        if o.metavar:
+            kw["metavar"] = o.metavar
+        if o.nargs:
+            kw["nargs"] = o.nargs
+            kw["const"] = o.const
+        p.add_argument(o.flag, **kw)
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def _merge(ns: argparse.Namespace, opts: Sequence[Opt], cfg: dict[str, Any], *, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """CLI value, else config value, else default. Unknown config keys are an error."""
+    known = {o.key for o in opts} | {"config", *extra}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise UsageError(f"unknown config key(s): {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    for o in opts:
+        v = getattr(ns, o.key, None)
+        if v is None:
+            v = cfg.get(o.key)
+            if v is not None and o.multiple and not isinstance(v, list):
+                v = [v]
+            if v is not None and not o.multiple and not isinstance(v, (bool, int, float)):
+                v = str(v)
+        if v is None:
+            v = o.default
+        if v is not None and o.kind is not str and isinstance(v, str):
+            try:
+                v = o.kind(v)
+            except ValueError as exc:
+                raise UsageError(f"{o.flag}: {exc}") from None
+        if v is not None and o.multiple:
+            v = [o.kind(x) if isinstance(x, str) and o.kind is not str else x for x in v]
+        if o.choices and v is not None and not o.multiple and str(v) not in o.choices:
+            raise UsageError(f"{o.flag} must be one of {', '.join(o.choices)}, not {v!r}")
+        out[o.key] = v
+    for k in extra:
+        if k in cfg:
+            out[k] = cfg[k]
+    return out
+
+
+def _size(text: str) -> int:
+    from firmware.volume import parse_size
+
+    return parse_size(text)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _onoff(text: str) -> bool:
+    t = str(text).lower()
+    if t in ("on", "true", "1", "yes"):
+        return True
+    if t in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"expected on or off, got {text!r}")
+
+
+LOCAL_OPTS = [
+    Opt("--volume", "the local disk served to the host: an image file (created sparse) or a block device",
+        metavar="PATH"),
+    Opt("--size", "size of the disk, e.g. 64M, 32G, 3T (needed to create an image file)", kind=_size,
+        metavar="SIZE"),
+    Opt("--block-size", "logical block size the host sees: 512 (default) or 4096", default=512, kind=int,
+        metavar="BYTES"),
+    Opt("--journal", "the flash journal: a file (created and pre-written) or a partition; default "
+        "<state-dir>/journal when remotes are configured", metavar="PATH"),
+    Opt("--journal-size", "journal size when it is created (default 256M)", default="256M", kind=_size,
+        metavar="SIZE"),
+    Opt("--write-cache", "off (default): a WRITE completes once durable in the journal; on: WRITEs may "
+        "complete from RAM and become durable at the next SYNCHRONIZE CACHE or FUA write",
+        default="off", choices=("on", "off")),
+    Opt("--throttle-start", "journal fill (0..1) at which acknowledgements start to slow down",
+        default=0.8, kind=float, metavar="FRACTION"),
+    Opt("--throttle-max-delay-ms", "longest delay added to one acknowledgement when the journal is "
+        "nearly full", default=20.0, kind=float, metavar="MS"),
+    Opt("--usbip", "serve the disk over USB/IP on this address (e.g. 127.0.0.1:3240)", metavar="HOST:PORT"),
+    Opt("--usbip-busid", "bus id the USB/IP server exports", default="1-1", metavar="BUSID"),
+    Opt("--gadget", "serve through the kernel's USB gadget stack on this UDC (the first one when given "
+        "no name)", nargs="?", const="", metavar="UDC"),
+    Opt("--vendor-id", "USB vendor id (hex)", default="0x1209", metavar="HEX"),
+    Opt("--product-id", "USB product id (hex)", default="0x0001", metavar="HEX"),
+    Opt("--acm-console", "with --gadget, add a read-only status console on a USB serial port",
+        default="off", choices=("on", "off")),
+    Opt("--source-id", "this unit's name towards remote units (must match its certificate)",
+        metavar="ID"),
+    Opt("--remote", "mirror to a remote unit; repeat for several. Append ,mode=sync to acknowledge the "
+        "host only once that remote has the write", multiple=True, metavar="HOST:PORT[,mode=async|sync]"),
+    Opt("--tls-dir", "directory made by `usbmirror pair` holding the CA and this unit's certificate",
+        metavar="DIR"),
+    Opt("--bandwidth-limit", "cap on replication bandwidth per remote, e.g. 10M (bytes/s)", kind=_size,
+        metavar="RATE"),
+    Opt("--state-dir", f"holds the unit's identity, control socket and state (default {DEFAULT_STATE_DIR})",
+        default=DEFAULT_STATE_DIR, metavar="DIR"),
+]
+
+REMOTE_OPTS = [
+    Opt("--listen", "address to accept source units on (default 0.0.0.0:7373)", default="0.0.0.0:7373",
+        metavar="HOST:PORT"),
+    Opt("--name", "this remote unit's name (must match its certificate)", metavar="NAME"),
+    Opt("--target", "where a source's data goes: a file, partition, disk or md device; repeat per "
+        "source", multiple=True, metavar="ID=PATH"),
+    Opt("--tls-dir", "directory made by `usbmirror pair` holding the CA and this unit's certificate",
+        metavar="DIR"),
+    Opt("--state-dir", f"holds state and the control socket (default {DEFAULT_STATE_DIR})",
+        default=DEFAULT_STATE_DIR, metavar="DIR"),
+]
+
+SELFTEST_OPTS = [
+    *[o for o in LOCAL_OPTS],
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="usbmirror",
+        description="Mirror a server's disk to remote units. A local unit is a USB disk to the server and "
+        "journals every write on flash; remote units apply the journal to their drives.",
+        epilog="Run `usbmirror COMMAND --help` for each command's options. Docs: README.md, docs/.",
+    )
+    p.add_argument("--version", action="version", version=f"usbmirror {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    lp = sub.add_parser(
+        "local", help="run a local unit: serve the disk to the host and mirror it",
+        description="Serve a disk to the host (over USB/IP and/or the USB gadget stack), journal every "
+        "write on flash and ship the journal to remote units. Stops cleanly on SIGINT/SIGTERM.",
+    )
+    lp.add_argument("--config", metavar="FILE", help="TOML file; every option is also a key, remotes are "
+                    "[[remote]] tables with address, mode, name")
+    _add_opts(lp, LOCAL_OPTS)
+
+    rp = sub.add_parser(
+        "remote", help="run a remote unit: accept source units and apply their journals",
+        description="Accept TLS connections from source units and apply each source's journal, in order, "
+        "to its own target. An unknown source is refused.",
+    )
+    rp.add_argument("--config", metavar="FILE", help="TOML file; every option is also a key; targets may "
+                    "be a [targets] table of ID = PATH")
+    _add_opts(rp, REMOTE_OPTS)
+
+    sp = sub.add_parser("status", help="show a running unit's state",
+                        description="Ask the unit running with --state-dir for its state.")
+    sp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                    help=f"the unit's state dir (default {DEFAULT_STATE_DIR})")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pp = sub.add_parser("pair", help="create a private CA and certificates for a remote and its sources",
+                        description="Write a CA and one certificate and key per unit into DIR. Copy DIR "
+                        "(or the files each unit needs) to the units and give it as --tls-dir.")
+    pp.add_argument("dir", metavar="DIR")
+    pp.add_argument("--remote", required=True, metavar="NAME", help="name of the remote unit")
+    pp.add_argument("--source", required=True, action="append", metavar="ID",
+                    help="a source unit id; repeat for several")
+
+    vp = sub.add_parser("verify", help="compare the local disk with every remote copy",
+                        description="Compare local and remote by region checksums. Exit 0 only when every "
+                        "remote matches; every difference is listed.")
+    vp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR")
+    vp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    tp = sub.add_parser("selftest", help="installation test of a unit",
+                        description="Check the UDC and gadget binding, what the host has done so far, the "
+                        "journal device and every remote; print a PASS/FAIL table.")
+    tp.add_argument("--config", metavar="FILE")
+    tp.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_opts(tp, SELFTEST_OPTS)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+@dataclass
+class RemoteEntry:
+    address: tuple[str, int]
+    mode: str = "async"
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
+    """`HOST:PORT[,mode=async|sync][,name=N]` or a `[[remote]]` table."""
+    if isinstance(spec, dict):
+        d = {k.replace("-", "_"): v for k, v in spec.items()}
+        if "address" not in d:
+            raise UsageError("a [[remote]] table needs an address")
+        addr = str(d.pop("address"))
+        mode = str(d.pop("mode", "async"))
+        name = d.pop("name", None)
+        extra = d
+    else:
+        parts = spec.split(",")
+        addr, mode, name, extra = parts[0], "async", None, {}
+        for part in parts[1:]:
+            k, sep, v = part.partition("=")
+            if not sep:
+                raise UsageError(f"--remote {spec}: expected key=value after the address, got {part!r}")
+            if k == "mode":
+                mode = v
+            elif k == "name":
+                name = v
+            else:
+                extra[k] = v
+    if mode not in ("async", "sync"):
+        raise UsageError(f"remote {addr}: mode must be async or sync, not {mode!r}")
+    try:
+        hp = _hostport(addr)
+    except ValueError as exc:
+        raise UsageError(f"remote: {exc}") from None
+    return RemoteEntry(hp, mode, str(name) if name else None, extra)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from firmware.control import ControlError, request
+
+    try:
+        ans = request(args.state_dir, {"cmd": "status"})
+    except ControlError as exc:
+        print(f"usbmirror status: {exc}", file=sys.stderr)
+        return 1
+    if not ans.get("ok"):
+        print(f"usbmirror status: {ans.get('error')}", file=sys.stderr)
+        return 1
+    ans.pop("ok", None)
+    if args.json:
+        print(json.dumps(ans, indent=2, sort_keys=True, default=str))
+    else:
+        print(render_status(ans))
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_status(st: dict[str, Any]) -> str:
+    lines = [f"{st.get('role', 'unit')} unit {st.get('unit_uuid', '?')}  (pid {st.get('pid', '?')}, "
+             f"up {st.get('uptime_s', 0):.0f} s)"]
+    vol = st.get("volume")
+    if isinstance(vol, dict):
+        lines.append(f"  volume   {vol.get('path')}  {_human(vol.get('size_bytes', 0))}  "
+                     f"{vol.get('block_size')}-byte blocks")
+    j = st.get("journal")
+    if isinstance(j, dict):
+        cap, used = j.get("capacity_bytes", 0) or 0, j.get("used_bytes", 0) or 0
+        pct = 100.0 * used / cap if cap else 0.0
+        lines.append(f"  journal  {_human(used)} of {_human(cap)} used ({pct:.1f}%)  head seq "
+                     f"{j.get('head_seq')}  tail seq {j.get('tail_seq')}  durable seq {j.get('durable_seq')}")
+        age = j.get("oldest_unconfirmed_age_s")
+        lines.append(f"           write cache {j.get('write_cache', st.get('write_cache', '?'))}  "
+                     f"oldest unconfirmed record {('%.1f s' % age) if age is not None else 'none'}  "
+                     f"overflow {'YES' if j.get('overflow') else 'no'}"
+                     + (f" ({j.get('dirty_regions')} dirty regions)" if j.get("overflow") else ""))
+    for tr in st.get("transports", []) or []:
+        lines.append(f"  usb      {tr}")
+    for r in st.get("remotes", []) or []:
+        lines.append(f"  remote   {r.get('address')}  {r.get('state')}  mode {r.get('mode')}  acked seq "
+                     f"{r.get('acked_seq')}  lag {_human(r.get('lag_bytes') or 0)}"
+                     + (f"  last error: {r['last_error']}" if r.get("last_error") else ""))
+    for s in st.get("sources", []) or []:
+        lines.append(f"  source   {s.get('source_id')}  {s.get('state')}  applied seq {s.get('applied_seq')}"
+                     f"  target {s.get('target')}" + (f"  last error: {s['last_error']}" if s.get("last_error") else ""))
+    return "\n".join(lines)
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    from firmware import pairing
+
+    written = pairing.pair(Path(args.dir), args.remote, list(args.source))
+    for p in written or []:
+        print(p)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from firmware.control import ControlError, request
+
+    try:
+        ans = request(args.state_dir, {"cmd": "verify"}, timeout=3600)
+    except ControlError as exc:
+        print(f"usbmirror verify: {exc}", file=sys.stderr)
+        return 2
+    if not ans.get("ok"):
+        print(f"usbmirror verify: {ans.get('error')}", file=sys.stderr)
+        return 2
+    ans.pop("ok", None)
+    if args.json:
+        print(json.dumps(ans, indent=2, sort_keys=True, default=str))
+    else:
+        for r in ans.get("remotes", []):
+            diffs = r.get("differences", [])
+            state = "MATCH" if r.get("match") else f"DIFFER ({len(diffs)} regions)"
+            print(f"{r.get('address')}: {state}" + (f"  error: {r['error']}" if r.get("error") else ""))
+            for d in diffs[:100]:
+                print(f"    lba {d.get('lba')} +{d.get('count')}")
+    return 0 if ans.get("remotes") and all(r.get("match") for r in ans["remotes"]) else 1
+
+
+def _install_stop_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    return stop
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    o = _merge(args, LOCAL_OPTS, cfg, extra=("remote",))
+    remotes_raw = o.get("remote") or []
+    if isinstance(cfg.get("remote"), list) and args.remote is None:
+        remotes_raw = cfg["remote"]
+    remotes = [parse_remote(r) for r in remotes_raw]
+    if not o["volume"]:
+        raise UsageError("local: --volume is required (a file or block device)")
+    if not o["usbip"] and o["gadget"] is None:
+        raise UsageError("local: give --usbip HOST:PORT and/or --gadget [UDC] so the host can reach the disk")
+    from firmware.local_main import LocalOptions, run_local
+
+    opts = LocalOptions(
+        volume=o["volume"], size=o["size"], block_size=o["block_size"], journal=o["journal"],
+        journal_size=o["journal_size"], write_cache=_onoff(o["write_cache"]),
+        throttle_start=o["throttle_start"], throttle_max_delay_ms=o["throttle_max_delay_ms"],
+        usbip=_hostport(o["usbip"]) if o["usbip"] else None, usbip_busid=o["usbip_busid"],
+        gadget=o["gadget"], vendor_id=int(str(o["vendor_id"]), 16), product_id=int(str(o["product_id"]), 16),
+        acm_console=_onoff(o["acm_console"]), source_id=o["source_id"], remotes=remotes,
+        tls_dir=o["tls_dir"], bandwidth_limit=o["bandwidth_limit"], state_dir=o["state_dir"],
+    )
+    stop = _install_stop_signals()
+    return run_local(opts, stop)
+
+
+def cmd_remote(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    o = _merge(args, REMOTE_OPTS, cfg, extra=("targets",))
+    targets: dict[str, str] = {}
+    for t in o.get("target") or []:
+        sid, sep, path = str(t).partition("=")
+        if not sep or not sid or not path:
+            raise UsageError(f"--target expects ID=PATH, got {t!r}")
+        targets[sid] = path
+    if isinstance(o.get("targets"), dict):
+        for sid, path in o["targets"].items():
+            targets.setdefault(str(sid), str(path))
+    if not o["name"]:
+        raise UsageError("remote: --name is required")
+    if not targets:
+        raise UsageError("remote: give at least one --target ID=PATH")
+    if not o["tls_dir"]:
+        raise UsageError("remote: --tls-dir is required (make one with `usbmirror pair`)")
+    from firmware.remote_main import run_remote
+
+    stop = _install_stop_signals()
+    return run_remote(listen=_hostport(o["listen"]), name=o["name"], targets=targets,
+                      tls_dir=o["tls_dir"], state_dir=o["state_dir"], stop=stop)
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    o = _merge(args, SELFTEST_OPTS, cfg, extra=("remote",))
+    remotes_raw = o.get("remote") or []
+    if isinstance(cfg.get("remote"), list) and args.remote is None:
+        remotes_raw = cfg["remote"]
+    from firmware.selftest_main import run_selftest_cli
+
+    return run_selftest_cli(o, [parse_remote(r) for r in remotes_raw], as_json=args.json)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "local": cmd_local,
+    "remote": cmd_remote,
+    "status": cmd_status,
+    "pair": cmd_pair,
+    "verify": cmd_verify,
+    "selftest": cmd_selftest,
+}
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else logging.INFO if verbose < 2 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"usbmirror {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

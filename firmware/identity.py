@@ -1,0 +1,65 @@
+"""The unit's identity: a UUID created once and kept in the state directory.
+
+The USB serial number, the SCSI unit serial (VPD 0x80) and device identifier (VPD 0x83) are all
+derived from it, so a host sees the same disk across restarts and reflashes of the firmware (as
+long as the state directory survives).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+IDENTITY_FILE = "identity.json"
+
+
+@dataclass(frozen=True)
+class UnitIdentity:
+    unit_uuid: uuid.UUID
+
+    @property
+    def serial(self) -> str:
+        """USB/SCSI serial: 24 upper-case hex digits (BOT 4.1.1 asks for at least 12 of 0-9A-F)."""
+        return self.unit_uuid.hex[:24].upper()
+
+    @property
+    def device_id(self) -> bytes:
+        """An NAA IEEE Registered Extended style 16-byte designator source (from the UUID)."""
+        return self.unit_uuid.bytes
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `path` so that a crash leaves either the old or the new content: tmp, fsync, rename,
+    fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_or_create(state_dir: str | os.PathLike[str]) -> UnitIdentity:
+    d = Path(state_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / IDENTITY_FILE
+    if p.exists():
+        try:
+            data = json.loads(p.read_text())
+            return UnitIdentity(uuid.UUID(data["unit_uuid"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{p} is damaged ({exc}); restore it from a backup or remove it to "
+                             "give this unit a new identity (hosts will see a different disk)") from exc
+    ident = UnitIdentity(uuid.uuid4())
+    write_atomically(p, json.dumps({"unit_uuid": str(ident.unit_uuid)}).encode() + b"\n")
+    return ident

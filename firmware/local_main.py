@@ -1,0 +1,183 @@
+"""Assemble and run a local unit: volume, journal, SCSI target, USB transports, replication, control.
+
+This is the only place that knows how the parts fit together; each part is a context manager and
+is torn down in reverse order on SIGINT/SIGTERM, so the journal is checkpointed and the volume is
+synced before the process exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from firmware.cli import RemoteEntry
+
+log = logging.getLogger("usbmirror.local")
+
+# SCSI target's advertised maximum transfer (VPD B0). Linux caps usb-storage at 120 KiB by default;
+# a bigger ceiling only lets hosts that raise max_sectors send bigger commands.
+MAX_TRANSFER_BYTES = 1 << 20
+
+
+@dataclass
+class LocalOptions:
+    volume: str
+    size: int | None
+    block_size: int = 512
+    journal: str | None = None
+    journal_size: int = 64 << 20
+    write_cache: bool = False
+    throttle_start: float = 0.8
+    throttle_max_delay_ms: float = 20.0
+    usbip: tuple[str, int] | None = None
+    usbip_busid: str = "1-1"
+    gadget: str | None = None
+    vendor_id: int = 0x1209
+    product_id: int = 0x0001
+    acm_console: bool = False
+    source_id: str | None = None
+    remotes: list[RemoteEntry] = field(default_factory=list)
+    tls_dir: str | None = None
+    bandwidth_limit: int | None = None
+    state_dir: str = "/var/lib/usbmirror"
+
+
+def run_local(opts: LocalOptions, stop: threading.Event) -> int:
+    from firmware.cli import UsageError
+    from firmware.control import ControlError, ControlServer
+    from firmware.identity import load_or_create
+    from firmware.volume import Volume, VolumeError
+
+    state_dir = Path(opts.state_dir)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create state dir {state_dir}: {exc.strerror}") from None
+    ident = load_or_create(state_dir)
+    started = time.monotonic()
+    if opts.remotes and not (opts.source_id and opts.tls_dir):
+        raise UsageError("remotes need --source-id and --tls-dir (make the TLS files with `usbmirror pair`)")
+
+    with contextlib.ExitStack() as stack:
+        control = ControlServer(state_dir)
+        try:
+            control.start()
+        except ControlError as exc:
+            raise UsageError(str(exc)) from None
+        stack.callback(control.close)
+        try:
+            volume = stack.enter_context(
+                Volume(opts.volume, size=opts.size, block_size=opts.block_size, write_cache=opts.write_cache)
+            )
+        except (VolumeError, OSError) as exc:
+            raise UsageError(f"volume: {exc}") from None
+
+        from firmware.journal import Journal
+        from firmware.local_unit import LocalUnit, ThrottlePolicy
+
+        journal_path = opts.journal or str(state_dir / "journal")
+        journal = stack.enter_context(
+            Journal.open(journal_path, size=opts.journal_size, unit_uuid=ident.unit_uuid,
+                         block_size=opts.block_size)
+        )
+        unit = stack.enter_context(
+            LocalUnit(volume, journal, write_cache=opts.write_cache,
+                      throttle=ThrottlePolicy(start_fill=opts.throttle_start,
+                                              max_delay_s=opts.throttle_max_delay_ms / 1000.0),
+                      bitmap_path=str(state_dir / "dirty.bitmap"))
+        )
+
+        from firmware.scsi import ScsiTarget
+
+        target = ScsiTarget(unit, serial=ident.serial, device_id=ident.device_id,
+                            max_transfer_blocks=MAX_TRANSFER_BYTES // opts.block_size)
+
+        replicator: Any = None
+        if opts.remotes:
+            from firmware.replicator import RemoteSpec, Replicator
+
+            specs = [RemoteSpec(address=r.address, mode=r.mode, name=r.name,
+                                bandwidth_limit_bps=opts.bandwidth_limit) for r in opts.remotes]
+            replicator = stack.enter_context(
+                Replicator(unit, journal, source_id=opts.source_id or "", remotes=specs,
+                           tls_dir=opts.tls_dir or "", state_dir=str(state_dir))
+            )
+
+        from gadget.descriptors import DeviceIdentity
+
+        usb_ident = DeviceIdentity(vendor_id=opts.vendor_id, product_id=opts.product_id, serial=ident.serial)
+        transports: list[str] = []
+        usb_status: list[Any] = []
+        if opts.usbip:
+            from gadget.usbip_server import UsbipServer
+
+            server = stack.enter_context(
+                UsbipServer.for_logical_unit(target, usb_ident, host=opts.usbip[0], port=opts.usbip[1],
+                                             busid=opts.usbip_busid)
+            )
+            transports.append(f"usbip {opts.usbip[0]}:{server.port} busid {opts.usbip_busid}")
+            usb_status.append(server)
+            log.info("serving over USB/IP host=%s port=%d busid=%s", opts.usbip[0], server.port,
+                     opts.usbip_busid)
+        if opts.gadget is not None:
+            from gadget.functionfs import serve_gadget
+
+            gad = stack.enter_context(
+                serve_gadget(target, usb_ident, udc=opts.gadget or None, acm_console=opts.acm_console,
+                             status_text=lambda: _status_text(status_fn))
+            )
+            transports.append(f"gadget udc {getattr(gad, 'udc', opts.gadget)}")
+            usb_status.append(gad)
+
+        def status_fn(req: dict[str, Any] | None = None) -> dict[str, Any]:
+            st: dict[str, Any] = {
+                "role": "local",
+                "unit_uuid": str(ident.unit_uuid),
+                "serial": ident.serial,
+                "pid": os.getpid(),
+                "uptime_s": time.monotonic() - started,
+                "volume": {"path": str(volume.path), "size_bytes": volume.size_bytes,
+                           "block_size": volume.block_size},
+                "write_cache": "on" if unit.write_cache else "off",
+                "transports": transports,
+            }
+            st.update(unit.status())
+            st["scsi"] = target.status()
+            usb: list[dict[str, Any]] = []
+            for s in usb_status:
+                if hasattr(s, "status"):
+                    usb.append(s.status())
+            st["usb"] = usb
+            st["remotes"] = replicator.status()["remotes"] if replicator is not None else []
+            return st
+
+        def verify_fn(req: dict[str, Any]) -> dict[str, Any]:
+            if replicator is None:
+                return {"remotes": [], "error": "no remotes configured"}
+            report: dict[str, Any] = replicator.verify()
+            return report
+
+        control.register("status", status_fn)
+        control.register("verify", verify_fn)
+        log.info("local unit running unit=%s serial=%s volume=%s journal=%s", ident.unit_uuid, ident.serial,
+                 opts.volume, journal_path)
+        stop.wait()
+        log.info("stopping local unit")
+    log.info("local unit stopped")
+    return 0
+
+
+def _status_text(fn: Any) -> str:
+    from firmware.cli import render_status
+
+    try:
+        return render_status(fn())
+    except Exception as exc:
+        return f"status unavailable: {exc}"
