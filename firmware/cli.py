@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -337,7 +336,7 @@ def render_status(st: dict[str, Any]) -> str:
                      f"{j.get('head_seq')}  tail seq {j.get('tail_seq')}  durable seq {j.get('durable_seq')}")
         age = j.get("oldest_unconfirmed_age_s")
         lines.append(f"           write cache {j.get('write_cache', st.get('write_cache', '?'))}  "
-                     f"oldest unconfirmed record {('%.1f s' % age) if age is not None else 'none'}  "
+                     f"oldest unconfirmed record {(f'{age:.1f} s') if age is not None else 'none'}  "
                      f"overflow {'YES' if j.get('overflow') else 'no'}"
                      + (f" ({j.get('dirty_regions')} dirty regions)" if j.get("overflow") else ""))
     for tr in st.get("transports", []) or []:

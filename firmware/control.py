@@ -10,6 +10,7 @@ reports and runs read-only checks (status, verify, host profile).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -100,10 +101,8 @@ class ControlServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> ControlServer:
         self.start()

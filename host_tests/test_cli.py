@@ -1,0 +1,141 @@
+"""The command line: help texts, config files merged with options, remote specs, error messages."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from firmware import cli
+from firmware.control import ControlError, ControlServer, request
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "firmware.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_help_lists_every_command() -> None:
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for c in ("local", "remote", "status", "pair", "verify", "selftest"):
+        assert c in r.stdout
+
+
+@pytest.mark.parametrize("cmd", ["local", "remote", "status", "pair", "verify", "selftest"])
+def test_each_subcommand_explains_itself(cmd: str) -> None:
+    r = run_cli(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: usbmirror " + cmd in r.stdout
+    assert len(r.stdout.splitlines()) > 4
+
+
+def test_local_without_volume_is_a_usage_error(tmp_path: Path) -> None:
+    r = run_cli("local", "--usbip", "127.0.0.1:0", "--state-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert "--volume is required" in r.stderr
+
+
+def test_config_values_and_command_line_precedence(tmp_path: Path) -> None:
+    cfg = tmp_path / "local.toml"
+    cfg.write_text(
+        'volume = "/srv/disk.img"\nsize = "64M"\nwrite-cache = "on"\njournal_size = "32M"\n'
+        '[[remote]]\naddress = "192.0.2.1:7373"\nmode = "sync"\nname = "dr1"\n'
+    )
+    p = cli.build_parser()
+    ns = p.parse_args(["local", "--config", str(cfg), "--size", "128M"])
+    o = cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config), extra=("remote",))
+    assert o["volume"] == "/srv/disk.img"
+    assert o["size"] == 128 << 20  # command line wins
+    assert o["write_cache"] == "on"
+    assert o["journal_size"] == 32 << 20
+    assert o["block_size"] == 512  # default
+    r = cli.parse_remote(o["remote"][0])
+    assert (r.address, r.mode, r.name) == (("192.0.2.1", 7373), "sync", "dr1")
+
+
+def test_unknown_config_key_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "local.toml"
+    cfg.write_text('volume = "x"\nvolumme = "typo"\n')
+    ns = cli.build_parser().parse_args(["local", "--config", str(cfg)])
+    with pytest.raises(cli.UsageError, match="volumme"):
+        cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config))
+
+
+def test_invalid_toml_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("volume = \n")
+    with pytest.raises(cli.UsageError, match="not valid TOML"):
+        cli._load_config(str(cfg))
+
+
+def test_remote_spec_forms() -> None:
+    assert cli.parse_remote("10.1.2.3:7000").mode == "async"
+    r = cli.parse_remote("[::1]:7000,mode=sync,name=b")
+    assert (r.address, r.mode, r.name) == (("::1", 7000), "sync", "b")
+    for bad in ("nohost", "h:99999", "h:1,mode=fast", "h:1,garbage"):
+        with pytest.raises(cli.UsageError):
+            cli.parse_remote(bad)
+
+
+def test_status_without_a_running_unit(tmp_path: Path) -> None:
+    r = run_cli("status", "--state-dir", str(tmp_path))
+    assert r.returncode == 1
+    assert "no unit is running" in r.stderr
+
+
+def test_control_socket_round_trip_and_errors(tmp_path: Path) -> None:
+    with ControlServer(tmp_path) as srv:
+        srv.register("status", lambda req: {"journal": {"head_seq": 7}})
+        srv.register("boom", lambda req: 1 / 0)  # type: ignore[return-value,arg-type]
+        assert request(tmp_path, {"cmd": "status"}) == {"ok": True, "journal": {"head_seq": 7}}
+        ans = request(tmp_path, {"cmd": "nope"})
+        assert not ans["ok"] and "unknown command" in ans["error"]
+        ans = request(tmp_path, {"cmd": "boom"})
+        assert not ans["ok"] and "ZeroDivisionError" in ans["error"]
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(tmp_path / "control.sock"))
+            s.sendall(b"{not json\n")
+            assert b'"ok": false' in s.recv(4096)
+        # a second unit on the same state dir is refused while the first runs
+        with pytest.raises(ControlError, match="already running"):
+            ControlServer(tmp_path).start()
+        r = run_cli("status", "--state-dir", str(tmp_path), "--json")
+        assert r.returncode == 0 and '"head_seq": 7' in r.stdout
+    assert not (tmp_path / "control.sock").exists()
+
+
+def test_stale_control_socket_is_replaced(tmp_path: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "control.sock"))
+    stale.close()  # the file stays, nobody listens: what a crashed unit leaves
+    with ControlServer(tmp_path) as srv:
+        srv.register("status", lambda req: {"x": 1})
+        assert request(tmp_path, {"cmd": "status"})["x"] == 1
+
+
+def test_identity_is_stable(tmp_path: Path) -> None:
+    from firmware.identity import load_or_create
+
+    a = load_or_create(tmp_path)
+    b = load_or_create(tmp_path)
+    assert a == b
+    assert len(a.serial) == 24 and all(c in "0123456789ABCDEF" for c in a.serial)
+    (tmp_path / "identity.json").write_text("{broken")
+    with pytest.raises(ValueError, match="damaged"):
+        load_or_create(tmp_path)
+
+
+def test_render_status_text() -> None:
+    text = cli.render_status({
+        "role": "local", "unit_uuid": "u", "pid": 1, "uptime_s": 3.0,
+        "journal": {"capacity_bytes": 1 << 20, "used_bytes": 1 << 19, "head_seq": 9, "tail_seq": 2,
+                    "durable_seq": 9, "write_cache": "off", "overflow": False,
+                    "oldest_unconfirmed_age_s": 1.5},
+        "remotes": [{"address": "h:1", "state": "streaming", "mode": "async", "acked_seq": 8,
+                     "lag_bytes": 4096}],
+    })
+    assert "50.0%" in text and "head seq 9" in text and "h:1" in text and "overflow no" in text
