@@ -1,0 +1,37 @@
+"""The journey link: the sans-IO protocol that carries a local unit's journal to remote units.
+
+`firmware.link.protocol` holds frames, events and the connection state machine; the TCP/TLS
+adapters are `firmware.replicator` (source side) and `firmware.remote_unit` (remote side).
+"""
+
+from firmware.link.protocol import (
+    NEED_DATA,
+    Ack,
+    Batch,
+    ConnState,
+    DigestRequest,
+    Error,
+    ErrorCode,
+    Event,
+    Feature,
+    Heartbeat,
+    Hello,
+    HelloReply,
+    JourneyConnection,
+    ProtocolError,
+    Purpose,
+    Record,
+    RecordKind,
+    RegionData,
+    RegionDigests,
+    ReplyFlag,
+    ResyncBegin,
+    ResyncEnd,
+    Role,
+)
+
+__all__ = [
+    "NEED_DATA", "Ack", "Batch", "ConnState", "DigestRequest", "Error", "ErrorCode", "Event", "Feature",
+    "Heartbeat", "Hello", "HelloReply", "JourneyConnection", "ProtocolError", "Purpose", "Record",
+    "RecordKind", "RegionData", "RegionDigests", "ReplyFlag", "ResyncBegin", "ResyncEnd", "Role",
+]
