@@ -241,14 +241,7 @@ class UnlinkReturn:
 
 
 Event = (
-    DevlistRequest
-    | DevlistReply
-    | ImportRequest
-    | ImportReply
-    | SubmitCommand
-    | SubmitReturn
-    | UnlinkCommand
-    | UnlinkReturn
+    DevlistRequest | DevlistReply | ImportRequest | ImportReply | SubmitCommand | SubmitReturn | UnlinkCommand | UnlinkReturn
 )
 
 # -- wire structs ----------------------------------------------------------------------------------
@@ -313,8 +306,8 @@ def _pack_device(info: UsbDeviceInfo) -> bytes:
 
 
 def _unpack_device(buf: bytes | bytearray | memoryview, offset: int) -> UsbDeviceInfo:
-    (path, busid, busnum, devnum, speed, vid, pid, bcd, dcls, dsub, dproto, cfg, ncfg, nif) = (
-        _DEVICE.unpack_from(buf, offset)
+    (path, busid, busnum, devnum, speed, vid, pid, bcd, dcls, dsub, dproto, cfg, ncfg, nif) = _DEVICE.unpack_from(
+        buf, offset
     )
     if nif > MAX_INTERFACES:
         raise ProtocolError(f"device claims {nif} interfaces (at most {MAX_INTERFACES})")
@@ -354,9 +347,7 @@ def encode(event: Event) -> bytes:
             event.unlink_seqnum,
         )  # fmt: skip
     if isinstance(event, UnlinkReturn):
-        return _RET_UNLINK.pack(
-            UrbCommand.RET_UNLINK, event.seqnum, event.devid, event.direction, event.ep, event.status
-        )
+        return _RET_UNLINK.pack(UrbCommand.RET_UNLINK, event.seqnum, event.devid, event.direction, event.ep, event.status)
     if isinstance(event, DevlistRequest):
         return _OP_HEADER.pack(USBIP_VERSION, OpCode.REQ_DEVLIST, 0)
     if isinstance(event, ImportRequest):
@@ -375,10 +366,7 @@ def encode(event: Event) -> bytes:
             if len(dev.interfaces) != dev.info.num_interfaces:
                 raise ValueError("a devlist entry needs one interface triple per interface")
             parts.append(_pack_device(dev.info))
-            parts.extend(
-                _IFACE.pack(i.interface_class, i.interface_subclass, i.interface_protocol)
-                for i in dev.interfaces
-            )
+            parts.extend(_IFACE.pack(i.interface_class, i.interface_subclass, i.interface_protocol) for i in dev.interfaces)
         return b"".join(parts)
     raise TypeError(f"not a USB/IP message: {event!r}")
 
@@ -539,6 +527,13 @@ class UsbipConnection:
         if len(buf) < URB_HEADER_SIZE:
             return NEED_DATA
         command, seqnum, devid, direction, ep = _BASIC.unpack_from(buf, 0)
+        expected = (
+            (UrbCommand.CMD_SUBMIT, UrbCommand.CMD_UNLINK)
+            if self.role == Role.SERVER
+            else (UrbCommand.RET_SUBMIT, UrbCommand.RET_UNLINK)
+        )
+        if command not in expected:
+            raise ProtocolError(f"unknown USB/IP command {command}")
         if direction > 1:
             raise ProtocolError(f"direction {direction} is neither 0 (out) nor 1 (in)")
         if ep > 15:
@@ -546,9 +541,7 @@ class UsbipConnection:
         udir = UrbDirection(direction)
         if self.role == Role.SERVER:
             if command == UrbCommand.CMD_SUBMIT:
-                (_c, _s, _d, _dir, _ep, flags, length, start, npkts, interval, setup) = _SUBMIT.unpack_from(
-                    buf, 0
-                )
+                (_c, _s, _d, _dir, _ep, flags, length, start, npkts, interval, setup) = _SUBMIT.unpack_from(buf, 0)
                 npkts &= 0xFFFFFFFF
                 if npkts not in _NOT_ISO:
                     raise ProtocolError(f"isochronous URB ({npkts} packets) is not supported")
@@ -559,9 +552,7 @@ class UsbipConnection:
                     return NEED_DATA
                 data = bytes(buf[URB_HEADER_SIZE:total]) if data_len else b""
                 del buf[:total]
-                return SubmitCommand(
-                    seqnum, devid, udir, ep, flags, length, setup, data, interval, start, npkts
-                )
+                return SubmitCommand(seqnum, devid, udir, ep, flags, length, setup, data, interval, start, npkts)
             if command == UrbCommand.CMD_UNLINK:
                 (_c, _s, _d, _dir, _ep, unlink_seqnum) = _UNLINK.unpack_from(buf, 0)
                 del buf[:URB_HEADER_SIZE]
@@ -584,9 +575,7 @@ class UsbipConnection:
             data = bytes(buf[URB_HEADER_SIZE:total]) if data_len else b""
             del buf[:total]
             del self._in_flight[seqnum]
-            return SubmitReturn(
-                seqnum, status, actual, data, devid, udir, ep, start, npkts & 0xFFFFFFFF, errors
-            )
+            return SubmitReturn(seqnum, status, actual, data, devid, udir, ep, start, npkts & 0xFFFFFFFF, errors)
         if command == UrbCommand.RET_UNLINK:
             (_c, _s, _d, _dir, _ep, status) = _RET_UNLINK.unpack_from(buf, 0)
             target = self._unlinks.pop(seqnum, None)
