@@ -1,0 +1,378 @@
+"""USB/IP server: exports one mass-storage device over TCP so vhci-hcd (`usbip attach`) can import it.
+
+The thin I/O adapter around `gadget.usbip_protocol.UsbipConnection` (wire format) and
+`gadget.mass_storage.MassStorageDevice` (the device). One thread accepts connections; each
+connection has one thread that reads, handles and answers its URBs strictly in order, so a command
+that blocks in `LogicalUnit.execute()` (a durable write) simply delays the next URB, as a real
+device would NAK.
+
+Rules it enforces:
+- one importer at a time: a second OP_REQ_IMPORT is refused with ST_DEV_BUSY while DEVLIST keeps
+  working; when the importer detaches or vanishes (even mid-transfer) the device is reset for the
+  next one;
+- a bulk-IN URB the device cannot answer yet stays pending and is answered when data is ready;
+  CMD_UNLINK of it answers -ECONNRESET and the URB never gets a RET_SUBMIT; unlinking a URB that
+  already completed answers 0;
+- a URB naming another devid gets RET_SUBMIT -ENODEV; a malformed header closes the connection
+  with a log line.
+- TCP_NODELAY on every connection: each URB is a small request/response exchange, and Nagle with
+  delayed ACKs would add 40-70 ms to every one (docs in /work/shared/REALHOST.md).
+
+It binds 127.0.0.1 unless given another address: USB/IP has no authentication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol
+
+from gadget.descriptors import DeviceIdentity, Speed, usbip_speed
+from gadget.logical_unit import LogicalUnit
+from gadget.mass_storage import Completion, MassStorageDevice
+from gadget.usbip_protocol import (
+    DEFAULT_MAX_TRANSFER,
+    ECONNRESET,
+    ENODEV,
+    NEED_DATA,
+    DevlistReply,
+    DevlistRequest,
+    ExportedDevice,
+    ImportReply,
+    ImportRequest,
+    InterfaceTriple,
+    OpStatus,
+    ProtocolError,
+    Role,
+    SubmitCommand,
+    SubmitReturn,
+    UnlinkCommand,
+    UnlinkReturn,
+    UrbDirection,
+    UsbDeviceInfo,
+    UsbipConnection,
+)
+
+log = logging.getLogger(__name__)
+
+RECV_BUFFER = 256 << 10
+
+
+class UsbipDevice(Protocol):
+    """What the server needs from a device (`MassStorageDevice` is one)."""
+
+    @property
+    def speed(self) -> Speed: ...
+    @property
+    def device_descriptor(self) -> bytes: ...
+    @property
+    def configuration_descriptor(self) -> bytes: ...
+    @property
+    def interface_triples(self) -> tuple[tuple[int, int, int], ...]: ...
+    def submit(
+        self, tag: int, endpoint: int, direction_in: bool, length: int, setup: bytes = b"", data: bytes = b""
+    ) -> list[Completion]: ...
+    def cancel(self, tag: int) -> bool: ...
+    def disconnect(self) -> None: ...
+    def status(self) -> dict[str, object]: ...
+
+
+def describe(device: UsbipDevice, busid: str, busnum: int, devnum: int) -> ExportedDevice:
+    """The usbip_usb_device record (and interface triples) of `device`, read from its descriptors."""
+    dd = device.device_descriptor
+    cd = device.configuration_descriptor
+    info = UsbDeviceInfo(
+        path=f"/sys/devices/usbmirror/usb{busnum}/{busid}",
+        busid=busid,
+        busnum=busnum,
+        devnum=devnum,
+        speed=usbip_speed(device.speed),
+        id_vendor=int.from_bytes(dd[8:10], "little"),
+        id_product=int.from_bytes(dd[10:12], "little"),
+        bcd_device=int.from_bytes(dd[12:14], "little"),
+        device_class=dd[4],
+        device_subclass=dd[5],
+        device_protocol=dd[6],
+        # usbip-host reports the active configuration; vhci ignores it. 0 = not configured yet.
+        configuration_value=0,
+        num_configurations=dd[17],
+        num_interfaces=cd[4],
+    )
+    triples = tuple(InterfaceTriple(*t) for t in device.interface_triples)
+    return ExportedDevice(info, triples)
+
+
+def _is_device(obj: object) -> bool:
+    return hasattr(obj, "submit") and hasattr(obj, "device_descriptor")
+
+
+class UsbipServer:
+    """Serve one device over USB/IP. A context manager: entering starts a background thread.
+
+    `device` is a device object (reset between importers) or a factory called for every import
+    (a fresh device per importer) and once up front for the DEVLIST description.
+    """
+
+    def __init__(
+        self,
+        device: UsbipDevice | Callable[[], UsbipDevice],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        busid: str = "1-1",
+        *,
+        busnum: int = 1,
+        devnum: int = 2,
+        max_transfer: int = DEFAULT_MAX_TRANSFER,
+    ) -> None:
+        if _is_device(device):
+            self._factory: Callable[[], UsbipDevice] | None = None
+            self._device: UsbipDevice = device  # type: ignore[assignment]
+        else:
+            factory: Callable[[], UsbipDevice] = device  # type: ignore[assignment]
+            self._factory = factory
+            self._device = factory()
+        self.busid = busid
+        self.max_transfer = max_transfer
+        self._exported = describe(self._device, busid, busnum, devnum)
+        self._lock = threading.Lock()
+        self._attached: str | None = None  # peer of the current importer
+        self._connections: dict[socket.socket, str] = {}
+        self._threads: list[threading.Thread] = []
+        self._accept_thread: threading.Thread | None = None
+        self._closing = False
+        self.counters: dict[str, int] = {"connections": 0, "imports": 0, "refused": 0, "protocol_errors": 0}
+        self._listener = socket.create_server((host, port), reuse_port=False)
+        self.host, self.port = self._listener.getsockname()[:2]
+        log.info("usbip listening host=%s port=%d busid=%s devid=0x%08x", self.host, self.port, busid,
+                 self._exported.info.devid)  # fmt: skip
+
+    @classmethod
+    def for_logical_unit(
+        cls,
+        lu: LogicalUnit,
+        identity: DeviceIdentity,
+        *,
+        speed: Speed = Speed.HIGH,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        busid: str = "1-1",
+    ) -> UsbipServer:
+        """A server exporting a `MassStorageDevice` for `lu` (one device kept across importers)."""
+        return cls(MassStorageDevice(lu, identity, speed), host=host, port=port, busid=busid)
+
+    @property
+    def exported(self) -> ExportedDevice:
+        return self._exported
+
+    @property
+    def attached(self) -> str | None:
+        """Peer address of the current importer, if any."""
+        return self._attached
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> UsbipServer:
+        """Accept connections on a background thread."""
+        if self._accept_thread is None:
+            self._accept_thread = threading.Thread(target=self.serve_forever, name="usbip-accept", daemon=True)
+            self._accept_thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Accept connections until `stop()`; each gets its own thread."""
+        while not self._closing:
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                if self._closing:
+                    break
+                log.exception("usbip accept failed")
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{addr[0]}:{addr[1]}"
+            with self._lock:
+                if self._closing:
+                    sock.close()
+                    break
+                self._connections[sock] = peer
+                self.counters["connections"] += 1
+                self._threads = [t for t in self._threads if t.is_alive()]
+                thread = threading.Thread(
+                    target=self._serve_connection, args=(sock, peer), name=f"usbip-{peer}", daemon=True
+                )
+                self._threads.append(thread)
+            thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, drop every connection (the importer sees a disconnect) and wait."""
+        with self._lock:
+            self._closing = True
+            socks = list(self._connections)
+            threads = list(self._threads)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() in the other thread
+        self._listener.close()
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
+            self._accept_thread.join(timeout)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        log.info("usbip stopped port=%d", self.port)
+
+    close = stop
+
+    def __enter__(self) -> UsbipServer:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            attached = self._attached
+            connections = len(self._connections)
+        return {
+            "transport": "usbip",
+            "address": f"{self.host}:{self.port}",
+            "busid": self.busid,
+            "attached": attached,
+            "open_connections": connections,
+            **self.counters,
+            "device": self._device.status(),
+        }
+
+    # -- one connection ----------------------------------------------------------------------------
+    def _serve_connection(self, sock: socket.socket, peer: str) -> None:
+        conn = UsbipConnection(Role.SERVER, max_transfer=self.max_transfer)
+        buf = bytearray(RECV_BUFFER)
+        view = memoryview(buf)
+        session = _Session(self, sock, peer)
+        log.debug("usbip connection peer=%s", peer)
+        try:
+            while True:
+                n = sock.recv_into(view)
+                if n == 0:
+                    break
+                conn.receive_data(view[:n])
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        break
+                    if not session.handle(conn, event):
+                        return
+        except ProtocolError as exc:
+            self.counters["protocol_errors"] += 1
+            log.warning("usbip protocol error, closing peer=%s error=%s", peer, exc)
+        except OSError as exc:
+            if not self._closing and exc.errno not in (errno.ECONNRESET, errno.EPIPE):
+                log.warning("usbip connection failed peer=%s error=%s", peer, exc)
+        finally:
+            session.end()
+            with self._lock:
+                self._connections.pop(sock, None)
+            sock.close()
+            log.debug("usbip connection closed peer=%s", peer)
+
+    def _claim(self, peer: str) -> UsbipDevice | None:
+        with self._lock:
+            if self._attached is not None or self._closing:
+                return None
+            self._attached = peer
+        if self._factory is not None:
+            try:
+                self._device = self._factory()
+            except Exception:
+                with self._lock:
+                    self._attached = None
+                raise
+        return self._device
+
+    def _release(self, device: UsbipDevice, peer: str) -> None:
+        try:
+            device.disconnect()
+        finally:
+            with self._lock:
+                if self._attached == peer:
+                    self._attached = None
+
+
+class _Session:
+    """State of one connection: which device it imported, if any."""
+
+    def __init__(self, server: UsbipServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.device: UsbipDevice | None = None
+        self.devid = server.exported.info.devid
+
+    def handle(self, conn: UsbipConnection, event: object) -> bool:
+        """Answer one event. False: close the connection."""
+        if isinstance(event, SubmitCommand):
+            self._submit(conn, event)
+            return True
+        if isinstance(event, UnlinkCommand):
+            self._unlink(conn, event)
+            return True
+        if isinstance(event, DevlistRequest):
+            self.sock.sendall(conn.send(DevlistReply((self.server.exported,))))
+            log.debug("usbip devlist peer=%s", self.peer)
+            return True
+        if isinstance(event, ImportRequest):
+            return self._import(conn, event)
+        raise ProtocolError(f"unexpected message {type(event).__name__}")
+
+    def _import(self, conn: UsbipConnection, event: ImportRequest) -> bool:
+        server = self.server
+        if event.busid != server.busid:
+            server.counters["refused"] += 1
+            log.warning("usbip import refused peer=%s busid=%s reason=no-such-busid", self.peer, event.busid)
+            self.sock.sendall(conn.send(ImportReply(OpStatus.NODEV)))
+            return False
+        device = server._claim(self.peer)
+        if device is None:
+            server.counters["refused"] += 1
+            log.warning("usbip import refused peer=%s busid=%s reason=busy attached=%s", self.peer,
+                        event.busid, server.attached)  # fmt: skip
+            self.sock.sendall(conn.send(ImportReply(OpStatus.DEV_BUSY)))
+            return False
+        self.device = device
+        server.counters["imports"] += 1
+        log.info("usbip import peer=%s busid=%s", self.peer, event.busid)
+        self.sock.sendall(conn.send(ImportReply(0, server.exported.info)))
+        return True
+
+    def _submit(self, conn: UsbipConnection, cmd: SubmitCommand) -> None:
+        device = self.device
+        if device is None or cmd.devid != self.devid:
+            log.warning("usbip submit for unknown devid=0x%08x seq=%d peer=%s", cmd.devid, cmd.seqnum, self.peer)
+            self.sock.sendall(conn.send(SubmitReturn(cmd.seqnum, -ENODEV, 0)))
+            return
+        done = device.submit(
+            cmd.seqnum, cmd.ep, cmd.direction == UrbDirection.IN, cmd.transfer_buffer_length, cmd.setup, cmd.data
+        )
+        if done:
+            self._complete(conn, done)
+
+    def _complete(self, conn: UsbipConnection, done: list[Completion]) -> None:
+        replies = [conn.send(SubmitReturn(c.tag, c.status, c.actual_length, c.data)) for c in done]
+        self.sock.sendall(replies[0] if len(replies) == 1 else b"".join(replies))
+
+    def _unlink(self, conn: UsbipConnection, cmd: UnlinkCommand) -> None:
+        unlinked = self.device is not None and self.device.cancel(cmd.unlink_seqnum)
+        status = -ECONNRESET if unlinked else 0
+        log.debug("usbip unlink seq=%d target=%d unlinked=%s", cmd.seqnum, cmd.unlink_seqnum, unlinked)
+        self.sock.sendall(conn.send(UnlinkReturn(cmd.seqnum, status)))
+
+    def end(self) -> None:
+        if self.device is not None:
+            log.info("usbip detach peer=%s", self.peer)
+            self.server._release(self.device, self.peer)
+            self.device = None
