@@ -1,0 +1,113 @@
+"""What the gadget-side QEMU tests add on top of `hw.qemu.guest`'s Python layer.
+
+The guest built by `hw.qemu.build_guest --python` has Python 3.11, dummy_hcd, libcomposite,
+configfs and usb_f_fs. The gadget tests also need:
+
+- the ACM serial function on the device side (`u_serial`, `usb_f_acm`) and the host side's
+  `cdc-acm` driver, so the status console can be read from `/dev/ttyACM0`;
+- the pure-Python packages the firmware and the test use inside the guest: `functionfs` (and its
+  imports `libaio`, `ioctl_opt`; `libaio.so.1` is already in the base layer because fio needs it)
+  and `pyserial`.
+
+They travel as `extra_files` of the per-run layer (a few hundred KB), cached under the guest
+cache. `run_gadget_guest()` boots the guest with them; the guest script gets `load_gadget_stack
+[dummy_hcd params]` which loads every gadget module and mounts configfs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+from hw.qemu.build_guest import BuildError, GuestBuilder, cache_dir, kernel_package, resolve_packages
+from hw.qemu.guest import GuestResult, run_guest
+
+# Relative to lib/modules/<kver>/ in the kernel package, in load order.
+EXTRA_MODULES = (
+    "kernel/drivers/usb/gadget/function/u_serial.ko",
+    "kernel/drivers/usb/gadget/function/usb_f_acm.ko",
+    "kernel/drivers/usb/class/cdc-acm.ko",
+)
+SITE_PACKAGES = ("functionfs", "libaio", "ioctl_opt", "serial")
+
+GADGET_FUNCTIONS = r"""
+load_gadget_stack() {
+    load_gadget_modules "$@"
+    KVER=$(cat /etc/kernel-version)
+    for m in $(cat /etc/gadget-extra-modules.order); do
+        insmod "/lib/modules/$KVER/$m" 2>/dev/null
+    done
+    grep -q " /sys/kernel/config " /proc/mounts || mount -t configfs configfs /sys/kernel/config
+    [ -e /sys/class/udc/dummy_udc.0 ] || die "no dummy_udc.0"
+}
+"""
+
+
+def _kernel_deb(builder: GuestBuilder) -> tuple[Path, str]:
+    kpkg = kernel_package()
+    pkg = resolve_packages([kpkg])[kpkg]
+    deb = builder.debdir / pkg.file_name
+    if not deb.exists():
+        raise BuildError(f"{deb} missing: run python -m hw.qemu.build_guest --python first")
+    return deb, pkg.version
+
+
+def _extract_modules(deb: Path) -> dict[str, bytes]:
+    wanted = set(EXTRA_MODULES)
+    tar_bytes = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                               check=True).stdout
+    found: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if len(parts) > 4 and parts[1:3] == ["lib", "modules"]:
+                rel = "/".join(parts[4:])
+                if rel in wanted and member.isfile():
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    found[f"lib/modules/{parts[3]}/{rel}"] = f.read()
+    if len(found) != len(EXTRA_MODULES):
+        raise BuildError(f"kernel package lacks some of {EXTRA_MODULES}: found {sorted(found)}")
+    return found
+
+
+def gadget_extra_files() -> dict[str, bytes]:
+    """Extra guest files (absolute guest path -> content) for the gadget tests, cached on disk."""
+    builder = GuestBuilder()
+    deb, version = _kernel_deb(builder)
+    cache = cache_dir() / f"gadget-extra-{version}"
+    if not cache.exists():
+        tmp = cache.with_name(cache.name + ".tmp")
+        for rel, data in _extract_modules(deb).items():
+            out = tmp / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(data)
+        tmp.rename(cache)
+    files: dict[str, bytes] = {}
+    order = []
+    for path in sorted(cache.rglob("*.ko")):
+        rel = path.relative_to(cache)
+        files["/" + str(rel)] = path.read_bytes()
+    for m in EXTRA_MODULES:
+        order.append(m)
+    files["/etc/gadget-extra-modules.order"] = ("\n".join(order) + "\n").encode()
+    for name in SITE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise BuildError(f"python package {name!r} is not installed in this venv")
+        top = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(top.rglob("*.py")):
+            if "__pycache__" in path.parts or "tests" in path.parts:
+                continue
+            files[f"/opt/usbmirror/{path.relative_to(top.parent)}"] = path.read_bytes()
+    return files
+
+
+def run_gadget_guest(script: str, *, timeout: float, memory: int = 640) -> GuestResult:
+    """Boot the guest with Python, the gadget modules and `load_gadget_stack`, and run `script`."""
+    image = GuestBuilder().build(python=True)
+    return run_guest(GADGET_FUNCTIONS + script, usbip_port=None, python_layer=True, timeout=timeout,
+                     extra_files=gadget_extra_files(), memory=memory, image=image)
