@@ -675,10 +675,6 @@ class BulkOnlyTransport:
     def _to_status(self, command: _Command, status: CswStatus, residue: int) -> None:
         command.status = status
         command.residue = residue
-        if status is CswStatus.PHASE_ERROR:
-            self._counters["phase_errors"] += 1
-        elif status is CswStatus.FAILED:
-            self._counters["failed"] += 1
         self._stage = Stage.STATUS
 
     def _send_csw(self, max_length: int) -> bytes | Stall:
@@ -694,6 +690,10 @@ class BulkOnlyTransport:
         # BOT 5.2: dCSWTag echoes dCBWTag.
         csw = _CSW.pack(CSW_SIGNATURE, command.cbw.tag, command.residue, command.status)
         self._counters["completed"] += 1
+        if command.status is CswStatus.PHASE_ERROR:
+            self._counters["phase_errors"] += 1
+        elif command.status is CswStatus.FAILED:
+            self._counters["failed"] += 1
         self._counters["bytes_in"] += CSW_LENGTH
         self._command = None
         self._stage = Stage.COMMAND
