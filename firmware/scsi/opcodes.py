@@ -1,0 +1,54 @@
+"""SCSI operation codes and service actions the usbmirror block target knows (SPC-4, SBC-3).
+
+Only names live here; which opcodes are accepted, and how their CDBs are laid out, is decided in
+`firmware.scsi.cdb`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Opcode(enum.IntEnum):
+    """Operation codes (byte 0 of the CDB)."""
+
+    TEST_UNIT_READY = 0x00
+    REQUEST_SENSE = 0x03
+    READ_6 = 0x08
+    WRITE_6 = 0x0A
+    INQUIRY = 0x12
+    MODE_SELECT_6 = 0x15
+    MODE_SENSE_6 = 0x1A
+    START_STOP_UNIT = 0x1B
+    PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
+    READ_FORMAT_CAPACITIES = 0x23  # MMC / UFI; Windows asks for it on USB disks
+    READ_CAPACITY_10 = 0x25
+    READ_10 = 0x28
+    WRITE_10 = 0x2A
+    VERIFY_10 = 0x2F
+    SYNCHRONIZE_CACHE_10 = 0x35
+    WRITE_SAME_10 = 0x41
+    UNMAP = 0x42
+    MODE_SELECT_10 = 0x55
+    MODE_SENSE_10 = 0x5A
+    READ_16 = 0x88
+    WRITE_16 = 0x8A
+    VERIFY_16 = 0x8F
+    SYNCHRONIZE_CACHE_16 = 0x91
+    WRITE_SAME_16 = 0x93
+    SERVICE_ACTION_IN_16 = 0x9E
+    REPORT_LUNS = 0xA0
+
+
+class ServiceActionIn16(enum.IntEnum):
+    """Service actions of SERVICE ACTION IN(16) (SBC-3 table 5); only READ CAPACITY(16) is served."""
+
+    READ_CAPACITY_16 = 0x10
+
+
+def opcode_name(opcode: int) -> str:
+    """Name for counters and logs: the enum name, or `0xNN` for an opcode this target rejects."""
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"0x{opcode:02X}"
