@@ -1,0 +1,807 @@
+"""The write journal: a ring of records on flash with head and tail, group commit, consumers and
+crash recovery.
+
+Lifecycle: `Journal.open()` creates (and pre-writes) the device when it is missing, otherwise reads
+the superblock, picks the newest valid checkpoint and scans forward to the last complete record
+(`recovery` holds the report). `append()` only builds the record in RAM; `sync()` writes every queued
+record with as few pwrites as possible and one fdatasync per batch (group commit: concurrent callers
+share it). Records are released (the tail advances) only when every registered consumer confirmed
+them and the local volume applied them (`set_applied`, see `firmware.local_unit`). Ring space that
+held released records is overwritten only after a checkpoint naming the new tail is durable, so a
+recovery never starts from a tail that no longer exists.
+
+What it does not do: it never talks to a volume or a network. Applying records to the local disk is
+`firmware.local_unit`'s job; shipping them to remote units is `firmware.replicator`'s.
+
+On-flash format: `firmware.journal.format` and docs/JOURNAL.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from firmware.journal.flash import FileFlash, Flash
+from firmware.journal.format import (
+    ALIGN,
+    CHECKPOINT_OFFSETS,
+    DEFAULT_MAX_BATCH,
+    HEADER_SIZE,
+    MAX_CONSUMER_NAME,
+    MAX_CONSUMERS,
+    MIN_RING,
+    RING_GRANULE,
+    RING_OFFSET,
+    SLOT_SIZE,
+    SUPERBLOCK_BACKUP_OFFSET,
+    SUPERBLOCK_OFFSET,
+    WRAP_KIND,
+    Checkpoint,
+    JournalCorrupt,
+    JournalError,
+    JournalFull,
+    JournalRecord,
+    RecordHeader,
+    RecordKind,
+    RecordsGone,
+    Superblock,
+    crc32c,
+    decode_header,
+    new_record_buffer,
+    record_length,
+    seal_header,
+)
+
+log = logging.getLogger(__name__)
+
+_SCAN_CHUNK = 8 << 20
+
+
+@dataclass
+class RecoveryReport:
+    """What `Journal.open` found on flash."""
+
+    created: bool = False
+    checkpoint_slot: int = -1
+    checkpoint_generation: int = 0
+    tail_seq: int = 1
+    head_seq: int = 0
+    records: int = 0
+    bytes_scanned: int = 0
+    torn_tail: bool = False
+    stop_reason: str = ""
+    stop_position: int | None = None
+    corruption: JournalCorrupt | None = None  # only when opened with salvage=True
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Pending:
+    pos: int
+    buf: bytearray
+    kind: int
+    seq: int
+    lba: int
+    count: int
+    payload_len: int
+    timestamp_ns: int
+    payload_crc: int
+
+
+class Journal:
+    """The journal ring on one flash device. Thread-safe; a context manager."""
+
+    def __init__(self, flash: Flash, sb: Superblock, ckpt: Checkpoint, slot: int, *,
+                 track_applied: bool = True) -> None:
+        # Use Journal.open(); this constructor only sets fields.
+        self._flash = flash
+        self._sb = sb
+        self._ring = sb.ring_size
+        self._epoch = sb.epoch
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._writer_busy = False
+        self._track_applied = track_applied
+        self._incarnation = ckpt.incarnation
+        self._ckpt_gen = ckpt.generation
+        self._ckpt_slot = slot
+        self._ckpt_tail_pos = ckpt.tail_pos
+        self._ckpt_state: tuple[object, ...] = ()
+        self._bytes_since_ckpt = 0
+        self._tail_seq = ckpt.tail_seq
+        self._tail_pos = ckpt.tail_pos
+        self._head_seq = ckpt.tail_seq - 1
+        self._head_pos = ckpt.tail_pos
+        self._durable_seq = self._head_seq
+        self._durable_pos = self._head_pos
+        self._applied_seq = ckpt.applied_seq
+        self._consumers: dict[str, int] = dict(ckpt.consumers)
+        self._queue: list[_Pending] = []
+        # index of retained records: position, length and timestamp of seq idx_seq0 + i - idx_start
+        self._idx_seq0 = ckpt.tail_seq
+        self._idx_start = 0
+        self._idx_pos: array[int] = array("q")
+        self._idx_len: array[int] = array("q")
+        self._idx_ts: array[int] = array("q")
+        self.recovery = RecoveryReport()
+        self.path: Path | None = None
+
+    # -- opening ----------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None, *, size: int | None, unit_uuid: uuid.UUID,
+             block_size: int, flash: Flash | None = None, salvage: bool = False,
+             track_applied: bool = True, max_batch: int = DEFAULT_MAX_BATCH) -> Journal:
+        """Open the journal at `path` (a file or a partition), creating and pre-writing a file of
+        `size` bytes when it is missing. `flash` replaces the device (tests: a SimulatedFlash; a
+        blank one, all zeros, is formatted).
+
+        Raises JournalError when the device belongs to another unit or has another block size, and
+        JournalCorrupt when a record that was durable is damaged (unless `salvage`: then the journal
+        is cut before it and `recovery.corruption` says what was lost).
+        """
+        created = False
+        if flash is None:
+            if path is None:
+                raise JournalError("no journal path")
+            p = Path(path)
+            if p.exists():
+                flash = FileFlash(p)
+            else:
+                if size is None:
+                    raise JournalError(f"{p} does not exist and no size was given to create it")
+                flash = FileFlash.create(p, size)
+                created = True
+        try:
+            head = flash.pread(16, SUPERBLOCK_OFFSET)
+            if created or head == bytes(16):
+                if not created and flash.pread(min(flash.size, RING_OFFSET), 0) != bytes(
+                        min(flash.size, RING_OFFSET)):
+                    raise JournalError("device has no journal superblock and is not blank; refusing to "
+                                       "format over it")
+                cls.format(flash, unit_uuid=unit_uuid, block_size=block_size, max_batch=max_batch)
+                created = True
+            j = cls._recover(flash, unit_uuid=unit_uuid, block_size=block_size, salvage=salvage,
+                             track_applied=track_applied)
+        except BaseException:
+            flash.close()
+            raise
+        j.recovery.created = created
+        j.path = Path(path) if path is not None else None
+        return j
+
+    @staticmethod
+    def format(flash: Flash, *, unit_uuid: uuid.UUID, block_size: int,
+               max_batch: int = DEFAULT_MAX_BATCH) -> Superblock:
+        """Write a fresh superblock (twice) and an empty checkpoint; all previous records become
+        invisible (new format epoch)."""
+        ring = (flash.size - RING_OFFSET) // RING_GRANULE * RING_GRANULE
+        if ring < MIN_RING:
+            raise JournalError(f"journal device of {flash.size} bytes is too small (need at least "
+                               f"{RING_OFFSET + MIN_RING})")
+        if block_size not in (512, 4096):
+            raise JournalError(f"block size must be 512 or 4096, not {block_size}")
+        sb = Superblock(block_size=block_size, unit_uuid=unit_uuid, device_size=flash.size, ring_size=ring,
+                        epoch=secrets.randbits(32), created_ns=time.time_ns(),
+                        max_batch=max(ALIGN, min(max_batch, ring // 4)))
+        ck = Checkpoint(generation=1, tail_seq=1, tail_pos=0, head_seq=0, head_pos=0, applied_seq=0,
+                        written_ns=time.time_ns(), epoch=sb.epoch, incarnation=0)
+        raw = sb.encode()
+        flash.pwrite(ck.encode(), CHECKPOINT_OFFSETS[1])
+        flash.pwrite(bytes(SLOT_SIZE), CHECKPOINT_OFFSETS[0])
+        flash.pwrite(raw, SUPERBLOCK_BACKUP_OFFSET)
+        flash.sync()
+        flash.pwrite(raw, SUPERBLOCK_OFFSET)
+        flash.sync()
+        log.info("formatted journal ring_size=%d epoch=%08x unit=%s", ring, sb.epoch, unit_uuid)
+        return sb
+
+    @classmethod
+    def _recover(cls, flash: Flash, *, unit_uuid: uuid.UUID, block_size: int, salvage: bool,
+                 track_applied: bool) -> Journal:
+        notes: list[str] = []
+        try:
+            sb = Superblock.decode(flash.pread(SLOT_SIZE, SUPERBLOCK_OFFSET))
+        except JournalCorrupt as exc:
+            sb = Superblock.decode(flash.pread(SLOT_SIZE, SUPERBLOCK_BACKUP_OFFSET))
+            notes.append(f"primary superblock unusable ({exc}); used the backup copy")
+            log.warning("journal primary superblock unusable, using backup: %s", exc)
+        if sb.unit_uuid != unit_uuid:
+            raise JournalError(f"journal belongs to unit {sb.unit_uuid}, not {unit_uuid}")
+        if sb.block_size != block_size:
+            raise JournalError(f"journal was made for {sb.block_size}-byte blocks, not {block_size}")
+        if sb.device_size > flash.size:
+            raise JournalError(f"journal device shrank: {flash.size} bytes, superblock says {sb.device_size}")
+        best: tuple[Checkpoint, int] | None = None
+        for slot, off in enumerate(CHECKPOINT_OFFSETS):
+            try:
+                ck = Checkpoint.decode(flash.pread(SLOT_SIZE, off))
+            except JournalCorrupt as exc:
+                notes.append(f"checkpoint slot {slot}: {exc}")
+                continue
+            if ck.epoch != sb.epoch:
+                notes.append(f"checkpoint slot {slot}: from an earlier format")
+                continue
+            if best is None or ck.generation > best[0].generation:
+                best = (ck, slot)
+        if best is None:
+            raise JournalCorrupt("no valid checkpoint in either slot: " + "; ".join(notes))
+        ck, slot = best
+        j = cls(flash, sb, ck, slot, track_applied=track_applied)
+        j.recovery.notes = notes
+        j.recovery.checkpoint_slot = slot
+        j.recovery.checkpoint_generation = ck.generation
+        j._scan(ck, salvage=salvage)
+        # a new incarnation: records written from now on can be told from stale ones of earlier runs
+        j._incarnation = ck.incarnation + 1
+        j._write_checkpoint(j._checkpoint_state())
+        log.info("journal open tail_seq=%d head_seq=%d records=%d torn_tail=%s checkpoint_gen=%d",
+                 j._tail_seq, j._head_seq, j.recovery.records, j.recovery.torn_tail, ck.generation)
+        return j
+
+    def _ring_read(self, pos: int, length: int) -> bytes:
+        off = pos % self._ring
+        if off + length <= self._ring:
+            return self._flash.pread(length, RING_OFFSET + off)
+        first = self._ring - off
+        return self._flash.pread(first, RING_OFFSET + off) + self._flash.pread(length - first, RING_OFFSET)
+
+    def _valid_header(self, h: RecordHeader | None, expected: int, min_inc: int, max_inc: int,
+                      off: int) -> str:
+        """'' when `h` is the header expected at this point of the scan, else why not."""
+        if h is None:
+            return "no intact record header"
+        if h.epoch != self._epoch:
+            return "record from an earlier format"
+        if h.seq != expected:
+            return f"seq {h.seq} where {expected} was expected"
+        if not min_inc <= h.incarnation <= max_inc:
+            return f"record of incarnation {h.incarnation} outside {min_inc}..{max_inc}"
+        if h.durable_before >= h.seq:
+            return "durable-before not below seq"
+        if h.kind == WRAP_KIND:
+            return ""
+        if h.kind == RecordKind.WRITE:
+            if h.payload_len != h.count * self._sb.block_size or h.count == 0:
+                return "payload length does not match block count"
+        elif h.payload_len != 0:
+            return "payload on a record kind that has none"
+        if off + h.record_len > self._ring:
+            return "record runs past the ring end"
+        return ""
+
+    def _scan(self, ck: Checkpoint, *, salvage: bool) -> None:
+        rep = self.recovery
+        ring = self._ring
+        pos = ck.tail_pos
+        expected = ck.tail_seq
+        min_inc = 0
+        max_inc = ck.incarnation
+        buf = b""
+        buf_pos = 0  # position of buf[0]
+        reason = ""
+        while True:
+            if pos - ck.tail_pos >= ring:
+                reason = "a whole ring of records"
+                break
+            off = pos % ring
+            need = HEADER_SIZE
+            if not (buf_pos <= pos and pos + need <= buf_pos + len(buf)):
+                buf_pos = pos
+                buf = self._flash.pread(min(_SCAN_CHUNK, ring - off), RING_OFFSET + off)
+            at = pos - buf_pos
+            h = decode_header(buf, at)
+            reason = self._valid_header(h, expected, min_inc, max_inc, off)
+            if reason:
+                break
+            assert h is not None
+            if h.kind == WRAP_KIND:
+                if off == 0 or pos + (ring - off) - ck.tail_pos > ring:
+                    reason = "misplaced wrap marker"
+                    break
+                pos += ring - off
+                min_inc = h.incarnation
+                continue
+            rlen = h.record_len
+            if pos - ck.tail_pos + rlen > ring:
+                reason = "record would overlap the tail"
+                break
+            if pos + rlen > buf_pos + len(buf):
+                buf_pos = pos
+                buf = self._flash.pread(max(min(_SCAN_CHUNK, ring - off), rlen), RING_OFFSET + off)
+                at = 0
+            if h.payload_len and crc32c(memoryview(buf)[at + HEADER_SIZE: at + HEADER_SIZE + h.payload_len]
+                                        ) != h.payload_crc:
+                reason = "payload checksum mismatch"
+                break
+            self._idx_pos.append(pos)
+            self._idx_len.append(rlen)
+            self._idx_ts.append(h.timestamp_ns)
+            min_inc = h.incarnation
+            expected += 1
+            pos += rlen
+            rep.records += 1
+        rep.bytes_scanned = pos - ck.tail_pos
+        rep.stop_reason = reason
+        rep.stop_position = pos
+        if expected <= ck.head_seq or (reason != "a whole ring of records"
+                                       and self._durable_evidence(pos, expected, min_inc, max_inc, ck)):
+            exc = JournalCorrupt(
+                f"journal record seq={expected} at position {pos} (device offset "
+                f"{RING_OFFSET + pos % ring}) is damaged ({reason}) although it was durable; "
+                "refusing to serve data that may be wrong",
+                seq=expected, position=pos, device_offset=RING_OFFSET + pos % ring)
+            if not salvage:
+                raise exc
+            log.error("journal salvage: cutting the journal at seq=%d position=%d: %s", expected, pos, reason)
+            rep.corruption = exc
+        else:
+            rep.torn_tail = reason == "payload checksum mismatch" or (
+                reason == "no intact record header" and self._looks_written(pos))
+        self._head_seq = self._durable_seq = expected - 1
+        self._head_pos = self._durable_pos = pos
+        rep.tail_seq = self._tail_seq
+        rep.head_seq = self._head_seq
+        self._applied_seq = min(max(self._applied_seq, self._tail_seq - 1), self._head_seq)
+        for name, seq in list(self._consumers.items()):
+            self._consumers[name] = min(max(seq, self._tail_seq - 1), self._head_seq)
+
+    def _looks_written(self, pos: int) -> bool:
+        """True when the bytes at `pos` carry a record magic (a torn write), not stale zeros."""
+        return self._ring_read(pos, 4) == b"UJR1"
+
+    def _durable_evidence(self, pos: int, expected: int, min_inc: int, max_inc: int, ck: Checkpoint) -> bool:
+        """Look past a damaged record for one written after it was durable (its `durable before` is
+        >= the damaged seq): then the damage is corruption of acknowledged data, not a torn tail.
+        Batches are at most `max_batch` bytes, so the next batch starts within that window."""
+        window = min(self._sb.max_batch * 2 + ALIGN, self._ring - (pos - ck.tail_pos))
+        if window <= ALIGN:
+            return False
+        data = self._ring_read(pos, window)
+        for at in range(ALIGN, window - HEADER_SIZE + 1, ALIGN):
+            h = decode_header(data, at)
+            if (h is not None and h.epoch == self._epoch and h.seq > expected
+                    and h.durable_before >= expected and min_inc <= h.incarnation <= max_inc):
+                return True
+        return False
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def unit_uuid(self) -> uuid.UUID:
+        return self._sb.unit_uuid
+
+    @property
+    def block_size(self) -> int:
+        return self._sb.block_size
+
+    @property
+    def superblock(self) -> Superblock:
+        return self._sb
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._ring
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._head_pos - self._tail_pos
+
+    @property
+    def free_bytes(self) -> int:
+        with self._lock:
+            return self._ring - (self._head_pos - self._tail_pos)
+
+    @property
+    def head_seq(self) -> int:
+        """Seq of the last record appended (durable or not)."""
+        return self._head_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Seq of the last record durable on flash."""
+        return self._durable_seq
+
+    @property
+    def tail_seq(self) -> int:
+        """Seq of the oldest retained record (head_seq + 1 when the journal is empty)."""
+        return self._tail_seq
+
+    @property
+    def applied_seq(self) -> int:
+        return self._applied_seq
+
+    @property
+    def max_record_bytes(self) -> int:
+        """Largest payload one record may carry."""
+        return min(self._sb.max_batch, self._ring // 4) - HEADER_SIZE - ALIGN
+
+    def fits(self, payload_len: int) -> bool:
+        """Whether a record with this payload would fit now (wrap waste counted)."""
+        rlen = record_length(payload_len)
+        with self._lock:
+            off = self._head_pos % self._ring
+            waste = self._ring - off if off + rlen > self._ring else 0
+            return self._head_pos - self._tail_pos + waste + rlen <= self._ring
+
+    # -- appending and group commit ---------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise JournalError("journal is closed")
+        if self._failed is not None:
+            raise JournalError(f"journal failed earlier: {self._failed}")
+
+    def append(self, kind: RecordKind, lba: int, count: int, payload: bytes, now_ns: int) -> int:
+        """Queue a record in RAM and return its seq; it is durable after the next `sync()`.
+        Raises JournalFull when the ring has no room until the tail advances."""
+        kind = RecordKind(kind)
+        plen = len(payload)
+        if kind is RecordKind.WRITE:
+            if count <= 0 or plen != count * self._sb.block_size:
+                raise ValueError(f"WRITE of {count} blocks needs {count * self._sb.block_size} payload bytes, "
+                                 f"got {plen}")
+        elif plen:
+            raise ValueError(f"{kind.name} records carry no payload")
+        if lba < 0 or count < 0:
+            raise ValueError("negative lba or count")
+        if plen > self.max_record_bytes:
+            raise ValueError(f"record payload of {plen} bytes exceeds {self.max_record_bytes}")
+        buf = new_record_buffer(payload)
+        pcrc = crc32c(payload) if plen else 0
+        rlen = len(buf)
+        with self._lock:
+            self._check_usable()
+            pos = self._head_pos
+            off = pos % self._ring
+            waste = self._ring - off if off + rlen > self._ring else 0
+            if self._head_pos - self._tail_pos + waste + rlen > self._ring:
+                raise JournalFull(f"journal full: {self._head_pos - self._tail_pos} of {self._ring} bytes "
+                                  f"used, record needs {rlen + waste}")
+            seq = self._head_seq + 1
+            if waste:
+                self._queue.append(_Pending(pos, bytearray(HEADER_SIZE), WRAP_KIND, seq, 0, 0, 0, now_ns, 0))
+                pos += waste
+            self._queue.append(_Pending(pos, buf, int(kind), seq, lba, count, plen, now_ns, pcrc))
+            self._idx_pos.append(pos)
+            self._idx_len.append(rlen)
+            self._idx_ts.append(now_ns)
+            self._head_seq = seq
+            self._head_pos = pos + rlen
+            return seq
+
+    def _acquire_writer(self) -> None:
+        """Under the lock: wait until no other thread writes to flash, then claim it."""
+        while self._writer_busy:
+            self._cond.wait()
+        self._writer_busy = True
+
+    def _release_writer(self) -> None:
+        self._writer_busy = False
+        self._cond.notify_all()
+
+    def sync(self) -> int:
+        """Make every record appended so far durable and return the durable seq. Concurrent callers
+        share the fdatasync (group commit)."""
+        with self._lock:
+            target = self._head_seq
+            while self._durable_seq < target:
+                self._check_usable()
+                if self._writer_busy:
+                    self._cond.wait()
+                    continue
+                self._writer_busy = True
+                try:
+                    self._write_batch_locked()
+                finally:
+                    self._release_writer()
+            return self._durable_seq
+
+    def _write_batch_locked(self) -> None:
+        """Called with the lock held and the writer claimed; releases the lock around I/O."""
+        budget = self._sb.max_batch
+        n = 0
+        size = 0
+        while n < len(self._queue):
+            p = self._queue[n]
+            plen = len(p.buf)
+            # a wrap marker always travels with the record after it
+            if n and size + plen > budget and self._queue[n - 1].kind != WRAP_KIND:
+                break
+            size += plen
+            n += 1
+        batch = self._queue[:n]
+        del self._queue[:n]
+        last = batch[-1]
+        end_pos = last.pos + len(last.buf)
+        ckpt_state = self._checkpoint_state() if end_pos > self._ckpt_tail_pos + self._ring else None
+        durable_before = self._durable_seq
+        self._lock.release()
+        try:
+            if ckpt_state is not None:
+                self._write_checkpoint(ckpt_state)
+            runs: list[tuple[int, list[bytearray]]] = []
+            run_end = -1
+            for p in batch:
+                seal_header(p.buf, kind=p.kind, epoch=self._epoch, incarnation=self._incarnation, seq=p.seq,
+                            durable_before=durable_before, lba=p.lba, count=p.count,
+                            payload_len=p.payload_len, timestamp_ns=p.timestamp_ns, payload_crc=p.payload_crc)
+                off = p.pos % self._ring
+                if off == run_end:
+                    runs[-1][1].append(p.buf)
+                else:
+                    runs.append((off, [p.buf]))
+                run_end = off + len(p.buf)
+            for off, bufs in runs:
+                self._flash.pwrite(bufs[0] if len(bufs) == 1 else b"".join(bufs), RING_OFFSET + off)
+            self._flash.sync()
+        except BaseException as exc:
+            self._lock.acquire()
+            self._failed = exc
+            log.error("journal write failed seq=%d: %s", last.seq, exc)
+            if isinstance(exc, OSError):
+                raise JournalError(f"journal write failed: {exc}") from exc
+            raise
+        self._lock.acquire()
+        self._durable_seq = last.seq if last.kind != WRAP_KIND else last.seq - 1
+        self._durable_pos = end_pos
+        self._bytes_since_ckpt += size
+        self._cond.notify_all()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _checkpoint_state(self) -> tuple[object, ...]:
+        self._advance_tail_locked()
+        return (self._tail_seq, self._tail_pos, self._durable_seq, self._durable_pos, self._applied_seq,
+                tuple(sorted(self._consumers.items())), self._incarnation)
+
+    def _write_checkpoint(self, state: tuple[object, ...]) -> None:
+        """Write the slot not holding the newest checkpoint, then fdatasync. The caller holds the
+        writer claim (or is the opening thread), not the lock."""
+        tail_seq, tail_pos, head_seq, head_pos, applied, consumers, inc = state
+        assert isinstance(tail_seq, int) and isinstance(tail_pos, int) and isinstance(head_seq, int)
+        assert isinstance(head_pos, int) and isinstance(applied, int) and isinstance(inc, int)
+        assert isinstance(consumers, tuple)
+        gen = self._ckpt_gen + 1
+        slot = 1 - self._ckpt_slot
+        ck = Checkpoint(generation=gen, tail_seq=tail_seq, tail_pos=tail_pos, head_seq=head_seq,
+                        head_pos=head_pos, applied_seq=applied, written_ns=time.time_ns(), epoch=self._epoch,
+                        incarnation=inc, consumers=consumers)
+        self._flash.pwrite(ck.encode(), CHECKPOINT_OFFSETS[slot])
+        self._flash.sync()
+        self._ckpt_gen = gen
+        self._ckpt_slot = slot
+        self._ckpt_tail_pos = tail_pos
+        self._ckpt_state = state[:2] + state[4:]
+        self._bytes_since_ckpt = 0
+
+    def checkpoint(self) -> None:
+        """Persist the tail, the applied seq and every consumer's confirmation now."""
+        with self._lock:
+            self._check_usable()
+            self._acquire_writer()
+            try:
+                state = self._checkpoint_state()
+                self._lock.release()
+                try:
+                    self._write_checkpoint(state)
+                except BaseException as exc:
+                    self._lock.acquire()
+                    self._failed = exc
+                    raise
+                self._lock.acquire()
+            finally:
+                self._release_writer()
+
+    def maybe_checkpoint(self, every_bytes: int | None = None) -> bool:
+        """Checkpoint if the tail, applied seq or confirmations changed and at least `every_bytes`
+        (default: an eighth of the ring) were written since the last one. Returns whether it did."""
+        every = self._ring // 8 if every_bytes is None else every_bytes
+        with self._lock:
+            st = self._checkpoint_state()
+            changed = (st[:2] + st[4:]) != self._ckpt_state
+            due = changed and self._bytes_since_ckpt >= every
+        if due:
+            self.checkpoint()
+        return due
+
+    def _advance_tail_locked(self) -> None:
+        limit = self._durable_seq
+        if self._track_applied:
+            limit = min(limit, self._applied_seq)
+        for seq in self._consumers.values():
+            limit = min(limit, seq)
+        new_tail = limit + 1
+        if new_tail <= self._tail_seq:
+            return
+        drop = new_tail - self._tail_seq
+        self._idx_start += drop
+        if new_tail <= self._head_seq:
+            self._tail_pos = self._idx_pos[self._idx_start]
+        else:
+            self._tail_pos = self._head_pos
+        self._tail_seq = new_tail
+        if self._idx_start > 4096 and self._idx_start * 2 > len(self._idx_pos):
+            del self._idx_pos[: self._idx_start]
+            del self._idx_len[: self._idx_start]
+            del self._idx_ts[: self._idx_start]
+            self._idx_seq0 += self._idx_start
+            self._idx_start = 0
+        self._cond.notify_all()
+
+    # -- local volume and consumers ---------------------------------------------------------------
+    def set_applied(self, seq: int) -> None:
+        """Records up to `seq` are on the local volume and the volume was synced: they may be
+        released once every consumer confirmed them."""
+        with self._lock:
+            seq = min(seq, self._durable_seq)
+            if seq > self._applied_seq:
+                self._applied_seq = seq
+                self._advance_tail_locked()
+
+    def register_consumer(self, name: str, start_seq: int | None = None) -> int:
+        """Register a consumer (a remote unit) and return the seq it has confirmed: its saved value
+        when it is known, else `start_seq`, else the current head (it needs only what comes next;
+        copying the disk as it is now is the replicator's initial sync). Persisted at once."""
+        raw = name.encode()
+        if not raw or len(raw) > MAX_CONSUMER_NAME:
+            raise ValueError(f"consumer name must be 1..{MAX_CONSUMER_NAME} bytes of UTF-8")
+        with self._lock:
+            self._check_usable()
+            if name in self._consumers:
+                return self._consumers[name]
+            if len(self._consumers) >= MAX_CONSUMERS:
+                raise JournalError(f"at most {MAX_CONSUMERS} consumers")
+            start = self._head_seq if start_seq is None else start_seq
+            if not self._tail_seq - 1 <= start <= self._head_seq:
+                raise RecordsGone(f"cannot start consumer {name!r} at seq {start}: journal holds "
+                                  f"{self._tail_seq}..{self._head_seq}")
+            self._consumers[name] = start
+        self.checkpoint()
+        log.info("journal consumer registered name=%s confirmed_seq=%d", name, start)
+        return start
+
+    def unregister_consumer(self, name: str) -> None:
+        with self._lock:
+            if self._consumers.pop(name, None) is None:
+                return
+            self._advance_tail_locked()
+        self.checkpoint()
+        log.info("journal consumer unregistered name=%s", name)
+
+    def confirm(self, name: str, seq: int) -> None:
+        """Consumer `name` holds every record up to `seq` durably; never moves backwards."""
+        with self._lock:
+            if name not in self._consumers:
+                raise KeyError(f"unknown journal consumer {name!r}")
+            if seq > self._durable_seq:
+                raise ValueError(f"consumer {name!r} confirms seq {seq} beyond durable seq {self._durable_seq}")
+            if seq > self._consumers[name]:
+                self._consumers[name] = seq
+                self._advance_tail_locked()
+
+    def consumers(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._consumers)
+
+    def timestamp_of(self, seq: int) -> int | None:
+        """The timestamp of a retained record, or None when it is not in the journal."""
+        with self._lock:
+            if not self._tail_seq <= seq <= self._head_seq:
+                return None
+            return self._idx_ts[self._idx_start + seq - self._tail_seq]
+
+    # -- reading ----------------------------------------------------------------------------------
+    def read_records(self, after_seq: int, max_bytes: int) -> list[JournalRecord]:
+        """Durable records with seq > after_seq, in order, their payloads adding up to at most
+        `max_bytes` (at least one record when any is available). Every checksum is verified:
+        raises JournalCorrupt rather than return damaged data, RecordsGone when `after_seq` is
+        behind the tail."""
+        with self._lock:
+            self._check_open()
+            if after_seq < self._tail_seq - 1:
+                raise RecordsGone(f"records after {after_seq} were released (tail is {self._tail_seq})")
+            first = after_seq + 1
+            if first > self._durable_seq:
+                return []
+            i = self._idx_start + first - self._tail_seq
+            spans: list[tuple[int, int, int]] = []  # (pos, length, first seq)
+            total = 0
+            seq = first
+            while seq <= self._durable_seq:
+                pos, ln = self._idx_pos[i], self._idx_len[i]
+                if spans and total + ln - HEADER_SIZE > max_bytes:
+                    break
+                total += ln - HEADER_SIZE
+                if spans and spans[-1][0] + spans[-1][1] == pos and (pos % self._ring) != 0:
+                    spans[-1] = (spans[-1][0], spans[-1][1] + ln, spans[-1][2])
+                else:
+                    spans.append((pos, ln, seq))
+                i += 1
+                seq += 1
+        out: list[JournalRecord] = []
+        for pos, ln, s0 in spans:
+            data = self._ring_read(pos, ln)
+            out.extend(self._parse_span(data, pos, s0))
+        return out
+
+    def _parse_span(self, data: bytes, pos: int, seq: int) -> Iterator[JournalRecord]:
+        at = 0
+        while at < len(data):
+            h = decode_header(data, at)
+            reason = self._valid_header(h, seq, 0, self._incarnation, (pos + at) % self._ring)
+            if not reason and h is not None and h.kind == WRAP_KIND:
+                reason = "wrap marker inside a span"
+            if reason or h is None:
+                with self._lock:
+                    gone = seq < self._tail_seq
+                if gone:
+                    raise RecordsGone(f"record {seq} was released while being read")
+                raise JournalCorrupt(f"journal record seq={seq} at position {pos + at} is damaged: {reason}",
+                                     seq=seq, position=pos + at,
+                                     device_offset=RING_OFFSET + (pos + at) % self._ring)
+            payload = data[at + HEADER_SIZE: at + HEADER_SIZE + h.payload_len]
+            if h.payload_len and crc32c(payload) != h.payload_crc:
+                raise JournalCorrupt(f"journal record seq={seq} at position {pos + at}: payload checksum "
+                                     "mismatch", seq=seq, position=pos + at,
+                                     device_offset=RING_OFFSET + (pos + at) % self._ring)
+            yield JournalRecord(seq=seq, kind=RecordKind(h.kind), lba=h.lba, count=h.count,
+                                timestamp_ns=h.timestamp_ns, payload=payload)
+            at += h.record_len
+            seq += 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JournalError("journal is closed")
+
+    def wait_for_records(self, after_seq: int, timeout: float) -> bool:
+        """Block until a durable record with seq > after_seq exists (True) or `timeout` seconds
+        pass or the journal closes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._durable_seq > after_seq or self._closed, timeout) \
+                and self._durable_seq > after_seq
+
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "capacity_bytes": self._ring,
+                "used_bytes": self._head_pos - self._tail_pos,
+                "head_seq": self._head_seq,
+                "durable_seq": self._durable_seq,
+                "tail_seq": self._tail_seq,
+                "applied_seq": self._applied_seq,
+                "consumers": dict(self._consumers),
+                "checkpoint_generation": self._ckpt_gen,
+            }
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Make queued records durable, write a final checkpoint and close the device."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                with contextlib.suppress(JournalError):
+                    self.sync()
+                    self.checkpoint()
+        finally:
+            with self._lock:
+                self._closed = True
+                self._cond.notify_all()
+            self._flash.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

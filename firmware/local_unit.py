@@ -1,0 +1,548 @@
+"""The local unit's block store: every host write goes to the flash journal first, then to the volume.
+
+`LocalUnit` implements `firmware.storage.BlockStore` for the SCSI target over a `Volume` (the full
+local mirror) and a `Journal`:
+
+- WRITE / UNMAP: a record is appended to the journal; once it is durable on flash it is written to the
+  volume (page cache, no sync: the journal is the durability point). A READ returns the volume's data
+  with any record not yet written there laid over it, so it always sees the newest data.
+- Write cache off (default): `write()` returns once the record is durable. Write cache on: it returns
+  at once; the record becomes durable no later than the next `flush()` or FUA write, which return only
+  then. Concurrent callers share one fdatasync (group commit). SYNCHRONIZE CACHE and FUA append a
+  FLUSH record: a consistency point for the remote units.
+- Sync gates (`add_sync_gate`): for remotes in `sync` mode, each gate is called with the seq once it is
+  durable locally and before the host is answered; it blocks until the remotes have it.
+- The journal may forget a record only when the volume holds it durably (the volume is fdatasync'd,
+  then `Journal.set_applied`) and every consumer confirmed it.
+- Nearly full journal: acknowledgements are delayed (`ThrottlePolicy`, bounded). Full: the unit writes
+  straight to the volume (write-through) and marks dirty regions in a bitmap on flash (durable before
+  the ack); `overflow` is reported until the journal has room again. The replicator resyncs dirty
+  regions with `dirty_snapshot()` / `clear_dirty()`.
+- Start-up: records the volume may not have (after `applied_seq` of the journal's checkpoint) are
+  re-applied before the first command is served.
+
+What it does not do: shipping records to remotes and resyncing dirty regions belong to
+`firmware.replicator`; the control socket and configuration to `firmware.local_main`/`firmware.cli`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from firmware.journal import Journal, JournalCorrupt, JournalError, JournalFull, RecordKind
+from firmware.journal.bitmap import DirtyBitmap, DirtySnapshot
+from firmware.journal.flash import Flash
+from firmware.storage import StorageError, WriteError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DirtySnapshot", "LocalUnit", "MirrorVolume", "ThrottlePolicy"]
+
+_REPLAY_CHUNK = 8 << 20
+
+
+class MirrorVolume(Protocol):
+    """What the local unit needs of its volume (`firmware.volume.Volume` has it all)."""
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    def set_write_cache(self, enabled: bool) -> None: ...
+
+    def read(self, lba: int, count: int) -> bytes: ...
+
+    def write_nosync(self, lba: int, data: bytes) -> None: ...
+
+    def unmap(self, lba: int, count: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottlePolicy:
+    """Slow acknowledgements down as the journal fills: no delay below `start_fill`, then a delay
+    rising linearly to `max_delay_s` at a full journal. `resume_fill`: after an overflow, journaling
+    resumes once the fill is at or below it."""
+
+    start_fill: float = 0.8
+    max_delay_s: float = 0.02
+    resume_fill: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.start_fill <= 1.0 or not 0.0 <= self.resume_fill < 1.0 or self.max_delay_s < 0:
+            raise ValueError("throttle: need 0 < start_fill <= 1, 0 <= resume_fill < 1, max_delay_s >= 0")
+
+    def delay(self, fill: float) -> float:
+        if fill < self.start_fill or self.max_delay_s == 0:
+            return 0.0
+        if self.start_fill >= 1.0:
+            return self.max_delay_s
+        return self.max_delay_s * min(1.0, (fill - self.start_fill) / (1.0 - self.start_fill))
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    kind: RecordKind
+    lba: int
+    count: int
+    payload: bytes
+
+
+class LocalUnit:
+    """BlockStore of the local unit: journal first, then the local volume. Thread-safe."""
+
+    def __init__(
+        self,
+        volume: MirrorVolume,
+        journal: Journal,
+        *,
+        write_cache: bool = False,
+        throttle: ThrottlePolicy | None = None,
+        bitmap_path: str | None = None,
+        bitmap_flash: Flash | None = None,
+        region_blocks: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], int] = time.time_ns,
+        sleep: Callable[[float], None] = time.sleep,
+        volume_sync_bytes: int | None = None,
+        group_bytes: int = 4 << 20,
+    ) -> None:
+        if volume.block_size != journal.block_size:
+            raise ValueError(f"volume has {volume.block_size}-byte blocks, journal {journal.block_size}")
+        self._volume = volume
+        self._journal = journal
+        self._bs = volume.block_size
+        self._nblocks = volume.num_blocks
+        self._write_cache = write_cache
+        self.throttle = throttle if throttle is not None else ThrottlePolicy()
+        self._clock = clock
+        self._wall = wall_clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._vsync_lock = threading.Lock()
+        self._pending: list[_Pending] = []
+        self._pending_bytes = 0
+        self._applied_unsynced = journal.applied_seq
+        self._unsynced_bytes = 0
+        self._volume_sync_bytes = volume_sync_bytes or max(1 << 20, journal.capacity_bytes // 8)
+        self._group_bytes = group_bytes
+        self._gates: list[Callable[[int], None]] = []
+        self._overflow = False
+        self._overflow_since: float | None = None
+        self._overflow_events = 0
+        self._last_flush_seq = -1
+        self._throttled_acks = 0
+        self._throttle_delay_total = 0.0
+        self._last_delay = 0.0
+        self._closed = False
+        self._failed: BaseException | None = None
+        # the unit orders the volume's durability itself (fdatasync before the journal forgets)
+        volume.set_write_cache(True)
+        if region_blocks is None:
+            region_blocks = max(1, (1 << 20) // self._bs)  # 1 MiB regions
+        if bitmap_flash is not None:
+            self._bitmap = DirtyBitmap(bitmap_flash, num_blocks=self._nblocks, region_blocks=region_blocks,
+                                       unit_uuid=journal.unit_uuid)
+        else:
+            if bitmap_path is None:
+                if journal.path is None:
+                    raise ValueError("bitmap_path is needed when the journal has no path")
+                bitmap_path = str(journal.path) + ".dirty"
+            self._bitmap = DirtyBitmap.open(Path(bitmap_path), num_blocks=self._nblocks,
+                                            region_blocks=region_blocks, unit_uuid=journal.unit_uuid)
+        self.replayed_records = 0
+        try:
+            self._replay()
+        except BaseException:
+            self._bitmap.close()
+            raise
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def _replay(self) -> None:
+        """Re-apply every durable record the volume may not hold (after the applied seq)."""
+        j = self._journal
+        applied = j.applied_seq
+        while True:
+            recs = j.read_records(applied, _REPLAY_CHUNK)
+            if not recs:
+                break
+            for r in recs:
+                self._apply(_Pending(r.seq, r.kind, r.lba, r.count, r.payload))
+                applied = r.seq
+                self.replayed_records += 1
+        if self.replayed_records:
+            self._volume.flush()
+            log.info("replayed journal records onto the volume records=%d up_to_seq=%d",
+                     self.replayed_records, applied)
+        j.set_applied(applied)
+        self._applied_unsynced = applied
+        j.checkpoint()
+
+    # -- BlockStore -------------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self._bs
+
+    @property
+    def num_blocks(self) -> int:
+        return self._nblocks
+
+    @property
+    def write_cache(self) -> bool:
+        return self._write_cache
+
+    @property
+    def journal(self) -> Journal:
+        return self._journal
+
+    def set_write_cache(self, enabled: bool) -> None:
+        if self._write_cache and not enabled:
+            self.flush()
+        self._write_cache = enabled
+        log.info("write cache %s", "on" if enabled else "off")
+
+    def _check(self, lba: int, count: int) -> None:
+        if lba < 0 or count < 0 or lba + count > self._nblocks:
+            raise ValueError(f"blocks {lba}+{count} outside volume of {self._nblocks}")
+        if self._closed:
+            raise StorageError("local unit is closed")
+        if self._failed is not None:
+            raise WriteError(f"local unit failed earlier: {self._failed}")
+
+    def read(self, lba: int, count: int) -> bytes:
+        self._check(lba, count)
+        with self._lock:
+            data = self._volume.read(lba, count)
+            if not self._pending:
+                return data
+            end = lba + count
+            out: bytearray | None = None
+            bs = self._bs
+            for p in self._pending:
+                a, b = max(lba, p.lba), min(end, p.lba + p.count)
+                if a >= b or p.kind is RecordKind.FLUSH:
+                    continue
+                if out is None:
+                    out = bytearray(data)
+                if p.kind is RecordKind.WRITE:
+                    out[(a - lba) * bs:(b - lba) * bs] = p.payload[(a - p.lba) * bs:(b - p.lba) * bs]
+                else:
+                    out[(a - lba) * bs:(b - lba) * bs] = bytes((b - a) * bs)
+            return data if out is None else bytes(out)
+
+    def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
+        if len(data) % self._bs:
+            raise ValueError("data is not a whole number of blocks")
+        count = len(data) // self._bs
+        self._check(lba, count)
+        if count == 0:
+            if fua:
+                self.flush()
+            return
+        self._submit(RecordKind.WRITE, lba, count, bytes(data), fua=fua)
+
+    def unmap(self, lba: int, count: int) -> None:
+        self._check(lba, count)
+        if count == 0:
+            return
+        self._submit(RecordKind.UNMAP, lba, count, b"", fua=False)
+
+    def flush(self) -> None:
+        """SYNCHRONIZE CACHE: a consistency point; returns once everything before it is durable
+        (and, with sync gates, on the sync remotes)."""
+        if self._closed:
+            raise StorageError("local unit is closed")
+        with self._lock:
+            if self._overflow:
+                self._guard(self._volume.flush)
+                return
+            j = self._journal
+            if self._last_flush_seq == j.head_seq and j.head_seq > 0:
+                seq = j.head_seq
+            else:
+                try:
+                    seq = self._append_locked(RecordKind.FLUSH, 0, 0, b"")
+                except JournalFull:
+                    # no room even for the marker: everything is applied and synced by now
+                    self._enter_overflow_locked()
+                    return
+                self._last_flush_seq = seq
+        self._commit(seq, gates=True)
+
+    # -- the write path ---------------------------------------------------------------------------
+    def _submit(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> None:
+        max_blocks = max(1, self._journal.max_record_bytes // self._bs)
+        commit = 0
+        with self._lock:
+            if self._overflow and self._journal_has_room_locked():
+                self._leave_overflow_locked()
+            if not self._overflow:
+                seq = 0
+                try:
+                    # a write larger than one record is split; the pieces are consecutive records
+                    at = 0
+                    while at < count:
+                        n = min(max_blocks, count - at) if kind is RecordKind.WRITE else count - at
+                        piece = payload[at * self._bs:(at + n) * self._bs]
+                        seq = self._append_with_reclaim_locked(kind, lba + at, n, piece)
+                        at += n
+                    if fua:
+                        seq = self._append_with_reclaim_locked(RecordKind.FLUSH, 0, 0, b"")
+                        self._last_flush_seq = seq
+                except JournalFull:
+                    self._enter_overflow_locked()
+                    seq = 0
+                if seq:
+                    if fua or not self._write_cache:
+                        commit = seq
+                    elif self._pending_bytes >= self._group_bytes:
+                        commit = -seq  # durable soon for memory's sake, no ack semantics attached
+                    else:
+                        commit = 0
+            if self._overflow:
+                self._direct_locked(kind, lba, count, payload)
+        if commit > 0:
+            self._commit(commit, gates=True)
+        elif commit < 0:
+            self._commit(-commit, gates=False)
+        self._throttle_ack()
+
+    def _append_locked(self, kind: RecordKind, lba: int, count: int, payload: bytes) -> int:
+        seq = self._journal.append(kind, lba, count, payload, self._wall())
+        self._pending.append(_Pending(seq, kind, lba, count, payload))
+        self._pending_bytes += len(payload) + 64
+        return seq
+
+    def _append_with_reclaim_locked(self, kind: RecordKind, lba: int, count: int, payload: bytes) -> int:
+        try:
+            return self._append_locked(kind, lba, count, payload)
+        except JournalFull:
+            self._reclaim_locked()
+            return self._append_locked(kind, lba, count, payload)
+
+    def _reclaim_locked(self) -> None:
+        """Make every record durable and applied, sync the volume and let the journal release what
+        only the local volume was holding."""
+        durable = self._guard(self._journal.sync)
+        self._apply_durable_locked(durable)
+        self._guard(self._volume.flush)
+        self._unsynced_bytes = 0
+        self._journal.set_applied(self._applied_unsynced)
+
+    def _commit(self, seq: int, *, gates: bool) -> None:
+        """Make `seq` durable (group commit), write it to the volume, pass the sync gates."""
+        durable = self._guard(self._journal.sync)
+        with self._lock:
+            self._apply_durable_locked(durable)
+        if gates:
+            for gate in list(self._gates):
+                gate(seq)
+        self._maybe_sync_volume()
+
+    def _guard(self, fn: Callable[[], int | None]) -> int:
+        try:
+            return fn() or 0
+        except JournalCorrupt:
+            raise
+        except (JournalError, OSError) as exc:
+            self._failed = exc
+            raise WriteError(f"journal or volume write failed: {exc}") from exc
+
+    def _apply(self, p: _Pending) -> None:
+        if p.kind is RecordKind.WRITE:
+            self._volume.write_nosync(p.lba, p.payload)
+        elif p.kind is RecordKind.UNMAP:
+            self._volume.unmap(p.lba, p.count)
+
+    def _apply_durable_locked(self, durable: int) -> None:
+        n = 0
+        for p in self._pending:
+            if p.seq > durable:
+                break
+            try:
+                self._apply(p)
+            except (OSError, StorageError) as exc:
+                self._failed = exc
+                del self._pending[:n]
+                raise
+            self._applied_unsynced = p.seq
+            self._unsynced_bytes += len(p.payload) + 64
+            self._pending_bytes -= len(p.payload) + 64
+            n += 1
+        if n:
+            del self._pending[:n]
+
+    def _maybe_sync_volume(self) -> None:
+        if self._unsynced_bytes < self._volume_sync_bytes and not (
+                self._unsynced_bytes and self._fill() >= self.throttle.start_fill):
+            return
+        if not self._vsync_lock.acquire(blocking=False):
+            return  # another thread is doing it
+        try:
+            with self._lock:
+                target = self._applied_unsynced
+                self._unsynced_bytes = 0
+            self._guard(self._volume.flush)
+            self._journal.set_applied(target)
+            self._guard(self._journal.maybe_checkpoint)
+        finally:
+            self._vsync_lock.release()
+
+    def _fill(self) -> float:
+        return self._journal.used_bytes / self._journal.capacity_bytes
+
+    def _throttle_ack(self) -> None:
+        d = self.throttle.delay(self._fill())
+        self._last_delay = d
+        if d > 0:
+            self._throttled_acks += 1
+            self._throttle_delay_total += d
+            self._sleep(d)
+
+    # -- overflow ---------------------------------------------------------------------------------
+    def _journal_has_room_locked(self) -> bool:
+        return self._fill() <= self.throttle.resume_fill
+
+    def _enter_overflow_locked(self) -> None:
+        """Stop journaling: first put every record on the volume durably and persist that in a
+        checkpoint, so no later replay can overwrite what is written straight to the volume."""
+        self._reclaim_locked()
+        self._guard(self._journal.checkpoint)
+        self._overflow = True
+        self._overflow_since = self._clock()
+        self._overflow_events += 1
+        log.warning("journal full: tracking dirty regions instead used_bytes=%d capacity_bytes=%d "
+                    "consumers=%s", self._journal.used_bytes, self._journal.capacity_bytes,
+                    self._journal.consumers())
+
+    def _leave_overflow_locked(self) -> None:
+        self._overflow = False
+        self._overflow_since = None
+        log.warning("journal has room again: journaling resumed dirty_regions=%d",
+                    self._bitmap.dirty_regions)
+
+    def _direct_locked(self, kind: RecordKind, lba: int, count: int, payload: bytes) -> None:
+        """Overflow write: the dirty bit is durable first, then the data, write-through."""
+        try:
+            self._bitmap.mark(lba, count)
+            if kind is RecordKind.WRITE:
+                self._volume.write_nosync(lba, payload)
+            else:
+                self._volume.unmap(lba, count)
+            self._volume.flush()
+        except (OSError, StorageError) as exc:
+            self._failed = exc
+            raise WriteError(f"overflow write failed: {exc}") from exc
+
+    # -- resync API for the replicator ------------------------------------------------------------
+    @property
+    def overflow(self) -> bool:
+        return self._overflow
+
+    @property
+    def region_blocks(self) -> int:
+        return self._bitmap.region_blocks
+
+    def dirty_snapshot(self) -> DirtySnapshot:
+        """Regions written while the journal was full (or marked by `mark_dirty`), with a token."""
+        return self._bitmap.snapshot()
+
+    def clear_dirty(self, snapshot: DirtySnapshot) -> int:
+        """Forget the snapshot's regions, except those dirtied again since; durable on return."""
+        n = self._bitmap.clear(snapshot)
+        log.info("dirty regions cleared count=%d remaining=%d", n, self._bitmap.dirty_regions)
+        return n
+
+    def mark_dirty(self, lba: int, count: int) -> None:
+        """Mark blocks as needing a resync (e.g. a remote that lost records), durably."""
+        self._bitmap.mark(lba, count)
+
+    def add_sync_gate(self, gate: Callable[[int], None]) -> None:
+        """`gate(seq)` is called after a record is durable locally and before the host is answered
+        (write cache off: every write; on: every flush/FUA). It blocks until the sync remotes hold
+        `seq`, or raises StorageError (the host then sees the error). Not called in overflow."""
+        self._gates.append(gate)
+
+    def remove_sync_gate(self, gate: Callable[[int], None]) -> None:
+        if gate in self._gates:
+            self._gates.remove(gate)
+
+    # -- status -----------------------------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        j = self._journal
+        js = j.status()
+        consumers = j.consumers()
+        age: float | None = None
+        if consumers:
+            oldest = min(consumers.values()) + 1
+            ts = j.timestamp_of(oldest) if oldest <= j.head_seq else None
+            if ts is not None:
+                age = max(0.0, (self._wall() - ts) / 1e9)
+        js.update({
+            "overflow": self._overflow,
+            "overflow_events": self._overflow_events,
+            "overflow_for_s": (self._clock() - self._overflow_since) if self._overflow_since is not None
+            else None,
+            "dirty_regions": self._bitmap.dirty_regions,
+            "region_blocks": self._bitmap.region_blocks,
+            "oldest_unconfirmed_age_s": age,
+            "write_cache": "on" if self._write_cache else "off",
+            "throttle": {
+                "active": self._last_delay > 0,
+                "delay_s": self._last_delay,
+                "start_fill": self.throttle.start_fill,
+                "max_delay_s": self.throttle.max_delay_s,
+                "throttled_acks": self._throttled_acks,
+                "total_delay_s": self._throttle_delay_total,
+            },
+            "fill": self._fill(),
+            "pending_records": len(self._pending),
+            "replayed_records": self.replayed_records,
+            "recovery": {
+                "torn_tail": j.recovery.torn_tail,
+                "records_scanned": j.recovery.records,
+                "stop_reason": j.recovery.stop_reason,
+                "created": j.recovery.created,
+            },
+        })
+        return {"journal": js}
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Make everything durable on the journal and the volume and checkpoint; the volume and the
+        journal themselves are closed by their owners."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None and not self._journal_failed():
+                with self._lock:
+                    self._reclaim_locked()
+                self._journal.checkpoint()
+        finally:
+            self._closed = True
+            self._bitmap.close()
+
+    def _journal_failed(self) -> bool:
+        try:
+            self._journal.sync()
+        except JournalError:
+            return True
+        return False
+
+    def __enter__(self) -> LocalUnit:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
