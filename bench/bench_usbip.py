@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from firmware.scsi import ScsiTarget
 from firmware.volume import Volume
 from gadget.descriptors import DeviceIdentity, Speed
 from gadget.logical_unit import LogicalUnit
@@ -39,16 +40,8 @@ RAND_CHUNK = 4096
 BLOCK = 512
 
 
-def make_target(volume: Volume) -> tuple[LogicalUnit, str]:
-    try:
-        from firmware.scsi import ScsiTarget  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        try:
-            from firmware.scsi.target import ScsiTarget  # type: ignore[no-redef,unused-ignore]
-        except ImportError:
-            sys.exit("bench_usbip: firmware.scsi.ScsiTarget is not available yet")
-    target: LogicalUnit = ScsiTarget(volume, serial="BE4C0123456789", device_id=bytes.fromhex("5001122334455667"))
-    return target, "ScsiTarget"
+def make_target(volume: Volume) -> LogicalUnit:
+    return ScsiTarget(volume, serial="BE4C0123456789", device_id=bytes.fromhex("3001122334455667"))
 
 
 def timed(fn: Callable[[], int]) -> tuple[float, int]:
@@ -142,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
         vol_path = Path(tmp) / "volume.img"
         with Volume(vol_path, size=size, block_size=BLOCK, write_cache=False) as volume:
-            target, kind = make_target(volume)
+            target = make_target(volume)
             ident = DeviceIdentity(serial="BE4C0123456789")
             server = UsbipServer.for_logical_unit(target, ident, speed=Speed[args.speed.upper()])
             with server, UsbipClient("127.0.0.1", server.port) as client:
@@ -153,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 over = usbip_numbers(client, size, offsets)
 
     print(f"bench_usbip: {args.size_mib} MiB file in {args.dir or tempfile.gettempdir()}, write cache off, "
-          f"{args.speed} speed, LU={kind}")  # fmt: skip
+          f"{args.speed} speed, LU=ScsiTarget")  # fmt: skip
     print(f"{'workload':34} {'raw':>12} {'usbip':>12} {'usbip/raw':>10}")
     rows = [
         ("120 KiB seq write + fdatasync", "seq_write", "MB/s"),

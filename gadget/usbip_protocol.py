@@ -115,13 +115,15 @@ class ProtocolError(Exception):
     """The peer sent something this protocol cannot accept; the connection must be closed."""
 
 
-class _NeedData:
+class NeedData:
+    """Type of the `NEED_DATA` sentinel (so `isinstance` narrows `next_event()` results)."""
+
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
 #: Returned by `next_event()` when more bytes are needed.
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = NeedData()
 
 
 # -- records ---------------------------------------------------------------------------------------
@@ -423,7 +425,7 @@ class UsbipConnection:
             raise self._error
         self._buf += data
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._error is not None:
             raise self._error
         try:
@@ -464,7 +466,7 @@ class UsbipConnection:
         self._buf.clear()
 
     # -- operation phase ---------------------------------------------------------------------
-    def _next_op(self) -> Event | _NeedData:
+    def _next_op(self) -> Event | NeedData:
         buf = self._buf
         if len(buf) < OP_HEADER_SIZE:
             return NEED_DATA
@@ -497,7 +499,7 @@ class UsbipConnection:
             return self._next_devlist(status)
         raise ProtocolError(f"unknown operation reply code 0x{code:04x}")
 
-    def _next_devlist(self, status: int) -> Event | _NeedData:
+    def _next_devlist(self, status: int) -> Event | NeedData:
         buf = self._buf
         pos = OP_HEADER_SIZE
         if len(buf) < pos + 4:
@@ -522,7 +524,7 @@ class UsbipConnection:
         return DevlistReply(tuple(devices), status)
 
     # -- URB phase ---------------------------------------------------------------------------
-    def _next_urb(self) -> Event | _NeedData:
+    def _next_urb(self) -> Event | NeedData:
         buf = self._buf
         if len(buf) < URB_HEADER_SIZE:
             return NEED_DATA

@@ -61,6 +61,12 @@ from gadget.usbip_protocol import (
 log = logging.getLogger(__name__)
 
 RECV_BUFFER = 256 << 10
+#: A connection that has not imported within this many seconds is closed (a stuck `usbip list`
+#: or a port scanner must not hold a thread forever). An importer may stay idle indefinitely.
+OP_PHASE_TIMEOUT = 60.0
+#: TCP keepalive on the importer's connection: a host that vanished without closing (power cut,
+#: network gone) releases the device after about idle + interval * count seconds.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 
 
 class UsbipDevice(Protocol):
@@ -193,6 +199,7 @@ class UsbipServer:
                 log.exception("usbip accept failed")
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(OP_PHASE_TIMEOUT)
             peer = f"{addr[0]}:{addr[1]}"
             with self._lock:
                 if self._closing:
@@ -270,6 +277,8 @@ class UsbipServer:
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
             log.warning("usbip protocol error, closing peer=%s error=%s", peer, exc)
+        except TimeoutError:
+            log.info("usbip connection idle before import, closing peer=%s", peer)
         except OSError as exc:
             if not self._closing and exc.errno not in (errno.ECONNRESET, errno.EPIPE):
                 log.warning("usbip connection failed peer=%s error=%s", peer, exc)
@@ -347,6 +356,12 @@ class _Session:
         server.counters["imports"] += 1
         log.info("usbip import peer=%s busid=%s", self.peer, event.busid)
         self.sock.sendall(conn.send(ImportReply(0, server.exported.info)))
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
         return True
 
     def _submit(self, conn: UsbipConnection, cmd: SubmitCommand) -> None:

@@ -9,11 +9,13 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from firmware.scsi import ScsiTarget, naa_locally_assigned
+from firmware.volume import Volume
 from gadget.descriptors import DeviceIdentity, Speed
-from gadget.logical_unit import LogicalUnit
 from gadget.usbip_protocol import (
     ECONNRESET,
     ENODEV,
@@ -30,22 +32,13 @@ IDENT = DeviceIdentity(serial="0123456789ABCDEF", vendor_id=0x1209, product_id=0
 TIMEOUT = 20.0
 
 
-def make_lu(tmp_path_factory: pytest.TempPathFactory) -> LogicalUnit:
-    """The real SCSI target on a file volume when it exists, else the RAM stand-in."""
-    try:
-        from firmware.scsi import ScsiTarget  # type: ignore[attr-defined]
-        from firmware.volume import Volume
-    except ImportError:
-        return RamDisk(blocks=4096)
-    volume = Volume(tmp_path_factory.mktemp("vol") / "disk.img", size=2 << 20, block_size=512)
-    target: LogicalUnit = ScsiTarget(volume, serial="0123456789ABCDEF", device_id=bytes(8))
-    return target
-
-
 @pytest.fixture
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UsbipServer]:
-    with UsbipServer.for_logical_unit(make_lu(tmp_path_factory), IDENT, speed=Speed.HIGH) as srv:
-        yield srv
+def server(tmp_path: Path) -> Iterator[UsbipServer]:
+    """The real stack: USB/IP -> BOT -> ScsiTarget -> Volume on a 2 MiB file, write cache off."""
+    with Volume(tmp_path / "disk.img", size=2 << 20, block_size=512) as volume:
+        target = ScsiTarget(volume, serial="0123456789ABCDEF", device_id=naa_locally_assigned(bytes(16)))
+        with UsbipServer.for_logical_unit(target, IDENT, speed=Speed.HIGH) as srv:
+            yield srv
 
 
 def client(srv: UsbipServer) -> UsbipClient:
@@ -204,7 +197,7 @@ def test_pending_bulk_in_is_answered_when_the_command_arrives(server: UsbipServe
         assert isinstance(csw, SubmitReturn) and CSW.unpack(csw.data) == (b"USBS", 5, 0, 0)
 
 
-def test_stop_disconnects_an_attached_client(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_stop_disconnects_an_attached_client() -> None:
     srv = UsbipServer.for_logical_unit(RamDisk(), IDENT).start()
     c = attached(srv)
     srv.stop()

@@ -15,12 +15,12 @@ from types import TracebackType
 
 from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
 from gadget.usbip_protocol import (
-    NEED_DATA,
     DevlistReply,
     DevlistRequest,
     Event,
     ImportReply,
     ImportRequest,
+    NeedData,
     ProtocolError,
     Role,
     SubmitCommand,
@@ -77,8 +77,7 @@ class UsbipClient:
     def _read_event(self) -> Event:
         while True:
             ev = self.conn.next_event()
-            if ev is not NEED_DATA:
-                assert not isinstance(ev, type(NEED_DATA))
+            if not isinstance(ev, NeedData):
                 return ev
             n = self.sock.recv_into(self._buf)
             if n == 0:
