@@ -371,6 +371,14 @@ class _Connection:
         t = self.target
         if t is not None and self.purpose is jp.Purpose.REPLICATE and t.active is self:
             t.active = None
+            if t.applied != t.state.applied_seq and t.volume is not None and not t.state.resync_active:
+                # make what was applied durable so the next connection resumes exactly after it
+                try:
+                    t.volume.flush()
+                    t.state.applied_seq = t.applied
+                    t.save()
+                except (StorageError, OSError) as exc:
+                    log.warning("could not save the applied position source=%s error=%s", t.source_id, exc)
             t.applied = t.state.applied_seq  # anything not durable will be sent again
             t.lock.release()
 
