@@ -455,10 +455,17 @@ class FunctionFsServer:
             if exc.errno != errno.EBADMSG:
                 log.info("halt failed endpoint=%#04x error=%s", endpoint, exc.strerror)
         self.counters["in_stalls" if endpoint == EP_IN else "out_stalls"] += 1
-        # The UDC clears the halt when the host asks; the core's halt follows it (the core keeps
-        # refusing while reset recovery is required, and we halt again then).
+        # The UDC clears the halt when the host asks; the core's halt follows it. While the core
+        # requires reset recovery (BOT 6.6.1) it keeps its halt: wait for the reset rather than
+        # halting the endpoint again in a loop.
         with self._lock:
+            gen = self._generation
             self.bot.clear_halt(endpoint)
+            while self._halted_in_core(endpoint) and gen == self._generation and not self._stop.is_set():
+                self._lock.wait(0.5)
+
+    def _halted_in_core(self, endpoint: int) -> bool:
+        return self.bot.in_halted if endpoint == EP_IN else self.bot.out_halted
 
     def _out_loop(self) -> None:
         fd = self._ep_out
@@ -481,8 +488,10 @@ class FunctionFsServer:
                 self._out.feed(data, asked)
                 self.counters["bytes_out"] += len(data)
                 accepted = self.bot.bulk_out(data)
+                halted = self.bot.out_halted
                 self._lock.notify_all()
-            if not accepted:
+            if not accepted or halted:
+                # Halt now (cases 8/10, invalid CBW), before the host sends what we refuse.
                 self._halt(fd, EP_OUT)
 
     def _in_loop(self) -> None:

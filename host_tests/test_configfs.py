@@ -64,7 +64,7 @@ def test_bind_first_udc_named_udc_and_errors(tree: tuple[Path, Path]) -> None:
         g.unbind()
         assert read(g.path / "UDC") == ""
         assert g.bind("fe980000.usb") == "fe980000.usb"
-        with pytest.raises(cfs.GadgetError, match="not found.*dummy_udc.0"):
+        with pytest.raises(cfs.GadgetError, match=r"not found.*dummy_udc.0"):
             g.bind("nope.usb")
     assert cfs.udc_state("dummy_udc.0", udc) == "configured"
     assert cfs.udc_state("fe980000.usb", udc) == "unknown"

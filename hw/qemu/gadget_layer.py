@@ -88,9 +88,8 @@ def gadget_extra_files() -> dict[str, bytes]:
         tmp.rename(cache)
     files: dict[str, bytes] = {}
     order = []
-    for path in sorted(cache.rglob("*.ko")):
-        rel = path.relative_to(cache)
-        files["/" + str(rel)] = path.read_bytes()
+    for ko in sorted(cache.rglob("*.ko")):
+        files["/" + str(ko.relative_to(cache))] = ko.read_bytes()
     for m in EXTRA_MODULES:
         order.append(m)
     files["/etc/gadget-extra-modules.order"] = ("\n".join(order) + "\n").encode()
