@@ -318,9 +318,13 @@ class MassStorageDevice:
         raise _Stalled(f"unsupported OUT request 0x{request:02x}")
 
     def _configure(self, value: int) -> None:
-        # USB 2.0 9.1.1.5 / 9.4.5: (re)configuring puts the endpoints in their initial state.
+        # USB 2.0 9.1.1.5 / 9.4.5: (re)configuring puts the endpoints in their initial state, and
+        # the function with them (Linux f_mass_storage resets on a config change too). It matters
+        # here because vhci-hcd performs a port reset locally: after usb-storage resets the
+        # device, the SET_CONFIGURATION that follows is all this side ever sees of it.
         # Pending transfers stay: the host's core unlinks them when it disables the endpoints.
         self.configuration = value
+        self.bot.reset()
         self.bot.clear_halt(EP_IN)
         self.bot.clear_halt(EP_OUT)
         log.info("set configuration value=%d speed=%s", value, self.speed.name)

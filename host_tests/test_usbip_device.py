@@ -121,8 +121,10 @@ def test_class_requests() -> None:
     host.configure()
     assert ok(host.control(0xA1, 0xFE, 0, 0, 1)) == b"\x00"  # Get Max LUN: one LUN
     assert host.control(0xA1, 0xFE, 0, 1, 1).status == -EPIPE  # wrong interface
+    resets = host.dev.bot.status()["resets"]
+    assert isinstance(resets, int)
     assert host.control(0x21, 0xFF, 0, 0).status == 0  # Bulk-Only Mass Storage Reset
-    assert host.dev.bot.status()["resets"] == 1
+    assert host.dev.bot.status()["resets"] == resets + 1
     assert host.control(0x21, 0xFF, 1, 0).status == -EPIPE  # wValue must be 0
     assert host.control(0x21, 0x42, 0, 0).status == -EPIPE  # unknown class request
     assert host.control(0xC0, 0x01, 0, 0, 4).status == -EPIPE  # vendor request
@@ -205,6 +207,19 @@ def test_disconnect_mid_data_phase_leaves_a_clean_device() -> None:
     host.submit(1, False, 31, data=host.cbw(b"\x00" * 6, 0, False, tag=99))
     (csw,) = host.submit(1, True, 13)
     assert CSW.unpack(csw.data) == (b"USBS", 99, 0, 0)
+
+
+def test_set_configuration_returns_the_bot_to_a_fresh_state() -> None:
+    # vhci-hcd resets the port locally: after usb-storage resets a device stuck in a data phase,
+    # the device only sees the SET_CONFIGURATION of the re-enumeration
+    host = Host()
+    host.configure()
+    host.submit(1, False, 31, data=host.cbw(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), 4096, False))
+    host.submit(1, False, 512, data=b"\xee" * 512)
+    host.configure()
+    host.submit(1, False, 31, data=host.cbw(b"\x00" * 6, 0, False, tag=42))
+    (csw,) = host.submit(1, True, 13)
+    assert CSW.unpack(csw.data) == (b"USBS", 42, 0, 0)
 
 
 @given(st.binary(min_size=8, max_size=8), st.integers(0, 300), st.booleans(), st.binary(max_size=16))
