@@ -702,8 +702,8 @@ class Journal:
 
     # -- reading ----------------------------------------------------------------------------------
     def read_records(self, after_seq: int, max_bytes: int) -> list[JournalRecord]:
-        """Durable records with seq > after_seq, in order, their payloads adding up to at most
-        `max_bytes` (at least one record when any is available). Every checksum is verified:
+        """Durable records with seq > after_seq, in order, taking at most `max_bytes` of journal
+        space (header, payload, padding; at least one record when any is available). Every checksum is verified:
         raises JournalCorrupt rather than return damaged data, RecordsGone when `after_seq` is
         behind the tail."""
         with self._lock:
@@ -719,9 +719,9 @@ class Journal:
             seq = first
             while seq <= self._durable_seq:
                 pos, ln = self._idx_pos[i], self._idx_len[i]
-                if spans and total + ln - HEADER_SIZE > max_bytes:
+                if spans and total + ln > max_bytes:
                     break
-                total += ln - HEADER_SIZE
+                total += ln
                 if spans and spans[-1][0] + spans[-1][1] == pos and (pos % self._ring) != 0:
                     spans[-1] = (spans[-1][0], spans[-1][1] + ln, spans[-1][2])
                 else:
