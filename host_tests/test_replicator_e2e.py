@@ -43,8 +43,9 @@ class Rig:
         self.unit = FakeLocalUnit(self.vol, self.journal)
         self.rep: Replicator | None = None
 
-    def start_remote(self, **kw: object) -> RemoteUnit:
-        cfg = RemoteUnitConfig(listen=("127.0.0.1", self.port), name="r1", targets={"src-a": str(self.target)},
+    def start_remote(self, targets: dict[str, str] | None = None, **kw: object) -> RemoteUnit:
+        cfg = RemoteUnitConfig(listen=("127.0.0.1", self.port), name="r1",
+                               targets=targets or {"src-a": str(self.target)},
                                tls_dir=str(self.tls_dir) if self.tls_dir else None, state_dir=str(self.tmp / "rstate"),
                                heartbeat_timeout_s=5.0, **kw)  # type: ignore[arg-type]
         self.remote = RemoteUnit(cfg)
@@ -58,8 +59,9 @@ class Rig:
             self.remote = None
 
     def start_rep(self, port: int | None = None, mode: str = "async", source_id: str = "src-a",
-                  tuning: ReplicatorTuning = FAST) -> Replicator:
-        tls = TlsFiles.for_source(self.tls_dir, source_id) if self.tls_dir else None
+                  tuning: ReplicatorTuning = FAST, tls: TlsFiles | None = None) -> Replicator:
+        if tls is None and self.tls_dir:
+            tls = TlsFiles.for_source(self.tls_dir, source_id)
         self.rep = Replicator(self.unit, self.journal, source_id=source_id,
                               remotes=[RemoteSpec(("127.0.0.1", port or self.port), mode=mode, name="r1")],
                               tls=tls, state_dir=str(self.tmp / "lstate"), tuning=tuning)

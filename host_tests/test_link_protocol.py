@@ -1,0 +1,259 @@
+"""The journey protocol (sans-IO): round trips of every frame, streams whole and byte by byte,
+corruption and truncation detected, bounded lengths, turn-taking enforced, lz4 only where it pays."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import google_crc32c
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from firmware.link import protocol as jp
+
+UUID = bytes(range(16))
+
+
+def hello(features: jp.Feature = jp.Feature.LZ4, purpose: jp.Purpose = jp.Purpose.REPLICATE) -> jp.Hello:
+    return jp.Hello("src-a", UUID, 1 << 30, 512, 3, 41, features, purpose)
+
+
+def open_pair(features: jp.Feature = jp.Feature.LZ4) -> tuple[jp.JourneyConnection, jp.JourneyConnection]:
+    src = jp.JourneyConnection(jp.Role.SOURCE)
+    rem = jp.JourneyConnection(jp.Role.REMOTE)
+    rem.receive_data(src.send(hello(features)))
+    h = rem.next_event()
+    assert h == hello(features)
+    src.receive_data(rem.send(jp.HelloReply("r1", UUID, 40, 3, features, jp.ReplyFlag.NONE)))
+    r = src.next_event()
+    assert isinstance(r, jp.HelloReply) and r.applied_seq == 40
+    assert src.state is rem.state is jp.ConnState.OPEN
+    return src, rem
+
+
+def drain(conn: jp.JourneyConnection) -> list[jp.Event]:
+    out: list[jp.Event] = []
+    while True:
+        ev = conn.next_event()
+        if ev is jp.NEED_DATA:
+            return out
+        assert not isinstance(ev, jp._NeedData)
+        out.append(ev)
+
+
+@st.composite
+def records(draw: st.DrawFn, prev: int = 0) -> tuple[jp.Record, ...]:
+    n = draw(st.integers(0, 12))
+    seq = prev
+    out = []
+    for _ in range(n):
+        seq += draw(st.integers(1, 3))
+        kind = draw(st.sampled_from(list(jp.RecordKind)))
+        lba = draw(st.integers(0, 2**40))
+        ts = draw(st.integers(0, 2**63))
+        if kind is jp.RecordKind.WRITE:
+            count = draw(st.integers(1, 4))
+            fill = draw(st.sampled_from(["zero", "random", "text"]))
+            size = count * 512
+            payload = bytes(size) if fill == "zero" else os.urandom(size) if fill == "random" else \
+                (b"usbmirror " * size)[:size]
+            out.append(jp.Record(seq, kind, lba, count, ts, payload))
+        elif kind is jp.RecordKind.UNMAP:
+            out.append(jp.Record(seq, kind, lba, draw(st.integers(1, 2**20)), ts))
+        else:
+            out.append(jp.Record(seq, kind, 0, 0, ts))
+    return tuple(out)
+
+
+source_events = st.one_of(
+    st.builds(lambda p, r: jp.Batch(p, r), st.just(40), records(40)),
+    st.builds(jp.Heartbeat, st.integers(0, 2**64 - 1)),
+    st.builds(jp.ResyncBegin, st.integers(0, 2**64 - 1), st.integers(1, 1 << 20), st.integers(0, 2**64 - 1)),
+    st.builds(jp.DigestRequest, st.integers(0, 2**64 - 1), st.integers(0, 1 << 14), st.integers(1, 1 << 20)),
+    st.builds(jp.RegionData, st.integers(0, 2**64 - 1),
+              st.sampled_from([bytes(4096), b"ab" * 2048, os.urandom(1024), b""])),
+    st.builds(jp.ResyncEnd, st.integers(0, 2**64 - 1)),
+)
+remote_events = st.one_of(
+    st.builds(jp.Ack, st.integers(0, 2**64 - 1)),
+    st.builds(jp.Heartbeat, st.integers(0, 2**64 - 1)),
+    st.builds(lambda f, n, ds: jp.RegionDigests(f, n, tuple(ds)), st.integers(0, 2**64 - 1),
+              st.integers(1, 1 << 20), st.lists(st.binary(min_size=16, max_size=16), max_size=20)),
+)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(source_events, min_size=1, max_size=8), st.booleans(), st.booleans())
+def test_source_events_round_trip_whole_and_byte_by_byte(events: list[jp.Event], lz4: bool,
+                                                          bytewise: bool) -> None:
+    src, rem = open_pair(jp.Feature.LZ4 if lz4 else jp.Feature.NONE)
+    wire = b"".join(src.send(e) for e in events)
+    got: list[jp.Event] = []
+    if bytewise:
+        for i in range(len(wire)):
+            rem.receive_data(wire[i:i + 1])
+            got += drain(rem)
+    else:
+        rem.receive_data(wire)
+        got = drain(rem)
+    assert got == events
+
+
+@settings(max_examples=100)
+@given(st.lists(remote_events, min_size=1, max_size=8))
+def test_remote_events_round_trip(events: list[jp.Event]) -> None:
+    src, rem = open_pair()
+    wire = b"".join(rem.send(e) for e in events)
+    for i in range(0, len(wire), 7):
+        src.receive_data(wire[i:i + 7])
+    assert drain(src) == events
+
+
+def test_error_frame_round_trip_and_closes() -> None:
+    src, rem = open_pair()
+    src.receive_data(rem.send(jp.Error(jp.ErrorCode.TARGET_FULL, "no space left on /dev/md0")))
+    assert drain(src) == [jp.Error(jp.ErrorCode.TARGET_FULL, "no space left on /dev/md0")]
+    assert src.state is jp.ConnState.CLOSED
+    with pytest.raises(jp.ProtocolError):
+        src.receive_data(b"x")
+
+
+@settings(max_examples=200)
+@given(records(40), st.data())
+def test_any_corrupted_byte_is_detected_never_misread(recs: tuple[jp.Record, ...], data: st.DataObject) -> None:
+    src, rem = open_pair()
+    ev = jp.Batch(40, recs)
+    frame = bytearray(src.send(ev))
+    pos = data.draw(st.integers(0, len(frame) - 1))
+    bit = data.draw(st.integers(0, 7))
+    frame[pos] ^= 1 << bit
+    rem.receive_data(bytes(frame))
+    try:
+        got = rem.next_event()
+    except jp.ProtocolError:
+        assert rem.state is jp.ConnState.CLOSED
+        return
+    # only a longer length field can make it wait; it never yields a (wrong) event
+    assert got is jp.NEED_DATA and 4 <= pos < 8
+
+
+def test_truncated_stream_waits_then_oversized_length_refused_early() -> None:
+    src, rem = open_pair()
+    frame = src.send(jp.Heartbeat(7))
+    rem.receive_data(frame[:-1])
+    assert rem.next_event() is jp.NEED_DATA
+    rem.receive_data(frame[-1:])
+    assert rem.next_event() == jp.Heartbeat(7)
+    # a header announcing more than max_payload is refused before anything is buffered
+    rem.receive_data(struct.pack(">2sBBI", b"UJ", 1, jp.FrameType.BATCH, jp.DEFAULT_MAX_PAYLOAD + 1))
+    with pytest.raises(jp.ProtocolError, match="exceeds"):
+        rem.next_event()
+
+
+def _frame(ftype: int, payload: bytes, version: int = 1) -> bytes:
+    head = struct.pack(">2sBBI", b"UJ", version, ftype, len(payload))
+    return head + payload + struct.pack(">I", google_crc32c.value(head + payload))
+
+
+def test_bad_magic_version_type_and_turns() -> None:
+    rem = jp.JourneyConnection(jp.Role.REMOTE)
+    rem.receive_data(b"HTTP/1.1 200")
+    with pytest.raises(jp.ProtocolError, match="magic"):
+        rem.next_event()
+    rem = jp.JourneyConnection(jp.Role.REMOTE)
+    rem.receive_data(_frame(jp.FrameType.HEARTBEAT, bytes(8), version=2))
+    with pytest.raises(jp.ProtocolError) as ei:
+        rem.next_event()
+    assert ei.value.code is jp.ErrorCode.VERSION
+    rem = jp.JourneyConnection(jp.Role.REMOTE)
+    rem.receive_data(_frame(99, b""))
+    with pytest.raises(jp.ProtocolError, match="unknown frame type"):
+        rem.next_event()
+    # records before HELLO
+    rem = jp.JourneyConnection(jp.Role.REMOTE)
+    rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 0, 0, 0, 0)))
+    with pytest.raises(jp.ProtocolError, match="not allowed"):
+        rem.next_event()
+    assert rem.state is jp.ConnState.CLOSED
+    # a remote may not send batches
+    src, _ = open_pair()
+    src.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 0, 0, 0, 0)))
+    with pytest.raises(jp.ProtocolError):
+        src.next_event()
+
+
+def test_hello_version_range_and_bounds() -> None:
+    rem = jp.JourneyConnection(jp.Role.REMOTE)
+    bad = jp.Hello("s", UUID, 4096, 512, 1, 0, jp.Feature.NONE, jp.Purpose.REPLICATE, min_version=2, max_version=5)
+    rem.receive_data(jp.JourneyConnection(jp.Role.SOURCE).send(bad))
+    with pytest.raises(jp.ProtocolError) as ei:
+        rem.next_event()
+    assert ei.value.code is jp.ErrorCode.VERSION
+    with pytest.raises(ValueError):
+        jp.JourneyConnection(jp.Role.SOURCE).send(jp.Hello("x" * 65, UUID, 4096, 512, 1, 0))
+
+
+def test_batch_semantics_checked() -> None:
+    body = jp.encode_records([jp.Record(5, jp.RecordKind.WRITE, 0, 1, 0, bytes(512)),
+                              jp.Record(5, jp.RecordKind.FLUSH, 0, 0, 0)])
+    src, rem = open_pair(jp.Feature.NONE)
+    rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 4, 2, len(body), 0) + body))
+    with pytest.raises(jp.ProtocolError, match="does not follow"):
+        rem.next_event()
+    body = jp.encode_records([jp.Record(5, jp.RecordKind.WRITE, 0, 2, 0, bytes(512 * 2 + 1))])
+    src, rem = open_pair(jp.Feature.NONE)
+    rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 4, 1, len(body), 0) + body))
+    with pytest.raises(jp.ProtocolError, match="bytes for 2 blocks"):
+        rem.next_event()
+    src, rem = open_pair(jp.Feature.NONE)  # lz4 flag on a connection without lz4
+    rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 4, 0, 0, 1)))
+    with pytest.raises(jp.ProtocolError, match="lz4"):
+        rem.next_event()
+    src, rem = open_pair()  # lz4 garbage
+    rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 4, 1, 1000, 1) + b"\xff" * 40))
+    with pytest.raises(jp.ProtocolError):
+        rem.next_event()
+
+
+def test_lz4_used_only_where_it_pays() -> None:
+    src, _ = open_pair()
+    text = jp.Batch(40, (jp.Record(41, jp.RecordKind.WRITE, 0, 64, 1, b"log line 12345\n" * 2184 + bytes(8)),))
+    noise = jp.Batch(41, (jp.Record(42, jp.RecordKind.WRITE, 0, 64, 1, os.urandom(64 * 512)),))
+    small = src.send(text)
+    big = src.send(noise)
+    assert len(small) < 64 * 512 // 4
+    assert len(big) > 64 * 512 and big[8 + 16] == 0  # sent raw (flag byte clear)
+    src2, _ = open_pair(jp.Feature.NONE)
+    assert len(src2.send(text)) > 64 * 512
+
+
+FRAME_TYPES = list(jp.FrameType)
+
+
+@settings(max_examples=200)
+@given(st.sampled_from([jp.Role.SOURCE, jp.Role.REMOTE]), st.lists(st.sampled_from(FRAME_TYPES), max_size=6))
+def test_state_table_every_sequence_valid_or_protocol_error(role: jp.Role, seq: list[jp.FrameType]) -> None:
+    """Any sequence of well-formed frames is either allowed or ends in ProtocolError and CLOSED."""
+    samples: dict[jp.FrameType, jp.Event] = {
+        jp.FrameType.HELLO: hello(), jp.FrameType.HELLO_REPLY: jp.HelloReply("r", UUID, 0, 0, jp.Feature.NONE),
+        jp.FrameType.BATCH: jp.Batch(0, ()), jp.FrameType.ACK: jp.Ack(1), jp.FrameType.HEARTBEAT: jp.Heartbeat(1),
+        jp.FrameType.ERROR: jp.Error(jp.ErrorCode.BUSY, "x"), jp.FrameType.RESYNC_BEGIN: jp.ResyncBegin(1, 8, 1),
+        jp.FrameType.DIGEST_REQUEST: jp.DigestRequest(0, 1, 8),
+        jp.FrameType.REGION_DIGESTS: jp.RegionDigests(0, 8, (bytes(16),)),
+        jp.FrameType.REGION_DATA: jp.RegionData(0, bytes(512)), jp.FrameType.RESYNC_END: jp.ResyncEnd(2),
+    }
+    peer_role = jp.Role.REMOTE if role is jp.Role.SOURCE else jp.Role.SOURCE
+    me = jp.JourneyConnection(role)
+    for ft in seq:
+        # build the frame as the peer would, bypassing the peer's own state checks
+        enc = jp.JourneyConnection(peer_role)
+        payload = enc._encode(samples[ft])
+        try:
+            me.receive_data(_frame(ft, payload))
+            ev = me.next_event()
+        except jp.ProtocolError:
+            assert me.state is jp.ConnState.CLOSED
+            return
+        assert ev == samples[ft]
