@@ -1,0 +1,188 @@
+"""The remote unit driven by a hand-written source over a plaintext loopback socket: in-order apply,
+duplicates skipped, gaps and out-of-range records refused, position durable across restarts, and the
+resync undo log restoring the consistent image when a resync is interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from firmware.link import protocol as jp
+from firmware.remote_unit import RemoteUnit, RemoteUnitConfig, region_digest
+
+BS = 512
+SIZE = 1 << 20
+UUID = bytes(range(16))
+
+
+class Source:
+    """A minimal source speaking the journey protocol over a blocking socket."""
+
+    def __init__(self, port: int, source_id: str = "s1", gen: int = 1) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.conn = jp.JourneyConnection(jp.Role.SOURCE)
+        self.sock.sendall(self.conn.send(jp.Hello(source_id, UUID, SIZE, BS, gen, 0)))
+        self.reply = self.recv()
+
+    def send(self, ev: jp.Event) -> None:
+        self.sock.sendall(self.conn.send(ev))
+
+    def recv(self) -> jp.Event:
+        while True:
+            ev = self.conn.next_event()
+            if not isinstance(ev, jp._NeedData):
+                return ev
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("closed")
+            self.conn.receive_data(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def w(seq: int, lba: int, fill: int, count: int = 1) -> jp.Record:
+    return jp.Record(seq, jp.RecordKind.WRITE, lba, count, 0, bytes([fill]) * (BS * count))
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[RemoteUnit]:
+    cfg = RemoteUnitConfig(listen=("127.0.0.1", 0), name="r1", targets={"s1": str(tmp_path / "t.img")},
+                           tls_dir=None, state_dir=str(tmp_path / "state"), heartbeat_timeout_s=5)
+    with RemoteUnit(cfg) as ru:
+        yield ru
+
+
+def restart(ru: RemoteUnit) -> RemoteUnit:
+    ru.stop()
+    new = RemoteUnit(ru.cfg)
+    new.start()
+    return new
+
+
+def block(path: str, lba: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(lba * BS)
+        return f.read(BS)
+
+
+def test_new_target_then_in_order_apply_and_duplicates_skipped(remote: RemoteUnit) -> None:
+    s = Source(remote.port)
+    assert isinstance(s.reply, jp.HelloReply)
+    assert s.reply.flags & jp.ReplyFlag.NEW_TARGET and s.reply.applied_seq == 0
+    s.send(jp.Batch(0, (w(1, 0, 1), w(2, 1, 2), w(3, 0, 3))))
+    assert s.recv() == jp.Ack(3)
+    s.send(jp.Batch(1, (w(2, 1, 2), w(3, 0, 3), w(4, 2, 4))))  # overlaps what is applied
+    assert s.recv() == jp.Ack(4)
+    t = remote.targets["s1"]
+    assert t.records_applied == 4 and t.duplicates_skipped == 2
+    assert block(t.path, 0) == bytes([3]) * BS and block(t.path, 2) == bytes([4]) * BS
+    state = json.loads(Path(remote.cfg.state_dir, "s1.json").read_text())
+    assert state["applied_seq"] == 4 and state["volume_uuid"] == UUID.hex()
+    s.close()
+
+
+def test_gap_and_out_of_range_refused(remote: RemoteUnit) -> None:
+    s = Source(remote.port)
+    s.send(jp.Batch(0, (w(1, 0, 1),)))
+    assert s.recv() == jp.Ack(1)
+    s.send(jp.Batch(5, (w(6, 0, 9),)))  # records 2..5 missing
+    ev = s.recv()
+    assert isinstance(ev, jp.Error) and ev.code is jp.ErrorCode.SEQUENCE
+    s.close()
+    s = Source(remote.port)
+    assert isinstance(s.reply, jp.HelloReply) and s.reply.applied_seq == 1
+    s.send(jp.Batch(1, (w(2, SIZE // BS, 1),)))  # past the end of the volume
+    ev = s.recv()
+    assert isinstance(ev, jp.Error) and ev.code is jp.ErrorCode.BAD_FRAME and "outside" in ev.message
+    s.close()
+    assert block(remote.targets["s1"].path, 0) == bytes([1]) * BS
+
+
+def test_position_survives_restart(remote: RemoteUnit) -> None:
+    s = Source(remote.port)
+    s.send(jp.Batch(0, tuple(w(i, i, i) for i in range(1, 11))))
+    assert s.recv() == jp.Ack(10)
+    s.close()
+    ru = restart(remote)
+    try:
+        s = Source(ru.port)
+        assert isinstance(s.reply, jp.HelloReply)
+        assert s.reply.applied_seq == 10 and not s.reply.flags & jp.ReplyFlag.NEW_TARGET
+        s.close()
+    finally:
+        ru.stop()
+
+
+def test_interrupted_resync_keeps_consistent_image_via_undo(remote: RemoteUnit) -> None:
+    s = Source(remote.port)
+    s.send(jp.Batch(0, tuple(w(i, i * 8, 0x10 + i, 8) for i in range(1, 6))))
+    assert s.recv() == jp.Ack(5)
+    t = remote.targets["s1"]
+    consistent = Path(t.path).read_bytes()
+    # a resync starts, copies two regions, then the link dies before the copy is finished
+    s.send(jp.ResyncBegin(5, 128, 16))
+    s.send(jp.DigestRequest(0, 2, 128))
+    d = s.recv()
+    assert isinstance(d, jp.RegionDigests) and d.digests[0] == region_digest(consistent[: 128 * BS])
+    s.send(jp.RegionData(0, b"\xee" * (128 * BS)))
+    s.send(jp.RegionData(128, b"\xdd" * (128 * BS)))
+    s.send(jp.Heartbeat(1))
+    assert s.recv() == jp.Heartbeat(1)
+    s.close()
+    ru = restart(remote)
+    try:
+        s = Source(ru.port)
+        assert isinstance(s.reply, jp.HelloReply) and s.reply.flags & jp.ReplyFlag.RESYNC_IN_PROGRESS
+        s.close()
+        st = ru.status()["sources"][0]
+        assert st["consistent"] is False and st["rollback_available"] is True
+        assert Path(ru.targets["s1"].path).read_bytes() != consistent
+        assert ru.rollback_resync("s1")
+        assert Path(ru.targets["s1"].path).read_bytes() == consistent
+        assert ru.targets["s1"].state.applied_seq == 5
+        assert not Path(ru.cfg.state_dir, "s1.undo").exists()
+    finally:
+        ru.stop()
+
+
+def test_completed_resync_drops_undo_log(remote: RemoteUnit) -> None:
+    s = Source(remote.port)
+    s.send(jp.Batch(0, (w(1, 0, 1),)))
+    assert s.recv() == jp.Ack(1)
+    s.send(jp.ResyncBegin(1, 128, 1))
+    s.send(jp.RegionData(0, b"\x07" * (128 * BS)))
+    s.send(jp.ResyncEnd(3))
+    assert s.recv() == jp.Ack(1)
+    assert Path(remote.cfg.state_dir, "s1.undo").exists()  # not consistent before seq 3 is applied
+    s.send(jp.Batch(1, (w(2, 5, 2), w(3, 6, 3))))
+    assert s.recv() == jp.Ack(3)
+    assert not Path(remote.cfg.state_dir, "s1.undo").exists()
+    assert remote.status()["sources"][0]["consistent"] is True
+    s.close()
+
+
+def test_records_before_resync_end_refused(remote: RemoteUnit) -> None:
+    s = Source(remote.port)
+    s.send(jp.ResyncBegin(0, 128, 1))
+    s.send(jp.Batch(0, (w(1, 0, 1),)))
+    ev = s.recv()
+    assert isinstance(ev, jp.Error) and ev.code is jp.ErrorCode.SEQUENCE
+    s.close()
+
+
+def test_target_smaller_than_volume_refused(tmp_path: Path) -> None:
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(SIZE // 2))
+    cfg = RemoteUnitConfig(listen=("127.0.0.1", 0), name="r1", targets={"s1": str(small)}, tls_dir=None,
+                           state_dir=str(tmp_path / "state"))
+    with RemoteUnit(cfg) as ru:
+        s = Source(ru.port)
+        assert isinstance(s.reply, jp.Error) and s.reply.code is jp.ErrorCode.VOLUME_MISMATCH
+        s.close()
+    assert os.path.getsize(small) == SIZE // 2
