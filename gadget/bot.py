@@ -56,6 +56,7 @@ __all__ = [
     "EP_OUT",
     "STALL",
     "BulkOnlyTransport",
+    "BytesLike",
     "Case",
     "Cbw",
     "Csw",
@@ -78,6 +79,7 @@ CSW_LENGTH: Final = 13
 MAX_CB_LENGTH: Final = 16
 MAX_LUN_LIMIT: Final = 15  # BOT 3.2: LUNs 0..15
 FLAG_DATA_IN: Final = 0x80  # bmCBWFlags bit 7: 1 = device to host
+BytesLike = bytes | bytearray | memoryview  # what adapters may hand to bulk_out()
 
 # Per-I/O wire formats: struct, not construct (STYLE.md).
 # CBW (BOT 5.1): 0 dCBWSignature, 4 dCBWTag, 8 dCBWDataTransferLength, 12 bmCBWFlags, 13 bCBWLUN,
@@ -176,7 +178,7 @@ class Cbw:
         )
 
     @classmethod
-    def parse(cls, data: bytes) -> Cbw:
+    def parse(cls, data: bytes | bytearray | memoryview) -> Cbw:
         """Parse one bulk OUT transfer; `InvalidCbw` unless it is a valid CBW (BOT 6.2.1)."""
         # BOT 6.2.1: valid = received after a CSW or reset, exactly 31 bytes, signature "USBC".
         if len(data) != CBW_LENGTH:
@@ -184,7 +186,7 @@ class Cbw:
         signature, tag, length, flags, lun, cb_length, cb = _CBW.unpack(data)
         if signature != CBW_SIGNATURE:
             raise InvalidCbw(f"signature {signature:#010x}")
-        return cls(tag, length, flags, lun, cb_length, cb)
+        return cls(tag, length, flags, lun, cb_length, bytes(cb))
 
     def build(self) -> bytes:
         return _CBW.pack(
@@ -352,7 +354,7 @@ class BulkOnlyTransport:
     def out_halted(self) -> bool:
         return self._out_halted
 
-    def bulk_out(self, data: bytes) -> bool:
+    def bulk_out(self, data: BytesLike) -> bool:
         """One bulk OUT transfer from the host. False: the OUT endpoint is halted, complete the
         transfer with STALL and ignore the data. May run a command."""
         if self._out_halted:
@@ -456,7 +458,7 @@ class BulkOnlyTransport:
 
     # --- COMMAND stage -------------------------------------------------------------------------
 
-    def _receive_cbw(self, data: bytes) -> bool:
+    def _receive_cbw(self, data: BytesLike) -> bool:
         try:
             cbw = Cbw.parse(data)
         except InvalidCbw as exc:
@@ -589,7 +591,7 @@ class BulkOnlyTransport:
 
     # --- DATA_OUT stage ------------------------------------------------------------------------
 
-    def _receive_data(self, data: bytes) -> bool:
+    def _receive_data(self, data: BytesLike) -> bool:
         command = self._command
         assert command is not None
         host_length = command.cbw.data_transfer_length
@@ -603,7 +605,10 @@ class BulkOnlyTransport:
         wanted = min(take, max(0, keep - start))  # bytes of this transfer the unit will get
         if wanted:
             if start == 0 and wanted == keep and len(data) == keep:
-                command.out_whole = data  # the usual USB/IP case: one transfer, no copy
+                # The usual USB/IP case: the whole data phase in one transfer. bytes() of a bytes
+                # object is that object (no copy); a bytearray/memoryview the adapter may reuse
+                # after we return (case 11 keeps it across calls) is copied.
+                command.out_whole = bytes(data)
             else:
                 if command.out_buffer is None:
                     command.out_buffer = bytearray(keep)
@@ -706,7 +711,7 @@ class BulkOnlyTransport:
 
     # --- transfers that make no sense in a stage --------------------------------------------------
 
-    def _unexpected_out(self, data: bytes) -> bool:
+    def _unexpected_out(self, data: BytesLike) -> bool:
         # The device owes data or a CSW and the host sends on bulk OUT, e.g. a second CBW before
         # reading the CSW (BOT 5.3: the response is indeterminate). Refuse it with a stall so the
         # host notices and runs reset recovery instead of losing the bytes silently.
@@ -715,7 +720,7 @@ class BulkOnlyTransport:
         self._halt(EP_OUT)
         return False
 
-    def _refuse_out(self, data: bytes) -> bool:
+    def _refuse_out(self, data: BytesLike) -> bool:
         # NEED_RESET keeps OUT halted (6.6.1); reached only if an adapter cleared it behind our back.
         self._halt(EP_OUT)
         return False
@@ -728,7 +733,7 @@ class BulkOnlyTransport:
     # A halted endpoint answers STALL before the table is consulted (bulk_out/bulk_in);
     # reset() and set_halt() act the same in every stage.
 
-    _ON_BULK_OUT: ClassVar[dict[Stage, Callable[[BulkOnlyTransport, bytes], bool]]] = {
+    _ON_BULK_OUT: ClassVar[dict[Stage, Callable[[BulkOnlyTransport, BytesLike], bool]]] = {
         Stage.COMMAND: _receive_cbw,
         Stage.DATA_OUT: _receive_data,
         Stage.DATA_IN: _unexpected_out,

@@ -708,6 +708,20 @@ def test_read_data_split_anywhere_reaches_host_intact(size: int, split: list[int
     assert outcome.stalled_in == (1 if missing else 0)
 
 
+def test_adapter_may_reuse_its_receive_buffer() -> None:
+    # Case 11 with the unit's share arriving in one transfer: the transport must not keep a
+    # reference to a buffer the adapter refills for the next transfer.
+    unit = FakeUnit(Direction.OUT, 512)
+    bot = BulkOnlyTransport(unit)
+    assert bot.bulk_out(Cbw.for_command(1, WRITE_10, 1024).build())
+    buffer = bytearray(payload(512))
+    assert bot.bulk_out(buffer)
+    buffer[:] = bytes(512)  # the adapter reads the next transfer into the same buffer
+    assert bot.bulk_out(buffer)
+    assert unit.executed == [(WRITE_10, payload(512))]
+    assert Csw.parse(bot.bulk_in(13)) == Csw(1, 512, CswStatus.PASSED)  # type: ignore[arg-type]
+
+
 def test_one_mebibyte_write_and_read_in_max_packet_pieces() -> None:
     size = 1 << 20
     data = payload(size)
