@@ -46,9 +46,7 @@ def request_sense(target: ScsiTarget) -> Sense:
     return Sense.from_fixed(result.data)
 
 
-def expect_check(
-    target: ScsiTarget, cdb: bytes, key: int, asc: int, ascq: int = 0, data_out: bytes = b""
-) -> Sense:
+def expect_check(target: ScsiTarget, cdb: bytes, key: int, asc: int, ascq: int = 0, data_out: bytes = b"") -> Sense:
     result = run(target, cdb, data_out)
     assert result.status == Status.CHECK_CONDITION, f"expected CHECK CONDITION for {cdb.hex()}"
     sense = request_sense(target)

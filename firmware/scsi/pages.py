@@ -105,9 +105,7 @@ STANDARD_INQUIRY = Struct(
     "peripheral" / BitStruct("qualifier" / BitsInteger(3), "device_type" / BitsInteger(5)),
     "removable" / BitStruct("rmb" / Flag, "lu_cong" / Flag, Padding(6)),
     "version" / Int8ub,
-    "format" / BitStruct(
-        Padding(2), "normaca" / Flag, "hisup" / Flag, "response_data_format" / BitsInteger(4)
-    ),
+    "format" / BitStruct(Padding(2), "normaca" / Flag, "hisup" / Flag, "response_data_format" / BitsInteger(4)),
     "additional_length" / Int8ub,
     "byte5" / Int8ub,
     "byte6" / Int8ub,
@@ -134,9 +132,7 @@ DESIGNATION_DESCRIPTOR = Struct(
     # 0: PROTOCOL IDENTIFIER (7-4) | CODE SET (3-0)   1: PIV (7) | ASSOCIATION (5-4) | TYPE (3-0)
     # 2: reserved   3: DESIGNATOR LENGTH   4: designator
     "b0" / BitStruct("protocol_identifier" / BitsInteger(4), "code_set" / BitsInteger(4)),
-    "b1" / BitStruct(
-        "piv" / Flag, Padding(1), "association" / BitsInteger(2), "designator_type" / BitsInteger(4)
-    ),
+    "b1" / BitStruct("piv" / Flag, Padding(1), "association" / BitsInteger(2), "designator_type" / BitsInteger(4)),
     Padding(1),
     "designator_length" / Int8ub,
     "designator" / Bytes(this.designator_length),
@@ -184,9 +180,8 @@ LOGICAL_BLOCK_PROVISIONING = Struct(
     # 5: LBPU (7) LBPWS (6) LBPWS10 (5) LBPRZ (4-2) ANC_SUP (1) DP (0)
     # 6: MINIMUM PERCENTAGE (7-3) | PROVISIONING TYPE (2-0)   7: THRESHOLD PERCENTAGE
     "threshold_exponent" / Int8ub,
-    "flags" / BitStruct(
-        "lbpu" / Flag, "lbpws" / Flag, "lbpws10" / Flag, "lbprz" / BitsInteger(3), "anc_sup" / Flag, "dp" / Flag
-    ),
+    "flags"
+    / BitStruct("lbpu" / Flag, "lbpws" / Flag, "lbpws10" / Flag, "lbprz" / BitsInteger(3), "anc_sup" / Flag, "dp" / Flag),
     "b6" / BitStruct("minimum_percentage" / BitsInteger(5), "provisioning_type" / BitsInteger(3)),
     "threshold_percentage" / Int8ub,
 )
@@ -355,7 +350,8 @@ CACHING_PAGE = Struct(
     # 14: CACHE SEGMENT SIZE  16: reserved  17-19: obsolete
     "header" / _PAGE_HEADER,
     "page_length" / Int8ub,
-    "flags" / BitStruct(
+    "flags"
+    / BitStruct(
         "ic" / Flag, "abpf" / Flag, "cap" / Flag, "disc" / Flag, "size" / Flag, "wce" / Flag, "mf" / Flag, "rcd" / Flag
     ),
     "retention_priorities" / Int8ub,
@@ -363,9 +359,7 @@ CACHING_PAGE = Struct(
     "minimum_prefetch" / Int16ub,
     "maximum_prefetch" / Int16ub,
     "maximum_prefetch_ceiling" / Int16ub,
-    "flags12" / BitStruct(
-        "fsw" / Flag, "lbcss" / Flag, "dra" / Flag, "vs" / BitsInteger(2), Padding(2), "nv_dis" / Flag
-    ),
+    "flags12" / BitStruct("fsw" / Flag, "lbcss" / Flag, "dra" / Flag, "vs" / BitsInteger(2), Padding(2), "nv_dis" / Flag),
     "number_of_cache_segments" / Int8ub,
     "cache_segment_size" / Int16ub,
     Padding(4),
@@ -378,14 +372,12 @@ CONTROL_PAGE = Struct(
     # 10: EXTENDED SELF-TEST COMPLETION TIME
     "header" / _PAGE_HEADER,
     "page_length" / Int8ub,
-    "b2" / BitStruct(
-        "tst" / BitsInteger(3), "tmf_only" / Flag, "dpicz" / Flag, "d_sense" / Flag, "gltsd" / Flag, "rlec" / Flag
-    ),
+    "b2"
+    / BitStruct("tst" / BitsInteger(3), "tmf_only" / Flag, "dpicz" / Flag, "d_sense" / Flag, "gltsd" / Flag, "rlec" / Flag),
     "b3" / BitStruct("queue_algorithm_modifier" / BitsInteger(4), "nuar" / Flag, "qerr" / BitsInteger(2), Padding(1)),
     "b4" / BitStruct("vs" / Flag, "rac" / Flag, "ua_intlck_ctrl" / BitsInteger(2), "swp" / Flag, Padding(3)),
-    "b5" / BitStruct(
-        "ato" / Flag, "tas" / Flag, "atmpe" / Flag, "rwwp" / Flag, Padding(1), "autoload_mode" / BitsInteger(3)
-    ),
+    "b5"
+    / BitStruct("ato" / Flag, "tas" / Flag, "atmpe" / Flag, "rwwp" / Flag, Padding(1), "autoload_mode" / BitsInteger(3)),
     Padding(2),
     "busy_timeout_period" / Int16ub,
     "extended_self_test_completion_time" / Int16ub,
@@ -397,7 +389,8 @@ INFORMATIONAL_EXCEPTIONS_PAGE = Struct(
     # 4: INTERVAL TIMER  8: REPORT COUNT
     "header" / _PAGE_HEADER,
     "page_length" / Int8ub,
-    "b2" / BitStruct(
+    "b2"
+    / BitStruct(
         "perf" / Flag,
         Padding(1),
         "ebf" / Flag,

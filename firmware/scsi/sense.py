@@ -136,9 +136,7 @@ class Sense:
             b0 |= 0x80
             info = self.information & 0xFFFFFFFF
         b15, b16 = self.field_pointer.encode() if self.field_pointer is not None else (0, 0)
-        return _FIXED.pack(
-            b0, 0, self.key & 0x0F, info, FIXED_SENSE_LENGTH - 8, 0, self.asc, self.ascq, 0, b15, b16
-        )
+        return _FIXED.pack(b0, 0, self.key & 0x0F, info, FIXED_SENSE_LENGTH - 8, 0, self.asc, self.ascq, 0, b15, b16)
 
     @classmethod
     def from_fixed(cls, data: bytes) -> Sense:

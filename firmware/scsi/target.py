@@ -376,9 +376,7 @@ class ScsiTarget:
             offset = next(i for i, (a, b) in enumerate(zip(data, expected, strict=True)) if a != b)
             if cmd.bytchk == 3:
                 offset %= bs
-            raise CommandError(
-                Sense.of(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY_OPERATION, information=offset)
-            )
+            raise CommandError(Sense.of(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY_OPERATION, information=offset))
 
     def _write_same(self, cmd: WriteSame, data_out: bytes) -> None:
         self._check_writable()
