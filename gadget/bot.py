@@ -42,7 +42,7 @@ import logging
 import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 from gadget.logical_unit import CommandResult, Direction, LogicalUnit, Status
@@ -278,8 +278,7 @@ class _Command:
     # DATA-OUT: bytes of the host's transfer received so far, and the first `keep` of them
     received: int = 0
     keep: int = 0
-    out_buffer: bytearray | None = None
-    out_whole: bytes | None = None  # fast path: the data phase came in one transfer
+    out_chunks: list[bytes] = field(default_factory=list)  # joined once, when the phase ends
     # DATA-IN: the payload, how much of it the host gets, and how much it got already
     in_data: bytes = b""
     in_view: memoryview | None = None
@@ -604,15 +603,10 @@ class BulkOnlyTransport:
         keep = command.keep
         wanted = min(take, max(0, keep - start))  # bytes of this transfer the unit will get
         if wanted:
-            if start == 0 and wanted == keep and len(data) == keep:
-                # The usual USB/IP case: the whole data phase in one transfer. bytes() of a bytes
-                # object is that object (no copy); a bytearray/memoryview the adapter may reuse
-                # after we return (case 11 keeps it across calls) is copied.
-                command.out_whole = bytes(data)
-            else:
-                if command.out_buffer is None:
-                    command.out_buffer = bytearray(keep)
-                command.out_buffer[start : start + wanted] = memoryview(data)[:wanted]
+            # Keep references, copy once at the end (b"".join): no quadratic growth, no zeroed
+            # staging buffer. bytes() of a bytes object is that object; a bytearray/memoryview
+            # the adapter may refill after we return is copied here.
+            command.out_chunks.append(bytes(data if wanted == len(data) else memoryview(data)[:wanted]))
         if len(data) > wanted:
             self._counters["discarded_out_bytes"] += len(data) - wanted
         command.received = start + take
@@ -626,15 +620,9 @@ class BulkOnlyTransport:
             # Case 13 (Ho < Do): phase error; nothing ran.
             self._to_status(command, CswStatus.PHASE_ERROR, host_length)
             return
-        if command.keep == 0:
-            payload = b""
-        elif command.out_whole is not None:
-            payload = command.out_whole
-        else:
-            assert command.out_buffer is not None
-            payload = bytes(command.out_buffer)
-        command.out_buffer = None
-        command.out_whole = None
+        # One transfer (the usual USB/IP case): join returns that very object, no copy.
+        payload = b"".join(command.out_chunks)
+        command.out_chunks = []
         result = self._execute(command, payload)
         if result is None:
             self._to_status(command, CswStatus.PHASE_ERROR, host_length)
