@@ -747,3 +747,22 @@ def test_command_sequences_keep_tags_and_stage(specs: list[CaseSpec]) -> None:
                                in_request=300, out_pieces=[333] * 10)
         assert outcome.csw.tag == tag and outcome.csw.status == spec.status
         assert bot.stage is Stage.COMMAND
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(1, 1500), missing=st.integers(0, 40))
+def test_one_byte_at_a_time_equals_whole(size: int, missing: int) -> None:
+    """The same WRITE and READ fed in one transfer and one byte per transfer give the same result."""
+    results = []
+    for piece in (size + missing, 1):
+        unit = FakeUnit(Direction.OUT, size)
+        bot = BulkOnlyTransport(unit)
+        written = host_command(bot, Cbw.for_command(1, WRITE_10, size + missing), payload(size + missing),
+                               out_pieces=[piece] * (size + missing))
+        unit.direction, unit.length, unit.data = Direction.IN, size + missing, payload(size)
+        read = host_command(bot, Cbw.for_command(2, READ_10, size + missing, data_in=True),
+                            in_request=piece)
+        results.append((written.csw, unit.executed[0], read.csw, read.data, bot.status()["completed"]))
+    assert results[0] == results[1]
+    assert results[0][1] == (WRITE_10, payload(size))
+    assert results[0][3] == payload(size)
