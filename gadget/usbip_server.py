@@ -151,6 +151,7 @@ class UsbipServer:
         self._threads: list[threading.Thread] = []
         self._accept_thread: threading.Thread | None = None
         self._closing = False
+        self._stopped = threading.Event()
         self.counters: dict[str, int] = {"connections": 0, "imports": 0, "refused": 0, "protocol_errors": 0}
         self._listener = socket.create_server((host, port), reuse_port=False)
         self.host, self.port = self._listener.getsockname()[:2]
@@ -193,10 +194,11 @@ class UsbipServer:
         while not self._closing:
             try:
                 sock, addr = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._closing:
                     break
-                log.exception("usbip accept failed")
+                log.warning("usbip accept failed error=%s", exc)
+                self._stopped.wait(0.1)  # e.g. EMFILE: do not spin while it lasts
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(OP_PHASE_TIMEOUT)
@@ -218,6 +220,7 @@ class UsbipServer:
         """Stop accepting, drop every connection (the importer sees a disconnect) and wait."""
         with self._lock:
             self._closing = True
+            self._stopped.set()
             socks = list(self._connections)
             threads = list(self._threads)
         with contextlib.suppress(OSError):
@@ -245,13 +248,14 @@ class UsbipServer:
         with self._lock:
             attached = self._attached
             connections = len(self._connections)
+            counters = dict(self.counters)
         return {
             "transport": "usbip",
             "address": f"{self.host}:{self.port}",
             "busid": self.busid,
             "attached": attached,
             "open_connections": connections,
-            **self.counters,
+            **counters,
             "device": self._device.status(),
         }
 
@@ -275,7 +279,7 @@ class UsbipServer:
                     if not session.handle(conn, event):
                         return
         except ProtocolError as exc:
-            self.counters["protocol_errors"] += 1
+            self.count("protocol_errors")
             log.warning("usbip protocol error, closing peer=%s error=%s", peer, exc)
         except TimeoutError:
             log.info("usbip connection idle before import, closing peer=%s", peer)
@@ -288,6 +292,10 @@ class UsbipServer:
                 self._connections.pop(sock, None)
             sock.close()
             log.debug("usbip connection closed peer=%s", peer)
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
 
     def _claim(self, peer: str) -> UsbipDevice | None:
         with self._lock:
@@ -341,19 +349,19 @@ class _Session:
     def _import(self, conn: UsbipConnection, event: ImportRequest) -> bool:
         server = self.server
         if event.busid != server.busid:
-            server.counters["refused"] += 1
+            server.count("refused")
             log.warning("usbip import refused peer=%s busid=%s reason=no-such-busid", self.peer, event.busid)
             self.sock.sendall(conn.send(ImportReply(OpStatus.NODEV)))
             return False
         device = server._claim(self.peer)
         if device is None:
-            server.counters["refused"] += 1
+            server.count("refused")
             log.warning("usbip import refused peer=%s busid=%s reason=busy attached=%s", self.peer,
                         event.busid, server.attached)  # fmt: skip
             self.sock.sendall(conn.send(ImportReply(OpStatus.DEV_BUSY)))
             return False
         self.device = device
-        server.counters["imports"] += 1
+        server.count("imports")
         log.info("usbip import peer=%s busid=%s", self.peer, event.busid)
         self.sock.sendall(conn.send(ImportReply(0, server.exported.info)))
         self.sock.settimeout(None)
