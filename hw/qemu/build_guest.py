@@ -65,7 +65,7 @@ BASE_MODULES = (
     "virtio_pci", "virtio_net",
     "crc32c_generic", "crc32c_intel", "libcrc32c",
     "usbip_core", "vhci_hcd", "usb_storage", "uas", "sd_mod", "sg",
-    "ext4", "vfat", "nls_cp437", "nls_iso8859_1", "nls_utf8", "loop",
+    "ext4", "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1", "nls_utf8", "loop",
 )
 GADGET_MODULES = ("configfs", "libcomposite", "dummy_hcd", "usb_f_fs", "usb_f_mass_storage")
 MODULE_PARAMS = {"usb_storage": "delay_use=0"}
@@ -699,8 +699,10 @@ class GuestBuilder:
                         tree.add(name)
             if tree.missing:
                 raise BuildError(f"unresolved shared libraries: {sorted(tree.missing.items())}")
+            real_tools = {PurePosixPath(n).name for n in cpio._names if re.match(r"^(usr/)?s?bin/", n)}
             for applet in _busybox_applets(root):
-                if not cpio.has(applet) and not tree.exists(applet):
+                name = PurePosixPath(applet).name
+                if name not in real_tools and not cpio.has(applet) and not tree.exists(applet):
                     cpio.add_symlink(applet, "/bin/busybox")
             mods = _add_modules(cpio, root, kver, BASE_MODULES, "etc/modules.order")
             cpio.add_file("etc/kernel-version", kver.encode() + b"\n")

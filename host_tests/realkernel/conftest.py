@@ -1,0 +1,113 @@
+"""Fixtures for the real-kernel tests: the cached QEMU guest image and a running usbmirror device.
+
+The device is the project's own local unit, started as a user would start it:
+``python -m firmware.cli local --volume IMG --size SIZE --usbip 127.0.0.1:PORT --state-dir DIR``.
+Setting ``USBMIRROR_REALKERNEL_DEVICE=standin`` serves the image with the PyPI ``usbip`` package's
+mass-storage class instead (only to check the harness itself against an independent device).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hw.qemu.build_guest import BuildError, GuestBuilder, GuestImage
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN = Path(__file__).with_name("standin_device.py")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is missing: apt-get install -y qemu-system-x86 (make setup does it)")
+    try:
+        return GuestBuilder().build()
+    except BuildError as exc:
+        pytest.fail(f"guest image could not be built: {exc}")
+
+
+@dataclass
+class RunningDevice:
+    port: int
+    image: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    busid: str = "1-1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> int:
+        """SIGTERM (clean shutdown: everything flushed to the image), SIGKILL after 20 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"device exited with rc={proc.returncode} before listening:\n"
+                                 f"{log_path.read_text(errors='replace')[-4000:]}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"device not listening on 127.0.0.1:{port} after {timeout}s:\n"
+                         f"{log_path.read_text(errors='replace')[-4000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def start_device(tmp_path: Path) -> Iterator[Callable[..., RunningDevice]]:
+    """Start a USB/IP device serving an image file of the given size; stopped at teardown."""
+    started: list[RunningDevice] = []
+
+    def start(size: int = 64 << 20, *, image: Path | None = None) -> RunningDevice:
+        image = image or tmp_path / "disk.img"
+        if not image.exists():
+            with open(image, "wb") as fh:
+                fh.truncate(size)
+        port = _free_port()
+        log_path = tmp_path / f"device-{port}.log"
+        if os.environ.get("USBMIRROR_REALKERNEL_DEVICE") == "standin":
+            cmd = [sys.executable, str(STANDIN), str(image), str(port)]
+        else:
+            state = tmp_path / f"state-{port}"
+            state.mkdir()
+            cmd = [sys.executable, "-m", "firmware.cli", "local", "--volume", str(image),
+                   "--size", f"{size // (1 << 20)}M", "--usbip", f"127.0.0.1:{port}", "--state-dir", str(state)]
+        with open(log_path, "wb") as log_fh:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        dev = RunningDevice(port, image, proc, log_path)
+        started.append(dev)
+        _wait_listening(port, proc, log_path)
+        return dev
+
+    yield start
+    for dev in started:
+        dev.stop()

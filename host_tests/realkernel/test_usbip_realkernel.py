@@ -1,0 +1,306 @@
+"""Debian's stock Linux kernel (in QEMU) uses the usbmirror disk through USB/IP like a server would.
+
+The guest attaches the device with `usbip attach`; its vhci-hcd, usb-storage and sd drivers talk to
+our BOT/SCSI implementation. The guest queries it with sg3-utils, writes raw data with O_DIRECT,
+partitions it (GPT), makes and checks ext4 and vfat file systems, discards a partition and detaches.
+Afterwards the host checks that the image file holds exactly what the guest wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from host_tests.realkernel.conftest import RunningDevice
+from hw.qemu.build_guest import GuestImage
+from hw.qemu.guest import GuestResult, run_guest
+
+pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
+
+MIB = 1 << 20
+DISK_SIZE = 64 * MIB
+SECTOR = 512
+# GPT layout written by the guest: (name, first LBA, sectors, type GUID)
+LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+PARTITIONS = (
+    ("ext4part", 2048, 24 * MIB // SECTOR, LINUX_FS),
+    ("fatpart", 2048 + 24 * MIB // SECTOR, 16 * MIB // SECTOR, BASIC_DATA),
+    ("scratch", 2048 + 40 * MIB // SECTOR, 8 * MIB // SECTOR, LINUX_FS),
+)
+RAW_OFFSET = 52 * MIB          # outside every partition and the backup GPT
+RAW_SIZE = 4 * MIB
+SMALL_LBA = (57 * MIB) // SECTOR + 3   # 7 sectors at an odd LBA
+SMALL_SECTORS = 7
+KNOWN_SIZE = MIB + 12345
+
+
+def _guest_script(busid: str) -> str:
+    parts = "\n".join(f'start={start}, size={size}, type={uuid}, name="{name}"'
+                      for name, start, size, uuid in PARTITIONS)
+    return f"""
+set -u
+step() {{ mark step=$1; echo "=== $1"; }}
+step attach
+usbip attach -r 10.0.2.100 -b {busid} || die attach
+d=$(wait_disk 20) || die no-disk-after-attach
+mark disk=$d
+step sg_inq
+sg_inq /dev/$d || die sg_inq
+for p in 0x00 0x80 0x83 0xb0 0xb1 0xb2; do
+    sg_vpd -p $p /dev/$d || die sg_vpd_$p
+done
+step sg_readcap
+sg_readcap -l /dev/$d > /tmp/cap || {{ cat /tmp/cap; die sg_readcap; }}
+cat /tmp/cap
+mark blocks=$(sed -n 's/.*Number of logical blocks=\\([0-9]*\\).*/\\1/p' /tmp/cap)
+mark block_len=$(sed -n 's/.*Logical block length=\\([0-9]*\\) bytes.*/\\1/p' /tmp/cap)
+step sg_modes
+sg_modes -a /dev/$d || die sg_modes
+step sg_turs
+sg_turs -v /dev/$d || die sg_turs
+step sg_sync
+sg_sync -v /dev/$d || die sg_sync
+sd=$(ls -d /sys/block/$d/device/scsi_disk/*)
+mark kernel_cache_type=$(cat $sd/cache_type | tr ' ' _) kernel_provisioning=$(cat $sd/provisioning_mode)
+
+step raw
+dd if=/pattern.bin of=/dev/$d bs=65536 seek={RAW_OFFSET // 65536} oflag=direct conv=fsync,notrunc || die raw_write
+dd if=/dev/$d of=/tmp/back.bin bs=65536 skip={RAW_OFFSET // 65536} count={RAW_SIZE // 65536} iflag=direct \\
+    || die raw_read
+cmp /pattern.bin /tmp/back.bin || die raw_compare
+dd if=/small.bin of=/dev/$d bs=512 seek={SMALL_LBA} oflag=direct conv=fsync,notrunc || die small_write
+dd if=/dev/$d of=/tmp/small.back bs=512 skip={SMALL_LBA} count={SMALL_SECTORS} iflag=direct || die small_read
+cmp /small.bin /tmp/small.back || die small_compare
+
+step gpt
+sfdisk --wipe always /dev/$d <<'EOF' || die sfdisk
+label: gpt
+{parts}
+EOF
+n=0; while [ ! -b /dev/${{d}}3 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+[ -b /dev/${{d}}3 ] || die partitions_not_seen
+sfdisk -d /dev/$d
+
+step mkfs
+mkfs.ext4 -q -F -L usbmirror /dev/${{d}}1 || die mkfs_ext4
+mkfs.fat -F 16 -n USBMIRROR /dev/${{d}}2 || die mkfs_fat
+mkdir -p /mnt/ext4 /mnt/fat
+mount -t ext4 /dev/${{d}}1 /mnt/ext4 || die mount_ext4
+mount -t vfat /dev/${{d}}2 /mnt/fat || die mount_vfat
+
+step write_files
+for fs in ext4 fat; do
+    cp /known.bin /mnt/$fs/KNOWN.BIN || die copy_known_$fs
+    mkdir -p /mnt/$fs/tree/sub
+    i=0
+    while [ $i -lt 40 ]; do
+        dd if=/dev/urandom of=/mnt/$fs/tree/f$i bs=1024 count=$((i * 13 + 1)) 2>/dev/null || die write_$fs
+        i=$((i + 1))
+    done
+    dd if=/dev/urandom of=/mnt/$fs/tree/sub/big bs=65536 count=64 2>/dev/null || die write_big_$fs
+    (cd /mnt/$fs && find . -type f | sort | xargs md5sum) > /tmp/$fs.md5
+done
+sync
+echo 3 > /proc/sys/vm/drop_caches
+for fs in ext4 fat; do (cd /mnt/$fs && md5sum -c -s /tmp/$fs.md5) || die verify_after_drop_caches_$fs; done
+umount /mnt/ext4 || die umount_ext4
+umount /mnt/fat || die umount_fat
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 -o ro /dev/${{d}}1 /mnt/ext4 || die remount_ext4
+mount -t vfat -o ro /dev/${{d}}2 /mnt/fat || die remount_vfat
+for fs in ext4 fat; do (cd /mnt/$fs && md5sum -c -s /tmp/$fs.md5) || die verify_after_remount_$fs; done
+mark files_verified=$(cat /tmp/ext4.md5 /tmp/fat.md5 | wc -l)
+umount /mnt/ext4; umount /mnt/fat
+
+step fsck
+e2fsck -f -n /dev/${{d}}1 || die e2fsck
+fsck.fat -n /dev/${{d}}2 || die fsck_fat
+
+step discard
+dd if=/dev/urandom of=/dev/${{d}}3 bs=65536 count=128 oflag=direct conv=fsync 2>/dev/null || die fill_scratch
+dd if=/dev/${{d}}3 bs=65536 iflag=direct 2>/dev/null | cmp -s -n {8 * MIB} - /dev/zero && die scratch_zero_before
+mark discard_max_auto=$(cat /sys/block/$d/queue/discard_max_bytes)
+if [ "$(cat /sys/block/$d/queue/discard_max_bytes)" = 0 ]; then
+    echo unmap > $sd/provisioning_mode || die set_provisioning_unmap
+fi
+mark discard_max=$(cat /sys/block/$d/queue/discard_max_bytes)
+/sbin/blkdiscard -v /dev/${{d}}3 || die blkdiscard
+dd if=/dev/${{d}}3 bs=65536 iflag=direct 2>/dev/null | cmp -n {8 * MIB} - /dev/zero || die scratch_not_zero_after_discard
+
+step checksum
+mark disk_md5=$(dd if=/dev/$d bs=1048576 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+
+step detach
+usbip port
+usbip detach -p 0 || die detach
+n=0; while [ -e /sys/block/$d ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+[ -e /sys/block/$d ] && die disk_still_present_after_detach
+mark done=1
+"""
+
+
+def _fail(what: str, result: GuestResult, dev: RunningDevice) -> str:
+    return f"{what}\n{result.describe()}\n--- device log (tail) ---\n{dev.log()}"
+
+
+def _read_gpt(image: bytes) -> list[tuple[str, int, int, str]]:
+    """(name, first LBA, sectors, type GUID) of each used GPT entry; checks both headers' CRCs."""
+    entries_seen = []
+    for header_lba in (1, len(image) // SECTOR - 1):
+        hdr = image[header_lba * SECTOR:header_lba * SECTOR + 92]
+        assert hdr[:8] == b"EFI PART", f"no GPT header signature at LBA {header_lba}: {hdr[:8]!r}"
+        size, crc = struct.unpack_from("<II", hdr, 12)
+        zeroed = hdr[:16] + b"\0\0\0\0" + hdr[20:size]
+        assert zlib.crc32(zeroed) == crc, f"GPT header CRC mismatch at LBA {header_lba}"
+        my_lba, alt_lba = struct.unpack_from("<QQ", hdr, 24)
+        assert my_lba == header_lba, f"GPT header at LBA {header_lba} says it is at {my_lba}"
+        other = len(image) // SECTOR - 1 if header_lba == 1 else 1
+        assert alt_lba == other, f"GPT header at LBA {header_lba} names its copy at {alt_lba}, not {other}"
+        entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", hdr, 72)
+        table = image[entries_lba * SECTOR:entries_lba * SECTOR + count * entry_size]
+        assert zlib.crc32(table) == entries_crc, f"GPT entry array CRC mismatch (header at LBA {header_lba})"
+        parts = []
+        for i in range(count):
+            entry = table[i * entry_size:(i + 1) * entry_size]
+            if entry[:16] == bytes(16):
+                continue
+            d1, d2, d3 = struct.unpack_from("<IHH", entry, 0)
+            guid = f"{d1:08X}-{d2:04X}-{d3:04X}-{entry[8:10].hex().upper()}-{entry[10:16].hex().upper()}"
+            first, last = struct.unpack_from("<QQ", entry, 32)
+            name = entry[56:128].decode("utf-16-le").rstrip("\0")
+            parts.append((name, first, last - first + 1, guid))
+        entries_seen.append(parts)
+    assert entries_seen[0] == entries_seen[1], "primary and backup GPT entries differ"
+    return entries_seen[0]
+
+
+def _fat16_read_file(part: bytes, name83: bytes) -> bytes:
+    """Read a file from the root directory of a FAT16 volume."""
+    bps, spc, reserved, nfats, root_entries = struct.unpack_from("<HBHBH", part, 11)
+    sectors_per_fat, = struct.unpack_from("<H", part, 22)
+    assert part[510:512] == b"\x55\xaa", "FAT boot sector signature missing"
+    assert part[54:62].rstrip() == b"FAT16", f"not FAT16: {part[54:62]!r}"
+    fat_off = reserved * bps
+    root_off = fat_off + nfats * sectors_per_fat * bps
+    data_off = root_off + root_entries * 32
+    for i in range(root_entries):
+        ent = part[root_off + 32 * i:root_off + 32 * (i + 1)]
+        if ent[:11] == name83 and not ent[11] & 0x18:
+            cluster, = struct.unpack_from("<H", ent, 26)
+            size, = struct.unpack_from("<I", ent, 28)
+            out = bytearray()
+            while 2 <= cluster < 0xFFF8:
+                start = data_off + (cluster - 2) * spc * bps
+                out += part[start:start + spc * bps]
+                cluster, = struct.unpack_from("<H", part, fat_off + 2 * cluster)
+            return bytes(out[:size])
+    raise AssertionError(f"{name83!r} not in the FAT root directory")
+
+
+def test_linux_uses_the_disk_and_the_image_holds_what_it_wrote(
+        guest_image: GuestImage, start_device: Callable[..., RunningDevice], tmp_path: Path) -> None:
+    rnd = os.urandom
+    pattern, small, known = rnd(RAW_SIZE), rnd(SMALL_SECTORS * SECTOR), rnd(KNOWN_SIZE)
+    dev = start_device(DISK_SIZE)
+    result = run_guest(_guest_script(dev.busid), usbip_port=dev.port, timeout=150, image=guest_image,
+                       extra_files={"/pattern.bin": pattern, "/small.bin": small, "/known.bin": known})
+    m = result.markers
+    assert "failed" not in m, _fail(f"guest step failed: {m.get('failed')} (at step {m.get('step')})", result, dev)
+    assert result.rc == 0 and m.get("done") == "1", _fail("guest script did not finish", result, dev)
+    assert m.get("blocks") == str(DISK_SIZE // SECTOR) and m.get("block_len") == str(SECTOR), _fail(
+        f"READ CAPACITY(16) reported {m.get('blocks')} x {m.get('block_len')} bytes", result, dev)
+    assert int(m.get("files_verified", "0")) == 2 * 42, _fail("not every file was verified", result, dev)
+    assert dev.stop() == 0, f"device did not exit cleanly on SIGTERM:\n{dev.log()}"
+
+    image = dev.image.read_bytes()
+    assert len(image) == DISK_SIZE, f"image size changed to {len(image)}"
+    assert hashlib.md5(image).hexdigest() == m.get("disk_md5"), _fail(
+        "the image file differs from what the guest read from the disk", result, dev)
+    assert image[RAW_OFFSET:RAW_OFFSET + RAW_SIZE] == pattern, "raw O_DIRECT pattern not in the image"
+    assert image[SMALL_LBA * SECTOR:(SMALL_LBA + SMALL_SECTORS) * SECTOR] == small, \
+        "7-sector write at an odd LBA not in the image"
+
+    parts = _read_gpt(image)
+    assert parts == [(n, s, c, u) for n, s, c, u in PARTITIONS], f"GPT partitions in the image: {parts}"
+
+    ext4_start, ext4_len = PARTITIONS[0][1] * SECTOR, PARTITIONS[0][2] * SECTOR
+    ext4_img = tmp_path / "ext4.img"
+    ext4_img.write_bytes(image[ext4_start:ext4_start + ext4_len])
+    fsck = subprocess.run(["e2fsck", "-f", "-n", str(ext4_img)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, f"host e2fsck -fn on the ext4 partition: rc={fsck.returncode}\n{fsck.stdout}"
+    cat = subprocess.run(["debugfs", "-R", "cat /KNOWN.BIN", str(ext4_img)], capture_output=True, check=False)
+    assert cat.stdout == known, f"KNOWN.BIN read by host debugfs differs ({len(cat.stdout)} bytes)"
+
+    fat_start, fat_len = PARTITIONS[1][1] * SECTOR, PARTITIONS[1][2] * SECTOR
+    assert _fat16_read_file(image[fat_start:fat_start + fat_len], b"KNOWN   BIN") == known, \
+        "KNOWN.BIN on the FAT partition differs"
+
+    scratch_start, scratch_len = PARTITIONS[2][1] * SECTOR, PARTITIONS[2][2] * SECTOR
+    assert image[scratch_start:scratch_start + scratch_len] == bytes(scratch_len), \
+        "the discarded partition does not read as zeros in the image"
+
+
+FIO_COMMON = "--direct=1 --ioengine=psync --verify=crc32c --verify_fatal=1 --filename=/dev/$d"
+FIO_JOBS = (
+    ("randwrite4k", f"--rw=randwrite --bs=4k --offset=0 --size={16 * MIB}"),
+    ("seqwrite64k", f"--rw=write --bs=64k --offset={16 * MIB} --size={16 * MIB}"),
+)
+
+
+def _fio_script(busid: str) -> str:
+    runs = "\n".join(
+        f"fio --name={name} {args} {FIO_COMMON} || die fio_{name}\n" for name, args in FIO_JOBS)
+    verify_only = "\n".join(
+        f"fio --name={name} {args} {FIO_COMMON} --verify_only || die fio_verify_only_{name}\n"
+        for name, args in FIO_JOBS)
+    return f"""
+set -u
+usbip attach -r 10.0.2.100 -b {busid} || die attach
+d=$(wait_disk 20) || die no-disk-after-attach
+{runs}
+mark written=1
+usbip detach -p 0 || die detach
+n=0; while [ -e /sys/block/$d ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+sleep 0.5
+usbip attach -r 10.0.2.100 -b {busid} || die reattach
+d=$(wait_disk 20) || die no-disk-after-reattach
+{verify_only}
+usbip detach -p 0 || die detach2
+mark done=1
+"""
+
+
+def _check_fio_blocks(image: bytes, offset: int, size: int, bs: int) -> None:
+    """Each block holds a fio verify header naming its own offset and a matching CRC32C."""
+    import google_crc32c
+
+    for off in range(offset, offset + size, bs):
+        block = image[off:off + bs]
+        magic, _vtype, length = struct.unpack_from("<HHI", block, 0)
+        hdr_offset, = struct.unpack_from("<Q", block, 16)
+        assert magic == 0xACCA and length == bs, f"no fio verify header at byte {off} (magic {magic:#x})"
+        assert hdr_offset == off, f"block written for offset {hdr_offset} landed at {off}"
+        crc, = struct.unpack_from("<I", block, 40)
+        assert google_crc32c.value(block[44:]) == crc, f"CRC32C mismatch in the image at byte {off}"
+
+
+def test_fio_verify_survives_reattach(guest_image: GuestImage,
+                                      start_device: Callable[..., RunningDevice]) -> None:
+    dev = start_device(DISK_SIZE)
+    result = run_guest(_fio_script(dev.busid), usbip_port=dev.port, timeout=170, image=guest_image)
+    m = result.markers
+    assert "failed" not in m, _fail(f"guest step failed: {m.get('failed')}", result, dev)
+    assert result.rc == 0 and m.get("done") == "1", _fail("guest fio script did not finish", result, dev)
+    assert result.output.count("err= 0") >= 2 * len(FIO_JOBS), _fail("fio reported errors", result, dev)
+    assert dev.stop() == 0, f"device did not exit cleanly on SIGTERM:\n{dev.log()}"
+    image = dev.image.read_bytes()
+    _check_fio_blocks(image, 0, 16 * MIB, 4096)
+    _check_fio_blocks(image, 16 * MIB, 16 * MIB, 65536)
