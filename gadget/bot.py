@@ -491,6 +491,12 @@ class BulkOnlyTransport:
             self._refuse_command(cbw)
             return True
         device_length = plan.length if plan.direction is not Direction.NONE else 0
+        if device_length < 0:
+            log.error("logical unit planned a negative length %d opcode=%#04x tag=%#x", device_length,
+                      cdb[0], cbw.tag)
+            self._counters["internal_errors"] += 1
+            self._refuse_command(cbw)
+            return True
         case = classify(cbw, plan.direction, device_length)
         self._by_case[case] += 1
         command = _Command(cbw=cbw, case=case, run=True, device_length=device_length)

@@ -511,6 +511,13 @@ def test_unit_exceptions_are_internal_errors_not_crashes() -> None:
     assert outcome.csw.status == CswStatus.PHASE_ERROR
 
 
+def test_negative_plan_is_an_internal_error() -> None:
+    bot = BulkOnlyTransport(FakeUnit(Direction.IN, -5, b""))
+    outcome = host_command(bot, Cbw.for_command(5, READ_10, 64, data_in=True))
+    assert outcome.csw == Csw(5, 64, CswStatus.PHASE_ERROR)
+    assert bot.status()["internal_errors"] == 1
+
+
 def test_short_csw_request_is_stalled_and_csw_kept() -> None:
     bot = BulkOnlyTransport(FakeUnit())
     assert bot.bulk_out(Cbw.for_command(4, TEST_UNIT_READY).build())
