@@ -307,6 +307,10 @@ class BulkOnlyTransport:
     the host sends is answered on the wire (stall, phase error) and logged, never raised.
     Exceptions from the logical unit are treated as internal device errors (BOT 6.6.2): logged,
     answered with a phase error.
+
+    `max_lun` is what Get Max LUN reports and the highest bCBWLUN accepted; every LUN reaches the
+    same `lu` (this transport does not multiplex units). `max_packet` is the bulk wMaxPacketSize
+    at the current speed; only `stall_short_in=False` uses it.
     """
 
     def __init__(
