@@ -1,0 +1,50 @@
+"""Assemble and run a remote unit: the TLS journey server and its control socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("usbmirror.remote")
+
+
+def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], tls_dir: str,
+               state_dir: str, stop: threading.Event) -> int:
+    from firmware.cli import UsageError
+    from firmware.control import ControlError, ControlServer
+    from firmware.pairing import PairingError
+    from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
+
+    sd = Path(state_dir)
+    try:
+        sd.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create state dir {sd}: {exc.strerror}") from None
+    cfg = RemoteUnitConfig(listen=listen, name=name, targets=targets, tls_dir=tls_dir, state_dir=state_dir)
+    control = ControlServer(sd)
+    try:
+        control.start()
+    except ControlError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        try:
+            unit = RemoteUnit(cfg)
+        except (PairingError, OSError, ValueError) as exc:
+            raise UsageError(f"cannot start remote unit: {exc}") from None
+        with unit:
+
+            def status(req: dict[str, Any]) -> dict[str, Any]:
+                st = unit.status()
+                st["pid"] = os.getpid()
+                return st
+
+            control.register("status", status)
+            unit.serve_forever(stop)
+            log.info("stopping remote unit")
+    finally:
+        control.close()
+    log.info("remote unit stopped")
+    return 0
