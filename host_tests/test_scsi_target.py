@@ -621,6 +621,15 @@ def test_read_only_unit_refuses_writes_before_the_store() -> None:
     assert ms[2] & 0x80  # WP
 
 
+def test_data_out_as_bytearray_or_memoryview() -> None:
+    t, _ = make_target()
+    block = pattern(1, 9)
+    assert t.execute(rw10(WRITE10, 3, 1), bytearray(block)).status == Status.GOOD
+    assert t.execute(rw16(0x93, 4, 2), memoryview(block)).status == Status.GOOD  # WRITE SAME
+    assert t.execute(rw10(0x2F, 3, 3, 0x06), memoryview(block)).status == Status.GOOD  # VERIFY BYTCHK=11b
+    assert expect_good(t, rw10(READ10, 3, 3)) == block * 3
+
+
 def test_data_out_length_mismatch_is_data_phase_error() -> None:
     t, store = make_target()
     assert t.execute(rw10(WRITE10, 0, 2), bytes(512)).status == Status.CHECK_CONDITION

@@ -163,9 +163,11 @@ class ScsiTarget:
             log.exception("planning failed opcode=%s", opcode_name(cdb[0]) if cdb else "none")
             return _NONE
 
-    def execute(self, cdb: bytes, data_out: bytes = b"") -> CommandResult:
+    def execute(self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"") -> CommandResult:
         name = opcode_name(cdb[0]) if cdb else "EMPTY"
         self._commands[name] += 1
+        if not isinstance(data_out, bytes):  # a transport handing over a bytearray/memoryview
+            data_out = bytes(data_out)
         try:
             if self._unit_attention is not None and (not cdb or cdb[0] not in _UA_EXEMPT):
                 sense, self._unit_attention = self._unit_attention, None
