@@ -22,6 +22,7 @@ from gadget.usbip_protocol import (
     USBIP_VERSION,
     ImportReply,
     OpStatus,
+    SubmitCommand,
     SubmitReturn,
     UrbDirection,
 )
@@ -259,3 +260,24 @@ def test_raw_op_header_with_trailing_status_is_accepted(server: UsbipServer) -> 
         c.send_raw(struct.pack(">HHI", USBIP_VERSION, 0x8005, 0xDEADBEEF))
         reply = c.sock.recv(8)
         assert struct.unpack(">HHI", reply) == (USBIP_VERSION, 0x0005, 0)
+
+
+def test_urbs_split_into_single_bytes_are_reassembled(server: UsbipServer) -> None:
+    with attached(server) as c:
+        seq = c.next_seqnum()
+
+        wire = c.conn.send(SubmitCommand(seq, c.devid, UrbDirection.IN, 0, 0, 18, bytes.fromhex("8006000100001200")))
+        for i in range(len(wire)):
+            c.send_raw(wire[i : i + 1])
+        ret = c.wait(seq)
+        assert isinstance(ret, SubmitReturn) and ret.status == 0 and ret.data[:2] == b"\x12\x01"
+
+
+def test_connection_idle_before_import_is_closed(server: UsbipServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gadget.usbip_server as usbip_server
+
+    monkeypatch.setattr(usbip_server, "OP_PHASE_TIMEOUT", 0.2)
+    with client(server) as idle:
+        assert idle.closed_by_server()  # the server gave up on a peer that never asked anything
+    with attached(server) as c:
+        assert c.read_capacity()[1] == 512
