@@ -177,7 +177,7 @@ def test_pending_bulk_in_completes_when_data_is_ready_in_order() -> None:
     done = host.submit(1, False, 31, data=host.cbw(bytes([0x12, 0, 0, 0, 36, 0]), 36, True))
     assert [d.tag for d in done] == [host.tag, first, second]  # CBW, then the data, then the CSW
     assert done[1].data[8:16] == b"USBMIRR " and CSW.unpack(done[2].data)[3] == 0
-    assert host.dev.pending == ()
+    assert len(host.dev.pending) == 0
 
 
 def test_cancel_removes_only_pending_transfers() -> None:

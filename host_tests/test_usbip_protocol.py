@@ -21,6 +21,7 @@ from gadget.usbip_protocol import (
     ImportReply,
     ImportRequest,
     InterfaceTriple,
+    NeedData,
     OpStatus,
     ProtocolError,
     Role,
@@ -82,8 +83,7 @@ def feed(conn: UsbipConnection, data: bytes, *, bytewise: bool) -> list[Event]:
     chunks = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
     for chunk in chunks:
         conn.receive_data(chunk)
-        while (ev := conn.next_event()) is not NEED_DATA:
-            assert not isinstance(ev, type(NEED_DATA))
+        while not isinstance(ev := conn.next_event(), NeedData):
             events.append(ev)
     return events
 
