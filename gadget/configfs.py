@@ -36,7 +36,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -450,7 +450,7 @@ class AcmStatusConsole:
             os.close(fd)
 
 
-def render_status_text(status: dict[str, object]) -> str:
+def render_status_text(status: Mapping[str, object]) -> str:
     """One status block for the console: `key: value` lines between markers a reader can split on."""
     lines = ["--- usbmirror status ---"]
     for key in sorted(status):

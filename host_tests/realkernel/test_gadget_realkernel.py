@@ -1,0 +1,217 @@
+"""The board's gadget path in a real kernel: configfs + FunctionFS + dummy_hcd, all inside the QEMU guest.
+
+Debian's stock kernel boots with Python; the firmware (`python3 -m gadget.functionfs`, the same BOT
+core and SCSI target as every other transport) composes a libcomposite gadget, serves the mass-storage
+function through FunctionFS and binds to `dummy_udc.0`. The guest's own usb-storage/sd drivers attach it
+as /dev/sdX, exactly as a server would over a cable. Per speed (high, super) the guest runs SCSI probes,
+raw I/O, GPT, ext4, vfat, fsck and discard; then, mid-I/O, a SCSI bus reset and a device reset; reads the
+ACM status console with pyserial; and kills the firmware with SIGKILL and restarts it: the stale gadget
+is cleaned up, the device re-enumerates and every acknowledged write is still there.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from hw.qemu.build_guest import BuildError
+from hw.qemu.guest import GuestResult
+
+pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
+
+MIB = 1 << 20
+SECTOR = 512
+LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+PARTITIONS = (
+    ("ext4part", 2048, 24 * MIB // SECTOR, LINUX_FS),
+    ("fatpart", 2048 + 24 * MIB // SECTOR, 16 * MIB // SECTOR, BASIC_DATA),
+    ("scratch", 2048 + 40 * MIB // SECTOR, 8 * MIB // SECTOR, LINUX_FS),
+)
+RAW_OFFSET = 52 * MIB
+SERIAL = "0123456789ABCDEF0123"
+
+
+def _script(speed: str) -> str:
+    dummy_params = "is_super_speed=1" if speed == "super" else ""
+    parts = "\n".join(f'start={start}, size={size}, type={uuid}, name="{name}"'
+                      for name, start, size, uuid in PARTITIONS)
+    return f"""
+set -u
+step() {{ mark step=$1; echo "=== $1"; }}
+fwdie() {{ echo "--- firmware log"; tail -40 /tmp/fw.log; dmesg | tail -25; die "$1"; }}
+load_gadget_stack {dummy_params}
+start_fw() {{
+    (cd /opt/usbmirror && exec python3 -m gadget.functionfs --volume /tmp/disk.img --size 64M \\
+        --udc dummy_udc.0 --acm --serial {SERIAL}) >> /tmp/fw.log 2>&1 &
+    FW=$!
+}}
+gone() {{ n=0; while [ -e /sys/block/$1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done; [ ! -e /sys/block/$1 ]; }}
+
+step enumerate
+start_fw
+d=$(wait_disk 40) || fwdie no_disk
+mark disk=$d speed=$(cat /sys/class/udc/dummy_udc.0/current_speed)
+sg=$(ls /sys/block/$d/device/scsi_generic/)
+sd=$(ls -d /sys/block/$d/device/scsi_disk/*)
+
+step scsi_probes
+sg_inq /dev/$d || fwdie sg_inq
+sg_vpd -p 0x80 /dev/$d | tee /tmp/vpd80 || fwdie sg_vpd_80
+grep -q {SERIAL} /tmp/vpd80 && mark serial_ok=1
+sg_vpd -p 0x83 /dev/$d || fwdie sg_vpd_83
+sg_readcap -l /dev/$d > /tmp/cap || fwdie sg_readcap
+mark blocks=$(sed -n 's/.*Number of logical blocks=\\([0-9]*\\).*/\\1/p' /tmp/cap)
+sg_modes -a /dev/$d > /dev/null || fwdie sg_modes
+sg_turs -v /dev/$d || fwdie sg_turs
+sg_sync -v /dev/$d || fwdie sg_sync
+
+step raw
+dd if=/dev/urandom of=/tmp/pattern bs=65536 count=64 2>/dev/null
+dd if=/tmp/pattern of=/dev/$d bs=65536 seek={RAW_OFFSET // 65536} oflag=direct conv=fsync,notrunc || fwdie raw_write
+dd if=/dev/$d of=/tmp/back bs=65536 skip={RAW_OFFSET // 65536} count=64 iflag=direct || fwdie raw_read
+cmp /tmp/pattern /tmp/back || fwdie raw_compare
+
+step gpt
+sfdisk --wipe always /dev/$d <<'EOF' || fwdie sfdisk
+label: gpt
+{parts}
+EOF
+n=0; while [ ! -b /dev/${{d}}3 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+[ -b /dev/${{d}}3 ] || fwdie partitions_not_seen
+mark partitions=$(sfdisk -d /dev/$d | grep -c 'name=')
+
+step filesystems
+mkfs.ext4 -q -F -L usbmirror /dev/${{d}}1 || fwdie mkfs_ext4
+mkfs.fat -F 16 -n USBMIRROR /dev/${{d}}2 > /dev/null || fwdie mkfs_fat
+mkdir -p /mnt/ext4 /mnt/fat
+mount -t ext4 /dev/${{d}}1 /mnt/ext4 || fwdie mount_ext4
+mount -t vfat /dev/${{d}}2 /mnt/fat || fwdie mount_vfat
+for fs in ext4 fat; do
+    i=0
+    while [ $i -lt 12 ]; do
+        dd if=/dev/urandom of=/mnt/$fs/f$i bs=1024 count=$((i * 37 + 1)) 2>/dev/null || fwdie write_$fs
+        i=$((i + 1))
+    done
+    dd if=/dev/urandom of=/mnt/$fs/big bs=65536 count=48 2>/dev/null || fwdie write_big_$fs
+    (cd /mnt/$fs && md5sum * > /tmp/$fs.md5)
+done
+sync
+umount /mnt/ext4 || fwdie umount_ext4
+umount /mnt/fat || fwdie umount_fat
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 -o ro /dev/${{d}}1 /mnt/ext4 || fwdie remount_ext4
+mount -t vfat -o ro /dev/${{d}}2 /mnt/fat || fwdie remount_vfat
+for fs in ext4 fat; do (cd /mnt/$fs && md5sum -c -s /tmp/$fs.md5) || fwdie verify_$fs; done
+mark files_verified=$(cat /tmp/ext4.md5 /tmp/fat.md5 | wc -l)
+umount /mnt/ext4; umount /mnt/fat
+
+step fsck
+e2fsck -f -n /dev/${{d}}1 > /tmp/e2fsck.out 2>&1 || {{ cat /tmp/e2fsck.out; fwdie e2fsck; }}
+fsck.fat -n /dev/${{d}}2 > /dev/null || fwdie fsck_fat
+mark fsck_ok=1
+
+step discard
+dd if=/dev/urandom of=/dev/${{d}}3 bs=65536 count=128 oflag=direct conv=fsync 2>/dev/null || fwdie fill_scratch
+[ "$(cat /sys/block/$d/queue/discard_max_bytes)" = 0 ] && {{ echo unmap > $sd/provisioning_mode || fwdie provisioning; }}
+blkdiscard /dev/${{d}}3 || fwdie blkdiscard
+dd if=/dev/${{d}}3 bs=65536 iflag=direct 2>/dev/null | cmp -n {8 * MIB} - /dev/zero || fwdie not_zero_after_discard
+mark discard_ok=1
+
+# A reset in the middle of a large direct write: the SCSI layer retries, nothing is lost.
+reset_mid_io() {{
+    kind=$1
+    dd if=/dev/urandom of=/tmp/big bs=65536 count=128 2>/dev/null
+    dd if=/tmp/big of=/dev/${{d}}3 bs=65536 oflag=direct conv=fsync 2>/tmp/dd.err &
+    DD=$!
+    sleep 0.4
+    sg_reset --$kind /dev/$sg || fwdie sg_reset_$kind
+    wait $DD || {{ cat /tmp/dd.err; fwdie write_during_${{kind}}_reset; }}
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if=/dev/${{d}}3 bs=65536 count=128 iflag=direct 2>/dev/null | cmp - /tmp/big || fwdie data_after_${{kind}}_reset
+    [ -e /sys/block/$d ] || fwdie disk_gone_after_${{kind}}_reset
+    mark reset_$kind=ok
+}}
+step bus_reset
+reset_mid_io bus
+step device_reset
+reset_mid_io device
+
+step acm_console
+python3 - <<'EOF' || fwdie acm_console
+import serial, sys
+with serial.Serial("/dev/ttyACM0", 115200, timeout=10) as port:
+    port.write(b"anything typed is ignored\\r\\n")
+    text = b""
+    while text.count(b"--- end ---") < 2:
+        chunk = port.read_until(b"--- end ---")
+        if not chunk.endswith(b"--- end ---"):
+            sys.exit("console went quiet: " + repr((text + chunk)[-200:]))
+        text += chunk
+block = text.decode().split("--- usbmirror status ---")[-1]
+print(block)
+assert "enabled: True" in block, block
+print("@@USBMIRROR acm_console=ok")
+EOF
+
+step kill_restart
+dd if=/dev/urandom of=/tmp/acked bs=65536 count=64 2>/dev/null
+dd if=/tmp/acked of=/dev/${{d}}3 bs=65536 oflag=direct conv=fsync 2>/dev/null || fwdie acked_write
+kill -9 $FW; wait $FW 2>/dev/null
+gone $d || fwdie disk_still_there_after_kill
+mark stale_gadget=$(ls /sys/kernel/config/usb_gadget/ | tr '\\n' ,)
+start_fw
+d=$(wait_disk 40) || fwdie no_disk_after_restart
+mark disk_after_restart=$d
+n=0; while [ ! -b /dev/${{d}}3 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+dd if=/dev/${{d}}3 bs=65536 count=64 iflag=direct 2>/dev/null | cmp - /tmp/acked || fwdie acked_data_lost
+mount -t ext4 -o ro /dev/${{d}}1 /mnt/ext4 || fwdie mount_after_restart
+(cd /mnt/ext4 && md5sum -c -s /tmp/ext4.md5) || fwdie ext4_after_restart
+umount /mnt/ext4
+mark restart_ok=1
+
+step stop
+kill -TERM $FW; wait $FW; mark fw_exit=$?
+gone $d || fwdie disk_still_there_after_stop
+mark gadget_left=$(ls /sys/kernel/config/usb_gadget/ | wc -l)
+mark tracebacks=$(grep -c Traceback /tmp/fw.log)
+mark done=1
+"""
+
+
+@pytest.fixture(scope="module")
+def gadget_guest_ready() -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is missing: apt-get install -y qemu-system-x86 (make setup does it)")
+    from hw.qemu.build_guest import GuestBuilder
+    from hw.qemu.gadget_layer import gadget_extra_files
+
+    try:
+        GuestBuilder().build(python=True)
+        gadget_extra_files()
+    except BuildError as exc:
+        pytest.fail(f"gadget guest could not be built: {exc}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("speed", ["high", "super"])
+def test_disk_through_the_real_gadget_stack(gadget_guest_ready: None, speed: str) -> None:
+    from hw.qemu.gadget_layer import run_gadget_guest
+
+    result: GuestResult = run_gadget_guest(_script(speed), timeout=200)
+    m = result.markers
+    assert result.rc == 0 and m.get("done") == "1", result.describe()
+    assert m["speed"] == f"{speed}-speed", result.describe()
+    assert m.get("serial_ok") == "1", "unit serial number (VPD 0x80) not what the gadget was given"
+    assert m["blocks"] == str(64 * MIB // SECTOR)
+    assert m["partitions"] == "3"
+    assert m["files_verified"] == "26"
+    assert m.get("fsck_ok") == "1" and m.get("discard_ok") == "1"
+    assert m.get("reset_bus") == "ok" and m.get("reset_device") == "ok"
+    assert m.get("acm_console") == "ok"
+    assert m["stale_gadget"] == "usbmirror,", "the killed firmware left no gadget behind?"
+    assert m.get("restart_ok") == "1"
+    assert m["fw_exit"] == "0", result.describe()
+    assert m["gadget_left"] == "0", "clean stop must remove the gadget from configfs"
+    assert m["tracebacks"] == "0", result.describe()
