@@ -231,3 +231,61 @@ def test_any_control_request_completes_or_stalls(setup: bytes, length: int, conf
     done = host.submit(0, bool(setup[0] & 0x80), length, setup, data)
     assert done[0].status in (0, -EPIPE)
     assert len(done[0].data) <= length
+
+
+_READ_CBW = CBW.pack(b"USBC", 1, 1024, 0x80, 0, 10, struct.pack(">BBIBHB", 0x28, 0, 0, 0, 2, 0).ljust(16, b"\0"))
+_WRITE_CBW = CBW.pack(b"USBC", 2, 1024, 0x00, 0, 10, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 2, 0).ljust(16, b"\0"))
+_actions = st.one_of(
+    st.tuples(st.just("control"), st.binary(min_size=8, max_size=8), st.integers(0, 64)),
+    st.tuples(st.just("in"), st.sampled_from([13, 512, 1024, 4096])),
+    st.tuples(st.just("out"), st.sampled_from([_READ_CBW, _WRITE_CBW, b"\0" * 512, b"junk", b"\0" * 31])),
+    st.tuples(st.just("clear"), st.sampled_from([0x81, 0x01])),
+    st.tuples(st.just("reset")),
+    st.tuples(st.just("cancel"), st.integers(0, 40)),
+    st.tuples(st.just("disconnect")),
+)
+
+
+@given(st.lists(_actions, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_every_transfer_completes_once_or_is_cancelled(actions: list[tuple[object, ...]]) -> None:
+    # what vhci-hcd relies on: one completion per URB, none for an unlinked one, never an exception
+    host = Host()
+    host.configure()
+    outstanding: set[int] = set()
+    finished: set[int] = set()
+    for action in actions:
+        kind = action[0]
+        if kind == "control":
+            setup, length = action[1], action[2]
+            assert isinstance(setup, bytes) and isinstance(length, int)
+            done = host.submit(0, bool(setup[0] & 0x80), length, setup)
+        elif kind == "in":
+            assert isinstance(action[1], int)
+            done = host.submit(1, True, action[1])
+        elif kind == "out":
+            assert isinstance(action[1], bytes)
+            done = host.submit(1, False, len(action[1]), data=action[1])
+        elif kind == "clear":
+            assert isinstance(action[1], int)
+            done = host.submit(0, False, 0, struct.pack("<BBHHH", 0x02, 0x01, 0, action[1], 0))
+        elif kind == "reset":
+            done = host.submit(0, False, 0, struct.pack("<BBHHH", 0x21, 0xFF, 0, 0, 0))
+        elif kind == "cancel":
+            assert isinstance(action[1], int)
+            if host.dev.cancel(action[1]):
+                assert action[1] in outstanding
+                outstanding.discard(action[1])
+            continue
+        else:
+            host.dev.disconnect()
+            outstanding.clear()  # the host is gone; its transfers with it
+            host.configure()
+            continue
+        outstanding.add(host.tag)
+        for completion in done:
+            assert completion.tag in outstanding and completion.tag not in finished
+            assert completion.status in (0, -EPIPE)
+            outstanding.discard(completion.tag)
+            finished.add(completion.tag)
+        assert set(host.dev.pending) == outstanding
