@@ -16,7 +16,7 @@ Rules it enforces:
 - a URB naming another devid gets RET_SUBMIT -ENODEV; a malformed header closes the connection
   with a log line.
 - TCP_NODELAY on every connection: each URB is a small request/response exchange, and Nagle with
-  delayed ACKs would add 40-70 ms to every one (docs in /work/shared/REALHOST.md).
+  delayed ACKs would add 40-70 ms to every one (measured on the CI hosts).
 
 It binds 127.0.0.1 unless given another address: USB/IP has no authentication.
 """
