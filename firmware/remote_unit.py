@@ -558,6 +558,11 @@ class _Connection:
 
     def _resync_begin(self, t: SourceTarget, ev: jp.ResyncBegin) -> None:
         st = t.state
+        assert t.volume is not None
+        if not st.resync_active and t.applied != st.applied_seq:
+            # the records before this frame are the image the undo log must preserve: durable first
+            t.volume.flush()
+            st.applied_seq = t.applied
         if not st.resync_active:
             # an undo log is worth keeping only if the target holds a consistent image of this volume now
             keep = bool(t.bound_to(self.hello) and st.applied_seq > 0)

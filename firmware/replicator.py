@@ -208,7 +208,8 @@ class RemoteLink:
         self.last_ack_time = time.monotonic()
         self.resync: dict[str, Any] = {"active": False, "percent": None, "rate_bps": None, "regions_done": 0,
                                        "regions_total": 0, "bytes_copied": 0, "reason": ""}
-        self.resync_done_tokens: set[Any] = set()
+        self.covered: Any = None  # the last dirty snapshot whose regions this remote has
+        self.next_dirty_check = 0.0
         self.resync_end: int | None = None
         self._sock: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, name=f"link-{spec.label}", daemon=True)
@@ -300,6 +301,7 @@ class RemoteLink:
         self.last_error = ""
         rep = self.rep
         why = self._resync_reason(reply)
+        self.next_dirty_check = 0.0
         if why is None:
             self.acked_seq = reply.applied_seq
             if reply.applied_seq > 0:
@@ -308,49 +310,36 @@ class RemoteLink:
             log.info("link up remote=%s name=%s resume_after=%d", self.spec.label, reply.remote_name,
                      reply.applied_seq)
         else:
-            kind, regions, token, position = why
+            kind, regions, position = why
             log.info("link up remote=%s name=%s resync=%s regions=%d", self.spec.label, reply.remote_name, kind,
                      len(regions))
-            sess.resync(kind, regions, token, position)
+            sess.resync(kind, regions, rep._dirty_state(), position)
         self.state = RemoteState.STREAMING
         sess.stream()
         return True
 
-    def _resync_reason(self, reply: jp.HelloReply) -> tuple[str, list[int], Any, int] | None:
-        """None to resume streaming, or (reason, region indexes, dirty snapshot token, P).
-
-        P is where record shipping restarts after the copy. Replaying records the copy already holds
-        is harmless (see the module docstring), so P errs low: after a full comparison it is a
-        little behind the durable position, covering a write whose record is durable but which the
-        local unit has not yet put on its volume; after an overflow it is the remote's own position
-        (or the journal's tail), so every record not covered by the dirty map is shipped again.
-        """
+    def _resync_reason(self, reply: jp.HelloReply) -> tuple[str, list[int], int] | None:
+        """None to resume streaming after the remote's position, or (reason, region indexes, P) for a
+        full comparison. P is the durable position now: reads of the local unit return the newest
+        data (records not yet on its volume are laid over), so every record up to P is in the copy."""
         rep = self.rep
         j = rep.journal
-        total = rep.total_regions
-        full_p = max(0, j.tail_seq - 1, j.durable_seq - 1024)
+        total = list(range(rep.total_regions))
         if reply.flags & jp.ReplyFlag.RESYNC_IN_PROGRESS:
-            return "resume interrupted resync", list(range(total)), None, full_p
+            return "resume interrupted resync", total, j.durable_seq
         if reply.flags & jp.ReplyFlag.NEW_TARGET or reply.volume_uuid != rep.volume_uuid \
                 or reply.generation != rep.generation:
-            return "initial sync", list(range(total)), None, full_p
-        if reply.applied_seq > j.head_seq:
-            return "remote ahead of the journal", list(range(total)), None, full_p
-        gone = False
+            return "initial sync", total, j.durable_seq
+        if reply.applied_seq > j.durable_seq:
+            return "remote ahead of the journal", total, j.durable_seq
         try:
             if reply.applied_seq + 1 < j.tail_seq:
-                gone = True
-            else:
-                j.read_records(reply.applied_seq, 1)
+                return "records no longer in the journal", total, j.durable_seq
+            j.read_records(reply.applied_seq, 1)
         except Exception as exc:
             if not _records_gone(exc):
                 raise
-            gone = True
-        snap = rep._dirty_snapshot()
-        if snap is not None and snap[1] not in self.resync_done_tokens:
-            return "journal overflow", snap[0], snap[1], max(reply.applied_seq, j.tail_seq - 1)
-        if gone:
-            return "records no longer in the journal", list(range(total)), None, full_p
+            return "records no longer in the journal", total, j.durable_seq
         return None
 
     # -- accounting (called from the session) -----------------------------------------------------
@@ -439,6 +428,7 @@ class _Session:
         self.last_rx = time.monotonic()
         self.last_tx = time.monotonic()
         self.digests: deque[jp.RegionDigests] = deque()
+        self.echoes: set[int] = set()
         self.bucket = _TokenBucket(link.spec.bandwidth_limit_bps) if link.spec.bandwidth_limit_bps else None
         sock.settimeout(self.t.dead_after_s)
 
@@ -484,7 +474,7 @@ class _Session:
             if isinstance(ev, jp.Ack):
                 self.link.on_ack(ev.seq)
             elif isinstance(ev, jp.Heartbeat):
-                pass
+                self.echoes.add(ev.token)
             elif isinstance(ev, jp.RegionDigests):
                 self.digests.append(ev)
             elif isinstance(ev, jp.Error):
@@ -496,6 +486,17 @@ class _Session:
                 raise LinkFailure(f"remote error {ev.code.name}: {ev.message}", state, ev.code)
             else:
                 raise jp.ProtocolError(f"unexpected {type(ev).__name__} from the remote")
+
+    def barrier(self) -> None:
+        """Return once the remote has handled every frame sent so far: it answers a heartbeat in
+        order, after the frames before it (a RESYNC_END is durable on the remote by then)."""
+        token = random.getrandbits(63) | 1
+        self._send(jp.Heartbeat(token))
+        while token not in self.echoes:
+            if self.link.rep._stop.is_set():
+                raise LinkFailure("stopping")
+            self.pump(0.5)
+        self.echoes.discard(token)
 
     def handshake(self, purpose: jp.Purpose) -> jp.HelloReply:
         rep = self.link.rep
@@ -559,7 +560,11 @@ class _Session:
             rep._progress(Progress(self.link.spec.label, phase, done, total,
                                    int(self.link.resync.get("bytes_copied") or 0)))
 
-    def resync(self, reason: str, regions: list[int], token: Any, position: int) -> None:
+    def resync(self, reason: str, regions: list[int], snapshot: Any, position: int) -> None:
+        """Copy the `regions` that differ, then ship records after `position` (P).
+
+        `snapshot` is the dirty snapshot (or None) the copy covers: taken before the first region is
+        read, so every region it names is copied with data at least as new as it."""
         link, rep = self.link, self.link.rep
         rb = rep.region_blocks
         link.state = RemoteState.RESYNCING
@@ -590,12 +595,12 @@ class _Session:
         self.compare_regions(regions, rb, on_region, "resync")
         end = rep.journal.head_seq
         self._send(jp.ResyncEnd(end))
+        self.barrier()  # the copied regions are durable on the remote before any dirty bit goes
         link.sent_seq = position
         link.resync_end = end
         link.resync.update({"active": False, "percent": 100.0, "end_seq": end})
-        if token is not None:
-            link.resync_done_tokens.add(token)
-            rep._dirty_resynced(link, token)
+        if snapshot is not None:
+            rep._covered(link, snapshot)
         log.info("resync copy done remote=%s begin=%d end=%d copied_bytes=%d", link.spec.label, position, end,
                  copied)
 
@@ -648,6 +653,16 @@ class _Session:
                     raise LinkFailure(f"records after seq={link.sent_seq} are gone from the journal") from None
                 raise
             if not records:
+                now = time.monotonic()
+                if now >= link.next_dirty_check:
+                    link.next_dirty_check = now + 1.0
+                    todo = rep._dirty_for(link)
+                    if todo is not None:
+                        # every record up to sent_seq precedes the copy on this connection, so the
+                        # remote applies them first; P = sent_seq
+                        self.resync("journal overflow", todo[0], todo[1], link.sent_seq)
+                        link.state = RemoteState.STREAMING
+                        continue
                 want.set()
                 return 0.5
             batch = jp.Batch(link.sent_seq, jp.batch_records(records))
@@ -692,7 +707,11 @@ class Replicator:
             tls = TlsFiles.for_source(tls_dir, source_id)
         self.ssl_context: ssl.SSLContext | None = client_context(tls) if tls is not None else None
         self.volume_uuid = _uuid_bytes(journal.unit_uuid)
-        self.generation = int(getattr(journal, "generation", getattr(journal, "epoch", 1)))
+        gen = getattr(journal, "generation", None)
+        if gen is None:
+            sb = getattr(journal, "superblock", None)
+            gen = getattr(sb, "epoch", 1)  # a new journal format starts seqs again under a new epoch
+        self.generation = int(gen) if gen is not None else 1
         self.block_size = local_unit.block_size
         self.num_blocks = local_unit.num_blocks
         self.volume_size = self.block_size * self.num_blocks
@@ -704,8 +723,7 @@ class Replicator:
         self._stop = threading.Event()
         self._confirm_lock = threading.Lock()
         self._dirty_lock = threading.Lock()
-        self._dirty_pending: dict[Any, set[str]] = {}
-        self._dirty_snap: Any = None
+        self._cleared_token = -1
         self.links = [RemoteLink(self, spec) for spec in remotes]
         for link in self.links:
             if link.spec.mode == "sync":
@@ -747,40 +765,46 @@ class Replicator:
             except Exception:
                 log.exception("progress callback failed")
 
-    def _dirty_snapshot(self) -> tuple[list[int], Any] | None:
-        """Region indexes dirtied by a journal overflow, and the snapshot to clear once every
-        remote has them; None when nothing is dirty."""
+    def _dirty_state(self) -> Any:
+        """The local unit's current dirty snapshot, or None when it has none (or no bitmap)."""
         snap_fn = getattr(self.local_unit, "dirty_snapshot", None)
         if snap_fn is None:
             return None
-        with self._dirty_lock:
-            if self._dirty_snap is None:
-                snap = snap_fn()
-                regions_raw = list(getattr(snap, "regions", []) or [])
-                if not regions_raw:
-                    return None
-                self._dirty_snap = snap
-                self._dirty_pending = {id(snap): {ln.consumer for ln in self.links}}
-            snap = self._dirty_snap
-            rb = self.region_blocks
-            idx: set[int] = set()
-            for lba, count in snap.regions:
-                idx.update(range(lba // rb, (lba + max(count, 1) - 1) // rb + 1))
-            return sorted(i for i in idx if i < self.total_regions), id(snap)
+        snap = snap_fn()
+        return snap if getattr(snap, "regions", None) else None
 
-    def _dirty_resynced(self, link: RemoteLink, token: Any) -> None:
+    def _dirty_for(self, link: RemoteLink) -> tuple[list[int], Any] | None:
+        """Dirty regions this remote still needs: regions the local unit wrote straight to its volume
+        while the journal was full. None while the overflow lasts (the copy would chase the writes)."""
+        if getattr(self.local_unit, "overflow", False):
+            return None
+        snap = self._dirty_state()
+        if snap is None:
+            return None
+        if link.covered is not None and link.covered.token >= snap.token:
+            return None
+        rb = self.region_blocks
+        idx: set[int] = set()
+        for lba, count in snap.regions:
+            idx.update(range(lba // rb, (lba + max(count, 1) - 1) // rb + 1))
+        return sorted(i for i in idx if i < self.total_regions), snap
+
+    def _covered(self, link: RemoteLink, snap: Any) -> None:
+        """`link` holds every region of `snap`; once every remote does, the dirty bits may go."""
         with self._dirty_lock:
-            pending = self._dirty_pending.get(token)
-            if pending is None:
+            if link.covered is None or snap.token > link.covered.token:
+                link.covered = snap
+            if any(ln.covered is None for ln in self.links):
                 return
-            pending.discard(link.consumer)
-            if not pending and self._dirty_snap is not None and id(self._dirty_snap) == token:
-                clear = getattr(self.local_unit, "clear_dirty", None)
-                if clear is not None:
-                    clear(self._dirty_snap)
-                log.info("dirty regions brought to every remote; cleared")
-                self._dirty_snap = None
-                del self._dirty_pending[token]
+            oldest = min((ln.covered for ln in self.links), key=lambda s: s.token)
+            if oldest.token <= self._cleared_token:
+                return
+            clear = getattr(self.local_unit, "clear_dirty", None)
+            if clear is not None:
+                clear(oldest)
+            self._cleared_token = oldest.token
+            log.info("dirty regions brought to every remote token=%d regions=%d", oldest.token,
+                     len(oldest.regions))
 
     # -- status and verify ----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

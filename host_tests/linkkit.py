@@ -100,21 +100,24 @@ class FakeJournal:
             return self.cond.wait_for(lambda: self.head_seq > after_seq, timeout)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DirtySnapshot:
-    regions: list[tuple[int, int]]
     token: int
+    regions: tuple[tuple[int, int], ...]
+    region_indices: tuple[int, ...]
 
 
 class FakeLocalUnit:
-    """Journal first, then the volume; region-granular dirty tracking when told to overflow."""
+    """Journal first, then the volume (reads see the newest data); while `overflow` is set, writes
+    go straight to the volume and mark their regions dirty, like firmware.local_unit.LocalUnit."""
 
     def __init__(self, volume: Volume, journal: FakeJournal, region_blocks: int = 128) -> None:
         self.volume = volume
         self.journal = journal
         self.region_blocks = region_blocks
         self.overflow = False
-        self.dirty: set[int] = set()
+        self.stamp = 0
+        self.dirty: dict[int, int] = {}
         self.gates: list[Callable[[int], None]] = []
         self.lock = threading.Lock()
         self.cleared: list[DirtySnapshot] = []
@@ -128,13 +131,19 @@ class FakeLocalUnit:
         return self.volume.num_blocks
 
     def read(self, lba: int, count: int) -> bytes:
-        return self.volume.read(lba, count)
+        with self.lock:
+            return self.volume.read(lba, count)
+
+    def _mark(self, lba: int, count: int) -> None:
+        self.stamp += 1
+        for r in range(lba // self.region_blocks, (lba + max(count, 1) - 1) // self.region_blocks + 1):
+            self.dirty[r] = self.stamp
 
     def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
         count = len(data) // self.block_size
         with self.lock:
             if self.overflow:
-                self.dirty.update(range(lba // self.region_blocks, (lba + count - 1) // self.region_blocks + 1))
+                self._mark(lba, count)
                 self.volume.write_nosync(lba, data)
                 return
             seq = self.journal.append(RecordKind.WRITE, lba, count, data)
@@ -144,6 +153,10 @@ class FakeLocalUnit:
 
     def unmap(self, lba: int, count: int) -> None:
         with self.lock:
+            if self.overflow:
+                self._mark(lba, count)
+                self.volume.unmap(lba, count)
+                return
             seq = self.journal.append(RecordKind.UNMAP, lba, count)
             self.volume.unmap(lba, count)
         for g in self.gates:
@@ -151,33 +164,28 @@ class FakeLocalUnit:
 
     def flush(self) -> None:
         with self.lock:
+            if self.overflow:
+                return
             seq = self.journal.append(RecordKind.FLUSH, 0, 0)
         for g in self.gates:
             g(seq)
-
-    def drop_records_before(self, seq: int) -> None:
-        """Overflow: the journal forgets unconfirmed records; their regions become dirty."""
-        confirmed = min(self.journal.consumers().values(), default=0)
-        with self.lock:
-            for r in self.journal.records:
-                if confirmed < r.seq < seq and r.kind is not RecordKind.FLUSH:
-                    rb = self.region_blocks
-                    self.dirty.update(range(r.lba // rb, (r.lba + max(r.count, 1) - 1) // rb + 1))
-            self.journal.drop_before(seq)
 
     def add_sync_gate(self, gate: Callable[[int], None]) -> None:
         self.gates.append(gate)
 
     def dirty_snapshot(self) -> DirtySnapshot:
         with self.lock:
+            idx = tuple(sorted(self.dirty))
             rb = self.region_blocks
-            return DirtySnapshot([(i * rb, rb) for i in sorted(self.dirty)], len(self.cleared) + 1)
+            return DirtySnapshot(self.stamp, tuple((i * rb, rb) for i in idx), idx)
 
-    def clear_dirty(self, snap: DirtySnapshot) -> None:
+    def clear_dirty(self, snap: DirtySnapshot) -> int:
         with self.lock:
-            for lba, _count in snap.regions:
-                self.dirty.discard(lba // self.region_blocks)
+            gone = [r for r in snap.region_indices if self.dirty.get(r, snap.token + 1) <= snap.token]
+            for r in gone:
+                del self.dirty[r]
             self.cleared.append(snap)
+            return len(gone)
 
 
 class FaultProxy:

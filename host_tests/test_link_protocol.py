@@ -57,7 +57,7 @@ def records(draw: st.DrawFn, prev: int = 0) -> tuple[jp.Record, ...]:
             count = draw(st.integers(1, 4))
             fill = draw(st.sampled_from(["zero", "random", "text"]))
             size = count * 512
-            payload = bytes(size) if fill == "zero" else os.urandom(size) if fill == "random" else \
+            payload = bytes(size) if fill == "zero" else draw(st.randoms()).randbytes(size) if fill == "random" else \
                 (b"usbmirror " * size)[:size]
             out.append(jp.Record(seq, kind, lba, count, ts, payload))
         elif kind is jp.RecordKind.UNMAP:
@@ -198,20 +198,20 @@ def test_hello_version_range_and_bounds() -> None:
 def test_batch_semantics_checked() -> None:
     body = jp.encode_records([jp.Record(5, jp.RecordKind.WRITE, 0, 1, 0, bytes(512)),
                               jp.Record(5, jp.RecordKind.FLUSH, 0, 0, 0)])
-    src, rem = open_pair(jp.Feature.NONE)
+    _src, rem = open_pair(jp.Feature.NONE)
     rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 4, 2, len(body), 0) + body))
     with pytest.raises(jp.ProtocolError, match="does not follow"):
         rem.next_event()
     body = jp.encode_records([jp.Record(5, jp.RecordKind.WRITE, 0, 2, 0, bytes(512 * 2 + 1))])
-    src, rem = open_pair(jp.Feature.NONE)
+    _src, rem = open_pair(jp.Feature.NONE)
     rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 4, 1, len(body), 0) + body))
     with pytest.raises(jp.ProtocolError, match="bytes for 2 blocks"):
         rem.next_event()
-    src, rem = open_pair(jp.Feature.NONE)  # lz4 flag on a connection without lz4
+    _src, rem = open_pair(jp.Feature.NONE)  # lz4 flag on a connection without lz4
     rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 4, 0, 0, 1)))
     with pytest.raises(jp.ProtocolError, match="lz4"):
         rem.next_event()
-    src, rem = open_pair()  # lz4 garbage
+    _src, rem = open_pair()  # lz4 garbage
     rem.receive_data(_frame(jp.FrameType.BATCH, struct.pack(">QIIB", 4, 1, 1000, 1) + b"\xff" * 40))
     with pytest.raises(jp.ProtocolError):
         rem.next_event()

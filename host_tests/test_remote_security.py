@@ -13,13 +13,13 @@ import pytest
 
 from firmware.pairing import TlsFiles, client_context, pair, peer_identity
 from host_tests.linkkit import wait_until
-from host_tests.test_replicator_e2e import BS, Rig, tls_dir  # noqa: F401
+from host_tests.test_replicator_e2e import BS, Rig, tls_dir
 
 __all__ = ["tls_dir"]
 
 
 @pytest.fixture
-def rig(tmp_path: Path, tls_dir: Path) -> Iterator[Rig]:  # noqa: F811
+def rig(tmp_path: Path, tls_dir: Path) -> Iterator[Rig]:
     r = Rig(tmp_path, tls_dir)
     yield r
     r.close()
@@ -48,25 +48,25 @@ def test_pairing_writes_ca_and_unit_certificates(tmp_path: Path) -> None:
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3 and ctx.verify_mode == ssl.CERT_REQUIRED
 
 
-def test_peer_without_certificate_is_refused(rig: Rig, tls_dir: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_peer_without_certificate_is_refused(rig: Rig, tls_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="firmware.remote_unit")
     remote = rig.start_remote()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(str(tls_dir / "ca.crt"))
     ctx.check_hostname = False
+    # TLS 1.3: the server checks the (missing) client certificate after the client's Finished
     with socket.create_connection(("127.0.0.1", rig.port), timeout=5) as raw, \
-            ctx.wrap_socket(raw, server_hostname=None) as s:
-        # TLS 1.3: the server checks the (missing) client certificate after the client's Finished
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            s.sendall(b"UJ")
-            if not s.recv(100):
-                raise ConnectionResetError("closed")
+            ctx.wrap_socket(raw, server_hostname=None) as s, \
+            pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        s.sendall(b"UJ")
+        if not s.recv(100):
+            raise ConnectionResetError("closed")
     wait_until(lambda: remote.refused >= 1, what="refusal counted")
     assert any("refused" in r.getMessage() and "certificate" in r.getMessage() for r in caplog.records)
 
 
-def test_tls12_is_refused(rig: Rig, tls_dir: Path) -> None:  # noqa: F811
+def test_tls12_is_refused(rig: Rig, tls_dir: Path) -> None:
     remote = rig.start_remote()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -92,7 +92,7 @@ def test_certificate_from_another_ca_is_refused(rig: Rig, tmp_path: Path,
     assert any("refused" in r.getMessage() for r in caplog.records if r.name == "firmware.remote_unit")
 
 
-def test_source_a_asking_for_source_b_target_is_refused(rig: Rig, tls_dir: Path,  # noqa: F811
+def test_source_a_asking_for_source_b_target_is_refused(rig: Rig, tls_dir: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     target_b = rig.tmp / "target-b.img"
@@ -108,7 +108,7 @@ def test_source_a_asking_for_source_b_target_is_refused(rig: Rig, tls_dir: Path,
     assert any("PERMISSION_DENIED" in m and "src-b" in m for m in msgs)
 
 
-def test_unknown_source_is_refused(rig: Rig, tls_dir: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_unknown_source_is_refused(rig: Rig, tls_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     remote = rig.start_remote(targets={"src-a": str(rig.target)})
     rep = rig.start_rep(source_id="src-b")  # a genuine src-b certificate, but no target for it here
@@ -119,7 +119,7 @@ def test_unknown_source_is_refused(rig: Rig, tls_dir: Path, caplog: pytest.LogCa
     assert any("UNKNOWN_SOURCE" in r.getMessage() for r in caplog.records if r.name == "firmware.remote_unit")
 
 
-def test_source_refuses_a_peer_that_is_not_a_remote(rig: Rig, tls_dir: Path) -> None:  # noqa: F811
+def test_source_refuses_a_peer_that_is_not_a_remote(rig: Rig, tls_dir: Path) -> None:
     """A listener presenting a *source* certificate (same CA) is not a remote unit."""
     from firmware.pairing import server_context
 

@@ -68,6 +68,12 @@ class Rig:
         self.rep.start()
         return self.rep
 
+    def wait_streaming(self) -> None:
+        """The first session of a new target is an initial sync; wait for it before counting records."""
+        rep = self.rep
+        assert rep is not None
+        wait_until(lambda: rep.links[0].state.name == "STREAMING", what="link streaming")
+
     def stop_rep(self) -> None:
         if self.rep is not None:
             self.rep.close()
@@ -146,25 +152,58 @@ def test_initial_sync_of_volume_with_data_sends_only_differences(rig: Rig) -> No
     assert rig.same()
 
 
-def test_resync_after_journal_overflow(rig: Rig) -> None:
+def test_resync_after_journal_overflow_while_remote_away(rig: Rig) -> None:
     rng = random.Random(3)
     rig.start_remote()
     rig.start_rep()
     random_writes(rig.unit, 50, rng)
     rig.drain()
     rig.stop_rep()
-    # the journal overflows while the remote is away: writes only mark dirty regions, records dropped
+    # the journal fills while the remote is away: writes go straight to the volume, regions go dirty
+    random_writes(rig.unit, 20, rng)
     rig.unit.overflow = True
     random_writes(rig.unit, 40, rng)
     rig.unit.overflow = False
     random_writes(rig.unit, 10, rng)
-    rig.unit.drop_records_before(rig.journal.head_seq - 3)
+    assert rig.unit.dirty
+    rep = rig.start_rep()
+    wait_until(lambda: not rig.unit.dirty, what="dirty regions resynced and cleared")
+    rig.drain()
+    assert rig.same(), _debug_diff(rig)
+    st = rep.status()["remotes"][0]["resync"]
+    assert st["reason"] == "journal overflow" and st["percent"] == 100.0
+    assert st["bytes_copied"] <= len(rig.unit.cleared[-1].region_indices) * 128 * BS
+
+
+def test_overflow_while_connected(rig: Rig) -> None:
+    rng = random.Random(31)
+    rig.start_remote()
+    rig.start_rep()
+    random_writes(rig.unit, 30, rng)
+    rig.unit.overflow = True
+    random_writes(rig.unit, 30, rng)
+    rig.unit.overflow = False
+    random_writes(rig.unit, 30, rng)
+    wait_until(lambda: not rig.unit.dirty, what="dirty regions resynced and cleared")
+    rig.drain()
+    assert rig.same(), _debug_diff(rig)
+
+
+def test_records_gone_from_journal_forces_full_resync(rig: Rig) -> None:
+    rng = random.Random(32)
+    rig.start_remote()
+    rig.start_rep()
+    random_writes(rig.unit, 30, rng)
+    rig.drain()
+    rig.stop_rep()
+    random_writes(rig.unit, 30, rng)
+    rig.journal.drop_before(rig.journal.head_seq - 2)  # e.g. the consumer had been unregistered
     rep = rig.start_rep()
     rig.drain()
     wait_until(lambda: rep.status()["remotes"][0]["resync"]["percent"] == 100.0, what="resync done")
-    assert rig.same(), (_debug_diff(rig), rep.status(), sorted(rig.unit.dirty))
-    assert rig.unit.cleared and not rig.unit.dirty  # the dirty map was cleared once the remote had it
-    assert "overflow" in rep.status()["remotes"][0]["resync"]["reason"]
+    assert rep.status()["remotes"][0]["resync"]["reason"] == "records no longer in the journal"
+    rig.drain()
+    assert rig.same(), _debug_diff(rig)
 
 
 def test_sync_mode_acknowledges_after_remote(rig: Rig) -> None:

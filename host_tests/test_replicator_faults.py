@@ -15,13 +15,13 @@ from firmware.remote_unit import RemoteUnit
 from firmware.storage import SpaceExhausted
 from firmware.volume import Volume
 from host_tests.linkkit import FaultProxy, wait_until
-from host_tests.test_replicator_e2e import BS, Rig, random_writes, tls_dir  # noqa: F401
+from host_tests.test_replicator_e2e import BS, Rig, random_writes, tls_dir
 
 __all__ = ["tls_dir"]
 
 
 @pytest.fixture
-def rig(tmp_path: Path, tls_dir: Path) -> Iterator[Rig]:  # noqa: F811
+def rig(tmp_path: Path, tls_dir: Path) -> Iterator[Rig]:
     r = Rig(tmp_path, tls_dir)
     yield r
     r.close()
@@ -57,6 +57,7 @@ def test_link_dropped_mid_batch(rig: Rig) -> None:
     with FaultProxy(("127.0.0.1", rig.port)) as proxy:
         proxy.drop_after_bytes = 300_000  # inside the first megabyte-sized batches
         rep = rig.start_rep(port=proxy.port)
+        rig.wait_streaming()
         big_writes(rig, 40, rng)
         rig.drain()
         assert proxy.resets == 1 and proxy.connections >= 2
@@ -73,6 +74,7 @@ def test_network_partition_then_heal(rig: Rig) -> None:
     remote = rig.start_remote()
     with FaultProxy(("127.0.0.1", rig.port)) as proxy:
         rep = rig.start_rep(port=proxy.port)
+        rig.wait_streaming()
         random_writes(rig.unit, 50, rng)
         rig.drain()
         proxy.blackhole = True  # packets vanish; no FIN, no RST
@@ -90,6 +92,7 @@ def test_remote_restart(rig: Rig) -> None:
     rng = random.Random(12)
     first = rig.start_remote()
     rig.start_rep()
+    rig.wait_streaming()
     big_writes(rig, 30, rng)
     rig.stop_remote()  # maybe in the middle of applying
     random_writes(rig.unit, 50, rng)  # the local unit keeps journaling
@@ -103,6 +106,7 @@ def test_local_unit_restart(rig: Rig) -> None:
     rng = random.Random(13)
     remote = rig.start_remote()
     rig.start_rep()
+    rig.wait_streaming()
     big_writes(rig, 30, rng)
     rig.stop_rep()  # killed with batches in flight
     big_writes(rig, 10, rng)
@@ -119,6 +123,7 @@ def test_frames_corrupted_in_flight_plaintext_crc(plain_rig: Rig) -> None:
     with FaultProxy(("127.0.0.1", rig.port)) as proxy:
         proxy.corrupt_at = 200_000  # a byte inside a batch: the CRC32C catches it
         rep = rig.start_rep(port=proxy.port)
+        rig.wait_streaming()
         big_writes(rig, 30, rng)
         rig.drain()
         assert proxy.corrupt_at is None
@@ -137,6 +142,7 @@ def test_frames_corrupted_in_flight_tls(rig: Rig) -> None:
     with FaultProxy(("127.0.0.1", rig.port)) as proxy:
         proxy.corrupt_at = 200_000  # TLS record MAC fails: the connection is reset and resumed
         rep = rig.start_rep(port=proxy.port)
+        rig.wait_streaming()
         big_writes(rig, 30, rng)
         rig.drain()
         assert proxy.corrupt_at is None and rep.links[0].connects >= 2
@@ -159,6 +165,7 @@ def test_remote_disk_full_then_freed_simulated(rig: Rig) -> None:
     FillableVolume.full = False
     remote = rig.start_remote(volume_factory=lambda p, size, bs: FillableVolume(p, size=size, block_size=bs))
     rep = rig.start_rep()
+    rig.wait_streaming()
     random_writes(rig.unit, 30, rng)
     rig.drain()
     FillableVolume.full = True
@@ -186,6 +193,7 @@ def test_remote_disk_full_then_freed_real_tmpfs(rig: Rig, tmp_path: Path) -> Non
         rig.target = mnt / "target.img"
         remote = rig.start_remote()
         rep = rig.start_rep()
+        rig.wait_streaming()
         big_writes(rig, 40, rng)  # ~6 MB of writes over a 4 MiB volume on a 1 MiB disk
         wait_until(lambda: rep.links[0].state.name == "TARGET_ERROR", what="ENOSPC reported to the source")
         assert "TARGET_FULL" in rep.status()["remotes"][0]["last_error"]
