@@ -265,6 +265,26 @@ def classify(cbw: Cbw, direction: Direction, device_length: int) -> Case:
     return Case.HO_EQ_DO if host_length == device_length else Case.HO_LT_DO
 
 
+# How loudly each case is logged: the thin diagonal is silent; a device that has less data than
+# the host's allocation (4, 5: INQUIRY, MODE SENSE, VPD pages) is routine; a host sending more than
+# needed (9, 11) is worth a note; phase errors mean a host or unit bug.
+_CASE_LOG_LEVEL: Final[dict[Case, int]] = {
+    Case.HN_DN: 0,
+    Case.HI_EQ_DI: 0,
+    Case.HO_EQ_DO: 0,
+    Case.HI_DN: logging.DEBUG,
+    Case.HI_GT_DI: logging.DEBUG,
+    Case.HO_DN: logging.INFO,
+    Case.HO_GT_DO: logging.INFO,
+    Case.HN_DI: logging.WARNING,
+    Case.HN_DO: logging.WARNING,
+    Case.HI_LT_DI: logging.WARNING,
+    Case.HI_DO: logging.WARNING,
+    Case.HO_DI: logging.WARNING,
+    Case.HO_LT_DO: logging.WARNING,
+}
+
+
 @dataclass(slots=True)
 class _Command:
     """Everything about the command in flight: one record, as tinyusb and Linux keep it."""
@@ -505,9 +525,10 @@ class BulkOnlyTransport:
         self._by_case[case] += 1
         command = _Command(cbw=cbw, case=case, run=True, device_length=device_length)
         self._command = command
-        if case is not Case.HN_DN and case is not Case.HI_EQ_DI and case is not Case.HO_EQ_DO:
-            log.info("BOT case %d (%s) opcode=%#04x host_length=%d device_length=%d tag=%#x",
-                     case, case.name, cdb[0], cbw.data_transfer_length, device_length, cbw.tag)
+        level = _CASE_LOG_LEVEL[case]
+        if level and log.isEnabledFor(level):
+            log.log(level, "BOT case %d (%s) opcode=%#04x host_length=%d device_length=%d tag=%#x",
+                    case, case.name, cdb[0], cbw.data_transfer_length, device_length, cbw.tag)
         self._ON_CASE[case](self, command)
         return True
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gadget.bot import (
+    _CASE_LOG_LEVEL,
     CBW_LENGTH,
     CBW_SIGNATURE,
     CSW_LENGTH,
@@ -683,6 +684,7 @@ def test_stage_tables_cover_every_stage() -> None:
                   BulkOnlyTransport._ON_CLEAR_HALT):
         assert set(table) == set(Stage)
     assert set(BulkOnlyTransport._ON_CASE) == set(Case)
+    assert set(_CASE_LOG_LEVEL) == set(Case)
 
 
 # --- streams split anywhere (Hypothesis) --------------------------------------------------------
