@@ -12,10 +12,11 @@ is cleaned up, the device re-enumerates and every acknowledged write is still th
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 
 import pytest
 
-from hw.qemu.build_guest import BuildError
+from hw.qemu.build_guest import BuildError, GuestImage
 from hw.qemu.guest import GuestResult
 
 pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
@@ -39,7 +40,7 @@ def _script(speed: str) -> str:
                       for name, start, size, uuid in PARTITIONS)
     return f"""
 set -u
-step() {{ mark step=$1; echo "=== $1"; }}
+step() {{ mark step=$1; echo "=== $1 at $(cut -d' ' -f1 /proc/uptime) s"; }}
 fwdie() {{ echo "--- firmware log"; tail -40 /tmp/fw.log; dmesg | tail -25; die "$1"; }}
 load_gadget_stack {dummy_params}
 start_fw() {{
@@ -72,6 +73,15 @@ dd if=/dev/urandom of=/tmp/pattern bs=65536 count=64 2>/dev/null
 dd if=/tmp/pattern of=/dev/$d bs=65536 seek={RAW_OFFSET // 65536} oflag=direct conv=fsync,notrunc || fwdie raw_write
 dd if=/dev/$d of=/tmp/back bs=65536 skip={RAW_OFFSET // 65536} count=64 iflag=direct || fwdie raw_read
 cmp /tmp/pattern /tmp/back || fwdie raw_compare
+
+step throughput
+rate() {{ awk -v a="$1" -v b="$2" 'BEGIN {{ printf "%.1f", 16 / (b - a) }}'; }}
+t0=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/zero of=/dev/$d bs=1048576 count=16 seek=8 oflag=direct 2>/dev/null || fwdie throughput_write
+t1=$(cut -d' ' -f1 /proc/uptime)
+dd if=/dev/$d of=/dev/null bs=1048576 count=16 skip=8 iflag=direct 2>/dev/null || fwdie throughput_read
+t2=$(cut -d' ' -f1 /proc/uptime)
+mark write_mib_s=$(rate $t0 $t1) read_mib_s=$(rate $t1 $t2)
 
 step gpt
 sfdisk --wipe always /dev/$d <<'EOF' || fwdie sfdisk
@@ -180,26 +190,32 @@ mark done=1
 """
 
 
+@dataclass(frozen=True)
+class GadgetGuest:
+    image: GuestImage
+    extra_files: dict[str, bytes]
+
+
 @pytest.fixture(scope="module")
-def gadget_guest_ready() -> None:
+def gadget_guest() -> GadgetGuest:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 is missing: apt-get install -y qemu-system-x86 (make setup does it)")
     from hw.qemu.build_guest import GuestBuilder
     from hw.qemu.gadget_layer import gadget_extra_files
 
     try:
-        GuestBuilder().build(python=True)
-        gadget_extra_files()
+        return GadgetGuest(GuestBuilder().build(python=True), gadget_extra_files())
     except BuildError as exc:
         pytest.fail(f"gadget guest could not be built: {exc}")
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("speed", ["high", "super"])
-def test_disk_through_the_real_gadget_stack(gadget_guest_ready: None, speed: str) -> None:
+def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, speed: str) -> None:
     from hw.qemu.gadget_layer import run_gadget_guest
 
-    result: GuestResult = run_gadget_guest(_script(speed), timeout=200)
+    result: GuestResult = run_gadget_guest(_script(speed), timeout=200, image=gadget_guest.image,
+                                           extra_files=gadget_guest.extra_files)
     m = result.markers
     assert result.rc == 0 and m.get("done") == "1", result.describe()
     assert m["speed"] == f"{speed}-speed", result.describe()

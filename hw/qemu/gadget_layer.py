@@ -22,7 +22,14 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from hw.qemu.build_guest import BuildError, GuestBuilder, cache_dir, kernel_package, resolve_packages
+from hw.qemu.build_guest import (
+    BuildError,
+    GuestBuilder,
+    GuestImage,
+    cache_dir,
+    kernel_package,
+    resolve_packages,
+)
 from hw.qemu.guest import GuestResult, run_guest
 
 # Relative to lib/modules/<kver>/ in the kernel package, in load order.
@@ -105,8 +112,11 @@ def gadget_extra_files() -> dict[str, bytes]:
     return files
 
 
-def run_gadget_guest(script: str, *, timeout: float, memory: int = 640) -> GuestResult:
-    """Boot the guest with Python, the gadget modules and `load_gadget_stack`, and run `script`."""
-    image = GuestBuilder().build(python=True)
+def run_gadget_guest(script: str, *, timeout: float, memory: int = 640, image: GuestImage | None = None,
+                     extra_files: dict[str, bytes] | None = None) -> GuestResult:
+    """Boot the guest with Python, the gadget modules and `load_gadget_stack`, and run `script`.
+    `image` and `extra_files` may be passed in when several runs share them (building is not free)."""
+    image = image or GuestBuilder().build(python=True)
+    files = extra_files if extra_files is not None else gadget_extra_files()
     return run_guest(GADGET_FUNCTIONS + script, usbip_port=None, python_layer=True, timeout=timeout,
-                     extra_files=gadget_extra_files(), memory=memory, image=image)
+                     extra_files=files, memory=memory, image=image)
