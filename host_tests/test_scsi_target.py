@@ -734,3 +734,48 @@ def test_plan_does_not_change_state() -> None:
         t.plan(cdb)
     assert store.calls == []
     assert request_sense(t).asc == INVALID_OPCODE
+
+
+def test_truncated_allocation_lengths() -> None:
+    t, _ = make_target(serial="SER-42")
+    full = vpd(t, 0x80)
+    assert t.plan(bytes([0x12, 1, 0x80, 0, 5, 0])) == CommandPlan(Direction.IN, 5)
+    assert expect_good(t, bytes([0x12, 1, 0x80, 0, 5, 0])) == full[:5]
+    rc16_zero = bytes([0x9E, 0x10]) + bytes(12) + bytes(2)
+    assert t.plan(rc16_zero) == CommandPlan(Direction.NONE, 0)
+    assert expect_good(t, rc16_zero) == b""
+    luns = bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 4) + bytes(2)
+    assert expect_good(t, luns) == struct.pack(">I", 8)
+    assert expect_good(t, bytes([0x03, 0, 0, 0, 0, 0])) == b""
+
+
+def test_store_failures_in_flushing_and_write_same_paths() -> None:
+    t, store = make_target(write_cache=True)
+    store.fail["flush"] = WriteError("x")
+    expect_check(t, bytes([0x1B, 0, 0, 0, 0, 0]), 0x03, 0x0C)  # stop flushes, and says it failed
+    store.fail["write"] = SpaceExhausted("x")
+    expect_check(t, rw16(0x93, 0, 4), 0x07, 0x27, 0x07, pattern(1, 1))
+    store.fail["unmap"] = NotReady("x")
+    expect_check(t, rw16(0x93, 0, 4, 0x09), 0x02, 0x04)
+
+
+class _BrokenCacheStore(MemoryBlockStore):
+    @property
+    def write_cache(self) -> bool:
+        raise RuntimeError("property bug")
+
+    @write_cache.setter
+    def write_cache(self, value: bool) -> None:
+        pass
+
+
+def test_plan_and_execute_survive_a_store_property_that_raises() -> None:
+    store = _BrokenCacheStore()
+    with pytest.raises(RuntimeError):
+        ScsiTarget(store, serial="x", device_id=NAA3_ID)  # bad configuration fails loudly at start
+    t, healthy = make_target()
+    t._store = store  # the store breaks later
+    assert t.plan(bytes([0x1A, 0, 0x08, 0, 255, 0])) == CommandPlan(Direction.NONE, 0)
+    expect_check(t, bytes([0x1A, 0, 0x08, 0, 255, 0]), 0x04, 0x44)
+    t._store = healthy
+    expect_good(t, bytes([0x1A, 0, 0x08, 0, 255, 0]))
