@@ -453,7 +453,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     remotes_raw = o.get("remote") or []
     if isinstance(cfg.get("remote"), list) and args.remote is None:
         remotes_raw = cfg["remote"]
-    from firmware.selftest_main import run_selftest_cli
+    from firmware.selftest import run_selftest_cli
 
     return run_selftest_cli(o, [parse_remote(r) for r in remotes_raw], as_json=args.json)
 
