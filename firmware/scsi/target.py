@@ -200,21 +200,22 @@ class ScsiTarget:
         return self._sense
 
     def status(self) -> dict[str, object]:
-        """Counters for the status socket and the install self-test."""
+        """Counters for the status socket and the install self-test. Safe to call from another thread
+        (each counter is copied with one C-level call before it is read)."""
         return {
             "block_size": self._limits.block_size,
             "num_blocks": self._limits.num_blocks,
             "max_transfer_blocks": self._limits.max_transfer_blocks,
             "read_only": self._read_only,
-            "commands": dict(sorted(self._commands.items())),
-            "transfer_sizes": dict(sorted(self._transfer_sizes.items())),
+            "commands": dict(sorted(self._commands.copy().items())),
+            "transfer_sizes": dict(sorted(self._transfer_sizes.copy().items())),
             "blocks_read": self._blocks_read,
             "blocks_written": self._blocks_written,
             "flushes": self._flushes,
             "fua_writes": self._fua_writes,
             "unmap_commands": self._unmap_commands,
             "unmapped_blocks": self._unmapped_blocks,
-            "errors": dict(sorted(self._errors.items())),
+            "errors": dict(sorted(self._errors.copy().items())),
         }
 
     # ---- internals ----------------------------------------------------------------------------
