@@ -487,6 +487,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # one clear line for people; the traceback with -vv
+        log.debug("failure", exc_info=True)
+        print(f"usbmirror {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
