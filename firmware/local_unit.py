@@ -117,6 +117,7 @@ class LocalUnit:
         sleep: Callable[[float], None] = time.sleep,
         volume_sync_bytes: int | None = None,
         group_bytes: int = 4 << 20,
+        background_flush: bool = True,
     ) -> None:
         if volume.block_size != journal.block_size:
             raise ValueError(f"volume has {volume.block_size}-byte blocks, journal {journal.block_size}")
@@ -135,7 +136,7 @@ class LocalUnit:
         self._pending_bytes = 0
         self._applied_unsynced = journal.applied_seq
         self._unsynced_bytes = 0
-        self._volume_sync_bytes = volume_sync_bytes or max(1 << 20, journal.capacity_bytes // 8)
+        self._volume_sync_bytes = volume_sync_bytes or max(1 << 20, journal.capacity_bytes // 4)
         self._group_bytes = group_bytes
         self._gates: list[Callable[[int], None]] = []
         self._overflow = False
@@ -167,6 +168,14 @@ class LocalUnit:
         except BaseException:
             self._bitmap.close()
             raise
+        # The volume is synced (so the journal may forget records) by a background thread, off the
+        # acknowledgement path; tests pass background_flush=False to keep every step deterministic.
+        self._flush_wanted = threading.Event()
+        self._stopping = False
+        self._flusher: threading.Thread | None = None
+        if background_flush:
+            self._flusher = threading.Thread(target=self._flusher_loop, name="volume-flusher", daemon=True)
+            self._flusher.start()
 
     # -- start-up ---------------------------------------------------------------------------------
     def _replay(self) -> None:
@@ -387,8 +396,28 @@ class LocalUnit:
         if self._unsynced_bytes < self._volume_sync_bytes and not (
                 self._unsynced_bytes and self._fill() >= self.throttle.start_fill):
             return
+        if self._flusher is not None:
+            self._flush_wanted.set()
+            return
         if not self._vsync_lock.acquire(blocking=False):
             return  # another thread is doing it
+        self._sync_volume_holding_vsync()
+
+    def _flusher_loop(self) -> None:
+        while True:
+            self._flush_wanted.wait()
+            if self._stopping:
+                return
+            self._flush_wanted.clear()
+            self._vsync_lock.acquire()
+            try:
+                self._sync_volume_holding_vsync()
+            except Exception as exc:
+                log.error("volume sync failed: %s", exc)
+                self._failed = exc
+
+    def _sync_volume_holding_vsync(self) -> None:
+        """fdatasync the volume, then let the journal release what it held only for the volume."""
         try:
             with self._lock:
                 target = self._applied_unsynced
@@ -524,6 +553,10 @@ class LocalUnit:
         journal themselves are closed by their owners."""
         if self._closed:
             return
+        if self._flusher is not None:
+            self._stopping = True
+            self._flush_wanted.set()
+            self._flusher.join()
         try:
             if self._failed is None and not self._journal_failed():
                 with self._lock:

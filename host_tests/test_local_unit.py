@@ -45,6 +45,7 @@ class Rig:
         self.volume = SimulatedVolume(self.vflash, block_size=BS)
         kw.setdefault("region_blocks", 16)
         kw.setdefault("sleep", self.sleeps.append)
+        kw.setdefault("background_flush", False)  # deterministic device operation order
         self.lu = LocalUnit(self.volume, self.journal, bitmap_flash=self.bflash, **kw)  # type: ignore[arg-type]
         return self.lu
 
@@ -392,3 +393,20 @@ def test_on_real_files(tmp_path: Path) -> None:
             LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as lu:
         assert lu.read(3, 7) == blk(3, 5) + bytes(BS) + blk(4)
         assert lu.replayed_records == 0 and j.head_seq == 3
+
+
+def test_background_volume_sync_lets_the_journal_release_records(tmp_path: Path) -> None:
+    import time
+
+    with Volume(tmp_path / "vol", size=NBLOCKS * BS, block_size=BS) as vol, \
+            Journal.open(tmp_path / "journal", size=RING_OFFSET + 256 * 1024, unit_uuid=UNIT, block_size=BS) as j, \
+            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty"), volume_sync_bytes=16 * 1024) as lu:
+        for i in range(64):
+            lu.write(i % 32 * 8, blk(i, 8))
+        deadline = time.monotonic() + 30
+        while j.tail_seq == 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert j.tail_seq > 1  # the flusher synced the volume and the journal let records go
+        assert j.applied_seq >= j.tail_seq - 1
+        for i in range(32, 64):
+            assert lu.read(i % 32 * 8, 8) == blk(i, 8)

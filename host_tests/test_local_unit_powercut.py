@@ -53,7 +53,7 @@ class PowerCutMachine(RuleBasedStateMachine):
         self.lu = LocalUnit(SimulatedVolume(self.vflash, block_size=BS), self.journal, write_cache=self.write_cache,
                             throttle=ThrottlePolicy(start_fill=0.7, max_delay_s=0.0, resume_fill=0.4),
                             bitmap_flash=self.bflash, region_blocks=REGION, sleep=lambda s: None,
-                            volume_sync_bytes=8 * 1024)
+                            volume_sync_bytes=8 * 1024, background_flush=False)
 
     # -- host operations --------------------------------------------------------------------------
     def _host_op(self, lba: int, new: bytes, op: Callable[[], None], *, fua: bool = False) -> None:
