@@ -94,9 +94,9 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                       bitmap_path=str(state_dir / "dirty.bitmap"))
         )
 
-        from firmware.scsi import ScsiTarget
+        from firmware.scsi import ScsiTarget, naa_locally_assigned
 
-        target = ScsiTarget(unit, serial=ident.serial, device_id=ident.device_id,
+        target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes),
                             max_transfer_blocks=MAX_TRANSFER_BYTES // opts.block_size)
 
         replicator: Any = None
