@@ -494,4 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run firmware.cli (not this __main__ copy) so UsageError raised by local_main/remote_main is caught
+    from firmware.cli import main as _main
+
+    sys.exit(_main())
