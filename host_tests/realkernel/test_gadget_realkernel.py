@@ -5,7 +5,8 @@ core and SCSI target as every other transport) composes a libcomposite gadget, s
 function through FunctionFS and binds to `dummy_udc.0`. The guest's own usb-storage/sd drivers attach it
 as /dev/sdX, exactly as a server would over a cable. Per speed (high, super) the guest runs SCSI probes,
 raw I/O, GPT, ext4, vfat, fsck and discard; then, mid-I/O, a SCSI bus reset and a device reset; reads the
-ACM status console with pyserial; and kills the firmware with SIGKILL and restarts it: the stale gadget
+ACM status console with pyserial; runs the real-board pyusb tests (host_tests/test_pyusb_board.py) against
+the gadget through libusb; and kills the firmware with SIGKILL and restarts it: the stale gadget
 is cleaned up, the device re-enumerates and every acknowledged write is still there.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,7 @@ from hw.qemu.guest import GuestResult
 
 pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
 
+REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 SECTOR = 512
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
@@ -181,6 +184,16 @@ mount -t ext4 -o ro /dev/${{d}}1 /mnt/ext4 || fwdie mount_after_restart
 umount /mnt/ext4
 mark restart_ok=1
 
+step pyusb_board
+# The real-board pyusb tests, run against this gadget: libusb detaches usb-storage, talks BOT itself,
+# then gives the interface back to the kernel.
+(cd /opt/usbmirror && python3 -m pytest -p no:cacheprovider --noconftest -c /dev/null -q -rs \
+    host_tests/test_pyusb_board.py) > /tmp/pyusb.out 2>&1
+mark pyusb_rc=$?
+cat /tmp/pyusb.out
+mark pyusb_passed=$(grep -o '[0-9]* passed' /tmp/pyusb.out | cut -d' ' -f1)
+d=$(wait_disk 20) || fwdie no_disk_after_pyusb
+
 step stop
 kill -TERM $FW; wait $FW; mark fw_exit=$?
 gone $d || fwdie disk_still_there_after_stop
@@ -214,10 +227,13 @@ def gadget_guest() -> GadgetGuest:
 def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, speed: str) -> None:
     from hw.qemu.gadget_layer import run_gadget_guest
 
+    board_test = {"/opt/usbmirror/host_tests/test_pyusb_board.py": (REPO / "host_tests/test_pyusb_board.py").read_bytes()}
     result: GuestResult = run_gadget_guest(_script(speed), timeout=200, image=gadget_guest.image,
-                                           extra_files=gadget_guest.extra_files)
+                                           extra_files={**gadget_guest.extra_files, **board_test})
     m = result.markers
     assert result.rc == 0 and m.get("done") == "1", result.describe()
+    print(f"gadget {speed} speed: 16 MiB O_DIRECT write {m.get('write_mib_s')} MiB/s, read {m.get('read_mib_s')} "
+          f"MiB/s; guest wall {result.wall:.0f} s")
     assert m["speed"] == f"{speed}-speed", result.describe()
     assert m.get("serial_ok") == "1", "unit serial number (VPD 0x80) not what the gadget was given"
     assert m["blocks"] == str(64 * MIB // SECTOR)
@@ -228,6 +244,7 @@ def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, speed: st
     assert m.get("acm_console") == "ok"
     assert m["stale_gadget"] == "usbmirror,", "the killed firmware left no gadget behind?"
     assert m.get("restart_ok") == "1"
+    assert m["pyusb_rc"] == "0" and m["pyusb_passed"] == "3", result.describe()
     assert m["fw_exit"] == "0", result.describe()
     assert m["gadget_left"] == "0", "clean stop must remove the gadget from configfs"
     assert m["tracebacks"] == "0", result.describe()

@@ -6,8 +6,9 @@ configfs and usb_f_fs. The gadget tests also need:
 - the ACM serial function on the device side (`u_serial`, `usb_f_acm`) and the host side's
   `cdc-acm` driver, so the status console can be read from `/dev/ttyACM0`;
 - the pure-Python packages the firmware and the test use inside the guest: `functionfs` (and its
-  imports `libaio`, `ioctl_opt`; `libaio.so.1` is already in the base layer because fio needs it)
-  and `pyserial`.
+  imports `libaio`, `ioctl_opt`; `libaio.so.1` is already in the base layer because fio needs it),
+  `pyserial`, and `pyusb` + `pytest` with `libusb-1.0.so.0` (from Debian's libusb-1.0-0) so the
+  real-board pyusb tests can run against the gadget inside the guest.
 
 They travel as `extra_files` of the per-run layer (a few hundred KB), cached under the guest
 cache. `run_gadget_guest()` boots the guest with them; the guest script gets `load_gadget_stack
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import py_compile
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 from hw.qemu.build_guest import (
@@ -27,6 +30,7 @@ from hw.qemu.build_guest import (
     GuestBuilder,
     GuestImage,
     cache_dir,
+    download,
     kernel_package,
     resolve_packages,
 )
@@ -38,7 +42,10 @@ EXTRA_MODULES = (
     "kernel/drivers/usb/gadget/function/usb_f_acm.ko",
     "kernel/drivers/usb/class/cdc-acm.ko",
 )
-SITE_PACKAGES = ("functionfs", "libaio", "ioctl_opt", "serial")
+SITE_PACKAGES = ("functionfs", "libaio", "ioctl_opt", "serial",
+                 # pyusb and pytest: host_tests/test_pyusb_board.py runs in the guest against the gadget
+                 "usb", "pytest", "_pytest", "pluggy", "iniconfig", "packaging")
+LIBUSB_PACKAGE = "libusb-1.0-0"  # pyusb's backend; its only other need, libudev, is in the base layer
 
 GADGET_FUNCTIONS = r"""
 load_gadget_stack() {
@@ -100,16 +107,38 @@ def gadget_extra_files() -> dict[str, bytes]:
     for m in EXTRA_MODULES:
         order.append(m)
     files["/etc/gadget-extra-modules.order"] = ("\n".join(order) + "\n").encode()
-    for name in SITE_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise BuildError(f"python package {name!r} is not installed in this venv")
-        top = Path(next(iter(spec.submodule_search_locations)))
-        for path in sorted(top.rglob("*.py")):
-            if "__pycache__" in path.parts or "tests" in path.parts:
-                continue
-            files[f"/opt/usbmirror/{path.relative_to(top.parent)}"] = path.read_bytes()
+    files.update(_libusb(builder))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.pyc"
+        for name in SITE_PACKAGES:
+            spec = importlib.util.find_spec(name)
+            if spec is None or not spec.submodule_search_locations:
+                raise BuildError(f"python package {name!r} is not installed in this venv")
+            top = Path(next(iter(spec.submodule_search_locations)))
+            for path in sorted(top.rglob("*.py")):
+                if "__pycache__" in path.parts or "tests" in path.parts:
+                    continue
+                guest = f"/opt/usbmirror/{path.relative_to(top.parent)}"
+                files[guest] = path.read_bytes()
+                # precompiled: imports in the TCG guest are several times faster
+                py_compile.compile(str(path), cfile=str(out), dfile=guest, doraise=True,
+                                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                files[str(Path(guest).parent / "__pycache__" / f"{path.stem}.cpython-311.pyc")] = out.read_bytes()
     return files
+
+
+def _libusb(builder: GuestBuilder) -> dict[str, bytes]:
+    pkg = resolve_packages([LIBUSB_PACKAGE])[LIBUSB_PACKAGE]
+    (deb,) = download([pkg], builder.debdir)
+    tar_bytes = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                               check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for member in tar:
+            if member.isfile() and "/libusb-1.0.so.0" in member.name:
+                f = tar.extractfile(member)
+                assert f is not None
+                return {"/usr/lib/x86_64-linux-gnu/libusb-1.0.so.0": f.read()}
+    raise BuildError(f"{deb.name} has no libusb-1.0.so.0")
 
 
 def run_gadget_guest(script: str, *, timeout: float, memory: int = 640, image: GuestImage | None = None,
