@@ -136,7 +136,7 @@ class LocalUnit:
         self._pending_bytes = 0
         self._applied_unsynced = journal.applied_seq
         self._unsynced_bytes = 0
-        self._volume_sync_bytes = volume_sync_bytes or max(1 << 20, journal.capacity_bytes // 4)
+        self._volume_sync_bytes = volume_sync_bytes or max(1 << 20, journal.capacity_bytes // 2)
         self._group_bytes = group_bytes
         self._gates: list[Callable[[int], None]] = []
         self._overflow = False
