@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 UNDO_CHUNK_BYTES = 64 << 10
 _UNDO_ENTRY = struct.Struct(">QII")  # lba, byte length, crc32c of the data
 _RECV_CHUNK = 1 << 20
-_MAX_UNACKED_BYTES = 8 << 20
+_RECV_BURST = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,7 @@ class SourceTarget:
         self.volume: Volume | None = None
         self.undo: UndoLog | None = None
         self.lock = threading.Lock()  # held by the connection that replicates
+        self.save_lock = threading.RLock()
         self.active: _Connection | None = None
         self.applied = self.state.applied_seq  # in memory: applied, maybe not yet durable
         self.last_error = ""
@@ -207,7 +208,8 @@ class SourceTarget:
             return TargetState(self.source_id)
 
     def save(self) -> None:
-        save_json_durably(self.state_path, asdict(self.state))
+        with self.save_lock:
+            save_json_durably(self.state_path, asdict(self.state))
 
     def open_volume(self, hello: jp.Hello) -> None:
         num_blocks = hello.volume_size // hello.block_size
@@ -303,6 +305,77 @@ class _Refused(Exception):
         self.code = code
 
 
+class _Flusher:
+    """Makes a target's applied position durable off the receive path: fdatasync, then the sidecar
+    state, then a byte on `wake_w` so the connection thread sends the ACK."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self.cond = threading.Condition()
+        self.requested = 0
+        self.done = 0
+        self.busy = False
+        self.error: BaseException | None = None
+        self._stop = False
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.thread = threading.Thread(target=self._run, name="remote-flusher", daemon=True)
+        self.thread.start()
+
+    def request(self, seq: int) -> None:
+        with self.cond:
+            self.requested = seq
+            self.busy = True
+            self.cond.notify_all()
+
+    def wait_idle(self) -> None:
+        with self.cond:
+            while self.busy:
+                self.cond.wait(0.5)
+
+    def drain_wake(self) -> None:
+        self.wake_r.setblocking(False)
+        with contextlib.suppress(OSError):
+            self.wake_r.recv(4096)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.busy and not self._stop:
+                    self.cond.wait()
+                if self._stop:
+                    return
+                seq = self.requested
+            t = self.conn.target
+            try:
+                assert t is not None and t.volume is not None
+                t.volume.flush()
+                with t.save_lock:
+                    if seq > t.state.applied_seq:
+                        t.state.applied_seq = seq
+                        t.save()
+                self.done = max(self.done, seq)
+            except BaseException as exc:  # handed to the connection thread, which reports it
+                self.error = exc
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()
+            with contextlib.suppress(OSError):
+                self.wake_w.send(b"x")
+
+    def stop(self) -> None:
+        with self.cond:
+            self.wait_idle_locked()
+            self._stop = True
+            self.cond.notify_all()
+        self.thread.join(timeout=10)
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def wait_idle_locked(self) -> None:
+        while self.busy:
+            self.cond.wait(0.5)
+
+
 class _Connection:
     """One accepted connection, served by its own thread."""
 
@@ -315,8 +388,8 @@ class _Connection:
         self.purpose = jp.Purpose.REPLICATE
         self.closing = False
         self.acked_sent = 0
-        self.unsynced_bytes = 0
         self._hello_ev: jp.Hello | None = None
+        self.flusher = _Flusher(self)
 
     @property
     def hello(self) -> jp.Hello:
@@ -383,45 +456,84 @@ class _Connection:
             t.lock.release()
 
     def _recv(self) -> bytes:
+        """One blocking read, then whatever else is already there without blocking (a TLS read
+        returns one 16 KiB record at a time; gathering them saves a select per record)."""
         data = self.sock.recv(_RECV_CHUNK)
         if not data:
             raise ConnectionResetError("peer closed the connection")
-        return data
-
-    def _more_ready(self) -> bool:
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        r, _, _ = select.select([self.sock], [], [], 0)
-        return bool(r)
+        parts = [data]
+        total = len(data)
+        self.sock.settimeout(0.0)
+        try:
+            while total < _RECV_BURST:
+                more = self.sock.recv(_RECV_CHUNK)
+                if not more:
+                    break
+                parts.append(more)
+                total += len(more)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            pass
+        finally:
+            self.sock.settimeout(self.unit.cfg.heartbeat_timeout_s)
+        return b"".join(parts) if len(parts) > 1 else data
 
     def _serve(self) -> None:
+        """Receive and apply in this thread; make durable in the flusher thread (group commit), so
+        the link keeps flowing while the target syncs. Only this thread touches the TLS socket."""
         self.sock.settimeout(self.unit.cfg.heartbeat_timeout_s)
-        while not self.closing:
-            self.conn.receive_data(self._recv())
-            while True:
-                ev = self.conn.next_event()
-                if ev is jp.NEED_DATA:
-                    break
-                assert not isinstance(ev, jp._NeedData)
-                self._handle(ev)
-            if self.unsynced_bytes < _MAX_UNACKED_BYTES and self._more_ready():
-                continue
-            self._make_durable_and_ack()
+        try:
+            while not self.closing:
+                pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
+                if pending:
+                    ready = [self.sock]
+                else:
+                    ready, _, _ = select.select([self.sock, self.flusher.wake_r], [], [],
+                                                self.unit.cfg.heartbeat_timeout_s)
+                    if not ready:
+                        raise TimeoutError(f"nothing heard for {self.unit.cfg.heartbeat_timeout_s} s")
+                if self.flusher.wake_r in ready:
+                    self._flush_done()
+                if self.sock in ready:
+                    self.conn.receive_data(self._recv())
+                    while True:
+                        ev = self.conn.next_event()
+                        if isinstance(ev, jp._NeedData):
+                            break
+                        self._handle(ev)
+                    self._maybe_flush()
+        finally:
+            self.flusher.stop()
 
-    def _make_durable_and_ack(self) -> None:
+    def _maybe_flush(self) -> None:
         t = self.target
         if t is None or self.purpose is not jp.Purpose.REPLICATE or t.volume is None:
             return
-        if t.applied > self.acked_sent or t.applied != t.state.applied_seq:
-            t.volume.flush()
-            t.state.applied_seq = t.applied
-            if t.state.resync_active and t.state.resync_end is not None and t.applied >= t.state.resync_end:
-                self._finish_resync(t)
-            t.save()
-            self._send(jp.Ack(t.applied))
-            self.acked_sent = t.applied
-            t.last_ack_time = time.monotonic()
-            self.unsynced_bytes = 0
+        if t.applied > max(self.acked_sent, self.flusher.requested) and not self.flusher.busy:
+            self.flusher.request(t.applied)
+
+    def _flush_done(self) -> None:
+        """The flusher made a position durable: acknowledge it (and finish a resync at Q)."""
+        self.flusher.drain_wake()
+        err = self.flusher.error
+        if err is not None:
+            self.flusher.error = None
+            raise err
+        t = self.target
+        done = self.flusher.done
+        if t is None or done <= self.acked_sent:
+            return
+        if t.state.resync_active and t.state.resync_end is not None and done >= t.state.resync_end:
+            self._finish_resync(t)
+        self._send(jp.Ack(done))
+        self.acked_sent = done
+        t.last_ack_time = time.monotonic()
+        self._maybe_flush()
+
+    def _quiesce(self) -> None:
+        """Wait for a flush in progress and acknowledge it (before state changes other than records)."""
+        if self.flusher.busy or self.flusher.done > self.acked_sent:
+            self.flusher.wait_idle()
+            self._flush_done()
 
     def _finish_resync(self, t: SourceTarget) -> None:
         t.state.resync_active = False
@@ -539,7 +651,6 @@ class _Connection:
                 if len(r.payload) != r.count * t.volume.block_size:
                     raise jp.ProtocolError(f"write seq={r.seq}: {len(r.payload)} bytes for {r.count} blocks")
                 vol.write_nosync(r.lba, r.payload)
-                self.unsynced_bytes += len(r.payload)
                 t.bytes_applied += len(r.payload)
             elif r.kind is jp.RecordKind.UNMAP:
                 vol.unmap(r.lba, r.count)
@@ -557,6 +668,7 @@ class _Connection:
         self._send(jp.RegionDigests(req.first_region, req.region_blocks, tuple(out)))
 
     def _resync_begin(self, t: SourceTarget, ev: jp.ResyncBegin) -> None:
+        self._quiesce()
         st = t.state
         assert t.volume is not None
         if not st.resync_active and t.applied != st.applied_seq:
@@ -598,6 +710,7 @@ class _Connection:
         t.bytes_applied += len(ev.data)
 
     def _resync_end(self, t: SourceTarget, ev: jp.ResyncEnd) -> None:
+        self._quiesce()
         assert t.volume is not None
         if not t.state.resync_active:
             raise jp.ProtocolError("RESYNC_END without RESYNC_BEGIN", jp.ErrorCode.SEQUENCE)
