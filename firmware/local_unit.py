@@ -221,16 +221,16 @@ class LocalUnit:
         self._write_cache = enabled
         log.info("write cache %s", "on" if enabled else "off")
 
-    def _check(self, lba: int, count: int) -> None:
+    def _check(self, lba: int, count: int, *, writing: bool = True) -> None:
         if lba < 0 or count < 0 or lba + count > self._nblocks:
             raise ValueError(f"blocks {lba}+{count} outside volume of {self._nblocks}")
         if self._closed:
             raise StorageError("local unit is closed")
-        if self._failed is not None:
+        if writing and self._failed is not None:
             raise WriteError(f"local unit failed earlier: {self._failed}")
 
     def read(self, lba: int, count: int) -> bytes:
-        self._check(lba, count)
+        self._check(lba, count, writing=False)  # after a write failure, what was acknowledged is readable
         with self._lock:
             data = self._volume.read(lba, count)
             if not self._pending:
@@ -328,7 +328,13 @@ class LocalUnit:
         self._throttle_ack()
 
     def _append_locked(self, kind: RecordKind, lba: int, count: int, payload: bytes) -> int:
-        seq = self._journal.append(kind, lba, count, payload, self._wall())
+        try:
+            seq = self._journal.append(kind, lba, count, payload, self._wall())
+        except JournalFull:
+            raise
+        except JournalError as exc:
+            self._failed = exc
+            raise WriteError(f"journal unusable: {exc}") from exc
         self._pending.append(_Pending(seq, kind, lba, count, payload))
         self._pending_bytes += len(payload) + 64
         return seq
@@ -384,7 +390,9 @@ class LocalUnit:
             except (OSError, StorageError) as exc:
                 self._failed = exc
                 del self._pending[:n]
-                raise
+                if isinstance(exc, StorageError):
+                    raise
+                raise WriteError(f"volume write failed seq={p.seq}: {exc}") from exc
             self._applied_unsynced = p.seq
             self._unsynced_bytes += len(p.payload) + 64
             self._pending_bytes -= len(p.payload) + 64

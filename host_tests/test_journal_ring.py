@@ -402,3 +402,18 @@ def test_other_units_journal_is_refused(tmp_path: Path) -> None:
     junk.write_bytes(b"\x01" * (1 << 20))
     with pytest.raises(JournalError, match="not a usbmirror journal"):
         Journal.open(junk, size=None, unit_uuid=UNIT, block_size=512)
+
+
+def test_confirmations_are_checkpointed_as_the_ring_fills() -> None:
+    f = new_flash()
+    j = open_j(f)
+    j.register_consumer("remote")
+    for i in range(4):
+        j.append(RecordKind.WRITE, i, 1, payload(i), 0)
+    j.sync()
+    j.confirm("remote", 3)
+    for i in range(12):  # more than an eighth of the ring: the next batch checkpoints
+        j.append(RecordKind.WRITE, i, 1, payload(i), 0)
+        j.sync()
+    j2 = open_j(reboot(f, CrashMode.DROP))
+    assert j2.consumers() == {"remote": 3}

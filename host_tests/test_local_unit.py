@@ -410,3 +410,28 @@ def test_background_volume_sync_lets_the_journal_release_records(tmp_path: Path)
         assert j.applied_seq >= j.tail_seq - 1
         for i in range(32, 64):
             assert lu.read(i % 32 * 8, 8) == blk(i, 8)
+
+
+class FailingFlash(SimulatedFlash):
+    """Flash whose writes start failing with EIO (a worn-out or unplugged device)."""
+
+    broken = False
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if self.broken:
+            raise OSError(5, "Input/output error")
+        super().pwrite(data, offset)
+
+
+def test_journal_io_error_is_reported_as_sense_and_reads_still_work() -> None:
+    r = Rig()
+    r.jflash = FailingFlash(RING_OFFSET + r.ring, rail=r.rail)
+    lu = r.unit()
+    lu.write(0, blk(1))
+    r.jflash.broken = True  # type: ignore[attr-defined]
+    with pytest.raises(WriteError) as ei:
+        lu.write(1, blk(2))
+    assert (ei.value.sense_key, ei.value.asc) == (0x03, 0x0C)  # MEDIUM ERROR, WRITE ERROR
+    with pytest.raises(WriteError):
+        lu.write(2, blk(3))  # the unit stays failed: durability can no longer be promised
+    assert lu.read(0, 1) == blk(1)

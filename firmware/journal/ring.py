@@ -557,6 +557,20 @@ class Journal:
         self._durable_pos = end_pos
         self._bytes_since_ckpt += size
         self._cond.notify_all()
+        if self._bytes_since_ckpt >= self._ring // 8:
+            # persist confirmations and the tail now and then, even if nobody asks
+            st = self._checkpoint_state()
+            if st[:2] + st[4:] == self._ckpt_state:
+                self._bytes_since_ckpt = 0
+                return
+            self._lock.release()
+            try:
+                self._write_checkpoint(st)
+            except BaseException as exc:
+                self._lock.acquire()
+                self._failed = exc
+                raise
+            self._lock.acquire()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint_state(self) -> tuple[object, ...]:
