@@ -370,6 +370,14 @@ def apt_show(names: Iterable[str]) -> dict[str, DebPackage]:
     return found
 
 
+def _lists_fingerprint() -> list[tuple[str, int, int]]:
+    lists = Path("/var/lib/apt/lists")
+    if not lists.is_dir():
+        return []
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in lists.iterdir() if p.is_file()
+                  and p.name != "lock")
+
+
 def _have_lists() -> bool:
     lists = Path("/var/lib/apt/lists")
     return lists.exists() and any(p.name.endswith(("Packages", "Packages.lz4", "Packages.gz", "Packages.xz"))
@@ -556,7 +564,7 @@ while read -r mod; do
         *) insmod "/lib/modules/$KVER/$mod" 2>/dev/null ;;
     esac
 done < /etc/gadget-modules.order
-mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config
+grep -q ' /sys/kernel/config ' /proc/mounts || mount -t configfs configfs /sys/kernel/config
 """
 
 
@@ -644,13 +652,25 @@ class GuestBuilder:
         self.cache = cache or cache_dir()
         self.debdir = self.cache / "debs"
 
-    def _packages(self, roots: Iterable[str]) -> dict[str, DebPackage]:
-        return resolve_packages(roots)
+    def _resolve(self, kind: str) -> tuple[str, dict[str, DebPackage]]:
+        """(kernel package, package set) for "base" or "python"; remembered until the apt lists change."""
+        path = self.cache / f"resolve-{_key(kind, _lists_fingerprint())}.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            pkgs = {n: DebPackage(n, v, tuple(tuple(a) for a in deps), arch)
+                    for n, (v, arch, deps) in saved["packages"].items()}
+            return str(saved["kernel"]), pkgs
+        kpkg = kernel_package()
+        roots = [kpkg, "libc6", *TOOL_PACKAGES, *DATA_PACKAGES] if kind == "base" else [*PYTHON_PACKAGES, "libc6"]
+        pkgs = resolve_packages(roots)
+        data = {"kernel": kpkg, "packages": {n: [p.version, p.arch, p.depends] for n, p in pkgs.items()}}
+        if _lists_fingerprint():
+            _atomic_write(path, json.dumps(data).encode())
+        return kpkg, pkgs
 
     def build(self, *, python: bool = False) -> GuestImage:
         with _locked(self.cache / "lock"):
-            kpkg = kernel_package()
-            base_pkgs = self._packages([kpkg, "libc6", *TOOL_PACKAGES, *DATA_PACKAGES])
+            kpkg, base_pkgs = self._resolve("base")
             kver_pkg = base_pkgs[kpkg]
             versions = {n: p.version for n, p in sorted(base_pkgs.items())}
             base_key = _key("base", versions, BASE_MODULES, MODULE_PARAMS, INIT_SCRIPT)
@@ -659,16 +679,25 @@ class GuestBuilder:
             base_cpio = self.cache / f"base-{base_key}.cpio"
             if not (meta_path.exists() and base_cpio.exists() and vmlinux.exists()):
                 self._build_base(base_pkgs, kpkg, vmlinux, base_cpio, meta_path)
+                self._prune("base-*.cpio", "base-*.json", "resolve-*.json")
             meta = json.loads(meta_path.read_text())
             py_cpio = None
             if python:
-                py_pkgs = self._packages([*PYTHON_PACKAGES, "libc6"])
+                _kernel, py_pkgs = self._resolve("python")
                 py_versions = {n: p.version for n, p in sorted(py_pkgs.items())}
                 py_key = _key("python", py_versions, base_key, GADGET_MODULES, LOAD_GADGET)
                 py_cpio = self.cache / f"python-{py_key}.cpio"
                 if not py_cpio.exists():
                     self._build_python(py_pkgs, base_pkgs[kpkg], meta, py_cpio)
+                    self._prune("python-*.cpio")
             return GuestImage(vmlinux, base_cpio, py_cpio, str(meta["kernel_version"]))
+
+    def _prune(self, *patterns: str, keep: int = 2) -> None:
+        """Delete all but the newest `keep` cached files of each pattern (old keys are never used again)."""
+        for pattern in patterns:
+            files = sorted(self.cache.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in files[keep:]:
+                old.unlink(missing_ok=True)
 
     def _build_base(self, pkgs: dict[str, DebPackage], kpkg: str, vmlinux: Path, out: Path,
                     meta_path: Path) -> None:
