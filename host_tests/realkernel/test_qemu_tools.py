@@ -32,7 +32,7 @@ RELAY = Path(__file__).resolve().parents[2] / "hw" / "qemu" / "relay.py"
 
 def parse_cpio(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
     """name -> (mode, data, (rdevmajor, rdevminor)); checks magic and 4-byte alignment of every part."""
-    out = {}
+    out: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
     off = 0
     while True:
         assert off % 4 == 0, f"header at unaligned offset {off}"
