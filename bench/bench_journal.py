@@ -158,8 +158,8 @@ def recovery(tmp: Path, journal_bytes: int) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=1.0, help="duration of each figure in each round")
-    ap.add_argument("--rounds", type=int, default=6, help="rounds; raw and local unit alternate in each")
+    ap.add_argument("--seconds", type=float, default=0.5, help="duration of each figure in each round")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds; raw and local unit alternate in each")
     ap.add_argument("--journal-size", default=256 * MIB, type=int, help="journal file size in bytes")
     ap.add_argument("--recovery-size", default=1 << 30, type=int, help="journal size for the recovery test")
     ap.add_argument("--dir", help="where to put the files (default: a temp dir on a real disk)")
