@@ -199,6 +199,23 @@ class SourceTarget:
         self.resync_regions_done = 0
         self.resync_regions_total = 0
         self.last_ack_time: float | None = None
+        self.last_record_ts_ns = 0  # host timestamp of the newest applied record
+        self._rate: list[tuple[float, int]] = []  # (monotonic, bytes_applied) samples at ACK time
+
+    def note_ack(self) -> None:
+        now = time.monotonic()
+        self.last_ack_time = now
+        self._rate.append((now, self.bytes_applied))
+        while len(self._rate) > 2 and now - self._rate[0][0] > 5.0:
+            self._rate.pop(0)
+
+    def throughput_bps(self) -> float:
+        if len(self._rate) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._rate[0], self._rate[-1]
+        if self.last_ack_time is not None and time.monotonic() - self.last_ack_time > 5.0:
+            return 0.0
+        return (b1 - b0) / max(1e-3, t1 - t0)
 
     def _load(self) -> TargetState:
         try:
@@ -281,6 +298,9 @@ class SourceTarget:
             "resync_percent": pct,
             "last_error": self.last_error,
             "seconds_since_ack": None if self.last_ack_time is None else time.monotonic() - self.last_ack_time,
+            "throughput_bps": round(self.throughput_bps(), 1),
+            "applied_record_age_s": (None if not self.last_record_ts_ns
+                                     else max(0.0, time.time() - self.last_record_ts_ns / 1e9)),
         }
 
     def close(self) -> None:
@@ -460,6 +480,7 @@ class _Connection:
         returns one 16 KiB record at a time; gathering them saves a select per record)."""
         data = self.sock.recv(_RECV_CHUNK)
         if not data:
+            self.conn.receive_eof()  # a frame cut short is a protocol error, logged as such
             raise ConnectionResetError("peer closed the connection")
         parts = [data]
         total = len(data)
@@ -526,7 +547,7 @@ class _Connection:
             self._finish_resync(t)
         self._send(jp.Ack(done))
         self.acked_sent = done
-        t.last_ack_time = time.monotonic()
+        t.note_ack()
         self._maybe_flush()
 
     def _quiesce(self) -> None:
@@ -656,6 +677,7 @@ class _Connection:
                 vol.unmap(r.lba, r.count)
             t.applied = r.seq
             t.records_applied += 1
+            t.last_record_ts_ns = r.timestamp_ns
 
     def _digests(self, t: SourceTarget, req: jp.DigestRequest) -> None:
         assert t.volume is not None

@@ -387,8 +387,12 @@ class RemoteLink:
         lag_records = max(0, head - self.acked_seq)
         unsent = max(0, head - self.sent_seq)
         lag_bytes = self.in_flight_bytes + int(unsent * self.avg_record_bytes)
+        ts_fn = getattr(j, "timestamp_of", None)
+        oldest = ts_fn(self.acked_seq + 1) if (ts_fn is not None and lag_records) else None
         if lag_records == 0:
             lag_s = 0.0
+        elif oldest:
+            lag_s = max(0.0, time.time() - oldest / 1e9)  # age of the oldest record it lacks
         elif self.in_flight:
             lag_s = max(0.0, time.time() - self.in_flight[0][2] / 1e9)
         else:
@@ -454,6 +458,7 @@ class _Session:
             except ssl.SSLWantReadError:
                 data = None
             if data == b"":
+                self.conn.receive_eof()
                 raise LinkFailure("remote closed the connection")
             if data:
                 self.last_rx = time.monotonic()
@@ -747,7 +752,10 @@ class Replicator:
 
     def close(self) -> None:
         self._stop.set()
+        remove = getattr(self.local_unit, "remove_sync_gate", None)
         for link in self.links:
+            if link.spec.mode == "sync" and remove is not None:
+                remove(link.sync_gate)
             link.stop()
 
     # -- shared helpers -------------------------------------------------------------------------

@@ -152,6 +152,19 @@ def test_truncated_stream_waits_then_oversized_length_refused_early() -> None:
         rem.next_event()
 
 
+def test_stream_cut_inside_a_frame_is_a_protocol_error() -> None:
+    src, rem = open_pair()
+    frame = src.send(jp.Batch(40, (jp.Record(41, jp.RecordKind.WRITE, 0, 1, 0, os.urandom(512)),)))
+    rem.receive_data(frame[:100])
+    assert rem.next_event() is jp.NEED_DATA
+    with pytest.raises(jp.ProtocolError, match="closed inside a frame"):
+        rem.receive_eof()
+    assert rem.state is jp.ConnState.CLOSED
+    _src2, rem2 = open_pair()
+    rem2.receive_eof()  # a clean close between frames is no error
+    assert rem2.state is jp.ConnState.CLOSED
+
+
 def _frame(ftype: int, payload: bytes, version: int = 1) -> bytes:
     head = struct.pack(">2sBBI", b"UJ", version, ftype, len(payload))
     return head + payload + struct.pack(">I", google_crc32c.value(head + payload))

@@ -486,6 +486,14 @@ class JourneyConnection:
         self._buf += data
         self.bytes_in += len(data)
 
+    def receive_eof(self) -> None:
+        """The peer closed the stream. A frame cut short is a ProtocolError (truncated)."""
+        pending = len(self._buf)
+        self.state = ConnState.CLOSED
+        self._buf.clear()
+        if pending:
+            raise ProtocolError(f"connection closed inside a frame ({pending} bytes of it received)")
+
     def next_event(self) -> Event | _NeedData:
         buf = self._buf
         if len(buf) < _HEADER.size:
