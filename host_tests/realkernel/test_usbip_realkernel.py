@@ -143,12 +143,20 @@ usbip port
 usbip detach -p 0 || die detach
 n=0; while [ -e /sys/block/$d ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 [ -e /sys/block/$d ] && die disk_still_present_after_detach
+check_kernel_log
 mark done=1
 """
 
 
 def _fail(what: str, result: GuestResult, dev: RunningDevice) -> str:
     return f"{what}\n{result.describe()}\n--- device log (tail) ---\n{dev.log()}"
+
+
+def _kernel_clean(result: GuestResult, dev: RunningDevice) -> None:
+    """The guest kernel logged no I/O errors, SCSI failures, USB resets or file-system errors."""
+    errors = [line for line in result.output.splitlines() if line.startswith("KERNEL-ERROR: ")]
+    assert result.markers.get("kernel_errors") == "0" and not errors, _fail(
+        "the guest kernel logged trouble with the disk:\n" + "\n".join(errors), result, dev)
 
 
 def _read_gpt(image: bytes) -> list[tuple[str, int, int, str]]:
@@ -218,6 +226,7 @@ def test_linux_uses_the_disk_and_the_image_holds_what_it_wrote(
     assert m.get("blocks") == str(DISK_SIZE // SECTOR) and m.get("block_len") == str(SECTOR), _fail(
         f"READ CAPACITY(16) reported {m.get('blocks')} x {m.get('block_len')} bytes", result, dev)
     assert int(m.get("files_verified", "0")) == 2 * 42, _fail("not every file was verified", result, dev)
+    _kernel_clean(result, dev)
     assert dev.stop() == 0, f"device did not exit cleanly on SIGTERM:\n{dev.log()}"
 
     image = dev.image.read_bytes()
@@ -274,6 +283,7 @@ usbip attach -r 10.0.2.100 -b {busid} || die reattach
 d=$(wait_disk 20) || die no-disk-after-reattach
 {verify_only}
 usbip detach -p 0 || die detach2
+check_kernel_log
 mark done=1
 """
 
@@ -302,6 +312,7 @@ def test_fio_verify_survives_reattach(guest_image: GuestImage,
     assert "failed" not in m, _fail(f"guest step failed: {m.get('failed')}", result, dev)
     assert result.rc == 0 and m.get("done") == "1", _fail("guest fio script did not finish", result, dev)
     assert result.output.count("err= 0") >= 2 * len(FIO_JOBS), _fail("fio reported errors", result, dev)
+    _kernel_clean(result, dev)
     assert dev.stop() == 0, f"device did not exit cleanly on SIGTERM:\n{dev.log()}"
     image = dev.image.read_bytes()
     _check_fio_blocks(image, 0, 8 * MIB, 4096)

@@ -8,7 +8,12 @@ vfat drivers loaded and ``usb-storage delay_use=0``. Helper functions available 
 * ``mark KEY=VALUE ...`` -- print a marker line; the runner returns them in ``GuestResult.markers``;
 * ``usbip_attach BUSID`` -- ``usbip attach -r 10.0.2.100 -b BUSID``;
 * ``wait_disk [SECONDS]`` -- wait until a SCSI disk appears, then print its name (``sda``);
-* ``die MESSAGE`` -- print a failure marker and exit 1.
+* ``die MESSAGE`` -- print a failure marker and exit 1;
+* ``check_kernel_log`` -- print kernel log lines that show trouble with a disk (I/O errors, SCSI
+  errors, USB resets, file-system errors) as ``KERNEL-ERROR:`` lines and mark ``kernel_errors=N``.
+
+busybox ``sh`` runs its own applets first: call util-linux tools that busybox also has (blkdiscard,
+blockdev, ...) by full path (``/sbin/blkdiscard``).
 
 Use :func:`run_guest`; ``python -m hw.qemu.guest SCRIPT`` runs a script file by hand.
 """
@@ -35,10 +40,18 @@ RELAY = Path(__file__).with_name("relay.py")
 MARKER = "@@USBMIRROR"
 EXIT_RE = re.compile(r"^@@USBMIRROR-EXIT rc=(\d+)\s*$", re.M)
 
+KERNEL_TROUBLE = ("i/o error|reset (low|full|high|super)[a-z+ -]*usb device|failed result|timing out"
+                  "|sense key|offline|rejecting i/o|ext4-fs error|fat-fs .*error|critical (medium|target)"
+                  "|device descriptor read|unable to enumerate")
 GUEST_FUNCTIONS = f"""\
 mark() {{ echo "{MARKER} $*"; }}
 die() {{ echo "{MARKER} failed=$*"; exit 1; }}
 usbip_attach() {{ usbip attach -r {USBIP_ADDR} -b "$1"; }}
+check_kernel_log() {{
+    dmesg | grep -iE "{KERNEL_TROUBLE}" > /tmp/kernel-errors
+    sed 's/^/KERNEL-ERROR: /' /tmp/kernel-errors
+    mark kernel_errors=$(wc -l < /tmp/kernel-errors)
+}}
 wait_disk() {{
     limit=$(( ${{1:-20}} * 10 )); n=0
     while [ $n -lt $limit ]; do
