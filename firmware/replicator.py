@@ -687,7 +687,9 @@ class Replicator:
 
     `with Replicator(local_unit, journal, source_id=..., remotes=[...], tls=TlsFiles(...), state_dir=...)`
     starts one link thread per remote; `status()` and `verify()` may be called from any thread.
-    `tls=None` and `tls_dir=None` mean plaintext: for tests and benchmarks only.
+    `tls=None` and `tls_dir=None` mean plaintext: for tests and benchmarks only. `state_dir` is
+    accepted for symmetry with the other units but holds nothing: the persistent positions are the
+    journal's consumer positions and each remote's applied position, which the remote reports.
     """
 
     def __init__(

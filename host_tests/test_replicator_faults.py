@@ -204,3 +204,53 @@ def test_remote_disk_full_then_freed_real_tmpfs(rig: Rig, tmp_path: Path) -> Non
         rig.stop_rep()
         rig.stop_remote()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+_REMOTE_PROC = """
+import sys, logging
+sys.path.insert(0, sys.argv[1])
+from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
+logging.basicConfig(level=logging.WARNING)
+ru = RemoteUnit(RemoteUnitConfig(("127.0.0.1", int(sys.argv[2])), "r1", {"src-a": sys.argv[3]}, sys.argv[4],
+                                 sys.argv[5], heartbeat_timeout_s=5))
+ru.start()
+print(ru.port, flush=True)
+sys.stdin.read()
+"""
+
+
+def _spawn_remote(rig: Rig, port: int) -> tuple[subprocess.Popen[str], int]:
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _REMOTE_PROC, str(Path(__file__).resolve().parents[1]),
+                             str(port), str(rig.target), str(rig.tls_dir), str(rig.tmp / "rstate")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def test_remote_killed_hard_mid_stream(rig: Rig) -> None:
+    """SIGKILL of the remote process while it applies: on restart it resumes from its durable
+    position; records it had applied but not made durable are applied again (same bytes)."""
+    rng = random.Random(18)
+    proc, port = _spawn_remote(rig, 0)
+    try:
+        rig.port = port
+        rep = rig.start_rep()
+        rig.wait_streaming()
+        big_writes(rig, 60, rng)
+        proc.kill()  # no chance to flush or save anything
+        proc.wait()
+        big_writes(rig, 20, rng)
+        assert rep.links[0].acked_seq < rig.journal.head_seq
+        proc, _ = _spawn_remote(rig, port)
+        rig.drain()
+        assert rig.same()
+        import json
+
+        state = json.loads((rig.tmp / "rstate" / "src-a.json").read_text())
+        assert state["applied_seq"] == rig.journal.head_seq
+    finally:
+        rig.stop_rep()
+        proc.kill()
+        proc.wait()
