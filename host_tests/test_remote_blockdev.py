@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from host_tests.linkkit import wait_until
-from host_tests.test_replicator_e2e import SIZE, Rig, random_writes, tls_dir  # noqa: F401
+from host_tests.test_replicator_e2e import SIZE, Rig, random_writes, tls_dir
 
 __all__ = ["tls_dir"]
 
@@ -31,7 +31,7 @@ def loopdev(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["losetup", "-d", str(dev)], check=False)
 
 
-def test_block_device_target(tmp_path: Path, tls_dir: Path, loopdev: Path) -> None:  # noqa: F811
+def test_block_device_target(tmp_path: Path, tls_dir: Path, loopdev: Path) -> None:
     rig = Rig(tmp_path, tls_dir)
     try:
         rng = random.Random(60)
