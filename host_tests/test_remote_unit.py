@@ -195,3 +195,33 @@ def test_target_smaller_than_volume_refused(tmp_path: Path) -> None:
         assert isinstance(s.reply, jp.Error) and s.reply.code is jp.ErrorCode.VOLUME_MISMATCH
         s.close()
     assert os.path.getsize(small) == SIZE // 2
+
+
+def test_undo_log_drops_a_torn_tail_and_restores(tmp_path: Path) -> None:
+    from firmware.remote_unit import UndoLog
+    from firmware.volume import Volume
+
+    with Volume(tmp_path / "v.img", size=SIZE, block_size=BS) as vol:
+        vol.write(0, b"\x11" * (SIZE // 2) + b"\x22" * (SIZE // 2))
+        original = vol.read(0, SIZE // BS)
+        undo = UndoLog(tmp_path / "u.undo", BS)
+        undo.protect(vol, SIZE // BS, 10, 3)  # one 64 KiB chunk
+        undo.protect(vol, SIZE // BS, 1500, 200)  # blocks 1500..1699: chunks 11, 12, 13
+        undo.protect(vol, SIZE // BS, 12, 1)  # already saved: nothing new
+        vol.write(0, b"\x99" * (SIZE // 4))
+        vol.write(1500, b"\x77" * (200 * BS))
+        undo.close()
+        with open(tmp_path / "u.undo", "ab") as f:
+            f.write(b"\x00\x00\x00\x00\x00\x00\x00\x05\x00\x00\x02\x00torn")  # a crash mid-append
+        again = UndoLog(tmp_path / "u.undo", BS)
+        assert again.saved == {0, 11, 12, 13}
+        entries = again.entries()
+        assert [lba for lba, _ in entries] == [0, 1408, 1536, 1664]
+        for lba, data in entries:
+            vol.write_nosync(lba, data)
+        again.close()
+        restored = vol.read(0, SIZE // BS)
+    # the chunks the resync touched are back; the rest was not protected and stays as written
+    assert restored[:128 * BS] == original[:128 * BS]
+    assert restored[1408 * BS:1792 * BS] == original[1408 * BS:1792 * BS]
+    assert restored[128 * BS:256 * BS] == b"\x99" * (128 * BS)
