@@ -440,7 +440,8 @@ class LocalUnit:
         return self._journal.used_bytes / self._journal.capacity_bytes
 
     def _throttle_ack(self) -> None:
-        d = self.throttle.delay(self._fill())
+        # In overflow the journal takes no records, so slowing the host down would not help it.
+        d = 0.0 if self._overflow else self.throttle.delay(self._fill())
         self._last_delay = d
         if d > 0:
             self._throttled_acks += 1

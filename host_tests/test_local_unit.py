@@ -435,3 +435,14 @@ def test_journal_io_error_is_reported_as_sense_and_reads_still_work() -> None:
     with pytest.raises(WriteError):
         lu.write(2, blk(3))  # the unit stays failed: durability can no longer be promised
     assert lu.read(0, 1) == blk(1)
+
+
+def test_no_throttle_once_overflowing() -> None:
+    r = Rig()
+    lu = r.unit(throttle=ThrottlePolicy(start_fill=0.5, max_delay_s=0.01))
+    r.journal.register_consumer("remote")
+    _fill_until_overflow(lu)
+    before = len(r.sleeps)
+    for i in range(5):
+        lu.write(i * 8, blk(i, 8))
+    assert lu.overflow and len(r.sleeps) == before
