@@ -51,6 +51,7 @@ from firmware.pairing import TlsFiles, client_context, peer_identity
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7420
+OPEN_END = (1 << 64) - 1  # RESYNC_END position meaning "not final yet"
 
 
 class RemoteState(enum.IntEnum):
@@ -104,6 +105,7 @@ class ReplicatorTuning:
     requests_in_flight: int = 4
     compression: bool = True
     drain_timeout_s: float = 120.0  # verify waits this long for the remote to catch up
+    overflow_resync_after_s: float = 60.0  # a journal overflow lasting longer: resync rounds anyway
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,7 @@ class RemoteLink:
         self.resync: dict[str, Any] = {"active": False, "percent": None, "rate_bps": None, "regions_done": 0,
                                        "regions_total": 0, "bytes_copied": 0, "reason": ""}
         self.covered: Any = None  # the last dirty snapshot whose regions this remote has
+        self.resync_open = False  # a non-final overflow round left the remote's resync open
         self.next_dirty_check = 0.0
         self.resync_end: int | None = None
         self._sock: socket.socket | None = None
@@ -313,7 +316,7 @@ class RemoteLink:
             kind, regions, position = why
             log.info("link up remote=%s name=%s resync=%s regions=%d", self.spec.label, reply.remote_name, kind,
                      len(regions))
-            sess.resync(kind, regions, rep._dirty_state(), position)
+            sess.resync(kind, regions, rep._dirty_state(), position, final=not rep._overflowing())
         self.state = RemoteState.STREAMING
         sess.stream()
         return True
@@ -565,11 +568,14 @@ class _Session:
             rep._progress(Progress(self.link.spec.label, phase, done, total,
                                    int(self.link.resync.get("bytes_copied") or 0)))
 
-    def resync(self, reason: str, regions: list[int], snapshot: Any, position: int) -> None:
+    def resync(self, reason: str, regions: list[int], snapshot: Any, position: int,
+               final: bool = True) -> None:
         """Copy the `regions` that differ, then ship records after `position` (P).
 
         `snapshot` is the dirty snapshot (or None) the copy covers: taken before the first region is
-        read, so every region it names is copied with data at least as new as it."""
+        read, so every region it names is copied with data at least as new as it. A round that is not
+        `final` (the journal is still overflowing, so writes still bypass it) ends with Q = "never":
+        the remote keeps its undo log, and its pre-resync consistent image, until a final round."""
         link, rep = self.link, self.link.rep
         rb = rep.region_blocks
         link.state = RemoteState.RESYNCING
@@ -598,12 +604,14 @@ class _Session:
             link.resync["rate_bps"] = copied / max(1e-3, time.monotonic() - started)
 
         self.compare_regions(regions, rb, on_region, "resync")
-        end = rep.journal.head_seq
+        end = rep.journal.head_seq if final else OPEN_END
         self._send(jp.ResyncEnd(end))
         self.barrier()  # the copied regions are durable on the remote before any dirty bit goes
         link.sent_seq = position
         link.resync_end = end
-        link.resync.update({"active": False, "percent": 100.0, "end_seq": end})
+        link.resync_open = not final
+        link.resync.update({"active": False, "percent": 100.0, "end_seq": end if final else None,
+                            "open": not final})
         if snapshot is not None:
             rep._covered(link, snapshot)
         log.info("resync copy done remote=%s begin=%d end=%d copied_bytes=%d", link.spec.label, position, end,
@@ -665,7 +673,9 @@ class _Session:
                     if todo is not None:
                         # every record up to sent_seq precedes the copy on this connection, so the
                         # remote applies them first; P = sent_seq
-                        self.resync("journal overflow", todo[0], todo[1], link.sent_seq)
+                        regions, snap, final = todo
+                        self.resync("journal overflow" if final else "journal overflow (continuing)",
+                                    regions, snap, link.sent_seq, final)
                         link.state = RemoteState.STREAMING
                         continue
                 want.set()
@@ -731,6 +741,7 @@ class Replicator:
         self._confirm_lock = threading.Lock()
         self._dirty_lock = threading.Lock()
         self._cleared_token = -1
+        self._overflow_seen: float | None = None
         self.links = [RemoteLink(self, spec) for spec in remotes]
         for link in self.links:
             if link.spec.mode == "sync":
@@ -783,21 +794,35 @@ class Replicator:
         snap = snap_fn()
         return snap if getattr(snap, "regions", None) else None
 
-    def _dirty_for(self, link: RemoteLink) -> tuple[list[int], Any] | None:
-        """Dirty regions this remote still needs: regions the local unit wrote straight to its volume
-        while the journal was full. None while the overflow lasts (the copy would chase the writes)."""
-        if getattr(self.local_unit, "overflow", False):
-            return None
+    def _overflowing(self) -> bool:
+        return bool(getattr(self.local_unit, "overflow", False))
+
+    def _dirty_for(self, link: RemoteLink) -> tuple[list[int], Any, bool] | None:
+        """Dirty regions this remote still needs (written straight to the local volume while the
+        journal was full), with whether this round can be final.
+
+        While the overflow lasts the copy would chase the writes, so the first `overflow_resync_after_s`
+        wait; after that (say another remote is down and keeps the journal full) rounds run anyway so
+        this remote does not fall arbitrarily behind, each one not final: the remote keeps its
+        consistent pre-resync image (undo log) until the final round after the overflow ends."""
+        now = time.monotonic()
+        overflowing = self._overflowing()
+        if overflowing:
+            if self._overflow_seen is None:
+                self._overflow_seen = now
+            if now - self._overflow_seen < self.tuning.overflow_resync_after_s:
+                return None
+        else:
+            self._overflow_seen = None
         snap = self._dirty_state()
-        if snap is None:
-            return None
-        if link.covered is not None and link.covered.token >= snap.token:
+        new = snap is not None and (link.covered is None or snap.token > link.covered.token)
+        if not new and not (link.resync_open and not overflowing):
             return None
         rb = self.region_blocks
         idx: set[int] = set()
-        for lba, count in snap.regions:
+        for lba, count in (snap.regions if snap is not None else ()):
             idx.update(range(lba // rb, (lba + max(count, 1) - 1) // rb + 1))
-        return sorted(i for i in idx if i < self.total_regions), snap
+        return sorted(i for i in idx if i < self.total_regions), snap, not overflowing
 
     def _covered(self, link: RemoteLink, snap: Any) -> None:
         """`link` holds every region of `snap`; once every remote does, the dirty bits may go."""

@@ -246,3 +246,28 @@ def _debug_diff(rig: Rig) -> list[int]:
     b = (rig.tmp / "local.img").read_bytes()
     rb = 128 * BS
     return [i for i in range(SIZE // rb) if a[i * rb:(i + 1) * rb] != b[i * rb:(i + 1) * rb]]
+
+
+def test_long_overflow_keeps_remote_fresh_but_flags_it_inconsistent(rig: Rig) -> None:
+    """The journal stays full (say another remote is down): rounds of dirty-region copies keep this
+    remote current, but its target is reported inconsistent, with the pre-overflow image kept for a
+    rollback, until the overflow ends and a final round closes the resync."""
+    rng = random.Random(33)
+    tuning = ReplicatorTuning(**{**FAST.__dict__, "overflow_resync_after_s": 0.0})
+    remote = rig.start_remote()
+    rep = rig.start_rep(tuning=tuning)
+    rig.wait_streaming()
+    random_writes(rig.unit, 30, rng)
+    rig.drain()
+    rig.unit.overflow = True
+    random_writes(rig.unit, 30, rng)
+    wait_until(lambda: rig.same(), what="overflow rounds to bring the dirty regions across")
+    src = remote.status()["sources"][0]
+    assert src["consistent"] is False and src["rollback_available"] is True
+    assert rep.status()["remotes"][0]["resync"]["open"] is True
+    rig.unit.overflow = False
+    random_writes(rig.unit, 10, rng)
+    wait_until(lambda: remote.status()["sources"][0]["consistent"] is True, what="final round")
+    rig.drain()
+    assert rig.same()
+    assert not rep.status()["remotes"][0]["resync"]["open"]
