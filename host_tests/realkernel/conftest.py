@@ -86,7 +86,8 @@ def start_device(tmp_path: Path) -> Iterator[Callable[..., RunningDevice]]:
     """Start a USB/IP device serving an image file of the given size; stopped at teardown."""
     started: list[RunningDevice] = []
 
-    def start(size: int = 64 << 20, *, image: Path | None = None) -> RunningDevice:
+    def start(size: int = 64 << 20, *, image: Path | None = None, extra_args: list[str] | None = None,
+              ) -> RunningDevice:
         image = image or tmp_path / "disk.img"
         if not image.exists():
             with open(image, "wb") as fh:
@@ -99,7 +100,8 @@ def start_device(tmp_path: Path) -> Iterator[Callable[..., RunningDevice]]:
             state = tmp_path / f"state-{port}"
             state.mkdir()
             cmd = [sys.executable, "-m", "firmware.cli", "local", "--volume", str(image),
-                   "--size", f"{size // (1 << 20)}M", "--usbip", f"127.0.0.1:{port}", "--state-dir", str(state)]
+                   "--size", f"{size // (1 << 20)}M", "--usbip", f"127.0.0.1:{port}", "--state-dir", str(state),
+                   *(extra_args or [])]
         with open(log_path, "wb") as log_fh:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)

@@ -26,25 +26,34 @@ pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
 
 MIB = 1 << 20
 DISK_SIZE = 64 * MIB
-SECTOR = 512
-# GPT layout written by the guest: (name, first LBA, sectors, type GUID)
+# GPT layout written by the guest, in bytes: (name, offset, size, type GUID)
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
-PARTITIONS = (
-    ("ext4part", 2048, 24 * MIB // SECTOR, LINUX_FS),
-    ("fatpart", 2048 + 24 * MIB // SECTOR, 16 * MIB // SECTOR, BASIC_DATA),
-    ("scratch", 2048 + 40 * MIB // SECTOR, 8 * MIB // SECTOR, LINUX_FS),
+LAYOUT = (
+    ("ext4part", 1 * MIB, 20 * MIB, LINUX_FS),
+    ("fatpart", 21 * MIB, 20 * MIB, BASIC_DATA),
+    ("scratch", 41 * MIB, 8 * MIB, LINUX_FS),
 )
 RAW_OFFSET = 52 * MIB          # outside every partition and the backup GPT
 RAW_SIZE = 4 * MIB
-SMALL_LBA = (57 * MIB) // SECTOR + 3   # 7 sectors at an odd LBA
-SMALL_SECTORS = 7
+SMALL_BLOCKS = 7               # written at an odd LBA near 57 MiB
+
+
+def partitions(bs: int) -> list[tuple[str, int, int, str]]:
+    """The layout in logical blocks: (name, first LBA, blocks, type GUID)."""
+    return [(name, off // bs, size // bs, guid) for name, off, size, guid in LAYOUT]
+
+
+def small_lba(bs: int) -> int:
+    return 57 * MIB // bs + 3
+
+
 KNOWN_SIZE = MIB + 12345
 
 
-def _guest_script(busid: str) -> str:
+def _guest_script(busid: str, bs: int) -> str:
     parts = "\n".join(f'start={start}, size={size}, type={uuid}, name="{name}"'
-                      for name, start, size, uuid in PARTITIONS)
+                      for name, start, size, uuid in partitions(bs))
     return f"""
 set -u
 step() {{ mark step=$1; echo "=== $1"; }}
@@ -76,8 +85,8 @@ dd if=/pattern.bin of=/dev/$d bs=65536 seek={RAW_OFFSET // 65536} oflag=direct c
 dd if=/dev/$d of=/tmp/back.bin bs=65536 skip={RAW_OFFSET // 65536} count={RAW_SIZE // 65536} iflag=direct \\
     || die raw_read
 cmp /pattern.bin /tmp/back.bin || die raw_compare
-dd if=/small.bin of=/dev/$d bs=512 seek={SMALL_LBA} oflag=direct conv=fsync,notrunc || die small_write
-dd if=/dev/$d of=/tmp/small.back bs=512 skip={SMALL_LBA} count={SMALL_SECTORS} iflag=direct || die small_read
+dd if=/small.bin of=/dev/$d bs={bs} seek={small_lba(bs)} oflag=direct conv=fsync,notrunc || die small_write
+dd if=/dev/$d of=/tmp/small.back bs={bs} skip={small_lba(bs)} count={SMALL_BLOCKS} iflag=direct || die small_read
 cmp /small.bin /tmp/small.back || die small_compare
 
 step gpt
@@ -91,7 +100,7 @@ sfdisk -d /dev/$d
 
 step mkfs
 mkfs.ext4 -q -F -L usbmirror /dev/${{d}}1 || die mkfs_ext4
-mkfs.fat -F 16 -n USBMIRROR /dev/${{d}}2 || die mkfs_fat
+mkfs.fat -F 16 -s {4096 // bs} -n USBMIRROR /dev/${{d}}2 || die mkfs_fat
 mkdir -p /mnt/ext4 /mnt/fat
 mount -t ext4 /dev/${{d}}1 /mnt/ext4 || die mount_ext4
 mount -t vfat /dev/${{d}}2 /mnt/fat || die mount_vfat
@@ -102,10 +111,11 @@ for fs in ext4 fat; do
     mkdir -p /mnt/$fs/tree/sub
     i=0
     while [ $i -lt 40 ]; do
-        dd if=/dev/urandom of=/mnt/$fs/tree/f$i bs=1024 count=$((i * 13 + 1)) 2>/dev/null || die write_$fs
+        dd if=/dev/urandom of=/mnt/$fs/tree/f$i bs=1024 count=$((i * 7 + 1)) status=none || die write_$fs
         i=$((i + 1))
     done
-    dd if=/dev/urandom of=/mnt/$fs/tree/sub/big bs=65536 count=64 2>/dev/null || die write_big_$fs
+    dd if=/dev/urandom of=/mnt/$fs/tree/sub/big bs=65536 count=32 status=none || die write_big_$fs
+    df /mnt/$fs
     (cd /mnt/$fs && find . -type f | sort | xargs md5sum) > /tmp/$fs.md5
 done
 sync
@@ -159,21 +169,21 @@ def _kernel_clean(result: GuestResult, dev: RunningDevice) -> None:
         "the guest kernel logged trouble with the disk:\n" + "\n".join(errors), result, dev)
 
 
-def _read_gpt(image: bytes) -> list[tuple[str, int, int, str]]:
-    """(name, first LBA, sectors, type GUID) of each used GPT entry; checks both headers' CRCs."""
+def _read_gpt(image: bytes, bs: int) -> list[tuple[str, int, int, str]]:
+    """(name, first LBA, blocks, type GUID) of each used GPT entry; checks both headers' CRCs."""
     entries_seen = []
-    for header_lba in (1, len(image) // SECTOR - 1):
-        hdr = image[header_lba * SECTOR:header_lba * SECTOR + 92]
+    for header_lba in (1, len(image) // bs - 1):
+        hdr = image[header_lba * bs:header_lba * bs + 92]
         assert hdr[:8] == b"EFI PART", f"no GPT header signature at LBA {header_lba}: {hdr[:8]!r}"
         size, crc = struct.unpack_from("<II", hdr, 12)
         zeroed = hdr[:16] + b"\0\0\0\0" + hdr[20:size]
         assert zlib.crc32(zeroed) == crc, f"GPT header CRC mismatch at LBA {header_lba}"
         my_lba, alt_lba = struct.unpack_from("<QQ", hdr, 24)
         assert my_lba == header_lba, f"GPT header at LBA {header_lba} says it is at {my_lba}"
-        other = len(image) // SECTOR - 1 if header_lba == 1 else 1
+        other = len(image) // bs - 1 if header_lba == 1 else 1
         assert alt_lba == other, f"GPT header at LBA {header_lba} names its copy at {alt_lba}, not {other}"
         entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", hdr, 72)
-        table = image[entries_lba * SECTOR:entries_lba * SECTOR + count * entry_size]
+        table = image[entries_lba * bs:entries_lba * bs + count * entry_size]
         assert zlib.crc32(table) == entries_crc, f"GPT entry array CRC mismatch (header at LBA {header_lba})"
         parts = []
         for i in range(count):
@@ -213,17 +223,18 @@ def _fat16_read_file(part: bytes, name83: bytes) -> bytes:
     raise AssertionError(f"{name83!r} not in the FAT root directory")
 
 
+@pytest.mark.parametrize("bs", [512, 4096], ids=["512-byte-blocks", "4096-byte-blocks"])
 def test_linux_uses_the_disk_and_the_image_holds_what_it_wrote(
-        guest_image: GuestImage, start_device: Callable[..., RunningDevice], tmp_path: Path) -> None:
+        bs: int, guest_image: GuestImage, start_device: Callable[..., RunningDevice], tmp_path: Path) -> None:
     rnd = os.urandom
-    pattern, small, known = rnd(RAW_SIZE), rnd(SMALL_SECTORS * SECTOR), rnd(KNOWN_SIZE)
-    dev = start_device(DISK_SIZE)
-    result = run_guest(_guest_script(dev.busid), usbip_port=dev.port, timeout=150, image=guest_image,
+    pattern, small, known = rnd(RAW_SIZE), rnd(SMALL_BLOCKS * bs), rnd(KNOWN_SIZE)
+    dev = start_device(DISK_SIZE, extra_args=["--block-size", str(bs)])
+    result = run_guest(_guest_script(dev.busid, bs), usbip_port=dev.port, timeout=150, image=guest_image,
                        extra_files={"/pattern.bin": pattern, "/small.bin": small, "/known.bin": known})
     m = result.markers
     assert "failed" not in m, _fail(f"guest step failed: {m.get('failed')} (at step {m.get('step')})", result, dev)
     assert result.rc == 0 and m.get("done") == "1", _fail("guest script did not finish", result, dev)
-    assert m.get("blocks") == str(DISK_SIZE // SECTOR) and m.get("block_len") == str(SECTOR), _fail(
+    assert m.get("blocks") == str(DISK_SIZE // bs) and m.get("block_len") == str(bs), _fail(
         f"READ CAPACITY(16) reported {m.get('blocks')} x {m.get('block_len')} bytes", result, dev)
     assert int(m.get("files_verified", "0")) == 2 * 42, _fail("not every file was verified", result, dev)
     _kernel_clean(result, dev)
@@ -234,26 +245,27 @@ def test_linux_uses_the_disk_and_the_image_holds_what_it_wrote(
     assert hashlib.md5(image).hexdigest() == m.get("disk_md5"), _fail(
         "the image file differs from what the guest read from the disk", result, dev)
     assert image[RAW_OFFSET:RAW_OFFSET + RAW_SIZE] == pattern, "raw O_DIRECT pattern not in the image"
-    assert image[SMALL_LBA * SECTOR:(SMALL_LBA + SMALL_SECTORS) * SECTOR] == small, \
-        "7-sector write at an odd LBA not in the image"
+    lba = small_lba(bs)
+    assert image[lba * bs:(lba + SMALL_BLOCKS) * bs] == small, \
+        f"{SMALL_BLOCKS}-block write at odd LBA {lba} not in the image"
 
-    parts = _read_gpt(image)
-    assert parts == [(n, s, c, u) for n, s, c, u in PARTITIONS], f"GPT partitions in the image: {parts}"
+    parts = _read_gpt(image, bs)
+    assert parts == partitions(bs), f"GPT partitions in the image: {parts}"
 
-    ext4_start, ext4_len = PARTITIONS[0][1] * SECTOR, PARTITIONS[0][2] * SECTOR
+    _, ext4_off, ext4_len, _ = LAYOUT[0]
     ext4_img = tmp_path / "ext4.img"
-    ext4_img.write_bytes(image[ext4_start:ext4_start + ext4_len])
+    ext4_img.write_bytes(image[ext4_off:ext4_off + ext4_len])
     fsck = subprocess.run(["e2fsck", "-f", "-n", str(ext4_img)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, f"host e2fsck -fn on the ext4 partition: rc={fsck.returncode}\n{fsck.stdout}"
     cat = subprocess.run(["debugfs", "-R", "cat /KNOWN.BIN", str(ext4_img)], capture_output=True, check=False)
     assert cat.stdout == known, f"KNOWN.BIN read by host debugfs differs ({len(cat.stdout)} bytes)"
 
-    fat_start, fat_len = PARTITIONS[1][1] * SECTOR, PARTITIONS[1][2] * SECTOR
-    assert _fat16_read_file(image[fat_start:fat_start + fat_len], b"KNOWN   BIN") == known, \
+    _, fat_off, fat_len, _ = LAYOUT[1]
+    assert _fat16_read_file(image[fat_off:fat_off + fat_len], b"KNOWN   BIN") == known, \
         "KNOWN.BIN on the FAT partition differs"
 
-    scratch_start, scratch_len = PARTITIONS[2][1] * SECTOR, PARTITIONS[2][2] * SECTOR
-    assert image[scratch_start:scratch_start + scratch_len] == bytes(scratch_len), \
+    _, scratch_off, scratch_len, _ = LAYOUT[2]
+    assert image[scratch_off:scratch_off + scratch_len] == bytes(scratch_len), \
         "the discarded partition does not read as zeros in the image"
 
 
