@@ -468,3 +468,15 @@ def test_damaged_images_never_yield_wrong_records(flips: list[tuple[int, int]],
     event("opened" + (" (damage went unused)" if len(recs) == 150 - j.tail_seq + 1 else " and cut"))
     for r in recs:
         assert r.payload == held[r.seq], f"seq {r.seq} served wrong data"
+
+
+def test_power_cut_during_format_leaves_a_device_that_opens() -> None:
+    for cut in range(1, 9):  # every operation of format and of the first checkpoint
+        rail = PowerRail(cut_at=cut)
+        f = new_flash(rail=rail)
+        with pytest.raises(PowerCut):
+            open_j(f)
+        for mode in CrashMode:
+            j = open_j(reboot(f, mode, cut))
+            j.append(RecordKind.FLUSH, 0, 0, b"", 0)
+            assert j.sync() == 1

@@ -164,12 +164,7 @@ class Journal:
                 flash = FileFlash.create(p, size)
                 created = True
         try:
-            head = flash.pread(16, SUPERBLOCK_OFFSET)
-            if created or head == bytes(16):
-                if not created and flash.pread(min(flash.size, RING_OFFSET), 0) != bytes(
-                        min(flash.size, RING_OFFSET)):
-                    raise JournalError("device has no journal superblock and is not blank; refusing to "
-                                       "format over it")
+            if created or cls._is_blank(flash):
                 cls.format(flash, unit_uuid=unit_uuid, block_size=block_size, max_batch=max_batch)
                 created = True
             j = cls._recover(flash, unit_uuid=unit_uuid, block_size=block_size, salvage=salvage,
@@ -180,6 +175,23 @@ class Journal:
         j.recovery.created = created
         j.path = Path(path) if path is not None else None
         return j
+
+    @staticmethod
+    def _is_blank(flash: Flash) -> bool:
+        """Both superblock copies are all zeros: a new device, or a format interrupted by a power
+        cut before either copy reached the medium (checkpoint slots may hold pieces of the first
+        checkpoint; without a superblock they mean nothing). Anything else is someone's data."""
+        if flash.size < RING_OFFSET:
+            return False
+        zero = bytes(SLOT_SIZE)
+        if flash.pread(SLOT_SIZE, SUPERBLOCK_OFFSET) != zero:
+            return False
+        if flash.pread(SLOT_SIZE, SUPERBLOCK_BACKUP_OFFSET) != zero:
+            return False
+        if any(flash.pread(SLOT_SIZE, off) != zero for off in CHECKPOINT_OFFSETS):
+            log.warning("journal device has no superblock but checkpoint data: taking it for an "
+                        "interrupted format and formatting it again")
+        return True
 
     @staticmethod
     def format(flash: Flash, *, unit_uuid: uuid.UUID, block_size: int,
