@@ -45,6 +45,7 @@ class PowerCutMachine(RuleBasedStateMachine):
         self.durable_idx = 0  # states[durable_idx] and before: acknowledged as durable
         self.inflight_partial = False
         self.recoveries = 0
+        self.must_be_dirty: set[int] = set()  # regions written straight to the volume, not resynced
         self._start()
         self.consumer_seq = self.journal.register_consumer("remote")
 
@@ -71,6 +72,8 @@ class PowerCutMachine(RuleBasedStateMachine):
             return
         if self.lu.overflow:
             event("write in overflow mode")
+            n = len(new) // BS
+            self.must_be_dirty.update(range(lba // REGION, (lba + n - 1) // REGION + 1))
         if self.lu.overflow or not self.write_cache or fua:
             self.durable_idx = len(self.states) - 1
 
@@ -123,9 +126,23 @@ class PowerCutMachine(RuleBasedStateMachine):
     def resync_dirty_regions(self) -> None:
         try:
             snap = self.lu.dirty_snapshot()
+            assert self.must_be_dirty <= set(snap.region_indices)
             self.lu.clear_dirty(snap)
+            self.must_be_dirty.clear()
         except PowerCut:
             self._recover()
+
+    @rule()
+    def clean_restart(self) -> None:
+        """Orderly shutdown and start: everything, cached or not, is kept."""
+        try:
+            self.lu.close()
+            self.journal.close()
+        except PowerCut:
+            self._recover()
+            return
+        self.durable_idx = len(self.states) - 1
+        self._recover(CrashMode.DROP, 0)
 
     @rule(after=st.integers(1, 8))
     def arm_power_cut(self, after: int) -> None:
@@ -188,6 +205,12 @@ class PowerCutMachine(RuleBasedStateMachine):
         if self.rail.cut:
             return
         assert self.lu.read(0, NBLOCKS) == self.states[-1]
+
+    @invariant()
+    def overflow_writes_stay_dirty_until_resynced(self) -> None:
+        if self.rail.cut:
+            return
+        assert self.must_be_dirty <= set(self.lu.dirty_snapshot().region_indices)
 
     @invariant()
     def status_tells_the_overflow(self) -> None:
