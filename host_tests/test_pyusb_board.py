@@ -22,13 +22,28 @@ VID, PID = (int(x, 16) for x in os.environ.get("USBMIRROR_BOARD_VIDPID", "1209:0
 CBW_SIG, CSW_SIG = 0x43425355, 0x53425355
 
 
+def _find_libusb(name: str) -> str | None:
+    """ctypes' search needs ldconfig or a compiler; minimal systems (a board image, the QEMU guest)
+    have neither, so fall back to where Debian puts libusb."""
+    import ctypes.util
+    import glob
+
+    found = ctypes.util.find_library(name)
+    if found:
+        return found
+    for path in [*sorted(glob.glob("/usr/lib/*/libusb-1.0.so.0")), "/usr/lib/libusb-1.0.so.0"]:
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def _find_board() -> Any:
     try:
         import usb.backend.libusb1
         import usb.core
     except ImportError as exc:
         pytest.skip(f"pyusb not installed: {exc}")
-    backend = usb.backend.libusb1.get_backend()
+    backend = usb.backend.libusb1.get_backend(find_library=_find_libusb)
     if backend is None:
         pytest.skip("libusb-1.0 not available (apt-get install libusb-1.0-0): cannot talk to a board")
     try:

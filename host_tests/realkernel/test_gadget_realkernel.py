@@ -3,11 +3,16 @@
 Debian's stock kernel boots with Python; the firmware (`python3 -m gadget.functionfs`, the same BOT
 core and SCSI target as every other transport) composes a libcomposite gadget, serves the mass-storage
 function through FunctionFS and binds to `dummy_udc.0`. The guest's own usb-storage/sd drivers attach it
-as /dev/sdX, exactly as a server would over a cable. Per speed (high, super) the guest runs SCSI probes,
-raw I/O, GPT, ext4, vfat, fsck and discard; then, mid-I/O, a SCSI bus reset and a device reset; reads the
-ACM status console with pyserial; runs the real-board pyusb tests (host_tests/test_pyusb_board.py) against
-the gadget through libusb; and kills the firmware with SIGKILL and restarts it: the stale gadget
-is cleaned up, the device re-enumerates and every acknowledged write is still there.
+as /dev/sdX, exactly as a server would over a cable. Per speed (high, super) the guest runs:
+
+- SCSI probes, raw I/O, GPT, ext4, vfat, fsck and discard;
+- a SCSI bus reset and a device reset in the middle of a large direct write; an unplug/replug
+  (unbind and rebind of the UDC behind the firmware's back);
+- the ACM status console, read with pyserial;
+- SIGKILL of the firmware and a restart: the stale gadget is cleaned up, the device re-enumerates and
+  every acknowledged write is still there;
+- the real-board pyusb tests (host_tests/test_pyusb_board.py) against the gadget through libusb;
+- a clean stop (SIGTERM) that leaves nothing in configfs.
 """
 
 from __future__ import annotations
@@ -151,6 +156,19 @@ reset_mid_io bus
 step device_reset
 reset_mid_io device
 
+step replug
+# Unplug and replug from the device side: the gadget unbound from the UDC and bound again behind the
+# firmware's back (UNBIND, BIND, ENABLE). (dummy_hcd's soft_connect cannot be used: after
+# "disconnect"/"connect" it never enumerates again, error -71, whatever the function.)
+echo "" > /sys/kernel/config/usb_gadget/usbmirror/UDC || fwdie unbind
+gone $d || fwdie disk_still_there_after_unplug
+echo dummy_udc.0 > /sys/kernel/config/usb_gadget/usbmirror/UDC || fwdie rebind
+d=$(wait_disk 40) || fwdie no_disk_after_replug
+n=0; while [ ! -b /dev/${{d}}3 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+sg=$(ls /sys/block/$d/device/scsi_generic/)
+dd if=/dev/${{d}}3 bs=65536 count=128 iflag=direct 2>/dev/null | cmp - /tmp/big || fwdie data_after_replug
+mark replug=ok
+
 step acm_console
 python3 - <<'EOF' || fwdie acm_console
 import serial, sys
@@ -241,6 +259,7 @@ def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, speed: st
     assert m["files_verified"] == "26"
     assert m.get("fsck_ok") == "1" and m.get("discard_ok") == "1"
     assert m.get("reset_bus") == "ok" and m.get("reset_device") == "ok"
+    assert m.get("replug") == "ok"
     assert m.get("acm_console") == "ok"
     assert m["stale_gadget"] == "usbmirror,", "the killed firmware left no gadget behind?"
     assert m.get("restart_ok") == "1"

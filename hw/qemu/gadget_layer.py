@@ -44,7 +44,10 @@ EXTRA_MODULES = (
 )
 SITE_PACKAGES = ("functionfs", "libaio", "ioctl_opt", "serial",
                  # pyusb and pytest: host_tests/test_pyusb_board.py runs in the guest against the gadget
-                 "usb", "pytest", "_pytest", "pluggy", "iniconfig", "packaging")
+                 "usb", "pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py")
+# pytest only needs pygments' terminal formatter and its Python and diff lexers: leave the rest out.
+_PYGMENTS_KEEP = {"lexers": {"__init__.py", "_mapping.py", "python.py", "diff.py"},
+                  "styles": {"__init__.py", "_mapping.py", "default.py"}}
 LIBUSB_PACKAGE = "libusb-1.0-0"  # pyusb's backend; its only other need, libudev, is in the base layer
 
 GADGET_FUNCTIONS = r"""
@@ -108,17 +111,28 @@ def gadget_extra_files() -> dict[str, bytes]:
         order.append(m)
     files["/etc/gadget-extra-modules.order"] = ("\n".join(order) + "\n").encode()
     files.update(_libusb(builder))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.pyc"
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "out.pyc"
         for name in SITE_PACKAGES:
             spec = importlib.util.find_spec(name)
-            if spec is None or not spec.submodule_search_locations:
+            if spec is None or (spec.submodule_search_locations is None and spec.origin is None):
                 raise BuildError(f"python package {name!r} is not installed in this venv")
-            top = Path(next(iter(spec.submodule_search_locations)))
-            for path in sorted(top.rglob("*.py")):
-                if "__pycache__" in path.parts or "tests" in path.parts:
+            if spec.submodule_search_locations:
+                top = Path(next(iter(spec.submodule_search_locations)))
+                paths = sorted(top.rglob("*.py"))
+            else:  # a single-file module
+                assert spec.origin is not None
+                top = Path(spec.origin)
+                paths = [top]
+            for path in paths:
+                relpath = path.relative_to(top.parent)
+                parts = relpath.parts
+                if "__pycache__" in parts or "tests" in parts:
                     continue
-                guest = f"/opt/usbmirror/{path.relative_to(top.parent)}"
+                if parts[0] == "pygments" and len(parts) > 2 and parts[1] in _PYGMENTS_KEEP \
+                        and parts[2] not in _PYGMENTS_KEEP[parts[1]]:
+                    continue
+                guest = f"/opt/usbmirror/{relpath}"
                 files[guest] = path.read_bytes()
                 # precompiled: imports in the TCG guest are several times faster
                 py_compile.compile(str(path), cfile=str(out), dfile=guest, doraise=True,
@@ -127,18 +141,28 @@ def gadget_extra_files() -> dict[str, bytes]:
     return files
 
 
-def _libusb(builder: GuestBuilder) -> dict[str, bytes]:
-    pkg = resolve_packages([LIBUSB_PACKAGE])[LIBUSB_PACKAGE]
+def _deb_member(builder: GuestBuilder, package: str, basename: str) -> bytes:
+    pkg = resolve_packages([package])[package]
     (deb,) = download([pkg], builder.debdir)
     tar_bytes = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
                                check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
         for member in tar:
-            if member.isfile() and "/libusb-1.0.so.0" in member.name:
+            if member.name.endswith("/" + basename):
+                if member.issym():
+                    return _deb_member(builder, package, Path(member.linkname).name)
                 f = tar.extractfile(member)
-                assert f is not None
-                return {"/usr/lib/x86_64-linux-gnu/libusb-1.0.so.0": f.read()}
-    raise BuildError(f"{deb.name} has no libusb-1.0.so.0")
+                if f is not None:
+                    return f.read()
+    raise BuildError(f"{deb.name} has no {basename}")
+
+
+def _libusb(builder: GuestBuilder) -> dict[str, bytes]:
+    """libusb-1.0.so.0 and what it needs beyond the base layer (libudev is there; glibc's
+    libpthread.so.0 stub is not, since nothing else in the guest links it)."""
+    lib = "/usr/lib/x86_64-linux-gnu"
+    return {f"{lib}/libusb-1.0.so.0": _deb_member(builder, LIBUSB_PACKAGE, "libusb-1.0.so.0"),
+            f"{lib}/libpthread.so.0": _deb_member(builder, "libc6", "libpthread.so.0")}
 
 
 def run_gadget_guest(script: str, *, timeout: float, memory: int = 640, image: GuestImage | None = None,
