@@ -11,6 +11,10 @@ The guest's I/O fails (expected). Phase 2: the guest re-attaches (the relay reac
 runs fio `--verify_only --verify_state_load=1` over everything fio saw complete, and reads every
 acknowledged block back. Afterwards the host checks the acknowledged blocks in the volume file itself,
 and that the remote unit (async, TLS) still ends up byte-identical to the local volume.
+
+Run with the write cache off (every WRITE durable before its CSW) and on (WRITEs may complete from
+RAM, so fio writes with O_SYNC and each numbered block is followed by an fsync: a write counts as
+acknowledged only after a FUA write or SYNCHRONIZE CACHE covered it; only those must survive the kill).
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ FIO_OFFSET_MIB, FIO_SIZE_MIB = 8, 32          # fio region: far more than it can
 ACK_BASE = 48 * MIB // BLOCK                   # numbered blocks from 48 MiB on
 ACK_BLOCKS = 1024
 KILL_AFTER_RECORDS = 400                       # journal records written before the host kills the unit
+KILL_AFTER_BLOCK = 20                          # ... and numbered block 20 has reached the volume file
 ACK_RE = re.compile(rf"^{MARKER} ack=(\d+)\s*$", re.M)
 
 FIO_JOB = (f"--name=crash --filename=/dev/$DISK --offset={FIO_OFFSET_MIB}M --size={FIO_SIZE_MIB}M --bs=4k "
            "--rw=write --direct=1 --ioengine=psync --verify=crc32c")
 
-GUEST_SCRIPT = f"""
+GUEST_SCRIPT_TEMPLATE = f"""
 set -u
 cd /tmp
 step() {{ mark step=$1; echo "=== $1"; }}
@@ -51,13 +56,13 @@ DISK=$(wait_disk 30) || die no_disk
 mark disk1=$DISK
 
 step write_until_killed
-fio {FIO_JOB} --do_verify=1 --verify_state_save=1 --minimal >/tmp/fio-write.out 2>&1 &
+fio {FIO_JOB} @FIO_SYNC@ --do_verify=1 --verify_state_save=1 --minimal >/tmp/fio-write.out 2>&1 &
 fiopid=$!
 i=0
 while [ $i -lt {ACK_BLOCKS} ]; do
     [ -b /dev/$DISK ] || break
     dd if=/blocks.bin of=/dev/$DISK bs={BLOCK} skip=$i seek=$(({ACK_BASE} + i)) count=1 oflag=direct \\
-        conv=notrunc 2>/dev/null || break
+        conv=@DD_CONV@ 2>/dev/null || break
     mark ack=$i
     i=$((i + 1))
 done
@@ -97,26 +102,42 @@ mark done=1
 """
 
 
+def guest_script(write_cache: str) -> str:
+    durable = write_cache == "on"
+    return (GUEST_SCRIPT_TEMPLATE.replace("@FIO_SYNC@", "--sync=1" if durable else "")
+            .replace("@DD_CONV@", "notrunc,fsync" if durable else "notrunc"))
+
+
 def block_pattern(i: int) -> bytes:
     head = f"usbmirror acknowledged block {i:06d}\n".encode()
     return head + random.Random(i).randbytes(BLOCK - len(head))
 
 
-class Crasher(threading.Thread):
-    """Waits for the journal to pass ``threshold`` records, SIGKILLs the unit and starts it again."""
+def block_in_file(path: Path, i: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek((ACK_BASE + i) * BLOCK)
+        return f.read(BLOCK) == block_pattern(i)
 
-    def __init__(self, unit: UnitProcess, threshold: int) -> None:
+
+class Crasher(threading.Thread):
+    """Waits until the journal passes ``threshold`` records and numbered block ``block`` shows in the
+    volume (so both writers are mid-run), SIGKILLs the unit and starts it again."""
+
+    def __init__(self, unit: UnitProcess, volume: Path, threshold: int, block: int) -> None:
         super().__init__(name="crasher", daemon=True)
         self.unit = unit
+        self.volume = volume
         self.threshold = threshold
+        self.block = block
         self.before: Status | None = None
         self.after: Status | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.before = self.unit.wait_status(lambda st: st["journal"]["head_seq"] >= self.threshold,
-                                                timeout=240, interval=0.1, what="the guest's writes")
+            self.before = self.unit.wait_status(
+                lambda st: st["journal"]["head_seq"] >= self.threshold and block_in_file(self.volume, self.block),
+                timeout=240, interval=0.1, what="the guest's writes")
             self.unit.kill9()
             self.unit.launch()
             self.after = self.unit.wait_ready(120)
@@ -130,25 +151,27 @@ def units(tmp_path: Path) -> Iterator[Units]:
         yield u
 
 
-def test_kill_9_mid_write_loses_nothing_acknowledged(units: Units, tmp_path: Path, guest_image: GuestImage) -> None:
+@pytest.mark.parametrize("write_cache", ["off", "on"])
+def test_kill_9_mid_write_loses_nothing_acknowledged(write_cache: str, units: Units, tmp_path: Path,
+                                                     guest_image: GuestImage) -> None:
     tls = units.pair("dr1", ["server1"])
     volume, target = tmp_path / "local-volume.img", tmp_path / "remote-target.img"
     remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
     local = units.start_local(volume=volume, size=f"{DISK_MIB}M", journal_size="64M", source_id="server1",
-                              tls_dir=tls, remotes=[remote.address])
+                              tls_dir=tls, remotes=[remote.address], extra=["--write-cache", write_cache])
     local.wait_status(streaming(), what="the link to the remote")
 
-    crasher = Crasher(local, KILL_AFTER_RECORDS)
+    crasher = Crasher(local, volume, KILL_AFTER_RECORDS, KILL_AFTER_BLOCK)
     crasher.start()
     blocks = b"".join(block_pattern(i) for i in range(ACK_BLOCKS))
-    res = run_guest(GUEST_SCRIPT, usbip_port=local.port, timeout=400, image=guest_image,
+    res = run_guest(guest_script(write_cache), usbip_port=local.port, timeout=400, image=guest_image,
                     extra_files={"/blocks.bin": blocks})
     crasher.join(130)
     context = f"{res.describe()}\n{units.describe()}"
     assert crasher.error is None, f"killing/restarting the unit failed: {crasher.error}\n{context}"
     assert crasher.before is not None and crasher.after is not None, context
     assert res.rc == 0 and res.markers.get("done") == "1", f"guest failed\n{context}"
-    print(f"guest markers: {res.markers} wall={res.wall:.1f}s")
+    print(f"guest markers (write cache {write_cache}): {res.markers} wall={res.wall:.1f}s")
 
     acked = sorted(int(n) for n in ACK_RE.findall(res.output))
     assert acked == list(range(len(acked))), "numbered blocks are acknowledged in order"
@@ -162,6 +185,10 @@ def test_kill_9_mid_write_loses_nothing_acknowledged(units: Units, tmp_path: Pat
     assert ja["recovery"]["created"] is False and ja["recovery"]["records_scanned"] > 0, ja["recovery"]
     assert ja["head_seq"] >= jb["durable_seq"], f"records durable before the kill are gone: {jb} -> {ja}"
     assert crasher.after["pid"] != crasher.before["pid"]
+    assert crasher.after["write_cache"] == write_cache
+    if write_cache == "on":
+        scsi = crasher.before["scsi"]
+        assert scsi["flushes"] + scsi["fua_writes"] > 0, f"the guest never asked for durability: {scsi}"
 
     # the host's own look at the volume, through the restarted unit's files
     st = local.wait_status(drained, timeout=180, what="the remote to catch up after the restart")
