@@ -8,6 +8,7 @@ mass-storage class instead (only to check the harness itself against an independ
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -43,10 +44,26 @@ class RunningDevice:
     image: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
+    state: Path | None = None   # None for the stand-in device
     busid: str = "1-1"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def status(self) -> dict[str, object]:
+        """`usbmirror status --json` of the running unit (SCSI and USB counters, journal state)."""
+        assert self.state is not None, "the stand-in device has no status"
+        proc = subprocess.run([sys.executable, "-m", "firmware.cli", "status", "--json", "--state-dir",
+                               str(self.state)], cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+        assert proc.returncode == 0, f"usbmirror status failed: {proc.stderr}"
+        result: dict[str, object] = json.loads(proc.stdout)
+        return result
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies with whatever it had not written yet."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> int:
         """SIGTERM (clean shutdown: everything flushed to the image), SIGKILL after 20 s."""
@@ -87,7 +104,8 @@ def start_device(tmp_path: Path) -> Iterator[Callable[..., RunningDevice]]:
     started: list[RunningDevice] = []
 
     def start(size: int = 64 << 20, *, image: Path | None = None, extra_args: list[str] | None = None,
-              ) -> RunningDevice:
+              state: Path | None = None) -> RunningDevice:
+        """Start a device; pass `image` and `state` of an earlier one to restart that unit."""
         image = image or tmp_path / "disk.img"
         if not image.exists():
             with open(image, "wb") as fh:
@@ -97,15 +115,16 @@ def start_device(tmp_path: Path) -> Iterator[Callable[..., RunningDevice]]:
         if os.environ.get("USBMIRROR_REALKERNEL_DEVICE") == "standin":
             cmd = [sys.executable, str(STANDIN), str(image), str(port)]
         else:
-            state = tmp_path / f"state-{port}"
-            state.mkdir()
+            if state is None:
+                state = tmp_path / f"state-{port}"
+                state.mkdir()
             cmd = [sys.executable, "-m", "firmware.cli", "local", "--volume", str(image),
                    "--size", f"{size // (1 << 20)}M", "--usbip", f"127.0.0.1:{port}", "--state-dir", str(state),
                    *(extra_args or [])]
         with open(log_path, "wb") as log_fh:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
-        dev = RunningDevice(port, image, proc, log_path)
+        dev = RunningDevice(port, image, proc, log_path, state)
         started.append(dev)
         _wait_listening(port, proc, log_path)
         return dev

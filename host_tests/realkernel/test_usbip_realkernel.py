@@ -169,6 +169,12 @@ def _kernel_clean(result: GuestResult, dev: RunningDevice) -> None:
         "the guest kernel logged trouble with the disk:\n" + "\n".join(errors), result, dev)
 
 
+def _scsi_status(dev: RunningDevice) -> dict[str, int]:
+    scsi = dev.status()["scsi"]
+    assert isinstance(scsi, dict)
+    return {k: v for k, v in scsi.items() if isinstance(v, int)}
+
+
 def _read_gpt(image: bytes, bs: int) -> list[tuple[str, int, int, str]]:
     """(name, first LBA, blocks, type GUID) of each used GPT entry; checks both headers' CRCs."""
     entries_seen = []
@@ -238,6 +244,10 @@ def test_linux_uses_the_disk_and_the_image_holds_what_it_wrote(
         f"READ CAPACITY(16) reported {m.get('blocks')} x {m.get('block_len')} bytes", result, dev)
     assert int(m.get("files_verified", "0")) == 2 * 42, _fail("not every file was verified", result, dev)
     _kernel_clean(result, dev)
+    if dev.state is not None:
+        scsi = _scsi_status(dev)
+        assert scsi["unmap_commands"] >= 1, f"blkdiscard never reached the device as UNMAP: {scsi}"
+        assert scsi["flushes"] >= 1, f"sg_sync never reached the device as SYNCHRONIZE CACHE: {scsi}"
     assert dev.stop() == 0, f"device did not exit cleanly on SIGTERM:\n{dev.log()}"
 
     image = dev.image.read_bytes()
@@ -329,3 +339,56 @@ def test_fio_verify_survives_reattach(guest_image: GuestImage,
     image = dev.image.read_bytes()
     _check_fio_blocks(image, 0, 8 * MIB, 4096)
     _check_fio_blocks(image, 16 * MIB, 16 * MIB, 65536)
+
+
+WRITE_CACHE_SCRIPT = """
+set -u
+usbip attach -r 10.0.2.100 -b 1-1 || die attach
+d=$(wait_disk 20) || die no-disk-after-attach
+sd=$(ls -d /sys/block/$d/device/scsi_disk/*)
+mark cache_type=$(cat $sd/cache_type | tr ' ' _) fua=$(cat $sd/FUA)
+mkfs.ext4 -q -F -L wcache /dev/$d || die mkfs
+mkdir -p /mnt/w && mount -t ext4 /dev/$d /mnt/w || die mount
+cp /known.bin /mnt/w/KNOWN.BIN || die copy
+i=0
+while [ $i -lt 20 ]; do
+    dd if=/dev/urandom of=/mnt/w/f$i bs=4096 count=$((i + 1)) conv=fsync status=none || die write_$i
+    i=$((i + 1))
+done
+(cd /mnt/w && md5sum KNOWN.BIN f*) | sed 's/^/SUM /'
+umount /mnt/w || die umount
+check_kernel_log
+mark done=1
+"""
+
+
+def test_flushes_reach_the_device_and_survive_its_crash(
+        guest_image: GuestImage, start_device: Callable[..., RunningDevice], tmp_path: Path) -> None:
+    """With the write cache on, Linux sends SYNCHRONIZE CACHE (and FUA writes) for fsync and unmount;
+    what it flushed is in the image after the device process is killed (SIGKILL) and restarted."""
+    known = os.urandom(KNOWN_SIZE)
+    dev = start_device(DISK_SIZE, extra_args=["--write-cache", "on"])
+    if dev.state is None:
+        pytest.fail("needs the project's device (status counters, restart with its journal)")
+    result = run_guest(WRITE_CACHE_SCRIPT, usbip_port=dev.port, timeout=150, image=guest_image,
+                       extra_files={"/known.bin": known})
+    m = result.markers
+    assert "failed" not in m, _fail(f"guest step failed: {m.get('failed')}", result, dev)
+    assert result.rc == 0 and m.get("done") == "1", _fail("guest script did not finish", result, dev)
+    assert m.get("cache_type") == "write_back", _fail(f"kernel sees cache type {m.get('cache_type')}", result, dev)
+    _kernel_clean(result, dev)
+    scsi = _scsi_status(dev)
+    assert scsi["flushes"] >= 20, f"fsync/umount did not reach the device as SYNCHRONIZE CACHE: {scsi}"
+    dev.kill()
+    again = start_device(DISK_SIZE, image=dev.image, state=dev.state, extra_args=["--write-cache", "on"])
+    assert again.stop() == 0, f"restarted device did not exit cleanly:\n{again.log()}"
+    fs_img = dev.image
+    fsck = subprocess.run(["e2fsck", "-f", "-n", str(fs_img)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, f"host e2fsck -fn after device crash + restart: rc={fsck.returncode}\n{fsck.stdout}"
+    sums = {line.split()[2]: line.split()[1] for line in result.output.splitlines() if line.startswith("SUM ")}
+    assert len(sums) == 21 and hashlib.md5(known).hexdigest() == sums["KNOWN.BIN"], _fail(
+        f"guest checksums: {sums}", result, dev)
+    for name, md5 in sums.items():
+        cat = subprocess.run(["debugfs", "-R", f"cat /{name}", str(fs_img)], capture_output=True, check=False)
+        assert hashlib.md5(cat.stdout).hexdigest() == md5, \
+            f"{name} (fsynced before the device was killed) differs after restart ({len(cat.stdout)} bytes)"
