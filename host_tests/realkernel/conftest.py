@@ -2,8 +2,6 @@
 
 The device is the project's own local unit, started as a user would start it:
 ``python -m firmware.cli local --volume IMG --size SIZE --usbip 127.0.0.1:PORT --state-dir DIR``.
-Setting ``USBMIRROR_REALKERNEL_DEVICE=standin`` serves the image with the PyPI ``usbip`` package's
-mass-storage class instead (only to check the harness itself against an independent device).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import pytest
 from hw.qemu.build_guest import BuildError, GuestBuilder, GuestImage
 
 REPO = Path(__file__).resolve().parents[2]
-STANDIN = Path(__file__).with_name("standin_device.py")
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +41,7 @@ class RunningDevice:
     image: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
-    state: Path | None = None   # None for the stand-in device
+    state: Path
     busid: str = "1-1"
 
     def log(self) -> str:
@@ -52,7 +49,6 @@ class RunningDevice:
 
     def status(self) -> dict[str, object]:
         """`usbmirror status --json` of the running unit (SCSI and USB counters, journal state)."""
-        assert self.state is not None, "the stand-in device has no status"
         proc = subprocess.run([sys.executable, "-m", "firmware.cli", "status", "--json", "--state-dir",
                                str(self.state)], cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
         assert proc.returncode == 0, f"usbmirror status failed: {proc.stderr}"
@@ -112,15 +108,12 @@ def start_device(tmp_path: Path) -> Iterator[Callable[..., RunningDevice]]:
                 fh.truncate(size)
         port = _free_port()
         log_path = tmp_path / f"device-{port}.log"
-        if os.environ.get("USBMIRROR_REALKERNEL_DEVICE") == "standin":
-            cmd = [sys.executable, str(STANDIN), str(image), str(port)]
-        else:
-            if state is None:
-                state = tmp_path / f"state-{port}"
-                state.mkdir()
-            cmd = [sys.executable, "-m", "firmware.cli", "local", "--volume", str(image),
-                   "--size", f"{size // (1 << 20)}M", "--usbip", f"127.0.0.1:{port}", "--state-dir", str(state),
-                   *(extra_args or [])]
+        if state is None:
+            state = tmp_path / f"state-{port}"
+            state.mkdir()
+        cmd = [sys.executable, "-m", "firmware.cli", "local", "--volume", str(image),
+               "--size", f"{size // (1 << 20)}M", "--usbip", f"127.0.0.1:{port}", "--state-dir", str(state),
+               *(extra_args or [])]
         with open(log_path, "wb") as log_fh:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
