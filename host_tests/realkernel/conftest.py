@@ -7,7 +7,6 @@ The device is the project's own local unit, started as a user would start it:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
