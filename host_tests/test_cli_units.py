@@ -160,14 +160,14 @@ def test_config_files_remote_tables_targets_table_and_sync_mode(units: Units, tm
     assert first_difference(tmp_path / "volume.img", target) is None
 
 
-def test_sigterm_stops_cleanly_and_keeps_written_data(units: Units, tmp_path: Path) -> None:
+def test_sigterm_stops_cleanly_with_a_host_attached(units: Units, tmp_path: Path) -> None:
     vol = tmp_path / "volume.img"
     local = units.start_local(volume=vol, size="16M")
     tls = units.pair("dr1", ["server1"])
     remote = units.start_remote("dr1", targets={"server1": tmp_path / "t.img"}, tls_dir=tls)
     data = random.Random(3).randbytes(64 * BS)
-    with attach(local) as c:
-        assert c.write10(4096, data) == 0
+    client = attach(local)          # the host stays attached while the unit is told to stop
+    assert client.write10(4096, data) == 0
     for u in (local, remote):
         sock = u.state_dir / "control.sock"
         assert sock.exists()
@@ -177,6 +177,8 @@ def test_sigterm_stops_cleanly_and_keeps_written_data(units: Units, tmp_path: Pa
         assert "Traceback" not in u.log()
         r = u.status_raw()
         assert r.returncode != 0 and "no unit is running" in r.stderr
+    assert client.closed_by_server(), "the attached host was not disconnected"
+    client.close()
     with open(vol, "rb") as f:
         f.seek(4096 * BS)
         assert f.read(len(data)) == data
@@ -229,8 +231,9 @@ def test_unknown_source_is_refused_by_the_remote(units: Units, tmp_path: Path) -
     local = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server2", tls_dir=tls,
                               remotes=[remote.address])
     remote.wait_status(lambda st: st["refused_connections"] >= 1, what="a refused connection")
-    st = local.status()
-    assert st["remotes"][0]["state"] != "streaming", st["remotes"]
+    (r,) = local.wait_status(lambda st: bool(st["remotes"][0]["last_error"]), what="the refusal")["remotes"]
+    assert r["state"] == "refused" and r["acked_seq"] == 0, r
+    assert "server2" in r["last_error"], f"the local unit does not say why: {r['last_error']!r}"
     refusals = [ln for ln in remote.log().splitlines() if "refused" in ln]
     assert refusals, remote.log()
     assert any("server2" in ln for ln in refusals), f"the refusal does not name the source:\n{refusals}"
