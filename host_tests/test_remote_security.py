@@ -62,8 +62,12 @@ def test_peer_without_certificate_is_refused(rig: Rig, tls_dir: Path, caplog: py
         s.sendall(b"UJ")
         if not s.recv(100):
             raise ConnectionResetError("closed")
-    wait_until(lambda: remote.refused >= 1, what="refusal counted")
-    assert any("refused" in r.getMessage() and "certificate" in r.getMessage() for r in caplog.records)
+    def logged() -> bool:
+        msgs = [r.getMessage() for r in caplog.records if r.name == "firmware.remote_unit"]
+        return any("refused" in m and "TLS handshake failed" in m for m in msgs)
+
+    wait_until(lambda: remote.refused >= 1 and logged(), what="refusal counted and logged")
+    assert remote.targets["src-a"].connections == 0
 
 
 def test_tls12_is_refused(rig: Rig, tls_dir: Path) -> None:

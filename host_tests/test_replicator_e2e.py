@@ -263,11 +263,11 @@ def test_long_overflow_keeps_remote_fresh_but_flags_it_inconsistent(rig: Rig) ->
     random_writes(rig.unit, 30, rng)
     wait_until(lambda: rig.same(), what="overflow rounds to bring the dirty regions across")
     src = remote.status()["sources"][0]
-    assert src["consistent"] is False and src["rollback_available"] is True
-    assert rep.status()["remotes"][0]["resync"]["open"] is True
+    assert (src["consistent"], src["rollback_available"]) == (False, True), (src, rep.status())
+    wait_until(lambda: rep.status()["remotes"][0]["resync"]["open"] is True, what="round reported open")
     rig.unit.overflow = False
     random_writes(rig.unit, 10, rng)
     wait_until(lambda: remote.status()["sources"][0]["consistent"] is True, what="final round")
+    wait_until(lambda: not rep.status()["remotes"][0]["resync"]["open"], what="source sees the round closed")
     rig.drain()
     assert rig.same()
-    assert not rep.status()["remotes"][0]["resync"]["open"]
