@@ -197,6 +197,7 @@ class RemoteLink:
         self.acked_seq = rep.journal.register_consumer(self.consumer)
         self.sent_seq = self.acked_seq
         self.last_error = ""
+        self.recent_errors: deque[str] = deque(maxlen=8)
         self.connected_since: float | None = None
         self.connects = 0
         self.remote_name = ""
@@ -275,6 +276,7 @@ class RemoteLink:
         if self._stopping():
             return
         self.last_error = message
+        self.recent_errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}")
         self.state = state
         log.warning("link down remote=%s state=%s reason=%s", self.spec.label, state.name, message)
 
@@ -416,6 +418,7 @@ class RemoteLink:
             "degraded": self.degraded,
             "bandwidth_limit_bps": self.spec.bandwidth_limit_bps,
             "last_error": self.last_error,
+            "recent_errors": list(self.recent_errors),
             "resync": dict(self.resync),
         }
 

@@ -133,7 +133,8 @@ def test_frames_corrupted_in_flight_plaintext_crc(plain_rig: Rig) -> None:
         big_writes(rig, 10, rng)
         rig.drain()
     assert_exact(rig, applied_total(remote))
-    assert "CRC32C" in remote.targets["src-a"].last_error or rep.links[0].last_error
+    assert "CRC32C mismatch on a BATCH frame" in remote.targets["src-a"].last_error
+    assert any("CRC32C mismatch on a HELLO_REPLY frame" in e for e in rep.status()["remotes"][0]["recent_errors"])
 
 
 def test_frames_corrupted_in_flight_tls(rig: Rig) -> None:
