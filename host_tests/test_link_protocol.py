@@ -84,7 +84,7 @@ remote_events = st.one_of(
 )
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(source_events, min_size=1, max_size=8), st.booleans(), st.booleans())
 def test_source_events_round_trip_whole_and_byte_by_byte(events: list[jp.Event], lz4: bool,
                                                           bytewise: bool) -> None:
@@ -101,7 +101,7 @@ def test_source_events_round_trip_whole_and_byte_by_byte(events: list[jp.Event],
     assert got == events
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(remote_events, min_size=1, max_size=8))
 def test_remote_events_round_trip(events: list[jp.Event]) -> None:
     src, rem = open_pair()
@@ -120,7 +120,7 @@ def test_error_frame_round_trip_and_closes() -> None:
         src.receive_data(b"x")
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(records(40), st.data())
 def test_any_corrupted_byte_is_detected_never_misread(recs: tuple[jp.Record, ...], data: st.DataObject) -> None:
     src, rem = open_pair()
@@ -245,7 +245,7 @@ def test_lz4_used_only_where_it_pays() -> None:
 FRAME_TYPES = list(jp.FrameType)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.sampled_from([jp.Role.SOURCE, jp.Role.REMOTE]), st.lists(st.sampled_from(FRAME_TYPES), max_size=6))
 def test_state_table_every_sequence_valid_or_protocol_error(role: jp.Role, seq: list[jp.FrameType]) -> None:
     """Any sequence of well-formed frames is either allowed or ends in ProtocolError and CLOSED."""
