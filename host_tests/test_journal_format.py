@@ -81,7 +81,7 @@ def test_superblock_bit_flips_are_detected() -> None:
             Superblock.decode(bytes(bad))
 
 
-names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=16)
+names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=16)
 
 
 @given(gen=u64, tail=st.integers(1, 2**62), n=st.integers(0, 2**20), tail_pos=u64, head_pos=u64, applied=u64,

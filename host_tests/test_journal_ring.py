@@ -166,7 +166,7 @@ def test_recovery_of_a_full_journal() -> None:
     f = new_flash()
     j = open_j(f)
     j.register_consumer("remote")
-    recs = []
+    recs: list[int] = []
     while True:
         try:
             s = j.append(RecordKind.WRITE, 0, 4, payload(len(recs), 4), 0)

@@ -242,7 +242,7 @@ def test_throttle_delays_acks_when_nearly_full_and_is_bounded() -> None:
     assert r.sleeps and all(0 < d <= 0.01 for d in r.sleeps)
     assert r.sleeps[-1] > r.sleeps[0]
     st = lu.status()["journal"]
-    assert isinstance(st, dict) and st["throttle"]["active"] is True  # type: ignore[index]
+    assert isinstance(st, dict) and st["throttle"]["active"] is True
 
 
 def _fill_until_overflow(lu: LocalUnit, start: int = 0) -> int:
@@ -428,7 +428,7 @@ def test_journal_io_error_is_reported_as_sense_and_reads_still_work() -> None:
     r.jflash = FailingFlash(RING_OFFSET + r.ring, rail=r.rail)
     lu = r.unit()
     lu.write(0, blk(1))
-    r.jflash.broken = True  # type: ignore[attr-defined]
+    r.jflash.broken = True
     with pytest.raises(WriteError) as ei:
         lu.write(1, blk(2))
     assert (ei.value.sense_key, ei.value.asc) == (0x03, 0x0C)  # MEDIUM ERROR, WRITE ERROR
