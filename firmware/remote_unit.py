@@ -753,6 +753,13 @@ class RemoteUnit:
 
     def __init__(self, cfg: RemoteUnitConfig) -> None:
         self.cfg = cfg
+        seen: dict[str, str] = {}
+        for sid, path in cfg.targets.items():
+            real = os.path.realpath(path)
+            if real in seen:
+                raise ValueError(f"sources {seen[real]!r} and {sid!r} both map to {path}: each source needs "
+                                 "its own target")
+            seen[real] = sid
         Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
         self.targets = {sid: SourceTarget(self, sid, path) for sid, path in cfg.targets.items()}
         self._ctx: ssl.SSLContext | None = None

@@ -225,3 +225,11 @@ def test_undo_log_drops_a_torn_tail_and_restores(tmp_path: Path) -> None:
     assert restored[:128 * BS] == original[:128 * BS]
     assert restored[1408 * BS:1792 * BS] == original[1408 * BS:1792 * BS]
     assert restored[128 * BS:256 * BS] == b"\x99" * (128 * BS)
+
+
+def test_two_sources_cannot_share_a_target(tmp_path: Path) -> None:
+    cfg = RemoteUnitConfig(listen=("127.0.0.1", 0), name="r1",
+                           targets={"a": str(tmp_path / "t.img"), "b": str(tmp_path / "." / "t.img")},
+                           tls_dir=None, state_dir=str(tmp_path / "state"))
+    with pytest.raises(ValueError, match="each source needs its own target"):
+        RemoteUnit(cfg)
