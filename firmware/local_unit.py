@@ -303,7 +303,7 @@ class LocalUnit:
                     at = 0
                     while at < count:
                         n = min(max_blocks, count - at) if kind is RecordKind.WRITE else count - at
-                        piece = payload[at * self._bs:(at + n) * self._bs]
+                        piece = payload if n == count else payload[at * self._bs:(at + n) * self._bs]
                         seq = self._append_with_reclaim_locked(kind, lba + at, n, piece)
                         at += n
                     if fua:

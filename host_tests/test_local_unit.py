@@ -446,3 +446,15 @@ def test_no_throttle_once_overflowing() -> None:
     for i in range(5):
         lu.write(i * 8, blk(i, 8))
     assert lu.overflow and len(r.sleeps) == before
+
+
+def test_a_write_larger_than_a_record_is_split_and_reads_back() -> None:
+    r = Rig()  # 64 KiB ring: records of at most ~15 KiB
+    lu = r.unit(write_cache=True)
+    data = b"".join(blk(i) for i in range(40))
+    lu.write(100, data, fua=True)
+    recs = r.journal.read_records(0, 1 << 20)
+    assert [x.kind for x in recs][-1] is RecordKind.FLUSH and len(recs) >= 4
+    assert sum(x.count for x in recs if x.kind is RecordKind.WRITE) == 40
+    assert lu.read(100, 40) == data
+    assert r.power_cut().unit().read(100, 40) == data
