@@ -73,8 +73,9 @@ CBW_LENGTH = 31
 _CBW_HEAD = struct.Struct("<IIIB")  # dCBWSignature, dCBWTag, dCBWDataTransferLength, bmCBWFlags
 CBW_SIGNATURE = 0x43425355
 EVENT_SIZE = ctypes.sizeof(ffs_h.Event)
-IN_CHUNK = 64 * 1024  # bytes per bulk IN write; f_fs copies each write into one kernel buffer
-OUT_CHUNK = 64 * 1024
+# Bytes per bulk read/write on an endpoint file. f_fs copies each into one kernel buffer (kmalloc
+# unless the UDC does scatter-gather), so bigger is faster but needs contiguous kernel memory.
+DEFAULT_CHUNK = 64 * 1024
 
 # Errors a bulk endpoint file returns when the host went away or the function was disabled.
 _DISCONNECT_ERRNOS = (errno.ESHUTDOWN, errno.ECONNRESET, errno.ENODEV, errno.EIO, errno.EPIPE,
@@ -219,8 +220,9 @@ class _OutPhaseTracker:
     reads, which are always safe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = DEFAULT_CHUNK) -> None:
         self.data_out_left = 0
+        self.chunk = chunk
 
     def reset(self) -> None:
         self.data_out_left = 0
@@ -228,7 +230,7 @@ class _OutPhaseTracker:
     def next_read_size(self, max_packet: int) -> int:
         if self.data_out_left <= 0:
             return max_packet  # a CBW is one short packet (31 bytes)
-        want = min(self.data_out_left, OUT_CHUNK)
+        want = min(self.data_out_left, self.chunk)
         return -(-want // max_packet) * max_packet  # some UDCs (dwc3) need packet-aligned OUT buffers
 
     def feed(self, data: bytes, asked: int) -> None:
@@ -260,7 +262,11 @@ class FunctionFsServer:
         max_lun: int = 0,
         speeds: tuple[Speed, ...] = (Speed.FULL, Speed.HIGH, Speed.SUPER),
         bot: BulkOnlyTransport | None = None,
+        chunk: int = DEFAULT_CHUNK,
     ) -> None:
+        if chunk < 4096 or chunk % 1024:
+            raise ValueError(f"chunk must be a multiple of 1024 and at least 4096, not {chunk}")
+        self.chunk = chunk
         self.mountpoint = Path(mountpoint)
         self.identity = identity
         self.speeds = speeds
@@ -271,7 +277,7 @@ class FunctionFsServer:
         self.bot = bot
         self._lock = threading.Condition()
         self._stop = threading.Event()
-        self._out = _OutPhaseTracker()
+        self._out = _OutPhaseTracker(chunk)
         self._generation = 0  # bumped by reset/disable: a read begun before it belongs to no CBW
         self._ep0: int | None = None
         self._ep_in: int | None = None
@@ -499,10 +505,10 @@ class FunctionFsServer:
         assert fd is not None
         while not self._stop.is_set():
             with self._lock:
-                reply = self.bot.bulk_in(IN_CHUNK)
+                reply = self.bot.bulk_in(self.chunk)
                 while reply is None and not self._stop.is_set():
                     self._lock.wait(0.5)
-                    reply = self.bot.bulk_in(IN_CHUNK)
+                    reply = self.bot.bulk_in(self.chunk)
             if reply is None or self._stop.is_set():
                 return
             if not isinstance(reply, bytes | bytearray):  # gadget.bot.STALL
@@ -562,6 +568,7 @@ def serve_gadget(
     mountpoint: Path = Path("/run/usbmirror/ffs"),
     speeds: tuple[Speed, ...] = (Speed.FULL, Speed.HIGH, Speed.SUPER),
     dev_dir: Path = Path("/dev"),
+    chunk: int = DEFAULT_CHUNK,
 ) -> Iterator[GadgetSession]:
     """Compose the gadget, mount FunctionFS, serve `lu`, bind to `udc` (or the first UDC); on exit
     unbind, stop serving, unmount and remove the gadget. A stale gadget or mount is cleaned first."""
@@ -582,7 +589,7 @@ def serve_gadget(
         cfs.pick_udc(udc, cls_dir)  # fail early, before touching anything
         stack.enter_context(gadget)
         stack.enter_context(cfs.FunctionFsMount(config.ffs_instance, mountpoint))
-        server = stack.enter_context(FunctionFsServer(lu, identity, mountpoint, speeds=speeds))
+        server = stack.enter_context(FunctionFsServer(lu, identity, mountpoint, speeds=speeds, chunk=chunk))
         bound = gadget.bind(udc)
         stack.callback(gadget.unbind)
         stack.callback(server.request_stop)  # runs before unbind: threads see the stop flag
@@ -615,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speeds", default="full,high,super")
     p.add_argument("--mountpoint", default="/run/usbmirror/ffs")
     p.add_argument("--ready-file", help="touched once the gadget is bound")
+    p.add_argument("--chunk", type=parse_size, default=DEFAULT_CHUNK, help="bytes per endpoint read/write")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
@@ -627,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         target = ScsiTarget(vol, serial=a.serial, device_id=a.serial.encode().ljust(16, b"\0")[:16])
         ident = DeviceIdentity(serial=a.serial)
         with serve_gadget(target, ident, udc=a.udc, acm_console=a.acm, mountpoint=Path(a.mountpoint),
-                          speeds=speeds) as session:
+                          speeds=speeds, chunk=a.chunk) as session:
             log.info("serving volume=%s udc=%s", a.volume, session.udc)
             if a.ready_file:
                 Path(a.ready_file).write_text(session.udc + "\n")
