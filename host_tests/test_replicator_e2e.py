@@ -59,11 +59,12 @@ class Rig:
             self.remote = None
 
     def start_rep(self, port: int | None = None, mode: str = "async", source_id: str = "src-a",
-                  tuning: ReplicatorTuning = FAST, tls: TlsFiles | None = None) -> Replicator:
+                  tuning: ReplicatorTuning = FAST, tls: TlsFiles | None = None,
+                  host: str = "127.0.0.1") -> Replicator:
         if tls is None and self.tls_dir:
             tls = TlsFiles.for_source(self.tls_dir, source_id)
         self.rep = Replicator(self.unit, self.journal, source_id=source_id,
-                              remotes=[RemoteSpec(("127.0.0.1", port or self.port), mode=mode, name="r1")],
+                              remotes=[RemoteSpec((host, port or self.port), mode=mode, name="r1")],
                               tls=tls, state_dir=str(self.tmp / "lstate"), tuning=tuning)
         self.rep.start()
         return self.rep
