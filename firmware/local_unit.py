@@ -164,6 +164,12 @@ class LocalUnit:
                                             region_blocks=region_blocks, unit_uuid=journal.unit_uuid)
         self.replayed_records = 0
         try:
+            if journal.recovery.corruption is not None:
+                # opened with salvage: records from the damaged one on are gone, so the remotes can
+                # no longer be brought up to date from the journal; the whole disk needs a resync
+                log.error("journal was salvaged (%s): marking the whole volume dirty for a resync",
+                          journal.recovery.corruption)
+                self._bitmap.mark(0, self._nblocks)
             self._replay()
         except BaseException:
             self._bitmap.close()

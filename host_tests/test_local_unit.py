@@ -458,3 +458,19 @@ def test_a_write_larger_than_a_record_is_split_and_reads_back() -> None:
     assert sum(x.count for x in recs if x.kind is RecordKind.WRITE) == 40
     assert lu.read(100, 40) == data
     assert r.power_cut().unit().read(100, 40) == data
+
+
+def test_salvaged_journal_marks_the_whole_volume_dirty() -> None:
+    r = Rig(ring=1 << 20)
+    lu = r.unit(volume_sync_bytes=1 << 30)
+    for i in range(6):
+        lu.write(i * 16, blk(i + 1))
+    r.journal.checkpoint()
+    r2 = r.power_cut(CrashMode.DROP)
+    r2.jflash.flip_bit(RING_OFFSET + 4 * 1024 + HEADER_SIZE + 3)  # payload of seq 5
+    r2.journal = Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=r2.jflash, salvage=True)
+    lu2 = LocalUnit(SimulatedVolume(r2.vflash, block_size=BS), r2.journal, bitmap_flash=r2.bflash,
+                    region_blocks=16, background_flush=False)
+    assert r2.journal.head_seq == 4
+    assert lu2.dirty_snapshot().regions == ((0, NBLOCKS),)
+    assert lu2.read(0, 1) == blk(1) and lu2.read(48, 1) == blk(4)
