@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -288,3 +289,25 @@ def drained(st: Status) -> bool:
     durable = int(st["journal"]["durable_seq"])
     return bool(st["remotes"]) and all(int(r["acked_seq"]) >= durable for r in st["remotes"])
 
+
+
+class KillAndRestart(threading.Thread):
+    """A thread that waits until ``watch``'s status satisfies ``pred``, SIGKILLs ``victim`` and starts it
+    again with the same arguments (same port, state dir and files). Check ``error`` after joining."""
+
+    def __init__(self, watch: UnitProcess, victim: UnitProcess, pred: Callable[[Status], bool], *,
+                 what: str = "the trigger", timeout: float = 240.0) -> None:
+        super().__init__(name=f"kill-{victim.role}", daemon=True)
+        self.watch, self.victim, self.pred, self.what, self.timeout = watch, victim, pred, what, timeout
+        self.before: Status | None = None     # the watched unit's status that fired the trigger
+        self.after: Status | None = None      # the victim's first status after the restart
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.before = self.watch.wait_status(self.pred, timeout=self.timeout, interval=0.1, what=self.what)
+            self.victim.kill9()
+            self.victim.launch()
+            self.after = self.victim.wait_ready(120)
+        except BaseException as exc:
+            self.error = exc

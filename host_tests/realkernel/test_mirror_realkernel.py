@@ -8,7 +8,8 @@ unit run as processes. In the QEMU guest the kernel attaches the disk and
 3. hashes the whole disk as it reads it, then detaches.
 The host then waits until the remote has acknowledged every durable journal record, runs
 `usbmirror verify`, stops both units and compares the remote target with the local volume byte for
-byte, and with the guest's own hash of the disk. Run once with an `async` and once with a `sync` remote.
+byte, and with the guest's own hash of the disk. Run with an `async` remote, a `sync` remote, and an
+`async` remote that is killed with SIGKILL mid-workload and restarted on the same port.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from host_tests.units import Units, drained, first_difference, streaming, usbmirror
+from host_tests.units import KillAndRestart, Units, drained, first_difference, streaming, usbmirror
 from hw.qemu.build_guest import GuestImage
 from hw.qemu.guest import GuestResult, run_guest
 
@@ -31,6 +32,7 @@ PART_MIB = 60                  # GPT partition 1: 1 MiB .. 61 MiB
 RAW_OFFSET_MIB = 68            # fio region, outside the partition and the backup GPT
 RAW_RAND_MIB = 4
 RAW_SEQ_MIB = 8
+KILL_REMOTE_AT = 600           # journal records before the remote unit is killed (variant remote-kill)
 
 GUEST_SCRIPT = f"""
 set -u
@@ -114,9 +116,10 @@ def fail(what: str, res: GuestResult, units: Units) -> str:
     return f"{what}\n{res.describe()}\n{units.describe()}"
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
-def test_guest_workload_is_mirrored_byte_for_byte(mode: str, units: Units, tmp_path: Path,
+@pytest.mark.parametrize("variant", ["async", "sync", "async+remote-kill"])
+def test_guest_workload_is_mirrored_byte_for_byte(variant: str, units: Units, tmp_path: Path,
                                                   guest_image: GuestImage) -> None:
+    mode = variant.split("+")[0]
     tls = units.pair("dr1", ["server1"])
     volume, target = tmp_path / "local-volume.img", tmp_path / "remote-target.img"
     remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
@@ -125,10 +128,19 @@ def test_guest_workload_is_mirrored_byte_for_byte(mode: str, units: Units, tmp_p
                               tls_dir=tls, remotes=[spec])
     local.wait_status(streaming(), what="the link to the remote")
 
+    killer = None
+    if variant.endswith("remote-kill"):
+        # the remote unit crashes in the middle of the workload and comes back on the same port
+        killer = KillAndRestart(local, remote, lambda st: st["journal"]["head_seq"] >= KILL_REMOTE_AT,
+                                what=f"journal head_seq >= {KILL_REMOTE_AT}")
+        killer.start()
     res = run_guest(GUEST_SCRIPT, usbip_port=local.port, timeout=400, image=guest_image)
+    if killer is not None:
+        killer.join(130)
+        assert killer.after is not None and killer.error is None, f"remote restart: {killer.error}\n{units.describe()}"
     assert res.rc == 0 and res.markers.get("done") == "1", fail("guest workload failed", res, units)
     assert res.markers.get("fsck") == "clean"
-    print(f"guest markers ({mode}): {res.markers} wall={res.wall:.1f}s")
+    print(f"guest markers ({variant}): {res.markers} wall={res.wall:.1f}s")
     assert int(res.markers["files"]) > 30
 
     st = local.status()
@@ -137,10 +149,13 @@ def test_guest_workload_is_mirrored_byte_for_byte(mode: str, units: Units, tmp_p
         (r,) = st["remotes"]
         assert r["acked_seq"] >= st["journal"]["durable_seq"], (r, st["journal"])
     durable = st["journal"]["durable_seq"]
+    print(f"journal durable_seq after the workload: {durable}")
     assert durable > 1000, f"the workload should be thousands of journal records, got {durable}"
     st = local.wait_status(drained, timeout=180, what="the remote to acknowledge every durable record")
     (r,) = st["remotes"]
     assert (r["mode"], r["state"]) == (mode, "streaming")
+    if killer is not None:
+        assert r["connects"] >= 2, f"the local unit never reconnected: {r}"
     assert st["journal"]["overflow"] is False
 
     v = usbmirror("verify", "--state-dir", str(local.state_dir), timeout=300)
