@@ -102,7 +102,8 @@ CONSUMER_ENTRY_TAIL = struct.Struct("<Q")
 CRC = struct.Struct("<I")
 RECORD_HEADER = struct.Struct("<4sBBHIIQQQIIQII")
 HEADER_SIZE = RECORD_HEADER.size
-_HEADER_BODY = HEADER_SIZE - 4
+HEADER_BODY = HEADER_SIZE - 4  # bytes covered by the header checksum
+_HEADER_BODY = HEADER_BODY
 _CKPT_CRC_AT = SLOT_SIZE - 4
 
 assert SUPERBLOCK.size + 4 == 80

@@ -31,15 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import google_crc32c
+
 from firmware.journal.flash import FileFlash, Flash
 from firmware.journal.format import (
     ALIGN,
     CHECKPOINT_OFFSETS,
     DEFAULT_MAX_BATCH,
+    HEADER_BODY,
     HEADER_SIZE,
     MAX_CONSUMER_NAME,
     MAX_CONSUMERS,
     MIN_RING,
+    RECORD_HEADER,
+    RECORD_MAGIC,
     RING_GRANULE,
     RING_OFFSET,
     SLOT_SIZE,
@@ -303,6 +308,10 @@ class Journal:
         buf = b""
         buf_pos = 0  # position of buf[0]
         reason = ""
+        bs = self._sb.block_size
+        unpack_header = RECORD_HEADER.unpack_from
+        crc_value = google_crc32c.value
+        idx_pos, idx_len, idx_ts = self._idx_pos, self._idx_len, self._idx_ts
         while True:
             if pos - ck.tail_pos >= ring:
                 reason = "a whole ring of records"
@@ -313,6 +322,31 @@ class Journal:
                 buf_pos = pos
                 buf = self._flash.pread(min(_SCAN_CHUNK, ring - off), RING_OFFSET + off)
             at = pos - buf_pos
+            # fast path for the common case (an intact WRITE/UNMAP/FLUSH record where expected);
+            # anything else goes through decode_header/_valid_header, which say what is wrong
+            (magic, kind, flags, hlen, epoch, inc, seq, dbefore, _lba, count, plen, ts, pcrc,
+             hcrc) = unpack_header(buf, at)
+            if (magic == RECORD_MAGIC and seq == expected and epoch == self._epoch and flags == 0
+                    and hlen == HEADER_SIZE and min_inc <= inc <= max_inc and dbefore < seq
+                    and (plen == count * bs and count > 0 if kind == 1 else (plen == 0 and kind in (2, 3)))
+                    and hcrc == crc_value(buf[at: at + HEADER_BODY])):
+                rlen = (HEADER_SIZE + plen + ALIGN - 1) // ALIGN * ALIGN
+                if off + rlen <= ring and pos - ck.tail_pos + rlen <= ring:
+                    if pos + rlen > buf_pos + len(buf):
+                        buf_pos = pos
+                        buf = self._flash.pread(max(min(_SCAN_CHUNK, ring - off), rlen), RING_OFFSET + off)
+                        at = 0
+                    if plen and crc_value(buf[at + HEADER_SIZE: at + HEADER_SIZE + plen]) != pcrc:
+                        reason = "payload checksum mismatch"
+                        break
+                    idx_pos.append(pos)
+                    idx_len.append(rlen)
+                    idx_ts.append(ts)
+                    min_inc = inc
+                    expected += 1
+                    pos += rlen
+                    rep.records += 1
+                    continue
             h = decode_header(buf, at)
             reason = self._valid_header(h, expected, min_inc, max_inc, off)
             if reason:
@@ -333,8 +367,7 @@ class Journal:
                 buf_pos = pos
                 buf = self._flash.pread(max(min(_SCAN_CHUNK, ring - off), rlen), RING_OFFSET + off)
                 at = 0
-            if h.payload_len and crc32c(memoryview(buf)[at + HEADER_SIZE: at + HEADER_SIZE + h.payload_len]
-                                        ) != h.payload_crc:
+            if h.payload_len and crc32c(buf[at + HEADER_SIZE: at + HEADER_SIZE + h.payload_len]) != h.payload_crc:
                 reason = "payload checksum mismatch"
                 break
             self._idx_pos.append(pos)
