@@ -13,6 +13,7 @@ import os
 import random
 import re
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,3 +317,28 @@ def test_second_unit_on_the_same_volume_is_refused(units: Units, tmp_path: Path)
         time.sleep(0.2)
     assert second.wait_exit(5) == 2, second.log()
     assert "volume" in second.log().splitlines()[-1]
+
+
+@pytest.mark.parametrize("case", ["local-port-busy", "remote-port-busy", "local-tls-missing"])
+def test_startup_failures_are_one_line_without_traceback(units: Units, tmp_path: Path, case: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = int(busy.getsockname()[1])
+        if case == "local-port-busy":
+            u = units.start_local(volume=tmp_path / "v.img", size="16M", port=port, wait=False)
+        elif case == "remote-port-busy":
+            tls = units.pair("dr1", ["server1"])
+            u = units.start_remote("dr1", targets={"server1": tmp_path / "t.img"}, tls_dir=tls, port=port,
+                                   wait=False)
+        else:
+            u = units.start_local(volume=tmp_path / "v.img", size="16M", source_id="server1",
+                                  tls_dir=tmp_path / "no-tls", remotes=[f"127.0.0.1:{port}"], wait=False)
+        rc = u.wait_exit(60)
+    last = u.log().splitlines()[-1]
+    assert rc != 0, u.log()
+    assert last.startswith(f"usbmirror {u.role}: "), u.log()
+    expect = "TLS file" if case == "local-tls-missing" else "Address already in use"
+    assert expect in last, last
+    assert "Traceback" not in u.log()
+    assert not (u.state_dir / "control.sock").exists(), "a failed start left its control socket"
