@@ -119,6 +119,7 @@ def start_device(tmp_path: Path) -> Iterator[Callable[..., RunningDevice]]:
         dev = RunningDevice(port, image, proc, log_path, state)
         started.append(dev)
         _wait_listening(port, proc, log_path)
+        dev.status()  # the control socket answers: start-up is over
         return dev
 
     yield start
