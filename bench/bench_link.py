@@ -4,10 +4,14 @@
    durable rate (write cache off, 1 MiB writes), replicated over TLS to a remote unit on this machine.
    Prints the local write rate, the replication rate and lag samples (records, bytes, seconds): the lag
    must stay bounded while the writer runs, and drain to zero after.
-2. WAN: the same link through a userspace shaping proxy (token bucket at 100 Mbit/s plus an 80 ms
-   round-trip delay line; there is no netem here). A raw TCP stream through the same proxy gives the
-   link's own limit in this run. Prints the payload throughput of incompressible records as a ratio of
-   the link rate (target >= 0.90), then of compressible records (lz4): faster than the link.
+2. WAN: 100 Mbit/s with an 80 ms round trip, shaped two ways (there is no netem here): a userspace
+   proxy (token bucket plus delay line; the rate counts TCP payload bytes), and, as root, kernel TBF
+   on a veth into a network namespace holding the remote (the rate counts whole packets, so TCP/IP
+   headers take ~4% of it) plus the proxy as a delay-only line. A raw TCP stream over the same path
+   gives the link's own limit in this run. Prints the payload throughput of incompressible records
+   as a ratio of the link rate (target >= 0.90) and of the raw stream, then of compressible records
+   (lz4): faster than the link. The headline figure is the whole run from reconnect (TLS handshake
+   and TCP slow start included); the 10-90% window is coarser (ACKs arrive per batch).
 
 Run: `python bench/bench_link.py [--quick]`. Nothing is asserted; the figures are for people.
 """
@@ -137,26 +141,72 @@ class ShapingProxy:
         self.ls.close()
 
 
-def raw_sink() -> tuple[socket.socket, threading.Thread, dict[str, float]]:
-    """A TCP sink counting what arrives (for the link's own limit: a raw stream through the proxy)."""
-    sink = socket.create_server(("127.0.0.1", 0))
-    got: dict[str, float] = {"n": 0, "t0": 0.0, "t1": 0.0}
+class TbfNamespace:
+    """Kernel shaping: the remote's side of a veth pair lives in a network namespace; the host end
+    has a TBF qdisc at the link rate (source -> remote), the delay comes from a delay-only proxy."""
 
-    def consume() -> None:
-        c, _ = sink.accept()
-        with c:
-            while True:
-                d = c.recv(1 << 16)
-                if not d:
-                    break
-                if not got["t0"]:
-                    got["t0"] = time.monotonic()
-                got["n"] += len(d)
-                got["t1"] = time.monotonic()
+    def __init__(self, rate_mbit: int) -> None:
+        self.name = f"umb{random.randrange(1 << 20):05x}"
+        self.host_if, self.ns_if = f"{self.name}h", f"{self.name}n"
+        self.host_ip, self.ns_ip = "10.232.7.1", "10.232.7.2"
+        cmds = [["ip", "netns", "add", self.name],
+                ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if],
+                ["ip", "link", "set", self.ns_if, "netns", self.name],
+                ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if],
+                ["ip", "link", "set", self.host_if, "up"],
+                ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if],
+                ["ip", "netns", "exec", self.name, "ip", "link", "set", self.ns_if, "up"],
+                ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"],
+                ["tc", "qdisc", "add", "dev", self.host_if, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                 "burst", "64kb", "latency", "200ms"]]
+        try:
+            for c in cmds:
+                subprocess.run(c, check=True, capture_output=True)
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            self.close()
+            raise
 
-    t = threading.Thread(target=consume, daemon=True)
-    t.start()
-    return sink, t, got
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+_SINK = """
+import socket, sys, time
+ls = socket.create_server((sys.argv[1], 0))
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+n, t0, t1 = 0, 0.0, 0.0
+while True:
+    d = c.recv(1 << 16)
+    if not d:
+        break
+    if not t0:
+        t0 = time.monotonic()
+    n += len(d)
+    t1 = time.monotonic()
+print(n / max(1e-9, t1 - t0), flush=True)
+"""
+
+
+def raw_rate_through(host: str, netns: str | None, delay: float,
+                     rate: float) -> float:
+    """Bytes/s of a plain TCP bulk stream through the same path (proxy, and TBF if any)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    sink = subprocess.Popen([*prefix, sys.executable, "-c", _SINK, host], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout is not None
+    port = int(sink.stdout.readline())
+    proxy = ShapingProxy((host, port), rate, delay)
+    c = socket.create_connection(("127.0.0.1", proxy.port))
+    blob = bytes(1 << 16)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 4.0:
+        c.sendall(blob)
+    c.close()
+    out = float(sink.stdout.readline())
+    sink.wait(timeout=30)
+    proxy.close()
+    return out
 
 
 _REMOTE_MAIN = """
@@ -165,7 +215,7 @@ sys.path.insert(0, sys.argv[1])
 from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
 logging.basicConfig(level=logging.ERROR)
 tmp = sys.argv[2]
-ru = RemoteUnit(RemoteUnitConfig(("127.0.0.1", 0), "r1", {"lmu": tmp + "/target.img"}, tmp + "/tls",
+ru = RemoteUnit(RemoteUnitConfig((sys.argv[3], 0), "r1", {"lmu": tmp + "/target.img"}, tmp + "/tls",
                                  tmp + "/rstate"))
 ru.start()
 print(ru.port, flush=True)
@@ -177,9 +227,12 @@ ru.stop()
 class RemoteProcess:
     """The remote unit in its own process (on a real installation it is another board)."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _REMOTE_MAIN, str(Path(__file__).resolve().parent.parent),
-                                      str(tmp)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, tmp: Path, host: str = "127.0.0.1", netns: str | None = None) -> None:
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.host = host
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-c", _REMOTE_MAIN,
+                                      str(Path(__file__).resolve().parent.parent), str(tmp), host],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
 
@@ -196,11 +249,12 @@ class RemoteProcess:
 class Site:
     """A local unit (real journal + LocalUnit) in this process and a remote unit in another."""
 
-    def __init__(self, tmp: Path, vol_size: int, journal_size: int) -> None:
+    def __init__(self, tmp: Path, vol_size: int, journal_size: int, host: str = "127.0.0.1",
+                 netns: str | None = None) -> None:
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         pair(tmp / "tls", "r1", ["lmu"])
-        self.remote = RemoteProcess(tmp)
+        self.remote = RemoteProcess(tmp, host, netns)
         self.vol = Volume(tmp / "local.img", size=vol_size, block_size=BS)
         self.journal = Journal.open(tmp / "journal", size=journal_size, unit_uuid=uuid.uuid4(), block_size=BS)
         self.unit = LocalUnit(self.vol, self.journal, bitmap_path=str(tmp / "dirty"))
@@ -308,27 +362,33 @@ def loopback(tmp: Path, seconds: float, tuning: ReplicatorTuning | None = None) 
         site.close()
 
 
-def wan(tmp: Path, megabytes: int) -> None:
-    print(f"\n== WAN: {LINK_BPS * 8 / 1e6:.0f} Mbit/s token bucket, {ONE_WAY_DELAY * 2000:.0f} ms RTT "
-          "(userspace shaping proxy) ==")
-    # the link's own limit: a raw TCP stream through the same proxy
-    sink, th, got = raw_sink()
-    proxy = ShapingProxy(sink.getsockname(), LINK_BPS, ONE_WAY_DELAY)
-    c = socket.create_connection(("127.0.0.1", proxy.port))
-    blob = bytes(1 << 16)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 4.0:
-        c.sendall(blob)
-    c.close()
-    th.join(timeout=10)
-    raw = got["n"] / max(1e-9, got["t1"] - got["t0"])
-    proxy.close()
-    sink.close()
-    print(f"raw TCP stream through the proxy: {raw * 8 / 1e6:6.1f} Mbit/s "
-          f"({raw / LINK_BPS:.3f} of the nominal link rate)")
+def wan(tmp: Path, megabytes: int, shaper: str) -> None:
+    ns: TbfNamespace | None = None
+    if shaper == "tbf":
+        try:
+            ns = TbfNamespace(int(LINK_BPS * 8 / 1e6))
+        except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+            print(f"TBF in a network namespace is not available here ({exc}); using the userspace shaper")
+    host = ns.ns_ip if ns else "127.0.0.1"
+    netns = ns.name if ns else None
+    rate = 1e12 if ns else LINK_BPS  # with TBF the proxy only delays
+    how = "kernel TBF on a veth into a network namespace + userspace delay line" if ns else \
+        "userspace token bucket + delay line"
+    print(f"\n== WAN: {LINK_BPS * 8 / 1e6:.0f} Mbit/s, {ONE_WAY_DELAY * 2000:.0f} ms RTT ({how}) ==")
+    try:
+        raw = raw_rate_through(host, netns, ONE_WAY_DELAY, rate)
+        print(f"raw TCP stream through the same path: {raw * 8 / 1e6:6.1f} Mbit/s "
+              f"({raw / LINK_BPS:.3f} of the nominal link rate)")
+        _wan_runs(tmp, megabytes, raw, host, netns, rate)
+    finally:
+        if ns is not None:
+            ns.close()
 
-    site = Site(tmp, vol_size=(megabytes * 2 + 64) * MiB, journal_size=(megabytes * 2 + 64) * MiB)
-    proxy = ShapingProxy(("127.0.0.1", site.remote.port), LINK_BPS, ONE_WAY_DELAY)
+
+def _wan_runs(tmp: Path, megabytes: int, raw: float, host: str, netns: str | None, rate: float) -> None:
+    site = Site(tmp, vol_size=(megabytes * 2 + 64) * MiB, journal_size=(megabytes * 2 + 64) * MiB, host=host,
+                netns=netns)
+    proxy = ShapingProxy((host, site.remote.port), rate, ONE_WAY_DELAY)
     try:
         tuning = ReplicatorTuning(window_bytes=16 * MiB)
         site.start_rep(proxy.port, tuning)
@@ -370,6 +430,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None, help="loopback writer duration")
     ap.add_argument("--wan-mib", type=int, default=None, help="MiB shipped per WAN run")
     ap.add_argument("--only", choices=["loopback", "wan"], default=None)
+    ap.add_argument("--shaper", choices=["userspace", "tbf", "both"], default="both",
+                    help="WAN rate limit: userspace token bucket, kernel TBF in a netns (root), or both")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     seconds = args.seconds or (4.0 if args.quick else 10.0)
@@ -378,8 +440,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bench_link_", dir="/var/tmp") as d:
             loopback(Path(d) / "loop", seconds)
     if args.only in (None, "wan"):
-        with tempfile.TemporaryDirectory(prefix="bench_link_", dir="/var/tmp") as d:
-            wan(Path(d) / "wan", mib)
+        shapers = ["userspace", "tbf"] if args.shaper == "both" else [args.shaper]
+        for sh in shapers:
+            with tempfile.TemporaryDirectory(prefix="bench_link_", dir="/var/tmp") as d:
+                wan(Path(d) / "wan", mib, sh)
     return 0
 
 
