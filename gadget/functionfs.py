@@ -597,9 +597,15 @@ def serve_gadget(
         if acm_console:
             tty = gadget.acm_tty(dev_dir)
             assert tty is not None
-            console = stack.enter_context(
-                cfs.AcmStatusConsole(tty, status_text or (lambda: cfs.render_status_text(server.status())))
-            )
+            if status_text is None:
+                render: Callable[[], str] = lambda: cfs.render_status_text(server.status())  # noqa: E731
+            else:
+                text_fn = status_text
+
+                def render() -> str:  # the same markers as render_status_text, so readers can split
+                    return f"--- usbmirror status ---\n{text_fn().rstrip()}\n--- end ---\n"
+
+            console = stack.enter_context(cfs.AcmStatusConsole(tty, render))
         yield GadgetSession(server, gadget, bound, console)
 
 

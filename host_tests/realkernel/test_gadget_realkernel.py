@@ -12,7 +12,9 @@ as /dev/sdX, exactly as a server would over a cable. Per speed (high, super) the
 - SIGKILL of the firmware and a restart: the stale gadget is cleaned up, the device re-enumerates and
   every acknowledged write is still there;
 - the real-board pyusb tests (host_tests/test_pyusb_board.py) against the gadget through libusb;
-- a clean stop (SIGTERM) that leaves nothing in configfs.
+- a clean stop (SIGTERM) that leaves nothing in configfs;
+- (super speed) the unit's own entry point `usbmirror local --gadget` with its journal, `usbmirror
+  status`, the ACM console showing the unit's status, and the install self-test on real configfs.
 """
 
 from __future__ import annotations
@@ -217,7 +219,44 @@ kill -TERM $FW; wait $FW; mark fw_exit=$?
 gone $d || fwdie disk_still_there_after_stop
 mark gadget_left=$(ls /sys/kernel/config/usb_gadget/ | wc -l)
 mark tracebacks=$(grep -c Traceback /tmp/fw.log)
+{_cli_steps() if speed == "super" else ""}
 mark done=1
+"""
+
+
+def _cli_steps() -> str:
+    """The installed unit's own entry point: `usbmirror local --gadget` (journal, control socket, ACM
+    console with the unit's status), `usbmirror status`, and the install self-test on real configfs."""
+    return r"""
+step cli_local_unit
+mkdir -p /tmp/state
+(cd /opt/usbmirror && exec python3 -m firmware.cli local --volume /tmp/disk.img --gadget dummy_udc.0 \
+    --acm-console on --state-dir /tmp/state --journal-size 16M) > /tmp/unit.log 2>&1 &
+UNIT=$!
+d=$(wait_disk 60) || { tail -40 /tmp/unit.log; die cli_no_disk; }
+n=0; while [ ! -b /dev/${d}3 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+dd if=/dev/${d}3 bs=65536 count=64 iflag=direct 2>/dev/null | cmp - /tmp/acked || die cli_sees_other_data
+dd if=/tmp/big of=/dev/${d}3 bs=65536 oflag=direct conv=fsync 2>/dev/null || { tail -40 /tmp/unit.log; die cli_write; }
+dd if=/dev/${d}3 bs=65536 count=128 iflag=direct 2>/dev/null | cmp - /tmp/big || die cli_read
+python3 -m firmware.cli status --state-dir /tmp/state --json > /tmp/status.json || die cli_status
+grep -q '"transport": "functionfs"' /tmp/status.json && mark cli_status=ok
+python3 - <<'PY' || die cli_console
+import serial
+with serial.Serial("/dev/ttyACM0", 115200, timeout=10) as port:
+    port.read_until(b"--- end ---")
+    block = port.read_until(b"--- end ---").decode()
+print(block)
+assert "local unit" in block and "gadget udc dummy_udc.0" in block, block
+print("@@USBMIRROR cli_console=ok")
+PY
+python3 - <<'PY' || die cli_selftest
+from pathlib import Path
+from firmware.selftest import SelftestConfig, run_selftest
+r = run_selftest(SelftestConfig(state_dir=Path("/tmp/state"), gadget="dummy_udc.0", sync_probe_count=20))
+print(r.to_json())
+print("@@USBMIRROR selftest=" + ",".join(c.name.replace(" ", "_") + ":" + c.verdict.value for c in r.checks))
+PY
+kill -TERM $UNIT; wait $UNIT; mark cli_exit=$?
 """
 
 
@@ -267,3 +306,8 @@ def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, speed: st
     assert m["fw_exit"] == "0", result.describe()
     assert m["gadget_left"] == "0", "clean stop must remove the gadget from configfs"
     assert m["tracebacks"] == "0", result.describe()
+    if speed == "super":
+        assert m.get("cli_status") == "ok" and m.get("cli_console") == "ok", result.describe()
+        assert m["selftest"] == ("udc:PASS,gadget_binding:PASS,unit_running:PASS,host_enumerated:PASS,"
+                                 "host_profile:PASS,journal_device:PASS"), result.describe()
+        assert m["cli_exit"] == "0", result.describe()

@@ -44,7 +44,9 @@ EXTRA_MODULES = (
 )
 SITE_PACKAGES = ("functionfs", "libaio", "ioctl_opt", "serial",
                  # pyusb and pytest: host_tests/test_pyusb_board.py runs in the guest against the gadget
-                 "usb", "pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py")
+                 "usb", "pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py",
+                 # the local unit itself (usbmirror local --gadget): the journal's CRC, pure Python here
+                 "google_crc32c")
 # pytest only needs pygments' terminal formatter and its Python and diff lexers: leave the rest out.
 _PYGMENTS_KEEP = {"lexers": {"__init__.py", "_mapping.py", "python.py", "diff.py"},
                   "styles": {"__init__.py", "_mapping.py", "default.py"}}
