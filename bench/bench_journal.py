@@ -164,6 +164,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=16, help="rounds; raw and local unit alternate in each")
     ap.add_argument("--journal-size", default=256 * MIB, type=int, help="journal file size in bytes")
     ap.add_argument("--recovery-size", default=1 << 30, type=int, help="journal size for the recovery test")
+    ap.add_argument("--settle", type=float, default=0.5, help="pause after each local-unit phase (s)")
     ap.add_argument("--dir", help="where to put the files (default: a temp dir on a real disk)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args()
@@ -211,6 +212,9 @@ def main() -> int:
                 lat = []
                 add("wc_on_120k", unit_rate(lu, 120 * KIB, args.seconds, lat, sequential=True,
                                             flush_every=MIB, start_lba=rnd * (1 << 19) + (1 << 20)), lat)
+            # closing synced hundreds of MiB of volume data: let the disk settle before the next
+            # figure, whichever it is, so neither side inherits the other's write-back
+            time.sleep(args.settle)
 
         for rnd in range(args.rounds):  # alternate the order so slow drifts of the machine cancel out
             if rnd % 2:
