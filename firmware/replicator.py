@@ -106,6 +106,7 @@ class ReplicatorTuning:
     compression: bool = True
     drain_timeout_s: float = 120.0  # verify waits this long for the remote to catch up
     overflow_resync_after_s: float = 60.0  # a journal overflow lasting longer: resync rounds anyway
+    overflow_round_interval_s: float = 10.0  # between such rounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +217,7 @@ class RemoteLink:
         self.next_dirty_check = 0.0
         self.resync_end: int | None = None
         self._sock: socket.socket | None = None
+        self._handshaken = False
         self._thread = threading.Thread(target=self._run, name=f"link-{spec.label}", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -238,9 +240,9 @@ class RemoteLink:
     def _run(self) -> None:
         backoff = self.t.backoff_initial_s
         while not self._stopping():
-            progressed = False
+            self._handshaken = False
             try:
-                progressed = self._session()
+                self._session()
             except LinkFailure as exc:
                 self._fail(str(exc), exc.state)
                 if exc.code in PERMANENT_ERRORS:
@@ -265,7 +267,7 @@ class RemoteLink:
                     self.cond.notify_all()
             if self._stopping():
                 break
-            if progressed:
+            if self._handshaken:  # the remote answered: start the backoff over
                 backoff = self.t.backoff_initial_s
             delay = backoff * (0.5 + random.random())
             self.rep._stop.wait(delay)
@@ -296,10 +298,12 @@ class RemoteLink:
                               RemoteState.REFUSED, jp.ErrorCode.PERMISSION_DENIED)
         return sock
 
-    def _session(self) -> bool:
+    def _session(self) -> None:
+        """One connection: handshake, resync if needed, stream. Ends only by an exception."""
         sock = self._connect()
         sess = _Session(self, sock)
         reply = sess.handshake(jp.Purpose.REPLICATE)
+        self._handshaken = True
         self.remote_name = reply.remote_name
         self.connects += 1
         self.connected_since = time.monotonic()
@@ -321,7 +325,7 @@ class RemoteLink:
             sess.resync(kind, regions, rep._dirty_state(), position, final=not rep._overflowing())
         self.state = RemoteState.STREAMING
         sess.stream()
-        return True
+        raise LinkFailure("stopping")
 
     def _resync_reason(self, reply: jp.HelloReply) -> tuple[str, list[int], int] | None:
         """None to resume streaming after the remote's position, or (reason, region indexes, P) for a
@@ -680,6 +684,8 @@ class _Session:
                         self.resync("journal overflow" if final else "journal overflow (continuing)",
                                     regions, snap, link.sent_seq, final)
                         link.state = RemoteState.STREAMING
+                        if not final:  # rounds during an overflow: spaced out, they read whole regions
+                            link.next_dirty_check = time.monotonic() + self.t.overflow_round_interval_s
                         continue
                 want.set()
                 return 0.5

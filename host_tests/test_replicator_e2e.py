@@ -254,7 +254,8 @@ def test_long_overflow_keeps_remote_fresh_but_flags_it_inconsistent(rig: Rig) ->
     remote current, but its target is reported inconsistent, with the pre-overflow image kept for a
     rollback, until the overflow ends and a final round closes the resync."""
     rng = random.Random(33)
-    tuning = ReplicatorTuning(**{**FAST.__dict__, "overflow_resync_after_s": 0.0})
+    tuning = ReplicatorTuning(**{**FAST.__dict__, "overflow_resync_after_s": 0.0,
+                                 "overflow_round_interval_s": 0.5})
     remote = rig.start_remote()
     rep = rig.start_rep(tuning=tuning)
     rig.wait_streaming()
