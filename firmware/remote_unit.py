@@ -49,7 +49,7 @@ import google_crc32c
 
 from firmware.link import protocol as jp
 from firmware.pairing import TlsFiles, peer_identity, server_context
-from firmware.storage import SpaceExhausted, StorageError
+from firmware.storage import SpaceExhausted, StorageError, WriteError
 from firmware.volume import Volume, VolumeError
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,12 @@ def save_json_durably(path: Path, data: dict[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpaceExhausted(f"{what}: {exc.strerror}")
+    return WriteError(f"{what}: {exc.strerror}")
+
+
 def region_digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=jp.DIGEST_SIZE).digest()
 
@@ -165,8 +171,11 @@ class UndoLog:
             parts.append(data)
             self.saved.add(c)
         if parts:
-            os.write(self._fd, b"".join(parts))
-            os.fsync(self._fd)
+            try:
+                os.write(self._fd, b"".join(parts))
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise _storage_error(exc, f"undo log {self.path}") from exc
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -226,7 +235,10 @@ class SourceTarget:
 
     def save(self) -> None:
         with self.save_lock:
-            save_json_durably(self.state_path, asdict(self.state))
+            try:
+                save_json_durably(self.state_path, asdict(self.state))
+            except OSError as exc:
+                raise _storage_error(exc, f"state file {self.state_path}") from exc
 
     def open_volume(self, hello: jp.Hello) -> None:
         num_blocks = hello.volume_size // hello.block_size

@@ -233,3 +233,29 @@ def test_two_sources_cannot_share_a_target(tmp_path: Path) -> None:
                            tls_dir=None, state_dir=str(tmp_path / "state"))
     with pytest.raises(ValueError, match="each source needs its own target"):
         RemoteUnit(cfg)
+
+
+def test_corrupt_frame_answered_with_bad_frame_error(remote: RemoteUnit) -> None:
+    s = Source(remote.port)
+    frame = bytearray(s.conn.send(jp.Batch(0, (w(1, 0, 1),))))
+    frame[30] ^= 0xFF
+    s.sock.sendall(bytes(frame))
+    ev = s.recv()
+    assert isinstance(ev, jp.Error) and ev.code is jp.ErrorCode.BAD_FRAME and "CRC32C" in ev.message
+    s.close()
+    assert remote.targets["s1"].records_applied == 0
+    assert "CRC32C" in remote.status()["sources"][0]["last_error"]
+
+
+def test_garbage_instead_of_hello_is_refused_with_an_error(remote: RemoteUnit) -> None:
+    sock = socket.create_connection(("127.0.0.1", remote.port), timeout=10)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn = jp.JourneyConnection(jp.Role.SOURCE)
+    conn.state = jp.ConnState.AWAIT_REPLY  # as if it had sent a HELLO: lets it read the answer
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    sock.close()
+    conn.receive_data(data)
+    ev = conn.next_event()
+    assert isinstance(ev, jp.Error) and ev.code is jp.ErrorCode.BAD_FRAME

@@ -413,11 +413,14 @@ class JourneyConnection:
         if len(payload) > self.max_payload:
             raise ValueError(f"{ftype.name} payload of {len(payload)} bytes exceeds {self.max_payload}")
         before = self.state
-        try:
-            self._advance(self.role, ftype)
-        except ProtocolError as exc:
-            self.state = before
-            raise ValueError(f"cannot send: {exc}") from None
+        if ftype is FrameType.ERROR:
+            self.state = ConnState.CLOSED  # an ERROR may always be sent, even after a protocol error
+        else:
+            try:
+                self._advance(self.role, ftype)
+            except ProtocolError as exc:
+                self.state = before
+                raise ValueError(f"cannot send: {exc}") from None
         if isinstance(event, HelloReply):
             self.features = event.features
         header = _HEADER.pack(MAGIC, VERSION, ftype, len(payload))
