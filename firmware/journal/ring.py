@@ -242,8 +242,11 @@ class Journal:
             raise JournalError(f"journal device shrank: {flash.size} bytes, superblock says {sb.device_size}")
         best: tuple[Checkpoint, int] | None = None
         for slot, off in enumerate(CHECKPOINT_OFFSETS):
+            raw = flash.pread(SLOT_SIZE, off)
+            if raw == bytes(SLOT_SIZE):
+                continue  # never written (a new journal uses one slot)
             try:
-                ck = Checkpoint.decode(flash.pread(SLOT_SIZE, off))
+                ck = Checkpoint.decode(raw)
             except JournalCorrupt as exc:
                 notes.append(f"checkpoint slot {slot}: {exc}")
                 continue
