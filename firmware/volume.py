@@ -88,7 +88,14 @@ class Volume:
             self.is_block_device = stat.S_ISBLK(st.st_mode)
             if not self.is_block_device and not stat.S_ISREG(st.st_mode):
                 raise VolumeError(f"{self.path} is neither a regular file nor a block device")
-            self._fd = os.open(self.path, flags | os.O_CLOEXEC)
+            if self.is_block_device and not read_only:
+                flags |= os.O_EXCL  # Linux: EBUSY when mounted or held exclusively elsewhere
+            try:
+                self._fd = os.open(self.path, flags | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    raise VolumeError(f"{self.path} is busy (mounted or in use by another program)") from None
+                raise
             actual = self._device_size() if self.is_block_device else st.st_size
             if size is None:
                 size = actual
@@ -116,7 +123,20 @@ class Volume:
         if size % block_size:
             os.close(self._fd)
             raise VolumeError(f"size {size} is not a multiple of the block size {block_size}")
+        self._lock_exclusively()
         self._num_blocks = size // block_size
+
+    def _lock_exclusively(self) -> None:
+        """Two units serving one volume would corrupt it: hold an exclusive lock while open.
+        (flock is per open file, so this also refuses a second open in the same process.)"""
+        import fcntl
+
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = -1
+            raise VolumeError(f"{self.path} is in use by another process (it holds a lock on it)") from None
 
     def _device_size(self) -> int:
         import fcntl

@@ -306,7 +306,6 @@ def test_kill_9_then_restart_keeps_acknowledged_writes(units: Units, tmp_path: P
         assert read_file_block(vol, lba) == written[lba]
 
 
-@pytest.mark.xfail(strict=True, reason="no lock on the volume: firmware/volume.py lets two units serve one file")
 def test_second_unit_on_the_same_volume_is_refused(units: Units, tmp_path: Path) -> None:
     vol = tmp_path / "volume.img"
     units.start_local(volume=vol, size="16M")
