@@ -36,6 +36,7 @@ import os
 import select
 import socket
 import ssl
+import stat
 import struct
 import threading
 import time
@@ -93,6 +94,7 @@ class TargetState:
     resync_end: int | None = None  # Q, once the copy is complete
     resync_undo: bool = False  # an undo log protects the pre-resync image
     resync_base_seq: int = 0  # applied position of that pre-resync image
+    target_id: str = ""  # which file or disk the position belongs to (see target_fingerprint)
 
 
 def _fsync_dir(d: Path) -> None:
@@ -113,6 +115,29 @@ def save_json_durably(path: Path, data: dict[str, Any]) -> None:
         os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def target_fingerprint(path: str) -> str:
+    """Identify the file or disk behind `path`: a regular file by device and inode, a block device by
+    its WWID or serial when the kernel knows one (else major:minor and size)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    if not stat.S_ISBLK(st.st_mode):
+        return f"file:{st.st_dev}:{st.st_ino}"
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    sysdir = Path(f"/sys/dev/block/{major}:{minor}")
+    for rel in ("device/wwid", "device/serial", "../device/wwid", "../device/serial", "md/uuid", "dm/uuid"):
+        with contextlib.suppress(OSError):
+            ident = (sysdir / rel).read_text().strip()
+            if ident:
+                part = (sysdir / "partition").read_text().strip() if (sysdir / "partition").exists() else "0"
+                return f"blk:{ident}:p{part}"
+    size = ""
+    with contextlib.suppress(OSError):
+        size = (sysdir / "size").read_text().strip()
+    return f"blk:{major}:{minor}:{size}"
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -193,6 +218,7 @@ class SourceTarget:
         self.state_path = Path(unit.cfg.state_dir) / f"{source_id}.json"
         self.undo_path = Path(unit.cfg.state_dir) / f"{source_id}.undo"
         self.state = self._load()
+        self.target_id = ""
         self.volume: Volume | None = None
         self.undo: UndoLog | None = None
         self.lock = threading.Lock()  # held by the connection that replicates
@@ -242,24 +268,31 @@ class SourceTarget:
 
     def open_volume(self, hello: jp.Hello) -> None:
         num_blocks = hello.volume_size // hello.block_size
+        fp = target_fingerprint(self.path)
         if self.volume is not None and (self.volume.block_size != hello.block_size
-                                        or self.volume.num_blocks < num_blocks):
-            self.volume.close()
+                                        or self.volume.num_blocks < num_blocks or fp != self.target_id):
+            self.volume.close()  # another block size, or the file/disk behind the path changed
             self.volume = None
         if self.volume is None:
             factory = self.unit.cfg.volume_factory or _open_target
             self.volume = factory(self.path, hello.volume_size, hello.block_size)
             self.volume.set_write_cache(True)  # the applier syncs once per acknowledged position
+            fp = target_fingerprint(self.path)  # a file created just now has its inode only now
         if self.volume.num_blocks < num_blocks:
             raise VolumeError(f"target {self.path} holds {self.volume.num_blocks} blocks, the source volume "
                               f"{num_blocks}")
         self.num_blocks = num_blocks
+        self.target_id = fp
         if self.state.resync_active and self.state.resync_undo and self.undo is None:
             self.undo = UndoLog(self.undo_path, hello.block_size)
 
     def bound_to(self, hello: jp.Hello) -> bool:
+        """The target holds this volume's image at the stored position: same volume, generation and
+        block size, and the same file or disk as when the position was stored (a disk swapped or an
+        image file replaced behind the unit's back makes the content unknown: a full comparison)."""
         return (self.state.volume_uuid == hello.volume_uuid.hex() and self.state.generation == hello.generation
-                and self.state.block_size == hello.block_size)
+                and self.state.block_size == hello.block_size
+                and (not self.state.target_id or self.state.target_id == self.target_id))
 
     def rollback_resync(self) -> bool:
         """Restore the image from before an incomplete resync. True if one was restored."""
@@ -655,6 +688,7 @@ class _Connection:
         t.state.generation = h.generation
         t.state.block_size = h.block_size
         t.state.num_blocks = h.volume_size // h.block_size
+        t.state.target_id = t.target_id
 
     def _check_range(self, t: SourceTarget, lba: int, count: int) -> None:
         if lba < 0 or count < 0 or lba + count > t.num_blocks:

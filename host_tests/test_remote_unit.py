@@ -259,3 +259,29 @@ def test_garbage_instead_of_hello_is_refused_with_an_error(remote: RemoteUnit) -
     conn.receive_data(data)
     ev = conn.next_event()
     assert isinstance(ev, jp.Error) and ev.code is jp.ErrorCode.BAD_FRAME
+
+
+@pytest.mark.parametrize("restart_between", [False, True])
+def test_replaced_target_file_is_not_trusted(remote: RemoteUnit, restart_between: bool) -> None:
+    s = Source(remote.port)
+    s.send(jp.Batch(0, (w(1, 0, 1),)))
+    s.ack_upto(1)
+    s.close()
+    ru = restart(remote) if restart_between else remote
+    try:
+        s = Source(ru.port)  # same file: trusted
+        assert isinstance(s.reply, jp.HelloReply) and not s.reply.flags & jp.ReplyFlag.NEW_TARGET
+        s.close()
+        t = Path(ru.targets["s1"].path)
+        t.unlink()  # an operator puts another image in its place
+        t.write_bytes(bytes(SIZE))
+        s = Source(ru.port)
+        assert isinstance(s.reply, jp.HelloReply) and s.reply.flags & jp.ReplyFlag.NEW_TARGET
+        s.send(jp.Batch(1, (w(2, 3, 2),)))  # a source that ignored the flag is refused
+        ev = s.recv()
+        assert isinstance(ev, jp.Error) and ev.code is jp.ErrorCode.SEQUENCE
+        s.close()
+        assert block(str(t), 3) == bytes(BS)
+    finally:
+        if restart_between:
+            ru.stop()
