@@ -706,7 +706,7 @@ class Replicator:
 
     `with Replicator(local_unit, journal, source_id=..., remotes=[...], tls=TlsFiles(...), state_dir=...)`
     starts one link thread per remote; `status()` and `verify()` may be called from any thread.
-    `tls=None` and `tls_dir=None` mean plaintext: for tests and benchmarks only. `state_dir` is
+    Without `tls`/`tls_dir` it refuses to start unless `plaintext=True` (tests, benchmarks). `state_dir` is
     accepted for symmetry with the other units but holds nothing: the persistent positions are the
     journal's consumer positions and each remote's applied position, which the remote reports.
     """
@@ -723,6 +723,7 @@ class Replicator:
         state_dir: str | os.PathLike[str] | None = None,
         tuning: ReplicatorTuning | None = None,
         progress: Callable[[Progress], None] | None = None,
+        plaintext: bool = False,
     ) -> None:
         self.local_unit = local_unit
         self.journal = journal
@@ -731,6 +732,9 @@ class Replicator:
         self.state_dir = state_dir
         if tls is None and tls_dir:
             tls = TlsFiles.for_source(tls_dir, source_id)
+        if tls is None and not plaintext:
+            raise ValueError("the journey link needs TLS files (tls= or tls_dir=, made by `usbmirror pair`); "
+                             "plaintext=True is for tests and benchmarks only")
         self.ssl_context: ssl.SSLContext | None = client_context(tls) if tls is not None else None
         self.volume_uuid = _uuid_bytes(journal.unit_uuid)
         gen = getattr(journal, "generation", None)

@@ -65,7 +65,7 @@ class Rig:
             tls = TlsFiles.for_source(self.tls_dir, source_id)
         self.rep = Replicator(self.unit, self.journal, source_id=source_id,
                               remotes=[RemoteSpec((host, port or self.port), mode=mode, name="r1")],
-                              tls=tls, state_dir=str(self.tmp / "lstate"), tuning=tuning)
+                              tls=tls, state_dir=str(self.tmp / "lstate"), tuning=tuning, plaintext=tls is None)
         self.rep.start()
         return self.rep
 
@@ -220,6 +220,11 @@ def test_sync_mode_acknowledges_after_remote(rig: Rig) -> None:
         assert rig.remote.targets["src-a"].state.applied_seq >= rig.journal.head_seq  # type: ignore[union-attr]
     assert rig.same()
     assert rep.status()["remotes"][0]["mode"] == "sync"
+
+
+def test_no_tls_files_is_refused_unless_plaintext_asked(rig: Rig) -> None:
+    with pytest.raises(ValueError, match="needs TLS files"):
+        Replicator(rig.unit, rig.journal, source_id="src-a", remotes=[RemoteSpec("127.0.0.1:1")], tls_dir="")
 
 
 def test_verify_matches_then_finds_planted_difference(rig: Rig) -> None:
