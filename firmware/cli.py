@@ -151,6 +151,11 @@ LOCAL_OPTS = [
         default=0.8, kind=float, metavar="FRACTION"),
     Opt("--throttle-max-delay-ms", "longest delay added to one acknowledgement when the journal is "
         "nearly full", default=20.0, kind=float, metavar="MS"),
+    Opt("--throttle-resume", "after an overflow, journaling resumes once the fill is at or below this",
+        default=0.5, kind=float, metavar="FRACTION"),
+    Opt("--journal-salvage", "start even if the journal holds a damaged record: cut it there, report what "
+        "was lost and resync every remote in full (default off: refuse to start and name the record)",
+        default="off", choices=("on", "off")),
     Opt("--usbip", "serve the disk over USB/IP on this address (e.g. 127.0.0.1:3240)", metavar="HOST:PORT"),
     Opt("--usbip-busid", "bus id the USB/IP server exports", default="1-1", metavar="BUSID"),
     Opt("--gadget", "serve through the kernel's USB gadget stack on this UDC (the first one when given "
@@ -385,14 +390,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _install_stop_signals() -> threading.Event:
+    """SIGINT/SIGTERM set the returned event.
+
+    The event is set from a watcher thread woken through `signal.set_wakeup_fd`, never from the
+    Python signal handler itself: a handler runs in the main thread, possibly while that thread holds
+    the event's own lock inside `Event.wait()`, and setting the event there would deadlock.
+    """
+    import socket
+
     stop = threading.Event()
+    rsock, wsock = socket.socketpair()
+    wsock.setblocking(False)
+    signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
 
     def _on_signal(signum: int, frame: object) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        stop.set()
+        pass  # the wakeup fd has already been written; the watcher does the rest
+
+    def _watch() -> None:
+        while True:
+            data = rsock.recv(64)
+            if not data:
+                return
+            for signum in data:
+                if signum in (signal.SIGINT, signal.SIGTERM):
+                    log.info("signal %s: stopping", signal.Signals(signum).name)
+                    stop.set()
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    threading.Thread(target=_watch, name="signals", daemon=True).start()
+    # keep the socket pair alive as long as the event
+    stop._wakeup_socks = (rsock, wsock)  # type: ignore[attr-defined]
     return stop
 
 
@@ -413,6 +441,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         volume=o["volume"], size=o["size"], block_size=o["block_size"], journal=o["journal"],
         journal_size=o["journal_size"], write_cache=_onoff(o["write_cache"]),
         throttle_start=o["throttle_start"], throttle_max_delay_ms=o["throttle_max_delay_ms"],
+        throttle_resume=o["throttle_resume"], journal_salvage=_onoff(o["journal_salvage"]),
         usbip=_hostport(o["usbip"]) if o["usbip"] else None, usbip_busid=o["usbip_busid"],
         gadget=o["gadget"], vendor_id=int(str(o["vendor_id"]), 16), product_id=int(str(o["product_id"]), 16),
         acm_console=_onoff(o["acm_console"]), source_id=o["source_id"], remotes=remotes,

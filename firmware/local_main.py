@@ -36,6 +36,8 @@ class LocalOptions:
     write_cache: bool = False
     throttle_start: float = 0.8
     throttle_max_delay_ms: float = 20.0
+    throttle_resume: float = 0.5
+    journal_salvage: bool = False
     usbip: tuple[str, int] | None = None
     usbip_busid: str = "1-1"
     gadget: str | None = None
@@ -83,14 +85,21 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         from firmware.local_unit import LocalUnit, ThrottlePolicy
 
         journal_path = opts.journal or str(state_dir / "journal")
-        journal = stack.enter_context(
-            Journal.open(journal_path, size=opts.journal_size, unit_uuid=ident.unit_uuid,
-                         block_size=opts.block_size)
-        )
+        from firmware.journal import JournalError
+
+        try:
+            journal = stack.enter_context(
+                Journal.open(journal_path, size=opts.journal_size, unit_uuid=ident.unit_uuid,
+                             block_size=opts.block_size, salvage=opts.journal_salvage)
+            )
+        except JournalError as exc:
+            hint = "" if opts.journal_salvage else " (--journal-salvage on cuts the journal there and resyncs)"
+            raise UsageError(f"journal {journal_path}: {exc}{hint}") from None
         unit = stack.enter_context(
             LocalUnit(volume, journal, write_cache=opts.write_cache,
                       throttle=ThrottlePolicy(start_fill=opts.throttle_start,
-                                              max_delay_s=opts.throttle_max_delay_ms / 1000.0),
+                                              max_delay_s=opts.throttle_max_delay_ms / 1000.0,
+                                              resume_fill=opts.throttle_resume),
                       bitmap_path=str(state_dir / "dirty.bitmap"))
         )
 
