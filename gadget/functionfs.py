@@ -79,7 +79,7 @@ DEFAULT_CHUNK = 64 * 1024
 
 # Errors a bulk endpoint file returns when the host went away or the function was disabled.
 _DISCONNECT_ERRNOS = (errno.ESHUTDOWN, errno.ECONNRESET, errno.ENODEV, errno.EIO, errno.EPIPE,
-                      errno.EINTR, errno.EAGAIN)
+                      errno.EINTR)
 
 
 class FfsEvent(enum.IntEnum):
@@ -284,6 +284,7 @@ class FunctionFsServer:
         self._ep_out: int | None = None
         self._threads: list[threading.Thread] = []
         self.enabled = False
+        self._enabled = threading.Event()
         self.max_packet = MAX_PACKET[Speed.HIGH]
         self.counters: dict[str, int] = {e.name.lower(): 0 for e in FfsEvent}
         self.counters.update(bot_resets=0, get_max_lun=0, ep0_stalls=0, in_stalls=0, out_stalls=0,
@@ -306,8 +307,12 @@ class FunctionFsServer:
             except OSError as exc:
                 raise FunctionFsError(f"functionfs refused the strings: {exc.strerror}") from exc
             # Endpoint files exist only now, numbered in descriptor order: ep1 = IN, ep2 = OUT.
-            self._ep_in = os.open(self.mountpoint / "ep1", os.O_RDWR | os.O_CLOEXEC)
-            self._ep_out = os.open(self.mountpoint / "ep2", os.O_RDWR | os.O_CLOEXEC)
+            # O_NONBLOCK only changes what happens while the host has not configured us: f_fs then
+            # answers EAGAIN instead of sleeping uninterruptibly-for-us until ENABLE, so the threads
+            # can still notice a stop. Transfers themselves stay blocking.
+            flags = os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK
+            self._ep_in = os.open(self.mountpoint / "ep1", flags)
+            self._ep_out = os.open(self.mountpoint / "ep2", flags)
         except BaseException:
             self._close_fds()
             raise
@@ -394,6 +399,7 @@ class FunctionFsServer:
             # The host went away (unplug, bus reset, unbind): everything in flight is lost.
             with self._lock:
                 self.enabled = False
+                self._enabled.clear()
                 self.bot.reset()
                 self._out.reset()
                 self._generation += 1
@@ -417,6 +423,7 @@ class FunctionFsServer:
             self._out.reset()
             self._generation += 1
             self.enabled = True
+            self._enabled.set()
             self._lock.notify_all()
         log.info("function enabled max_packet=%d", max_packet)
 
@@ -525,6 +532,12 @@ class FunctionFsServer:
         """Handle a failed bulk I/O. True when the thread should end."""
         if self._stop.is_set() or exc.errno == errno.EBADF:
             return True
+        if exc.errno == errno.EAGAIN:  # not configured by a host (yet): wait for ENABLE or a stop
+            if self._enabled.is_set():
+                self._stop.wait(0.01)  # ENABLE seen, f_fs about to enable the endpoint
+            else:
+                self._enabled.wait(0.2)
+            return False
         if exc.errno in _DISCONNECT_ERRNOS:
             self.counters["disconnects_in_io"] += 1
             log.info("bulk %s interrupted by disconnect error=%s", which, exc.strerror)

@@ -13,6 +13,7 @@ as /dev/sdX, exactly as a server would over a cable. Per speed (high, super) the
   every acknowledged write is still there;
 - the real-board pyusb tests (host_tests/test_pyusb_board.py) against the gadget through libusb;
 - a clean stop (SIGTERM) that leaves nothing in configfs;
+- (high speed) SIGTERM while the host has enumerated but never configured the device;
 - (super speed) the unit's own entry point `usbmirror local --gadget` with its journal, `usbmirror
   status`, the ACM console showing the unit's status, and the install self-test on real configfs.
 """
@@ -219,8 +220,26 @@ kill -TERM $FW; wait $FW; mark fw_exit=$?
 gone $d || fwdie disk_still_there_after_stop
 mark gadget_left=$(ls /sys/kernel/config/usb_gadget/ | wc -l)
 mark tracebacks=$(grep -c Traceback /tmp/fw.log)
-{_cli_steps() if speed == "super" else ""}
+{_cli_steps() if speed == "super" else _never_configured_steps()}
 mark done=1
+"""
+
+
+def _never_configured_steps() -> str:
+    """A host that enumerates but never configures the device (here: not authorized), then SIGTERM:
+    the firmware must still stop promptly and leave nothing behind."""
+    return r"""
+step never_configured
+for hub in /sys/bus/usb/devices/usb*; do echo 0 > $hub/authorized_default; done
+start_fw
+n=0; while ! grep -qs '^0$' /sys/bus/usb/devices/*-1/authorized && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
+grep -qs '^0$' /sys/bus/usb/devices/*-1/authorized || fwdie device_not_seen_unauthorized
+sleep 1
+( sleep 20; kill -9 $FW 2>/dev/null ) &
+WD=$!
+kill -TERM $FW; wait $FW; mark unconfigured_exit=$?
+kill $WD 2>/dev/null
+mark unconfigured_left=$(ls /sys/kernel/config/usb_gadget/ | wc -l)
 """
 
 
@@ -306,6 +325,9 @@ def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, speed: st
     assert m["fw_exit"] == "0", result.describe()
     assert m["gadget_left"] == "0", "clean stop must remove the gadget from configfs"
     assert m["tracebacks"] == "0", result.describe()
+    if speed == "high":
+        assert m["unconfigured_exit"] == "0", "SIGTERM while never configured: " + result.describe()
+        assert m["unconfigured_left"] == "0", result.describe()
     if speed == "super":
         assert m.get("cli_status") == "ok" and m.get("cli_console") == "ok", result.describe()
         assert m["selftest"] == ("udc:PASS,gadget_binding:PASS,unit_running:PASS,host_enumerated:PASS,"
