@@ -390,7 +390,7 @@ def _wan_runs(tmp: Path, megabytes: int, raw: float, host: str, netns: str | Non
                 netns=netns)
     proxy = ShapingProxy((host, site.remote.port), rate, ONE_WAY_DELAY)
     try:
-        tuning = ReplicatorTuning(window_bytes=16 * MiB)
+        tuning = ReplicatorTuning()
         site.start_rep(proxy.port, tuning)
         site.wait_streaming()  # initial sync of the (empty) volume: digests only
         rng = random.Random(2)

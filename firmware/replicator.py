@@ -92,8 +92,8 @@ class RemoteSpec:
 
 @dataclass(frozen=True)
 class ReplicatorTuning:
-    window_bytes: int = 16 << 20  # bytes in flight; >= 100 Mbit/s x 80 ms x 10
-    max_batch_bytes: int = 1 << 20
+    window_bytes: int = 32 << 20  # bytes in flight; >= 100 Mbit/s x 80 ms x 30
+    max_batch_bytes: int = 4 << 20
     heartbeat_interval_s: float = 5.0
     dead_after_s: float = 20.0  # nothing heard for this long: the link is dead
     connect_timeout_s: float = 10.0
