@@ -457,7 +457,8 @@ class FunctionFsServer:
                 log.warning("ep0 reply failed request=%#04x error=%s", req.request, exc.strerror)
 
     # -- bulk endpoints ---------------------------------------------------------------------
-    def _halt(self, fd: int, endpoint: int) -> None:
+    @staticmethod
+    def _set_halt(fd: int, endpoint: int) -> None:
         """Halt a bulk endpoint by I/O in the wrong direction (f_fs: usb_ep_set_halt, EBADMSG)."""
         try:
             if endpoint == EP_IN:
@@ -467,15 +468,21 @@ class FunctionFsServer:
         except OSError as exc:
             if exc.errno != errno.EBADMSG:
                 log.info("halt failed endpoint=%#04x error=%s", endpoint, exc.strerror)
+
+    def _halt(self, fd: int, endpoint: int) -> None:
+        self._set_halt(fd, endpoint)
         self.counters["in_stalls" if endpoint == EP_IN else "out_stalls"] += 1
-        # The UDC clears the halt when the host asks; the core's halt follows it. While the core
-        # requires reset recovery (BOT 6.6.1) it keeps its halt: wait for the reset rather than
-        # halting the endpoint again in a loop.
+        # The UDC clears the halt whenever the host asks and never tells us; the core's halt follows
+        # it. While the core requires reset recovery (BOT 6.6.1) a CLEAR_FEATURE alone must not end
+        # the stall: halt again every 50 ms until the class reset (which bumps the generation under
+        # this lock before the host can see its status stage, so no re-halt lands after the reset).
         with self._lock:
             gen = self._generation
             self.bot.clear_halt(endpoint)
             while self._halted_in_core(endpoint) and gen == self._generation and not self._stop.is_set():
-                self._lock.wait(0.5)
+                self._lock.wait(0.05)
+                if self._halted_in_core(endpoint) and gen == self._generation and not self._stop.is_set():
+                    self._set_halt(fd, endpoint)
 
     def _halted_in_core(self, endpoint: int) -> bool:
         return self.bot.in_halted if endpoint == EP_IN else self.bot.out_halted

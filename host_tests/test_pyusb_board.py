@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,3 +137,69 @@ def test_inquiry_test_unit_ready_and_capacity(board: Any) -> None:
     assert status == 0 and block in (512, 4096) and last_lba > 0
     data, _, status = _command(board, 4, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), block)
     assert status == 0 and len(data) == block  # reading LBA 0 works
+
+
+def _reset_recovery(dev: Any) -> None:
+    """BOT 5.3.4: Bulk-Only Mass Storage Reset, then CLEAR_FEATURE(HALT) on both bulk endpoints."""
+    intf = _storage_interface(dev).bInterfaceNumber
+    dev.ctrl_transfer(0x21, 0xFF, 0, intf, None)
+    ep_in, ep_out = _endpoints(dev)
+    dev.clear_halt(ep_in.bEndpointAddress)
+    dev.clear_halt(ep_out.bEndpointAddress)
+
+
+def _is_stall(exc: Any) -> bool:
+    import errno
+
+    return getattr(exc, "errno", None) == errno.EPIPE or "pipe" in str(exc).lower()
+
+
+def test_host_wants_more_than_the_device_has(board: Any) -> None:
+    """BOT 6.7.2 case 5 (Hi > Di): the data ends short, the IN endpoint stalls, the CSW reports the
+    residue; the host clears the halt and reads it."""
+    import usb.core
+
+    ep_in, ep_out = _endpoints(board)
+    cbw = struct.pack("<IIIBBB", CBW_SIG, 77, 64, 0x80, 0, 6) + bytes([0x12, 0, 0, 0, 36, 0]).ljust(16, b"\0")
+    ep_out.write(cbw, timeout=5000)
+    data = bytes(ep_in.read(64, timeout=5000))
+    assert len(data) == 36
+    try:
+        csw = bytes(ep_in.read(13, timeout=5000))
+    except usb.core.USBError as exc:
+        assert _is_stall(exc), exc
+        board.clear_halt(ep_in.bEndpointAddress)
+        csw = bytes(ep_in.read(13, timeout=5000))
+    sig, tag, residue, status = struct.unpack("<IIIB", csw)
+    assert (sig, tag, residue, status) == (CSW_SIG, 77, 28, 0)
+
+
+def test_invalid_cbw_stalls_until_reset_recovery(board: Any) -> None:
+    """BOT 6.6.1: after an invalid CBW both endpoints stay stalled, even across CLEAR_FEATURE(HALT),
+    until a reset recovery; then the device works again."""
+    import usb.core
+
+    ep_in, ep_out = _endpoints(board)
+    ep_out.write(b"USBX" + bytes(27), timeout=5000)  # wrong signature
+    with pytest.raises(usb.core.USBError) as first:
+        ep_in.read(13, timeout=5000)
+    assert _is_stall(first.value), first.value
+    board.clear_halt(ep_in.bEndpointAddress)
+    time.sleep(0.3)
+    with pytest.raises(usb.core.USBError) as again:
+        ep_in.read(13, timeout=5000)
+    assert _is_stall(again.value), f"IN must stay stalled until reset recovery: {again.value}"
+    _reset_recovery(board)
+    data, residue, status = _command(board, 78, bytes([0x12, 0, 0, 0, 36, 0]), 36)
+    assert status == 0 and residue == 0 and data[8:16].rstrip() == b"USBMIRR"
+
+
+def test_unsupported_control_requests_stall(board: Any) -> None:
+    import usb.core
+
+    intf = _storage_interface(board).bInterfaceNumber
+    for rtype, req, value, length in ((0xA1, 0xFE, 1, 1), (0xA1, 0x42, 0, 4), (0x21, 0xFF, 0, 2)):
+        with pytest.raises(usb.core.USBError) as err:
+            board.ctrl_transfer(rtype, req, value, intf, length if rtype & 0x80 else bytes(length))
+        assert _is_stall(err.value), (rtype, req, err.value)
+    assert bytes(board.ctrl_transfer(0xA1, 0xFE, 0, intf, 1)) == b"\x00"  # ep0 still fine
