@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -204,3 +205,68 @@ def test_unknown_board_lists_the_profiles(tmp_path: Path) -> None:
     res = flash("pdp11", debian_root(tmp_path))
     assert res.returncode != 0
     assert "rpi4" in res.stderr and "rk3588" in res.stderr
+
+
+FAKE_SSH = r"""#!/bin/sh
+# Stands in for `ssh -o BatchMode=yes DEST COMMAND`: runs COMMAND with /bin/sh in a chroot of the
+# board's root, this machine's /usr bound read-only into it for the tools.
+root=$1; shift
+while [ $# -gt 0 ]; do case "$1" in -o) shift 2;; *) break;; esac; done
+shift  # DEST
+exec unshare -m sh -c 'mount --bind /usr "$0/usr" && mount -o remount,bind,ro "$0/usr" \
+    && exec chroot "$0" /bin/sh -c "$1"' "$root" "$*"
+"""
+
+
+def ssh_root(tmp: Path, *, model: str | None = None) -> tuple[Path, Path]:
+    root = tmp / "board"
+    (root / "usr").mkdir(parents=True)
+    for link in ("bin", "lib", "lib64", "sbin"):
+        (root / link).symlink_to(f"usr/{link}")
+    (root / "etc").mkdir()
+    (root / "etc/os-release").write_text("ID=debian\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n")
+    boot = root / "boot/firmware"
+    boot.mkdir(parents=True)
+    (boot / "config.txt").write_text("arm_64bit=1\n")
+    (boot / "cmdline.txt").write_text("console=tty1 root=/dev/mmcblk0p2 rootwait\n")
+    if model:
+        (root / "proc/device-tree").mkdir(parents=True)
+        (root / "proc/device-tree/model").write_bytes(model.encode() + b"\0")
+    fake = tmp / "fake-ssh"
+    fake.write_text(FAKE_SSH)
+    fake.chmod(0o755)
+    probe = subprocess.run([str(fake), str(root), "-o", "BatchMode=yes", "root@board", "cat /etc/os-release"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot chroot with a private mount namespace here ({probe.stderr.strip()}): "
+                    "the SSH path is untested")
+    return root, fake
+
+
+def flash_ssh(board: str, root: Path, fake: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "hw/flash/flash.py"), "--board", board, "--target",
+                           "root@board", "--ssh", f"{fake} {root}", "--no-venv", *extra],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_flash_over_ssh_lands_the_same_files_and_is_idempotent(tmp_path: Path) -> None:
+    root, fake = ssh_root(tmp_path, model="Raspberry Pi 4 Model B Rev 1.5")
+    first = flash_ssh("rpi4", root, fake)
+    assert first.returncode == 0, first.stderr
+    assert (root / "opt/usbmirror/src/gadget/functionfs.py").read_bytes() == \
+        (REPO / "gadget/functionfs.py").read_bytes()
+    assert os.access(root / "opt/usbmirror/install-venv.sh", os.X_OK)
+    assert os.readlink(root / "etc/systemd/system/multi-user.target.wants/usbmirror-local.service") == \
+        "/etc/systemd/system/usbmirror-local.service"
+    assert (root / "etc/usbmirror/local.toml").stat().st_mode & 0o777 == 0o600
+    assert "modules-load=dwc2,libcomposite" in (root / "boot/firmware/cmdline.txt").read_text()
+    second = flash_ssh("rpi4", root, fake)
+    assert second.returncode == 0, second.stderr
+    assert ": 0 changed," in second.stdout, second.stdout
+
+
+def test_flash_over_ssh_refuses_the_wrong_board(tmp_path: Path) -> None:
+    root, fake = ssh_root(tmp_path, model="Radxa ROCK 5B")
+    res = flash_ssh("rpi-zero2w", root, fake)
+    assert res.returncode == 2 and "refusing profile" in res.stderr and "Radxa ROCK 5B" in res.stderr
+    assert not (root / "opt").exists()

@@ -233,10 +233,10 @@ class SshTarget:
             raise FlashError(f"linking {path} on {self.dest} failed: {proc.stderr.strip()}")
 
 
-def open_target(spec: str) -> Target:
+def open_target(spec: str, *, ssh: str = "ssh") -> Target:
     """A path (existing directory) is a mounted root; `user@host` or `host:` is an SSH target."""
     if "@" in spec or spec.endswith(":"):
-        return SshTarget(spec.rstrip(":"))
+        return SshTarget(spec.rstrip(":"), ssh=ssh)
     return DirTarget(Path(spec))
 
 
@@ -466,10 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wheels", type=Path, help="directory of wheels to install offline (usbmirror-*.whl and deps)")
     ap.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
     ap.add_argument("--force", action="store_true", help="install even if the profile does not match the target")
+    ap.add_argument("--no-venv", action="store_true",
+                    help="over SSH: do not build the venv now (usbmirror-install.service builds it at boot)")
+    ap.add_argument("--ssh", default="ssh", help="ssh command to reach the target (default: ssh)")
     a = ap.parse_args(argv)
     try:
         profile = load_profile(a.board)
-        target = open_target(a.target)
+        target = open_target(a.target, ssh=a.ssh)
         problems = check_profile(profile, target)
         if problems and not a.force:
             for msg in problems:
@@ -480,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         inst.install()
         for ch in inst.changes:
             print(f"{'would be ' if a.dry_run else ''}{ch.what:9s} {ch.path}")
-        inst.finish_live()
+        if not a.no_venv:
+            inst.finish_live()
     except FlashError as exc:
         print(f"flash: {exc}", file=sys.stderr)
         return 1
