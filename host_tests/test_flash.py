@@ -270,3 +270,14 @@ def test_flash_over_ssh_refuses_the_wrong_board(tmp_path: Path) -> None:
     res = flash_ssh("rpi-zero2w", root, fake)
     assert res.returncode == 2 and "refusing profile" in res.stderr and "Radxa ROCK 5B" in res.stderr
     assert not (root / "opt").exists()
+
+
+@pytest.mark.parametrize("unit", ["usbmirror-local.service", "usbmirror-remote.service"])
+def test_units_never_restrict_device_access(unit: str) -> None:
+    """The local unit opens the volume's block device and /dev/ttyGS0, the remote its target drives:
+    anything that turns on systemd's device allowlist (DeviceAllow, PrivateDevices, ProtectClock, which
+    implies DeviceAllow=char-rtc) would make them fail on a board while passing every check here."""
+    text = (REPO / "hw/systemd" / unit).read_text()
+    settings = {line.split("=", 1)[0] for line in text.splitlines() if "=" in line and not line.startswith("#")}
+    assert not settings & {"DeviceAllow", "PrivateDevices", "ProtectClock", "DevicePolicy"}
+    assert {"ProtectSystem", "PrivateTmp", "NoNewPrivileges", "Restart"} <= settings
