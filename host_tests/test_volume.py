@@ -121,8 +121,7 @@ def test_full_disk_behind_sparse_volume_is_space_exhausted(tmp_path: Path) -> No
 
 def test_a_volume_in_use_is_refused(tmp_path: Path) -> None:
     p = tmp_path / "d.img"
-    with Volume(p, size=1 << 20):
-        with pytest.raises(VolumeError, match="in use"):
-            Volume(p, size=1 << 20)
+    with Volume(p, size=1 << 20), pytest.raises(VolumeError, match="in use"):
+        Volume(p, size=1 << 20)
     with Volume(p, size=1 << 20):  # released on close
         pass
