@@ -375,6 +375,16 @@ class RemoteLink:
         with self.cond:
             self.cond.notify_all()
 
+    def drain(self, seq: int, deadline: float) -> bool:
+        """Wait until this remote acknowledged `seq` (False at the deadline or on stop)."""
+        with self.cond:
+            while self.acked_seq < seq:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping():
+                    return False
+                self.cond.wait(min(left, 0.5))
+        return True
+
     def sync_gate(self, seq: int) -> None:
         """Blocks the host's write until this remote has `seq` durable (sync mode)."""
         deadline = time.monotonic() + self.t.sync_timeout_s
@@ -871,37 +881,34 @@ class Replicator:
         return {"source_id": self.source_id, "region_blocks": self.region_blocks,
                 "remotes": [link.status() for link in self.links]}
 
-    def wait_drained(self, timeout: float) -> bool:
-        """Wait until every remote has acknowledged the journal's current durable position."""
+    def wait_drained(self, timeout: float, links: Sequence[RemoteLink] | None = None) -> bool:
+        """Wait until every remote (or those given) acknowledged the journal's current durable position."""
         target = self.journal.durable_seq
         deadline = time.monotonic() + timeout
-        for link in self.links:
-            with link.cond:
-                while link.acked_seq < target:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._stop.is_set():
-                        return False
-                    link.cond.wait(min(left, 0.5))
-        return True
+        return all(link.drain(target, deadline) for link in (self.links if links is None else links))
 
     def verify(self, *, drain_timeout_s: float | None = None) -> dict[str, Any]:
         """Compare the local volume with every remote by region digests; list every difference.
 
-        Waits for each remote to catch up first; a region that differs is compared again after a
+        Waits for each connected remote to catch up first (a remote that is not connected is not
+        waited for: it is reported with its error); a region that differs is compared again after a
         second drain, so writes still in flight are not reported as differences.
         """
         timeout = self.tuning.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        drained = self.wait_drained(timeout)
         out: list[dict[str, Any]] = []
         for link in self.links:
+            up = link.state in (RemoteState.STREAMING, RemoteState.RESYNCING)
+            drained = up and link.drain(self.journal.durable_seq, time.monotonic() + timeout)
             entry: dict[str, Any] = {"address": link.spec.label, "name": link.spec.name or link.remote_name,
                                      "match": False, "differences": [], "regions": self.total_regions,
                                      "region_blocks": self.region_blocks, "drained": drained,
                                      "local_seq": self.journal.durable_seq, "remote_seq": link.acked_seq}
             try:
+                if not up:
+                    raise LinkFailure(f"not connected ({link.state.name.lower()}): {link.last_error}")
                 diffs = self._verify_one(link, list(range(self.total_regions)))
                 if diffs:
-                    self.wait_drained(timeout)
+                    link.drain(self.journal.durable_seq, time.monotonic() + timeout)
                     diffs = self._verify_one(link, diffs)
                 rb = self.region_blocks
                 entry["differences"] = [{"region": i, "lba": i * rb, "count": min(rb, self.num_blocks - i * rb)}
