@@ -170,8 +170,12 @@ LOCAL_OPTS = [
         "host only once that remote has the write", multiple=True, metavar="HOST:PORT[,mode=async|sync]"),
     Opt("--tls-dir", "directory made by `usbmirror pair` holding the CA and this unit's certificate",
         metavar="DIR"),
-    Opt("--bandwidth-limit", "cap on replication bandwidth per remote, e.g. 10M (bytes/s)", kind=_size,
-        metavar="RATE"),
+    Opt("--bandwidth-limit", "cap on replication bandwidth per remote, e.g. 10M (bytes/s); a remote's own "
+        "bandwidth_limit overrides it", kind=_size, metavar="RATE"),
+    Opt("--sync-timeout", "a sync remote unreachable this long stops holding host writes (status shows it "
+        "degraded) rather than hanging the host", default=30.0, kind=float, metavar="SECONDS"),
+    Opt("--progress", "draw resync progress bars on the terminal: auto (when stderr is a terminal), on, off",
+        default="auto", choices=("auto", "on", "off")),
     Opt("--state-dir", f"holds the unit's identity, control socket and state (default {DEFAULT_STATE_DIR})",
         default=DEFAULT_STATE_DIR, metavar="DIR"),
 ]
@@ -246,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR")
     vp.add_argument("--json", action="store_true", help="machine-readable output")
 
+    bp = sub.add_parser("rollback", help="on a remote unit, restore a source's consistent image after an "
+                        "incomplete resync",
+                        description="While a resync is incomplete a remote keeps an undo log of the blocks it "
+                        "overwrote. This restores the image from before the resync (a crash-consistent copy "
+                        "from an earlier instant), e.g. to switch over while the source is gone for good. The "
+                        "source then resyncs again when it reconnects.")
+    bp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
+    bp.add_argument("--source", required=True, metavar="ID", help="the source whose image to restore")
+
     tp = sub.add_parser("selftest", help="installation test of a unit",
                         description="Check the UDC and gadget binding, what the host has done so far, the "
                         "journal device and every remote; print a PASS/FAIL table.")
@@ -271,6 +284,7 @@ def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
     """`HOST:PORT[,mode=async|sync][,name=N]` or a `[[remote]]` table."""
     if isinstance(spec, dict):
         d = {k.replace("-", "_"): v for k, v in spec.items()}
+        d = {k.replace("-", "_"): v for k, v in d.items()}
         if "address" not in d:
             raise UsageError("a [[remote]] table needs an address")
         addr = str(d.pop("address"))
@@ -290,6 +304,14 @@ def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
                 name = v
             else:
                 extra[k] = v
+    unknown = sorted(set(extra) - {"bandwidth_limit"})
+    if unknown:
+        raise UsageError(f"remote {addr}: unknown setting(s) {', '.join(unknown)} (known: mode, name, bandwidth_limit)")
+    if "bandwidth_limit" in extra:
+        try:
+            extra["bandwidth_limit"] = _size(str(extra["bandwidth_limit"]))
+        except ValueError as exc:
+            raise UsageError(f"remote {addr}: bandwidth_limit: {exc}") from None
     if mode not in ("async", "sync"):
         raise UsageError(f"remote {addr}: mode must be async or sync, not {mode!r}")
     try:
@@ -327,7 +349,8 @@ def _human(n: float) -> str:
 
 
 def render_status(st: dict[str, Any]) -> str:
-    lines = [f"{st.get('role', 'unit')} unit {st.get('unit_uuid', '?')}  (pid {st.get('pid', '?')}, "
+    who = st.get("unit_uuid") or st.get("name") or "?"
+    lines = [f"{st.get('role', 'unit')} unit {who}  (pid {st.get('pid', '?')}, "
              f"up {st.get('uptime_s', 0):.0f} s)"]
     vol = st.get("volume")
     if isinstance(vol, dict):
@@ -389,6 +412,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if ans.get("remotes") and all(r.get("match") for r in ans["remotes"]) else 1
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from firmware.control import ControlError, request
+
+    try:
+        ans = request(args.state_dir, {"cmd": "rollback", "source": args.source}, timeout=3600)
+    except ControlError as exc:
+        print(f"usbmirror rollback: {exc}", file=sys.stderr)
+        return 2
+    if not ans.get("ok"):
+        print(f"usbmirror rollback: {ans.get('error')}", file=sys.stderr)
+        return 2
+    if ans.get("rolled_back"):
+        print(f"{args.source}: restored the consistent image from before the incomplete resync")
+        return 0
+    print(f"{args.source}: nothing to roll back (no incomplete resync with an undo log)")
+    return 1
+
+
 def _install_stop_signals() -> threading.Event:
     """SIGINT/SIGTERM set the returned event.
 
@@ -446,6 +487,8 @@ def cmd_local(args: argparse.Namespace) -> int:
         gadget=o["gadget"], vendor_id=int(str(o["vendor_id"]), 16), product_id=int(str(o["product_id"]), 16),
         acm_console=_onoff(o["acm_console"]), source_id=o["source_id"], remotes=remotes,
         tls_dir=o["tls_dir"], bandwidth_limit=o["bandwidth_limit"], state_dir=o["state_dir"],
+        sync_timeout=o["sync_timeout"],
+        progress=o["progress"] == "on" or (o["progress"] == "auto" and sys.stderr.isatty()),
     )
     stop = _install_stop_signals()
     return run_local(opts, stop)
@@ -493,6 +536,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "pair": cmd_pair,
     "verify": cmd_verify,
+    "rollback": cmd_rollback,
     "selftest": cmd_selftest,
 }
 

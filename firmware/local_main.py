@@ -49,6 +49,8 @@ class LocalOptions:
     tls_dir: str | None = None
     bandwidth_limit: int | None = None
     state_dir: str = "/var/lib/usbmirror"
+    sync_timeout: float = 30.0
+    progress: bool = False
 
 
 def run_local(opts: LocalOptions, stop: threading.Event) -> int:
@@ -110,13 +112,16 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
         replicator: Any = None
         if opts.remotes:
-            from firmware.replicator import RemoteSpec, Replicator
+            from firmware.replicator import RemoteSpec, Replicator, ReplicatorTuning, RichProgress
 
             specs = [RemoteSpec(address=r.address, mode=r.mode, name=r.name,
-                                bandwidth_limit_bps=opts.bandwidth_limit) for r in opts.remotes]
+                                bandwidth_limit_bps=r.extra.get("bandwidth_limit", opts.bandwidth_limit))
+                     for r in opts.remotes]
+            progress = stack.enter_context(RichProgress()) if opts.progress else None
             replicator = stack.enter_context(
                 Replicator(unit, journal, source_id=opts.source_id or "", remotes=specs,
-                           tls_dir=opts.tls_dir or "", state_dir=str(state_dir))
+                           tls_dir=opts.tls_dir or "", state_dir=str(state_dir),
+                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout), progress=progress)
             )
 
         from gadget.descriptors import DeviceIdentity

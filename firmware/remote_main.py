@@ -41,7 +41,16 @@ def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], t
                 st["pid"] = os.getpid()
                 return st
 
+            def rollback(req: dict[str, Any]) -> dict[str, Any]:
+                sid = req.get("source")
+                if not isinstance(sid, str) or sid not in targets:
+                    raise ValueError(f"unknown source {sid!r}; this remote serves {', '.join(sorted(targets))}")
+                done = unit.rollback_resync(sid)
+                log.warning("rollback requested source=%s restored=%s", sid, done)
+                return {"source": sid, "rolled_back": done}
+
             control.register("status", status)
+            control.register("rollback", rollback)
             unit.serve_forever(stop)
             log.info("stopping remote unit")
     finally:

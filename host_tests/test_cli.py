@@ -21,11 +21,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_help_lists_every_command() -> None:
     r = run_cli("--help")
     assert r.returncode == 0
-    for c in ("local", "remote", "status", "pair", "verify", "selftest"):
+    for c in ("local", "remote", "status", "pair", "verify", "selftest", "rollback"):
         assert c in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["local", "remote", "status", "pair", "verify", "selftest"])
+@pytest.mark.parametrize("cmd", ["local", "remote", "status", "pair", "verify", "selftest", "rollback"])
 def test_each_subcommand_explains_itself(cmd: str) -> None:
     r = run_cli(cmd, "--help")
     assert r.returncode == 0, r.stderr
@@ -139,3 +139,40 @@ def test_render_status_text() -> None:
                      "lag_bytes": 4096}],
     })
     assert "50.0%" in text and "head seq 9" in text and "h:1" in text and "overflow no" in text
+
+
+def test_remote_spec_bandwidth_limit_and_unknown_keys() -> None:
+    r = cli.parse_remote({"address": "h:1", "bandwidth-limit": "10M"})
+    assert r.extra["bandwidth_limit"] == 10 << 20
+    assert cli.parse_remote("h:1,bandwidth_limit=1M").extra["bandwidth_limit"] == 1 << 20
+    with pytest.raises(cli.UsageError, match="unknown setting"):
+        cli.parse_remote({"address": "h:1", "bandwith": "1M"})
+    with pytest.raises(cli.UsageError, match="bandwidth_limit"):
+        cli.parse_remote("h:1,bandwidth_limit=fast")
+
+
+def test_rollback_through_a_running_remote(tmp_path: Path) -> None:
+    import time
+
+    assert run_cli("pair", str(tmp_path / "tls"), "--remote", "dr1", "--source", "s1").returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "firmware.cli", "remote", "--listen", f"127.0.0.1:{port}", "--name", "dr1",
+         "--tls-dir", str(tmp_path / "tls"), "--target", f"s1={tmp_path / 't.img'}", "--state-dir",
+         str(tmp_path / "rst")], cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while run_cli("status", "--state-dir", str(tmp_path / "rst")).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "remote unit did not start"
+            time.sleep(0.2)
+        r = run_cli("rollback", "--state-dir", str(tmp_path / "rst"), "--source", "s1")
+        assert r.returncode == 1 and "nothing to roll back" in r.stdout
+        r = run_cli("rollback", "--state-dir", str(tmp_path / "rst"), "--source", "s2")
+        assert r.returncode == 2 and "unknown source" in r.stderr
+        st = run_cli("status", "--state-dir", str(tmp_path / "rst"))
+        assert "remote unit dr1" in st.stdout and "source   s1" in st.stdout
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
