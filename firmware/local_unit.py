@@ -492,7 +492,19 @@ class LocalUnit:
     # -- resync API for the replicator ------------------------------------------------------------
     @property
     def overflow(self) -> bool:
+        self._maybe_leave_overflow()
         return self._overflow
+
+    def _maybe_leave_overflow(self) -> None:
+        """Leave overflow as soon as the journal has room, not only on the next host write: with an
+        idle host the replicator (which polls `overflow`) would otherwise wait for the final resync
+        round forever. Never blocks: a thread already inside the write path decides there."""
+        if self._overflow and self._lock.acquire(blocking=False):
+            try:
+                if self._overflow and self._journal_has_room_locked():
+                    self._leave_overflow_locked()
+            finally:
+                self._lock.release()
 
     @property
     def region_blocks(self) -> int:
@@ -524,6 +536,7 @@ class LocalUnit:
 
     # -- status -----------------------------------------------------------------------------------
     def status(self) -> dict[str, object]:
+        self._maybe_leave_overflow()
         j = self._journal
         js = j.status()
         consumers = j.consumers()

@@ -343,15 +343,7 @@ def test_startup_failures_are_one_line_without_traceback(units: Units, tmp_path:
     assert not (u.state_dir / "control.sock").exists(), "a failed start left its control socket"
 
 
-@pytest.mark.parametrize(
-    "host_after_outage",
-    [
-        "keeps-writing",
-        pytest.param("idle", marks=pytest.mark.xfail(
-            strict=True, reason="firmware/local_unit.py leaves overflow only inside the next host write "
-            "(_submit); with an idle host the overflow and the open resync last forever")),
-    ],
-)
+@pytest.mark.parametrize("host_after_outage", ["keeps-writing", "idle"])
 def test_journal_overflow_during_outage_then_remote_converges(units: Units, tmp_path: Path,
                                                               host_after_outage: str) -> None:
     """The remote is away long enough for a 2 MiB journal to overflow into the dirty bitmap; once it
@@ -365,21 +357,27 @@ def test_journal_overflow_during_outage_then_remote_converges(units: Units, tmp_
     assert remote.stop() == 0
     with attach(local) as c:
         write_random(c, random.Random(6), 300)
-        assert local.status()["journal"]["overflow"] is True, "2 MiB of journal should have overflowed"
+        st = local.status()
+        assert st["journal"]["overflow"] is True and st["journal"]["dirty_regions"] > 0, st["journal"]
         remote.launch()
         remote.wait_ready()
         local.wait_status(drained, timeout=60, what="the journaled records to reach the remote")
         if host_after_outage == "keeps-writing":
             write_random(c, random.Random(7), 5)
-        local.wait_status(lambda st: st["journal"]["overflow"] is False and drained(st), timeout=15,
-                          what="the overflow to end")
-    v = None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:   # the final resync round of the dirty regions may still be running
-        v = usbmirror("verify", "--state-dir", str(local.state_dir), timeout=120)
-        if v.returncode == 0:
-            break
-        time.sleep(1)
-    assert v is not None and v.returncode == 0, f"{v and v.stdout}\n{units.describe()}"
+        local.wait_status(lambda st: st["journal"]["dirty_regions"] == 0 and drained(st)
+                          and not st["remotes"][0]["resync"]["active"], timeout=120,
+                          what="the dirty regions to reach the remote")
+    v = usbmirror("verify", "--state-dir", str(local.state_dir), timeout=120)
+    assert v.returncode == 0, f"{v.stdout}{v.stderr}\n{units.describe()}"
+    try:
+        local.wait_status(lambda st: st["journal"]["overflow"] is False, timeout=10,
+                          what="the overflow flag to clear")
+        flag_cleared = True
+    except AssertionError:
+        flag_cleared = False
     assert local.stop() == 0 and remote.stop() == 0
     assert first_difference(vol, target) is None
+    if not flag_cleared and host_after_outage == "idle":
+        pytest.xfail("known bug: firmware/local_unit.py leaves overflow only in the next host write, so with an "
+                     "idle host `status` reports overflow forever although the journal is empty and nothing is dirty")
+    assert flag_cleared, "status still reports an overflow after the journal emptied and the remote converged"
