@@ -1,20 +1,24 @@
 """Benchmark the board's gadget path: fio through usbmirror's FunctionFS device next to the kernel's f_mass_storage.
 
-One QEMU guest (Debian's kernel, TCG) plays both the board and the server: dummy_hcd connects the
-gadget side to the guest's own usb-storage driver. For each speed (dummy_hcd loaded with and without
-``is_super_speed=1``, reloaded between the two phases of the same boot) the guest runs, in turn:
+One QEMU guest (Debian's kernel, TCG) plays both the board and the server: dummy_hcd (``num=2``: two
+UDC/host-controller pairs) connects the gadget side to the guest's own usb-storage driver. For each
+speed (dummy_hcd loaded with and without ``is_super_speed=1``, reloaded between the two phases of the
+same boot) two devices are attached side by side:
 
-1. usbmirror: ``python3 -m gadget.functionfs`` (the firmware's BOT core and SCSI target through
-   configfs + FunctionFS; no journal, no remotes; write cache off, so every WRITE is followed by an
-   fdatasync before its status);
-2. the kernel's own ``f_mass_storage`` (configfs function ``mass_storage.0``, ``lun.0/file``);
+1. usbmirror on ``dummy_udc.0``: ``python3 -m gadget.functionfs`` (the firmware's BOT core and SCSI
+   target through configfs + FunctionFS; no journal, no remotes; write cache off, so every WRITE is
+   followed by an fdatasync before its status);
+2. the kernel's own ``f_mass_storage`` on ``dummy_udc.1`` (configfs function ``mass_storage.0``,
+   ``lun.0/file``);
 
 each serving a file of the same size in the guest's RAM file system (the initramfs root), so the disk
 is not what limits either of them. fio runs on the attached /dev/sdX with O_DIRECT, psync, queue depth
-1, a fixed runtime per job: 64 KiB sequential write and read, 4 KiB random write and read. For
-context the same jobs run once directly on a RAM file in the guest (buffered: the guest's tmpfs takes
-no O_DIRECT). Everything is CPU-bound under TCG on a shared machine, so the absolute figures are far
-below a board's; the ratio usbmirror/f_mass_storage is the figure to read.
+1, a fixed runtime per job: 64 KiB sequential write and read, 4 KiB random write and read. Each job
+runs on one device right after the other (alternating which goes first), so a burst of load on the
+shared machine hits both sides of a ratio alike. For context the same jobs run once directly on a RAM
+file in the guest (buffered: the guest's tmpfs takes no O_DIRECT). Everything is CPU-bound under TCG,
+so the absolute figures are far below a board's; the ratio usbmirror/f_mass_storage is the figure to
+read.
 
 Run: .venv/bin/python bench/bench_gadget_fio.py [--size-mib 64] [--seconds 3] [--speeds high,super]
 """
@@ -51,18 +55,22 @@ class Figure:
 
 
 def guest_script(size_mib: int, seconds: float, speeds: tuple[str, ...]) -> str:
-    """The busybox script: raw RAM-file figures, then per speed usbmirror and f_mass_storage."""
-    fio_jobs = "\n".join(
-        f'    fio --name={key} {args} --size={size_mib}M --time_based --runtime={seconds:g} '
-        f'--ioengine=psync --iodepth=1 --eta=never --output-format=json $extra --filename="$target" '
-        f'--output=/tmp/fio/$tag.{key}.json || die fio_$tag.{key}'
-        for key, _label, args in JOBS)
-    phases = "\n".join(
-        f"""
-load_speed {"is_super_speed=1" if speed == "super" else ""}
-run_usbmirror {speed}
-run_fms {speed}
-""" for speed in speeds)
+    """The busybox script: raw RAM-file figures, then per speed both devices attached side by side
+    (usbmirror on dummy_udc.0, f_mass_storage on dummy_udc.1) and each fio job run on one, then the
+    other, so a burst of load on the shared machine hits both sides of a ratio alike."""
+    def fio(key: str, args: str, tag: str, target: str, extra: str) -> str:
+        return (f"fio --name={key} {args} --size={size_mib}M --time_based --runtime={seconds:g} "
+                f"--ioengine=psync --iodepth=1 --eta=never --output-format=json {extra} --filename={target} "
+                f"--output=/tmp/fio/{tag}.{key}.json || die fio_{tag}.{key}")
+
+    raw = "\n".join(fio(key, args, "raw.file", "/tmp/raw.img", "") for key, _label, args in JOBS)
+    pairs = []
+    for n, (key, _label, args) in enumerate(JOBS):
+        sides = [fio(key, args, "$1.usbmirror", "/dev/$DU", "--direct=1"),
+                 fio(key, args, "$1.fms", "/dev/$DK", "--direct=1")]
+        pairs.extend(sides if n % 2 == 0 else sides[::-1])  # alternate which side goes first
+    paired = "\n    ".join(pairs)
+    phases = "\n".join(f"run_speed {speed} {'is_super_speed=1' if speed == 'super' else ''}" for speed in speeds)
     return f"""
 set -u
 KVER=$(cat /etc/kernel-version)
@@ -71,34 +79,38 @@ mkdir -p /tmp/fio
 step() {{ echo "=== $1 at $(cut -d' ' -f1 /proc/uptime) s"; }}
 gone() {{ n=0; while [ -e /sys/block/$1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done; [ ! -e /sys/block/$1 ]; }}
 fwdie() {{ echo "--- firmware log"; tail -40 /tmp/fw.log; dmesg | tail -25; die "$1"; }}
-run_jobs() {{  # tag target extra-fio-args
-    tag=$1; target=$2; extra=$3
-{fio_jobs}
+disk_on() {{  # disk_on N: the SCSI disk behind dummy_hcd.N, waiting up to 60 s
+    n=0
+    while [ $n -lt 600 ]; do
+        for b in /sys/block/sd*; do
+            [ -e "$b" ] && readlink -f "$b" | grep -q "/dummy_hcd\\.$1/" && [ -b "/dev/${{b##*/}}" ] \\
+                && {{ echo "${{b##*/}}"; return 0; }}
+        done
+        n=$((n + 1)); sleep 0.1
+    done
+    return 1
 }}
-load_speed() {{
+load_speed() {{  # two UDC/HCD pairs: dummy_udc.0 for usbmirror, dummy_udc.1 for f_mass_storage
     if grep -q '^dummy_hcd ' /proc/modules; then
         rmmod dummy_hcd || die rmmod_dummy_hcd
-        insmod "/lib/modules/$KVER/$(grep dummy_hcd /etc/gadget-modules.order)" "$@" || die insmod_dummy_hcd
+        insmod "/lib/modules/$KVER/$(grep dummy_hcd /etc/gadget-modules.order)" num=2 "$@" || die insmod_dummy_hcd
     else
-        load_gadget_stack "$@"
+        load_gadget_stack num=2 "$@"
     fi
-    [ -e /sys/class/udc/dummy_udc.0 ] || die no_udc
+    [ -e /sys/class/udc/dummy_udc.1 ] || die no_second_udc
 }}
-run_usbmirror() {{
-    step "usbmirror $1"
+start_usbmirror() {{
     dd if=/dev/zero of=/tmp/ffs.img bs=1M count={size_mib} 2>/dev/null || die ffs_image
     (cd /opt/usbmirror && exec python3 -m gadget.functionfs --volume /tmp/ffs.img --udc dummy_udc.0 \\
         --speeds full,high,super) > /tmp/fw.log 2>&1 &
     FW=$!
-    d=$(wait_disk 60) || fwdie no_disk_usbmirror
-    mark speed_$1_usbmirror=$(cat /sys/class/udc/dummy_udc.0/current_speed)
-    run_jobs $1.usbmirror /dev/$d "--direct=1"
+}}
+stop_usbmirror() {{
     kill -TERM $FW; wait $FW; mark fw_exit_$1=$?
-    gone $d || fwdie usbmirror_disk_stays
+    gone $DU || fwdie usbmirror_disk_stays
     rm -f /tmp/ffs.img
 }}
-run_fms() {{
-    step "f_mass_storage $1"
+start_fms() {{
     dd if=/dev/zero of=/tmp/fms.img bs=1M count={size_mib} 2>/dev/null || die fms_image
     mkdir $G $G/strings/0x409 $G/configs/c.1 $G/functions/mass_storage.0 || die fms_configfs
     echo 0x1209 > $G/idVendor; echo 0x0002 > $G/idProduct
@@ -108,20 +120,34 @@ run_fms() {{
     echo 0 > $G/functions/mass_storage.0/lun.0/removable
     echo /tmp/fms.img > $G/functions/mass_storage.0/lun.0/file || die fms_lun_file
     ln -s $G/functions/mass_storage.0 $G/configs/c.1/ || die fms_link
-    echo dummy_udc.0 > $G/UDC || die fms_bind
-    d=$(wait_disk 60) || die no_disk_fms
-    mark speed_$1_fms=$(cat /sys/class/udc/dummy_udc.0/current_speed)
-    run_jobs $1.fms /dev/$d "--direct=1"
+    echo dummy_udc.1 > $G/UDC || die fms_bind
+}}
+stop_fms() {{
     echo "" > $G/UDC
-    gone $d || die fms_disk_stays
+    gone $DK || die fms_disk_stays
     rm $G/configs/c.1/mass_storage.0
     rmdir $G/configs/c.1 $G/functions/mass_storage.0 $G/strings/0x409 $G || die fms_teardown
     rm -f /tmp/fms.img
 }}
+run_speed() {{  # run_speed NAME [dummy_hcd parameters]
+    speed=$1; shift
+    step "$speed speed"
+    load_speed "$@"
+    set -- "$speed"
+    start_usbmirror
+    start_fms
+    DU=$(disk_on 0) || fwdie no_disk_usbmirror
+    DK=$(disk_on 1) || die no_disk_fms
+    mark speed_$1_usbmirror=$(cat /sys/class/udc/dummy_udc.0/current_speed) \\
+        speed_$1_fms=$(cat /sys/class/udc/dummy_udc.1/current_speed)
+    {paired}
+    stop_usbmirror $1
+    stop_fms
+}}
 
 step raw
 dd if=/dev/zero of=/tmp/raw.img bs=1M count={size_mib} 2>/dev/null || die raw_image
-run_jobs raw.file /tmp/raw.img ""
+{raw}
 rm -f /tmp/raw.img
 {phases}
 check_kernel_log
