@@ -10,7 +10,8 @@ SIGKILLs the unit mid-run and starts it again on the same volume, journal, state
 The guest's I/O fails (expected). Phase 2: the guest re-attaches (the relay reaches the same port),
 runs fio `--verify_only --verify_state_load=1` over everything fio saw complete, and reads every
 acknowledged block back. Afterwards the host checks the acknowledged blocks in the volume file itself,
-and that the remote unit (async, TLS) still ends up byte-identical to the local volume.
+and that the remote unit (TLS) still ends up byte-identical to the local volume. With a `sync`
+remote, the remote target read right after the kill already holds every acknowledged block.
 
 Run with the write cache off (every WRITE durable before its CSW) and on (WRITEs may complete from
 RAM, so fio writes with O_SYNC and each numbered block is followed by an fsync: a write counts as
@@ -123,12 +124,15 @@ class Crasher(threading.Thread):
     """Waits until the journal passes ``threshold`` records and numbered block ``block`` shows in the
     volume (so both writers are mid-run), SIGKILLs the unit and starts it again."""
 
-    def __init__(self, unit: UnitProcess, volume: Path, threshold: int, block: int) -> None:
+    def __init__(self, unit: UnitProcess, volume: Path, threshold: int, block: int,
+                 remote_target: Path | None = None) -> None:
         super().__init__(name="crasher", daemon=True)
         self.unit = unit
         self.volume = volume
         self.threshold = threshold
         self.block = block
+        self.remote_target = remote_target
+        self.remote_at_kill = b""   # the remote target's numbered-block region right after the kill
         self.before: Status | None = None
         self.after: Status | None = None
         self.error: BaseException | None = None
@@ -139,6 +143,10 @@ class Crasher(threading.Thread):
                 lambda st: st["journal"]["head_seq"] >= self.threshold and block_in_file(self.volume, self.block),
                 timeout=240, interval=0.1, what="the guest's writes")
             self.unit.kill9()
+            if self.remote_target is not None:
+                with open(self.remote_target, "rb") as f:
+                    f.seek(ACK_BASE * BLOCK)
+                    self.remote_at_kill = f.read(ACK_BLOCKS * BLOCK)
             self.unit.launch()
             self.after = self.unit.wait_ready(120)
         except BaseException as exc:
@@ -151,17 +159,19 @@ def units(tmp_path: Path) -> Iterator[Units]:
         yield u
 
 
-@pytest.mark.parametrize("write_cache", ["off", "on"])
-def test_kill_9_mid_write_loses_nothing_acknowledged(write_cache: str, units: Units, tmp_path: Path,
+@pytest.mark.parametrize(("write_cache", "mode"), [("off", "async"), ("on", "async"), ("off", "sync")])
+def test_kill_9_mid_write_loses_nothing_acknowledged(write_cache: str, mode: str, units: Units, tmp_path: Path,
                                                      guest_image: GuestImage) -> None:
     tls = units.pair("dr1", ["server1"])
     volume, target = tmp_path / "local-volume.img", tmp_path / "remote-target.img"
     remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
     local = units.start_local(volume=volume, size=f"{DISK_MIB}M", journal_size="64M", source_id="server1",
-                              tls_dir=tls, remotes=[remote.address], extra=["--write-cache", write_cache])
+                              tls_dir=tls, remotes=[remote.address + ("" if mode == "async" else ",mode=sync")],
+                              extra=["--write-cache", write_cache])
     local.wait_status(streaming(), what="the link to the remote")
 
-    crasher = Crasher(local, volume, KILL_AFTER_RECORDS, KILL_AFTER_BLOCK)
+    crasher = Crasher(local, volume, KILL_AFTER_RECORDS, KILL_AFTER_BLOCK,
+                      remote_target=target if mode == "sync" else None)
     crasher.start()
     blocks = b"".join(block_pattern(i) for i in range(ACK_BLOCKS))
     res = run_guest(guest_script(write_cache), usbip_port=local.port, timeout=400, image=guest_image,
@@ -171,7 +181,7 @@ def test_kill_9_mid_write_loses_nothing_acknowledged(write_cache: str, units: Un
     assert crasher.error is None, f"killing/restarting the unit failed: {crasher.error}\n{context}"
     assert crasher.before is not None and crasher.after is not None, context
     assert res.rc == 0 and res.markers.get("done") == "1", f"guest failed\n{context}"
-    print(f"guest markers (write cache {write_cache}): {res.markers} wall={res.wall:.1f}s")
+    print(f"guest markers (write cache {write_cache}, {mode} remote): {res.markers} wall={res.wall:.1f}s")
 
     acked = sorted(int(n) for n in ACK_RE.findall(res.output))
     assert acked == list(range(len(acked))), "numbered blocks are acknowledged in order"
@@ -179,6 +189,12 @@ def test_kill_9_mid_write_loses_nothing_acknowledged(write_cache: str, units: Un
     assert int(res.markers["fio_write_rc"]) != 0, "fio should have seen the device vanish"
     assert int(res.markers["fio_verified_kib"]) > 0, "fio verified nothing: its state held no completed write"
     assert int(res.markers["acked_verified"]) == len(acked)
+
+    if mode == "sync":
+        # a sync remote had every block the guest saw acknowledged before the local unit died
+        got = crasher.remote_at_kill
+        missing = [i for i in acked if got[i * BLOCK:(i + 1) * BLOCK] != block_pattern(i)]
+        assert not missing, f"acknowledged blocks not on the sync remote at the kill: {missing[:20]}"
 
     # the restarted unit recovered the journal it had before the kill
     jb, ja = crasher.before["journal"], crasher.after["journal"]
