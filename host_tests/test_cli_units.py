@@ -373,3 +373,34 @@ def test_journal_overflow_during_outage_then_remote_converges(units: Units, tmp_
     local.wait_status(lambda st: st["journal"]["overflow"] is False, timeout=30, what="the overflow flag to clear")
     assert local.stop() == 0 and remote.stop() == 0
     assert first_difference(vol, target) is None
+
+
+def test_one_source_mirrors_to_two_remotes(units: Units, tmp_path: Path) -> None:
+    """An async and a sync remote from one pairing directory (`usbmirror pair` run once per remote)."""
+    tls = units.pair("dr1", ["server1"])
+    assert units.pair("dr2", ["server1"]) == tls          # the same directory: the CA is reused
+    t1, t2, vol = tmp_path / "dr1.img", tmp_path / "dr2.img", tmp_path / "volume.img"
+    r1 = units.start_remote("dr1", targets={"server1": t1}, tls_dir=tls)
+    r2 = units.start_remote("dr2", targets={"server1": t2}, tls_dir=tls)
+    local = units.start_local(volume=vol, size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[r1.address, f"{r2.address},mode=sync"])
+    st = local.wait_status(lambda st: all(r["state"] == "streaming" for r in st["remotes"]), what="both links")
+    assert [(r["address"], r["mode"]) for r in st["remotes"]] == [(r1.address, "async"), (r2.address, "sync")]
+    rng = random.Random(8)
+    with attach(local) as c:
+        write_random(c, rng, 20)
+        st = local.status()
+        assert st["remotes"][1]["acked_seq"] >= st["journal"]["durable_seq"], "the sync remote lags the host"
+        # the async remote goes away: the host keeps writing, the sync remote keeps up
+        assert r1.stop() == 0
+        written = write_random(c, rng, 20)
+        st = local.status()
+        assert st["remotes"][1]["acked_seq"] >= st["journal"]["durable_seq"]
+        r1.launch()
+        local.wait_status(drained, timeout=120, what="both remotes to acknowledge everything")
+        for lba in list(written)[:10]:
+            assert c.read10(lba, 1) == written[lba]
+    v = usbmirror("verify", "--state-dir", str(local.state_dir), timeout=120)
+    assert v.returncode == 0 and v.stdout.count("MATCH") == 2, v.stdout + v.stderr + units.describe()
+    assert local.stop() == 0 and r1.stop() == 0 and r2.stop() == 0, units.describe()
+    assert first_difference(vol, t1) is None and first_difference(vol, t2) is None
