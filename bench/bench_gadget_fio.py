@@ -13,12 +13,12 @@ same boot) two devices are attached side by side:
 
 each serving a file of the same size in the guest's RAM file system (the initramfs root), so the disk
 is not what limits either of them. fio runs on the attached /dev/sdX with O_DIRECT, psync, queue depth
-1, a fixed runtime per job: 64 KiB sequential write and read, 4 KiB random write and read. Each job
-runs on one device right after the other (alternating which goes first), so a burst of load on the
-shared machine hits both sides of a ratio alike. For context the same jobs run once directly on a RAM
-file in the guest (buffered: the guest's tmpfs takes no O_DIRECT). Everything is CPU-bound under TCG,
-so the absolute figures are far below a board's; the ratio usbmirror/f_mass_storage is the figure to
-read.
+1, a fixed runtime per job (after a 1 s unmeasured warm-up on each device): 64 KiB sequential write
+and read, 4 KiB random write and read. Each job runs on one device right after the other
+(alternating which goes first), so a burst of load on the shared machine hits both sides of a ratio
+alike. For context the same jobs run once directly on a RAM file in the guest (buffered: the guest's
+tmpfs takes no O_DIRECT). Everything is CPU-bound under TCG, so the absolute figures are far below a
+board's; the ratio usbmirror/f_mass_storage is the figure to read.
 
 Run: .venv/bin/python bench/bench_gadget_fio.py [--size-mib 64] [--seconds 3] [--speeds high,super]
 """
@@ -140,6 +140,10 @@ run_speed() {{  # run_speed NAME [dummy_hcd parameters]
     DK=$(disk_on 1) || die no_disk_fms
     mark speed_$1_usbmirror=$(cat /sys/class/udc/dummy_udc.0/current_speed) \\
         speed_$1_fms=$(cat /sys/class/udc/dummy_udc.1/current_speed)
+    for dev in $DU $DK; do  # warm-up, not measured: first-touch costs (TCG translation, allocations)
+        fio --name=warmup --rw=randrw --bs=64k --size={size_mib}M --time_based --runtime=1 --direct=1 \\
+            --ioengine=psync --eta=never --filename=/dev/$dev --output=/dev/null || die warmup_$dev
+    done
     {paired}
     stop_usbmirror $1
     stop_fms
@@ -227,7 +231,10 @@ def main() -> int:
     if errors != "0":
         print(f"kernel log showed trouble (kernel_errors={errors}):")
         print("\n".join(ln for ln in result.output.splitlines() if ln.startswith("KERNEL-ERROR:")))
-    if bad or len(figures) != jobs:
+    unclean = [s for s in speeds if result.markers.get(f"fw_exit_{s}") != "0"]
+    if unclean:
+        print(f"usbmirror did not stop cleanly at {unclean}:\n" + result.describe(40))
+    if bad or unclean or len(figures) != jobs:
         print(f"incomplete run: wrong link speed in {bad}, {len(figures)} of {jobs} fio figures")
         return 1
     return 0
