@@ -182,6 +182,8 @@ GUEST_AFTER_OUTAGE = """
 set -u
 usbip_attach 1-1 || die attach
 d=$(wait_disk 30) || die no_disk
+n=0; while [ ! -b /dev/${d}1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+[ -b /dev/${d}1 ] || mdev -s
 mkdir -p /mnt/m && mount -t ext4 /dev/${d}1 /mnt/m || die mount
 dd if=/dev/urandom of=/mnt/m/after-outage.bin bs=1048576 count=4 2>/dev/null || die write
 sync
