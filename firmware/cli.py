@@ -173,7 +173,8 @@ LOCAL_OPTS = [
     Opt("--bandwidth-limit", "cap on replication bandwidth per remote, e.g. 10M (bytes/s); a remote's own "
         "bandwidth_limit overrides it", kind=_size, metavar="RATE"),
     Opt("--sync-timeout", "a sync remote unreachable this long stops holding host writes (status shows it "
-        "degraded) rather than hanging the host", default=30.0, kind=float, metavar="SECONDS"),
+        "degraded) rather than hanging the host; keep it well under the host's SCSI command timeout (30 s on "
+        "Linux)", default=15.0, kind=float, metavar="SECONDS"),
     Opt("--progress", "draw resync progress bars on the terminal: auto (when stderr is a terminal), on, off",
         default="auto", choices=("auto", "on", "off")),
     Opt("--state-dir", f"holds the unit's identity, control socket and state (default {DEFAULT_STATE_DIR})",
@@ -372,6 +373,7 @@ def render_status(st: dict[str, Any]) -> str:
     for r in st.get("remotes", []) or []:
         lines.append(f"  remote   {r.get('address')}  {r.get('state')}  mode {r.get('mode')}  acked seq "
                      f"{r.get('acked_seq')}  lag {_human(r.get('lag_bytes') or 0)}"
+                     + ("  DEGRADED (host writes acknowledged without it)" if r.get("degraded") else "")
                      + (f"  last error: {r['last_error']}" if r.get("last_error") else ""))
     for s in st.get("sources", []) or []:
         lines.append(f"  source   {s.get('source_id')}  {s.get('state')}  applied seq {s.get('applied_seq')}"

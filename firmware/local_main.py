@@ -49,7 +49,7 @@ class LocalOptions:
     tls_dir: str | None = None
     bandwidth_limit: int | None = None
     state_dir: str = "/var/lib/usbmirror"
-    sync_timeout: float = 30.0
+    sync_timeout: float = 15.0
     progress: bool = False
 
 

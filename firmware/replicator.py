@@ -99,7 +99,7 @@ class ReplicatorTuning:
     connect_timeout_s: float = 10.0
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
-    sync_timeout_s: float = 30.0
+    sync_timeout_s: float = 15.0  # under Linux sd's 30 s command timeout
     region_blocks: int | None = None  # default: the local unit's, else 1 MiB worth
     digests_per_request: int = 64
     requests_in_flight: int = 4

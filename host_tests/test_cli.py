@@ -176,3 +176,10 @@ def test_rollback_through_a_running_remote(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_render_status_shows_a_degraded_sync_remote() -> None:
+    text = cli.render_status({"role": "local", "remotes": [
+        {"address": "h:1", "state": "connecting", "mode": "sync", "acked_seq": 3, "lag_bytes": 0,
+         "degraded": True}]})
+    assert "DEGRADED" in text
