@@ -322,18 +322,26 @@ def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
     return RemoteEntry(hp, mode, str(name) if name else None, extra)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _ask_unit(command: str, state_dir: str, req: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any] | None:
+    """Send `req` to the unit's control socket; print one line and return None when that fails."""
     from firmware.control import ControlError, request
 
     try:
-        ans = request(args.state_dir, {"cmd": "status"})
+        ans = request(state_dir, req, timeout=timeout)
     except ControlError as exc:
-        print(f"usbmirror status: {exc}", file=sys.stderr)
-        return 1
+        print(f"usbmirror {command}: {exc}", file=sys.stderr)
+        return None
     if not ans.get("ok"):
-        print(f"usbmirror status: {ans.get('error')}", file=sys.stderr)
-        return 1
+        print(f"usbmirror {command}: {ans.get('error')}", file=sys.stderr)
+        return None
     ans.pop("ok", None)
+    return ans
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ans = _ask_unit("status", args.state_dir, {"cmd": "status"})
+    if ans is None:
+        return 1
     if args.json:
         print(json.dumps(ans, indent=2, sort_keys=True, default=str))
     else:
@@ -391,17 +399,9 @@ def cmd_pair(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from firmware.control import ControlError, request
-
-    try:
-        ans = request(args.state_dir, {"cmd": "verify"}, timeout=3600)
-    except ControlError as exc:
-        print(f"usbmirror verify: {exc}", file=sys.stderr)
+    ans = _ask_unit("verify", args.state_dir, {"cmd": "verify"}, timeout=3600)
+    if ans is None:
         return 2
-    if not ans.get("ok"):
-        print(f"usbmirror verify: {ans.get('error')}", file=sys.stderr)
-        return 2
-    ans.pop("ok", None)
     if args.json:
         print(json.dumps(ans, indent=2, sort_keys=True, default=str))
     else:
@@ -415,15 +415,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from firmware.control import ControlError, request
-
-    try:
-        ans = request(args.state_dir, {"cmd": "rollback", "source": args.source}, timeout=3600)
-    except ControlError as exc:
-        print(f"usbmirror rollback: {exc}", file=sys.stderr)
-        return 2
-    if not ans.get("ok"):
-        print(f"usbmirror rollback: {ans.get('error')}", file=sys.stderr)
+    ans = _ask_unit("rollback", args.state_dir, {"cmd": "rollback", "source": args.source}, timeout=3600)
+    if ans is None:
         return 2
     if ans.get("rolled_back"):
         print(f"{args.source}: restored the consistent image from before the incomplete resync")

@@ -48,6 +48,7 @@ from typing import Any
 
 import google_crc32c
 
+from firmware.identity import write_atomically
 from firmware.link import protocol as jp
 from firmware.pairing import TlsFiles, peer_identity, server_context
 from firmware.storage import SpaceExhausted, StorageError, WriteError
@@ -106,15 +107,7 @@ def _fsync_dir(d: Path) -> None:
 
 
 def save_json_durably(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomically(path, json.dumps(data, sort_keys=True).encode())
 
 
 def target_fingerprint(path: str) -> str:
