@@ -193,9 +193,7 @@ REMOTE_OPTS = [
         default=DEFAULT_STATE_DIR, metavar="DIR"),
 ]
 
-SELFTEST_OPTS = [
-    *[o for o in LOCAL_OPTS],
-]
+SELFTEST_OPTS = LOCAL_OPTS  # the self-test reads the local unit's own options and config file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +283,6 @@ def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
     """`HOST:PORT[,mode=async|sync][,name=N]` or a `[[remote]]` table."""
     if isinstance(spec, dict):
         d = {k.replace("-", "_"): v for k, v in spec.items()}
-        d = {k.replace("-", "_"): v for k, v in d.items()}
         if "address" not in d:
             raise UsageError("a [[remote]] table needs an address")
         addr = str(d.pop("address"))
@@ -320,6 +317,12 @@ def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
     except ValueError as exc:
         raise UsageError(f"remote: {exc}") from None
     return RemoteEntry(hp, mode, str(name) if name else None, extra)
+
+
+def remote_entries(o: dict[str, Any]) -> list[RemoteEntry]:
+    """The merged `remote` option (command line, else the config's `remote` string, list or
+    `[[remote]]` tables) as entries."""
+    return [parse_remote(r) for r in o["remote"] or []]
 
 
 def _ask_unit(command: str, state_dir: str, req: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any] | None:
@@ -462,11 +465,8 @@ def _install_stop_signals() -> threading.Event:
 
 def cmd_local(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
-    o = _merge(args, LOCAL_OPTS, cfg, extra=("remote",))
-    remotes_raw = o.get("remote") or []
-    if isinstance(cfg.get("remote"), list) and args.remote is None:
-        remotes_raw = cfg["remote"]
-    remotes = [parse_remote(r) for r in remotes_raw]
+    o = _merge(args, LOCAL_OPTS, cfg)
+    remotes = remote_entries(o)
     if not o["volume"]:
         raise UsageError("local: --volume is required (a file or block device)")
     if not o["usbip"] and o["gadget"] is None:
@@ -516,13 +516,10 @@ def cmd_remote(args: argparse.Namespace) -> int:
 
 def cmd_selftest(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
-    o = _merge(args, SELFTEST_OPTS, cfg, extra=("remote",))
-    remotes_raw = o.get("remote") or []
-    if isinstance(cfg.get("remote"), list) and args.remote is None:
-        remotes_raw = cfg["remote"]
+    o = _merge(args, SELFTEST_OPTS, cfg)
     from firmware.selftest import run_selftest_cli
 
-    return run_selftest_cli(o, [parse_remote(r) for r in remotes_raw], as_json=args.json)
+    return run_selftest_cli(o, remote_entries(o), as_json=args.json)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -47,7 +47,7 @@ def test_config_values_and_command_line_precedence(tmp_path: Path) -> None:
     )
     p = cli.build_parser()
     ns = p.parse_args(["local", "--config", str(cfg), "--size", "128M"])
-    o = cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config), extra=("remote",))
+    o = cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config))
     assert o["volume"] == "/srv/disk.img"
     assert o["size"] == 128 << 20  # command line wins
     assert o["write_cache"] == "on"
@@ -55,6 +55,23 @@ def test_config_values_and_command_line_precedence(tmp_path: Path) -> None:
     assert o["block_size"] == 512  # default
     r = cli.parse_remote(o["remote"][0])
     assert (r.address, r.mode, r.name) == (("192.0.2.1", 7373), "sync", "dr1")
+
+
+def test_remote_from_config_string_or_tables_and_command_line_wins(tmp_path: Path) -> None:
+    one = tmp_path / "one.toml"
+    one.write_text('remote = "192.0.2.9:7373,mode=sync"\n')
+    tables = tmp_path / "tables.toml"
+    tables.write_text('[[remote]]\naddress = "192.0.2.1:7373"\n[[remote]]\naddress = "192.0.2.2:7373"\n')
+
+    def remotes(*argv: str) -> list[tuple[tuple[str, int], str]]:
+        ns = cli.build_parser().parse_args(["local", *argv])
+        o = cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config))
+        return [(r.address, r.mode) for r in cli.remote_entries(o)]
+
+    assert remotes("--config", str(one)) == [(("192.0.2.9", 7373), "sync")]
+    assert remotes("--config", str(tables)) == [(("192.0.2.1", 7373), "async"), (("192.0.2.2", 7373), "async")]
+    assert remotes("--config", str(tables), "--remote", "10.0.0.1:1") == [(("10.0.0.1", 1), "async")]
+    assert remotes() == []
 
 
 def test_unknown_config_key_is_refused(tmp_path: Path) -> None:
