@@ -48,7 +48,7 @@ from typing import Any
 
 import google_crc32c
 
-from firmware.identity import write_atomically
+from firmware.identity import fsync_dir, write_atomically
 from firmware.link import protocol as jp
 from firmware.pairing import TlsFiles, peer_identity, server_context
 from firmware.storage import SpaceExhausted, StorageError, WriteError
@@ -98,14 +98,6 @@ class TargetState:
     target_id: str = ""  # which file or disk the position belongs to (see target_fingerprint)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_json_durably(path: Path, data: dict[str, Any]) -> None:
     write_atomically(path, json.dumps(data, sort_keys=True).encode())
 
@@ -151,7 +143,10 @@ class UndoLog:
         self.chunk_blocks = max(1, UNDO_CHUNK_BYTES // block_size)
         self.block_size = block_size
         self.saved: set[int] = set()
+        created = not path.exists()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        if created:
+            fsync_dir(path.parent)  # the state file already says an undo log exists: it must survive a crash
         self._end = 0
         for lba, _data in self.entries():
             self.saved.add(lba // self.chunk_blocks)

@@ -19,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from firmware.identity import fsync_dir
+
 log = logging.getLogger(__name__)
 
 _BLKGETSIZE64 = 0x80081272  # linux/fs.h: _IOR(0x12, 114, size_t)
@@ -87,11 +89,7 @@ class FileFlash:
         finally:
             os.close(fd)
         os.replace(tmp, p)
-        dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(p.parent)
         log.info("created pre-written journal file path=%s size=%d", p, size)
         return cls(p)
 
