@@ -60,6 +60,7 @@ __all__ = [
     "configuration_descriptor",
     "device_descriptor",
     "device_qualifier",
+    "interface_block",
     "interface_endpoints",
     "normalize_serial",
     "parse_descriptor",
@@ -421,7 +422,7 @@ def interface_endpoints(speed: Speed, *, max_burst: int = DEFAULT_MAX_BURST) -> 
 
     Returns `(interface, ep_in, ep_out)` at full and high speed and
     `(interface, ep_in, ep_out, companion_in, companion_out)` at SuperSpeed. On the wire each
-    companion directly follows its endpoint (USB 3.2 9.6.7), as `configuration_descriptor` does.
+    companion directly follows its endpoint (USB 3.2 9.6.7): `interface_block` gives that order.
     """
     speed = Speed(speed)
     _check_burst(max_burst)
@@ -444,12 +445,15 @@ def interface_endpoints(speed: Speed, *, max_burst: int = DEFAULT_MAX_BURST) -> 
     return pieces
 
 
-def _interface_block(speed: Speed, max_burst: int) -> bytes:
+def interface_block(speed: Speed, *, max_burst: int = DEFAULT_MAX_BURST) -> tuple[bytes, ...]:
+    """The interface and its endpoints in wire order, as a configuration set carries them:
+    `(interface, ep_in, ep_out)`, or `(interface, ep_in, companion_in, ep_out, companion_out)` at
+    SuperSpeed (USB 3.2 9.6.7: each companion directly follows its endpoint)."""
     pieces = interface_endpoints(speed, max_burst=max_burst)
-    if speed is Speed.SUPER:
+    if Speed(speed) is Speed.SUPER:
         interface, ep_in, ep_out, comp_in, comp_out = pieces
-        return interface + ep_in + comp_in + ep_out + comp_out
-    return b"".join(pieces)
+        return (interface, ep_in, comp_in, ep_out, comp_out)
+    return pieces
 
 
 def _max_power_units(ident: DeviceIdentity, speed: Speed) -> int:
@@ -480,7 +484,7 @@ def configuration_descriptor(
     else:
         body_speed = speed
         header = ConfigurationDescriptor
-    body = _interface_block(body_speed, max_burst)
+    body = b"".join(interface_block(body_speed, max_burst=max_burst))
     attributes = _CONFIG_ATTR_RESERVED | (_CONFIG_ATTR_SELF_POWERED if ident.self_powered else 0)
     head = header.build(
         {

@@ -46,22 +46,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import functionfs
 from functionfs import ch9
 from functionfs import functionfs as ffs_h
 
-from gadget.descriptors import MAX_PACKET, DeviceIdentity, Speed, interface_endpoints
+from gadget.bot import CBW_LENGTH, CBW_SIGNATURE, EP_IN, EP_OUT, FLAG_DATA_IN, BulkOnlyTransport
+from gadget.descriptors import MAX_PACKET, DeviceIdentity, Speed, interface_block
 from gadget.logical_unit import LogicalUnit
 
-if TYPE_CHECKING:
-    from gadget.bot import BulkOnlyTransport
-
 log = logging.getLogger(__name__)
-
-EP_IN = 0x81  # gadget.bot's logical endpoint addresses (the UDC picks the real ones)
-EP_OUT = 0x01
 
 # BOT 3.1 / 3.2: class-specific requests on the default pipe.
 BOT_RESET_REQUEST = 0xFF
@@ -69,9 +64,7 @@ BOT_GET_MAX_LUN_REQUEST = 0xFE
 REQTYPE_CLASS_INTERFACE_OUT = 0x21
 REQTYPE_CLASS_INTERFACE_IN = 0xA1
 
-CBW_LENGTH = 31
 _CBW_HEAD = struct.Struct("<IIIB")  # dCBWSignature, dCBWTag, dCBWDataTransferLength, bmCBWFlags
-CBW_SIGNATURE = 0x43425355
 EVENT_SIZE = ctypes.sizeof(ffs_h.Event)
 # Bytes per bulk read/write on an endpoint file. f_fs copies each into one kernel buffer (kmalloc
 # unless the UDC does scatter-gather), so bigger is faster but needs contiguous kernel memory.
@@ -177,22 +170,8 @@ def _as_ctypes(raw: bytes) -> Any:
 
 def _speed_list(speed: Speed) -> list[Any]:
     """Interface, then the IN endpoint (ep1 file), then OUT (ep2), each followed by its SuperSpeed
-    companion at super speed (USB 3.2 9.6.7: the companion follows its endpoint)."""
-    pieces = [bytes(p) for p in interface_endpoints(speed)]
-    iface = [p for p in pieces if p[1] == ch9.USB_DT_INTERFACE]
-    eps = [p for p in pieces if p[1] == ch9.USB_DT_ENDPOINT]
-    comps = [p for p in pieces if p[1] == ch9.USB_DT_SS_ENDPOINT_COMP]
-    if len(iface) != 1 or len(eps) != 2:
-        raise FunctionFsError(f"descriptor pieces for {speed.name}: want 1 interface + 2 endpoints")
-    ep_in = next(p for p in eps if p[2] & ch9.USB_DIR_IN)
-    ep_out = next(p for p in eps if not p[2] & ch9.USB_DIR_IN)
-    out: list[Any] = [_as_ctypes(iface[0])]
-    if speed is Speed.SUPER:
-        comp = comps[0] if comps else bytes([6, ch9.USB_DT_SS_ENDPOINT_COMP, 0, 0, 0, 0])
-        out += [_as_ctypes(ep_in), _as_ctypes(comp), _as_ctypes(ep_out), _as_ctypes(comp)]
-    else:
-        out += [_as_ctypes(ep_in), _as_ctypes(ep_out)]
-    return out
+    companion at super speed: the wire order of `gadget.descriptors.interface_block`."""
+    return [_as_ctypes(raw) for raw in interface_block(speed)]
 
 
 def function_descriptors(speeds: tuple[Speed, ...] = (Speed.FULL, Speed.HIGH, Speed.SUPER)) -> bytes:
@@ -241,7 +220,7 @@ class _OutPhaseTracker:
             return
         if len(data) == CBW_LENGTH:
             sig, _tag, length, flags = _CBW_HEAD.unpack_from(data)
-            if sig == CBW_SIGNATURE and not flags & 0x80 and length > 0:
+            if sig == CBW_SIGNATURE and not flags & FLAG_DATA_IN and length > 0:
                 self.data_out_left = length
 
 
@@ -270,11 +249,7 @@ class FunctionFsServer:
         self.mountpoint = Path(mountpoint)
         self.identity = identity
         self.speeds = speeds
-        if bot is None:
-            from gadget.bot import BulkOnlyTransport
-
-            bot = BulkOnlyTransport(lu, max_lun=max_lun)
-        self.bot = bot
+        self.bot = bot if bot is not None else BulkOnlyTransport(lu, max_lun=max_lun)
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._out = _OutPhaseTracker(chunk)

@@ -10,10 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gadget.bot import BulkOnlyTransport, Cbw
+from gadget.bot import CBW_LENGTH, BulkOnlyTransport, Cbw
 from gadget.descriptors import Speed
 from gadget.functionfs import (
-    CBW_LENGTH,
     ControlReply,
     FfsEvent,
     SetupRequest,
