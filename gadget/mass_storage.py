@@ -22,7 +22,11 @@ from typing import TYPE_CHECKING, Final, Protocol
 from gadget.descriptors import (
     EP_IN,
     EP_OUT,
+    INTERFACE_CLASS_MASS_STORAGE,
+    INTERFACE_PROTOCOL_BULK_ONLY,
+    INTERFACE_SUBCLASS_SCSI,
     MAX_PACKET,
+    DescriptorType,
     DescriptorUnavailable,
     DeviceIdentity,
     Speed,
@@ -43,9 +47,6 @@ EPIPE: Final = 32  # URB status -EPIPE: the endpoint stalled
 ECONNRESET: Final = 104  # URB status of an unlinked transfer
 ESHUTDOWN: Final = 108  # URB status of transfers dropped when the host goes away
 
-MASS_STORAGE_CLASS: Final = 0x08
-SCSI_TRANSPARENT: Final = 0x06
-BULK_ONLY: Final = 0x50
 INTERFACE_NUMBER: Final = 0
 CONFIGURATION_VALUE: Final = 1
 BULK_EP_NUMBER: Final = 1  # both bulk endpoints: 0x81 (IN) and 0x01 (OUT)
@@ -74,15 +75,6 @@ class ClassRequest(enum.IntEnum):
 
     GET_MAX_LUN = 0xFE
     BULK_ONLY_RESET = 0xFF
-
-
-class DescriptorType(enum.IntEnum):
-    DEVICE = 1
-    CONFIGURATION = 2
-    STRING = 3
-    DEVICE_QUALIFIER = 6
-    OTHER_SPEED_CONFIGURATION = 7
-    BOS = 15
 
 
 class Feature(enum.IntEnum):
@@ -179,7 +171,7 @@ class MassStorageDevice:
 
     @property
     def interface_triples(self) -> tuple[tuple[int, int, int], ...]:
-        return ((MASS_STORAGE_CLASS, SCSI_TRANSPARENT, BULK_ONLY),)
+        return ((INTERFACE_CLASS_MASS_STORAGE, INTERFACE_SUBCLASS_SCSI, INTERFACE_PROTOCOL_BULK_ONLY),)
 
     @property
     def bcd_usb(self) -> int:
@@ -359,8 +351,7 @@ class MassStorageDevice:
 
     def _get_status(self, recipient: int, index: int) -> bytes:
         if recipient == Recipient.DEVICE:
-            self_powered = bool(self._config_desc[7] & 0x40) if len(self._config_desc) > 7 else False
-            return bytes([1 if self_powered else 0, 0])
+            return bytes([1 if self.identity.self_powered else 0, 0])
         if recipient == Recipient.INTERFACE:
             if self.configuration == 0 or index != INTERFACE_NUMBER:
                 raise _Stalled("GET_STATUS of a missing interface")
