@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
+from firmware.journal import RecordsGone
 from firmware.link import protocol as jp
 from firmware.pairing import TlsFiles, client_context, peer_identity
 
@@ -163,10 +164,6 @@ def _uuid_bytes(value: Any) -> bytes:
 
 def _region_digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=jp.DIGEST_SIZE).digest()
-
-
-def _records_gone(exc: Exception) -> bool:
-    return type(exc).__name__ == "RecordsGone"
 
 
 class _TokenBucket:
@@ -345,9 +342,7 @@ class RemoteLink:
             if reply.applied_seq + 1 < j.tail_seq:
                 return "records no longer in the journal", total, j.durable_seq
             j.read_records(reply.applied_seq, 1)
-        except Exception as exc:
-            if not _records_gone(exc):
-                raise
+        except RecordsGone:
             return "records no longer in the journal", total, j.durable_seq
         return None
 
@@ -678,10 +673,8 @@ class _Session:
                     return w
             try:
                 records = rep.journal.read_records(link.sent_seq, self.t.max_batch_bytes)
-            except Exception as exc:
-                if _records_gone(exc):
-                    raise LinkFailure(f"records after seq={link.sent_seq} are gone from the journal") from None
-                raise
+            except RecordsGone:
+                raise LinkFailure(f"records after seq={link.sent_seq} are gone from the journal") from None
             if not records:
                 now = time.monotonic()
                 if now >= link.next_dirty_check:

@@ -1,5 +1,6 @@
-"""Test kit for the journey link: an in-memory journal and local unit with the JOURNAL engineer's
-API (names only), a fault-injecting TCP proxy, and helpers to run a remote unit and a replicator."""
+"""Test kit for the journey link: an in-memory journal and local unit with the journal's API (and its
+record, RecordsGone and DirtySnapshot types), a fault-injecting TCP proxy, and helpers to run a remote
+unit and a replicator."""
 
 from __future__ import annotations
 
@@ -15,22 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware.link.protocol import RecordKind
+from firmware.journal import JournalRecord, RecordKind, RecordsGone
+from firmware.journal.bitmap import DirtySnapshot
 from firmware.volume import Volume
-
-
-class RecordsGone(Exception):
-    """Same name as the journal's: records after this position were dropped."""
-
-
-@dataclass(frozen=True, slots=True)
-class FakeRecord:
-    seq: int
-    kind: RecordKind
-    lba: int
-    count: int
-    timestamp_ns: int
-    payload: bytes
 
 
 class FakeJournal:
@@ -39,7 +27,7 @@ class FakeJournal:
     def __init__(self, unit_uuid: uuid.UUID | None = None) -> None:
         self.unit_uuid = unit_uuid or uuid.uuid4()
         self.generation = 1
-        self.records: list[FakeRecord] = []
+        self.records: list[JournalRecord] = []
         self.tail_seq = 1  # first seq still held
         self.cond = threading.Condition()
         self.consumers_: dict[str, int] = {}
@@ -55,7 +43,7 @@ class FakeJournal:
 
     def append(self, kind: RecordKind, lba: int, count: int, payload: bytes = b"") -> int:
         with self.cond:
-            rec = FakeRecord(self.head_seq + 1, kind, lba, count, time.time_ns(), payload)
+            rec = JournalRecord(self.head_seq + 1, kind, lba, count, time.time_ns(), payload)
             self.records.append(rec)
             self.cond.notify_all()
             return rec.seq
@@ -81,11 +69,11 @@ class FakeJournal:
             self.records = [r for r in self.records if r.seq >= seq]
             self.tail_seq = seq
 
-    def read_records(self, after_seq: int, max_bytes: int) -> list[FakeRecord]:
+    def read_records(self, after_seq: int, max_bytes: int) -> list[JournalRecord]:
         with self.cond:
             if after_seq + 1 < self.tail_seq:
                 raise RecordsGone(f"records after {after_seq} are gone")
-            out: list[FakeRecord] = []
+            out: list[JournalRecord] = []
             size = 0
             start = after_seq + 1 - self.tail_seq
             for r in self.records[max(0, start):]:
@@ -98,13 +86,6 @@ class FakeJournal:
     def wait_for_records(self, after_seq: int, timeout: float) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: self.head_seq > after_seq, timeout)
-
-
-@dataclass(frozen=True)
-class DirtySnapshot:
-    token: int
-    regions: tuple[tuple[int, int], ...]
-    region_indices: tuple[int, ...]
 
 
 class FakeLocalUnit:
