@@ -100,6 +100,12 @@ def test_configuration_interface_and_status_requests() -> None:
     assert host.control(0x00, 0x05, 5).status == 0  # SET_ADDRESS is harmless
 
 
+def test_device_status_reports_a_self_powered_identity() -> None:
+    dev = MassStorageDevice(RamDisk(), DeviceIdentity(serial=IDENT.serial, self_powered=True))
+    (done,) = dev.submit(1, 0, True, 2, struct.pack("<BBHHH", 0x80, 0x00, 0, 0, 2))
+    assert (done.status, done.data) == (0, b"\x01\x00")  # GET_STATUS: self powered
+
+
 def test_endpoint_halt_features_reach_the_bot() -> None:
     host = Host()
     host.configure()
