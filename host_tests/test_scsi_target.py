@@ -736,6 +736,18 @@ def test_plan_does_not_change_state() -> None:
     assert request_sense(t).asc == INVALID_OPCODE
 
 
+def test_execute_runs_its_own_cdb_not_the_one_planned_last() -> None:
+    # plan() keeps its decoding for execute(); an execute() of another CDB must not use it.
+    t, store = make_target()
+    data = pattern(2, 5)
+    expect_good(t, rw10(WRITE10, 40, 2), data)
+    t.plan(rw10(READ10, 0, 2))
+    assert t.execute(rw10(READ10, 40, 2)).data == data
+    t.plan(rw10(WRITE10, 0, 1))
+    assert t.execute(rw10(READ10, 41, 1)).data == data[512:]
+    assert store.calls_named("write") == [("write", 40, 2, False)]
+
+
 def test_truncated_allocation_lengths() -> None:
     t, _ = make_target(serial="SER-42")
     full = vpd(t, 0x80)

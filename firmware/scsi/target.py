@@ -132,6 +132,7 @@ class ScsiTarget:
         self._default_wce = bool(store.write_cache)
         self._sense: Sense = NO_SENSE
         self._unit_attention: Sense | None = None
+        self._planned: tuple[bytes, Command] | None = None  # the CDB plan() decoded last
         # counters for status() / the install self-test
         self._commands: Counter[str] = Counter()
         self._transfer_sizes: Counter[int] = Counter()
@@ -156,12 +157,16 @@ class ScsiTarget:
     def plan(self, cdb: bytes) -> CommandPlan:
         try:
             cmd = check_command(cdb, self._limits)
-            return self._plan(cmd)
+            plan = self._plan(cmd)
         except CommandError:
             return _NONE
         except Exception:
             log.exception("planning failed opcode=%s", opcode_name(cdb[0]) if cdb else "none")
             return _NONE
+        # execute() of the same CDB reuses this decoding. The decoding depends only on the CDB
+        # bytes and the fixed limits, so reusing it is never stale, whatever came in between.
+        self._planned = (bytes(cdb), cmd)
+        return plan
 
     def execute(self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"") -> CommandResult:
         name = opcode_name(cdb[0]) if cdb else "EMPTY"
@@ -172,7 +177,8 @@ class ScsiTarget:
             if self._unit_attention is not None and (not cdb or cdb[0] not in _UA_EXEMPT):
                 sense, self._unit_attention = self._unit_attention, None
                 raise CommandError(sense)
-            cmd = check_command(cdb, self._limits)
+            planned = self._planned
+            cmd = planned[1] if planned is not None and planned[0] == cdb else check_command(cdb, self._limits)
             data = self._run(cmd, data_out)
         except CommandError as exc:
             return self._fail(name, exc.sense)
