@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
+from gadget.descriptors import EP_IN, EP_OUT
 from gadget.logical_unit import CommandResult, Direction, LogicalUnit, Status
 
 __all__ = [
@@ -70,8 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EP_IN: Final = 0x81
-EP_OUT: Final = 0x01
 CBW_SIGNATURE: Final = 0x43425355  # "USBC" little-endian (BOT 5.1)
 CSW_SIGNATURE: Final = 0x53425355  # "USBS" little-endian (BOT 5.2)
 CBW_LENGTH: Final = 31
