@@ -611,14 +611,7 @@ class Journal:
             if st[:2] + st[4:] == self._ckpt_state:
                 self._bytes_since_ckpt = 0
                 return
-            self._lock.release()
-            try:
-                self._write_checkpoint(st)
-            except BaseException as exc:
-                self._lock.acquire()
-                self._failed = exc
-                raise
-            self._lock.acquire()
+            self._write_checkpoint_unlocked(st)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint_state(self) -> tuple[object, ...]:
@@ -646,21 +639,25 @@ class Journal:
         self._ckpt_state = state[:2] + state[4:]
         self._bytes_since_ckpt = 0
 
+    def _write_checkpoint_unlocked(self, state: tuple[object, ...]) -> None:
+        """Called with the lock held and the writer claimed: write the checkpoint with the lock released
+        around the I/O. A failure leaves the journal unusable."""
+        self._lock.release()
+        try:
+            self._write_checkpoint(state)
+        except BaseException as exc:
+            self._lock.acquire()
+            self._failed = exc
+            raise
+        self._lock.acquire()
+
     def checkpoint(self) -> None:
         """Persist the tail, the applied seq and every consumer's confirmation now."""
         with self._lock:
             self._check_usable()
             self._acquire_writer()
             try:
-                state = self._checkpoint_state()
-                self._lock.release()
-                try:
-                    self._write_checkpoint(state)
-                except BaseException as exc:
-                    self._lock.acquire()
-                    self._failed = exc
-                    raise
-                self._lock.acquire()
+                self._write_checkpoint_unlocked(self._checkpoint_state())
             finally:
                 self._release_writer()
 
