@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from firmware.identity import write_atomically
+
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VALID_DAYS = 3650
 
@@ -69,17 +71,6 @@ class TlsFiles:
 
 def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -153,8 +144,8 @@ def pair(directory: str | os.PathLike[str], remote_name: str, source_ids: list[s
         ca_key = loaded
     else:
         ca_cert, ca_key = make_ca()
-        _write(ca_key_path, _key_pem(ca_key), 0o600)
-        _write(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomically(ca_key_path, _key_pem(ca_key), 0o600)
+        write_atomically(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
         written += [ca_crt, ca_key_path]
     units = [("remote", remote_name)] + [("source", s) for s in source_ids]
     for role, uid in units:
@@ -162,14 +153,9 @@ def pair(directory: str | os.PathLike[str], remote_name: str, source_ids: list[s
         if crt.exists() and key_path.exists():
             continue
         cert, key = make_unit_cert(ca_cert, ca_key, role, uid)
-        _write(key_path, _key_pem(key), 0o600)
-        _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomically(key_path, _key_pem(key), 0o600)
+        write_atomically(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         written += [crt, key_path]
-    dfd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
     return written
 
 
