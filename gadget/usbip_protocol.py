@@ -373,6 +373,17 @@ def encode(event: Event) -> bytes:
     raise TypeError(f"not a USB/IP message: {event!r}")
 
 
+def _consume_urb(buf: bytearray, total: int) -> bytes:
+    """Remove one URB (header and `total - URB_HEADER_SIZE` data bytes) from the front of `buf`
+    and return its data. Copied once through a view: `bytes(buf[a:b])` would copy a megabyte twice."""
+    data = b""
+    if total > URB_HEADER_SIZE:
+        with memoryview(buf) as view:
+            data = bytes(view[URB_HEADER_SIZE:total])
+    del buf[:total]
+    return data
+
+
 def _signed(n: int) -> int:
     """number_of_packets is an int on the wire; accept 0xFFFFFFFF as -1."""
     return n - (1 << 32) if n >= 1 << 31 else n
@@ -552,8 +563,7 @@ class UsbipConnection:
                 total = URB_HEADER_SIZE + data_len
                 if len(buf) < total:
                     return NEED_DATA
-                data = bytes(buf[URB_HEADER_SIZE:total]) if data_len else b""
-                del buf[:total]
+                data = _consume_urb(buf, total)
                 return SubmitCommand(seqnum, devid, udir, ep, flags, length, setup, data, interval, start, npkts)
             if command == UrbCommand.CMD_UNLINK:
                 (_c, _s, _d, _dir, _ep, unlink_seqnum) = _UNLINK.unpack_from(buf, 0)
@@ -574,8 +584,7 @@ class UsbipConnection:
             total = URB_HEADER_SIZE + data_len
             if len(buf) < total:
                 return NEED_DATA
-            data = bytes(buf[URB_HEADER_SIZE:total]) if data_len else b""
-            del buf[:total]
+            data = _consume_urb(buf, total)
             del self._in_flight[seqnum]
             return SubmitReturn(seqnum, status, actual, data, devid, udir, ep, start, npkts & 0xFFFFFFFF, errors)
         if command == UrbCommand.RET_UNLINK:
