@@ -15,6 +15,7 @@ from types import TracebackType
 
 from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
 from gadget.usbip_protocol import (
+    EPIPE,
     DevlistReply,
     DevlistRequest,
     Event,
@@ -33,7 +34,6 @@ from gadget.usbip_protocol import (
 
 CBW = struct.Struct("<4sIIBBB16s")
 CSW = struct.Struct("<4sIIB")
-EPIPE = 32
 
 
 class ClientError(Exception):
