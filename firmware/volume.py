@@ -11,10 +11,11 @@ What it does not do: journaling, replication or any ordering beyond the kernel's
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -79,7 +80,6 @@ class Volume:
         self.path = Path(path)
         self._block_size = block_size
         self._write_cache = write_cache
-        self._lock = threading.Lock()
         self.read_only = read_only
         self.is_block_device = False
         flags = os.O_RDONLY if read_only else os.O_RDWR
@@ -185,21 +185,12 @@ class Volume:
     def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
         if len(data) % self._block_size:
             raise ValueError("data is not a whole number of blocks")
-        count = len(data) // self._block_size
-        self._check(lba, count)
-        if self.read_only:
-            raise WriteProtected(f"{self.path} is read-only")
-        try:
-            view = memoryview(data)
-            off = lba * self._block_size
-            while view:
-                n = os.pwrite(self._fd, view, off)
-                view = view[n:]
-                off += n
-            if fua or not self._write_cache:
+        self.write_nosync(lba, data)
+        if fua or not self._write_cache:
+            try:
                 os.fdatasync(self._fd)
-        except OSError as exc:
-            raise _map_oserror(exc, f"write lba={lba} count={count}") from exc
+            except OSError as exc:
+                raise _map_oserror(exc, f"write lba={lba} count={len(data) // self._block_size}") from exc
 
     def write_nosync(self, lba: int, data: bytes) -> None:
         """Write without any sync, for callers that order durability themselves (the journal
@@ -242,7 +233,7 @@ class Volume:
                     if any(self.read(lba, min(count, 8))):
                         raise OSError(errno.EOPNOTSUPP, "discard does not zero")
                 except OSError:
-                    self._write_zeros(off, length)
+                    _write_zeros(self._fd, off, length)
             else:
                 # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: frees the space, reads back as zeros
                 _punch_hole(self._fd, off, length)
@@ -250,13 +241,6 @@ class Volume:
                 os.fdatasync(self._fd)
         except OSError as exc:
             raise _map_oserror(exc, f"unmap lba={lba} count={count}") from exc
-
-    def _write_zeros(self, off: int, length: int) -> None:
-        chunk = bytes(min(length, 1 << 20))
-        while length:
-            n = os.pwrite(self._fd, chunk[: min(length, len(chunk))], off)
-            off += n
-            length -= n
 
     def fileno(self) -> int:
         return self._fd
@@ -279,21 +263,33 @@ class Volume:
         self.close()
 
 
-def _punch_hole(fd: int, off: int, length: int) -> None:
+def _write_zeros(fd: int, off: int, length: int) -> None:
+    chunk = bytes(min(length, 1 << 20))
+    while length:
+        n = os.pwrite(fd, chunk[: min(length, len(chunk))], off)
+        off += n
+        length -= n
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int]:
+    """libc's fallocate(2), looked up once (finding libc runs a helper program)."""
     import ctypes
     import ctypes.util
 
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     fallocate = libc.fallocate
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate
+
+
+def _punch_hole(fd: int, off: int, length: int) -> None:
+    import ctypes
+
     punch_hole, keep_size = 0x02, 0x01
-    if fallocate(fd, punch_hole | keep_size, off, length) != 0:
+    if _fallocate()(fd, punch_hole | keep_size, off, length) != 0:
         e = ctypes.get_errno()
         if e in (errno.EOPNOTSUPP, errno.ENOSYS):
-            chunk = bytes(min(length, 1 << 20))
-            while length:
-                n = os.pwrite(fd, chunk[: min(length, len(chunk))], off)
-                off += n
-                length -= n
+            _write_zeros(fd, off, length)
             return
         raise OSError(e, os.strerror(e))
