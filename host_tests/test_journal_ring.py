@@ -114,6 +114,47 @@ def test_concurrent_syncs_share_fdatasyncs() -> None:
     assert [r.seq for r in j.read_records(0, 1 << 30)] == list(range(1, 201))
 
 
+class _HeldSyncFlash(SimulatedFlash):
+    """The first fdatasync after `hold = True` waits for `release`: a slow flash, deterministically."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.hold = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def sync(self) -> None:
+        if self.hold:
+            self.hold = False
+            self.entered.set()
+            self.release.wait(30)
+        super().sync()
+
+
+def test_syncs_waiting_for_a_write_in_progress_share_one_fdatasync() -> None:
+    f = _HeldSyncFlash(RING_OFFSET + RING)
+    j = open_j(f)
+    j.append(RecordKind.WRITE, 0, 1, payload(1), 0)
+    f.hold = True
+    first = threading.Thread(target=j.sync)
+    first.start()
+    assert f.entered.wait(30)  # record 1 is being made durable
+    before = f.syncs
+    for i in range(2, 5):
+        j.append(RecordKind.WRITE, i, 1, payload(i), 0)
+    results: list[int] = []
+    waiters = [threading.Thread(target=lambda: results.append(j.sync())) for _ in range(3)]
+    for t in waiters:
+        t.start()
+    f.release.set()
+    for t in [first, *waiters]:
+        t.join(30)
+        assert not t.is_alive()
+    assert results == [4, 4, 4]
+    # record 1's fdatasync, then a single one for records 2-4 that all three callers share
+    assert f.syncs - before == 2
+
+
 def test_wrap_around_keeps_every_record_intact() -> None:
     f = new_flash()
     j = open_j(f)
