@@ -4,8 +4,9 @@ A unix stream socket `<state-dir>/control.sock` (mode 0600). One request per con
 object `{"cmd": NAME, ...}` terminated by a newline; the answer is one JSON object and a newline.
 Answers always carry `"ok": true|false`; failures carry `"error"`.
 
-What it does not do: authenticate beyond file permissions, or change configuration. It only
-reports and runs read-only checks (status, verify, host profile).
+What it does not do: authenticate beyond file permissions, or change configuration. The commands
+a unit registers report and check (`status`, `verify`); the one that changes data is a remote
+unit's `rollback`, which restores a source's image from before an incomplete resync.
 """
 
 from __future__ import annotations
