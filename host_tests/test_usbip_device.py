@@ -20,7 +20,7 @@ from gadget.descriptors import (
     string_descriptor,
 )
 from gadget.mass_storage import EPIPE, Completion, MassStorageDevice
-from host_tests.usbip_support import CBW, CSW, RamDisk
+from host_tests.usbip_support import CSW, RamDisk, pack_cbw
 
 IDENT = DeviceIdentity(serial="00112233445566778899AABB")
 
@@ -48,7 +48,7 @@ class Host:
         assert self.control(0x00, 0x09, 1).status == 0
 
     def cbw(self, cdb: bytes, length: int, data_in: bool, tag: int = 7) -> bytes:
-        return CBW.pack(b"USBC", tag, length, 0x80 if data_in else 0, 0, len(cdb), cdb.ljust(16, b"\0"))
+        return pack_cbw(tag, cdb, length, data_in=data_in)
 
 
 def ok(done: Completion) -> bytes:
@@ -239,8 +239,8 @@ def test_any_control_request_completes_or_stalls(setup: bytes, length: int, conf
     assert len(done[0].data) <= length
 
 
-_READ_CBW = CBW.pack(b"USBC", 1, 1024, 0x80, 0, 10, struct.pack(">BBIBHB", 0x28, 0, 0, 0, 2, 0).ljust(16, b"\0"))
-_WRITE_CBW = CBW.pack(b"USBC", 2, 1024, 0x00, 0, 10, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 2, 0).ljust(16, b"\0"))
+_READ_CBW = pack_cbw(1, struct.pack(">BBIBHB", 0x28, 0, 0, 0, 2, 0), 1024, data_in=True)
+_WRITE_CBW = pack_cbw(2, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 2, 0), 1024)
 _actions = st.one_of(
     st.tuples(st.just("control"), st.binary(min_size=8, max_size=8), st.integers(0, 64)),
     st.tuples(st.just("in"), st.sampled_from([13, 512, 1024, 4096])),

@@ -27,7 +27,7 @@ from gadget.usbip_protocol import (
     UrbDirection,
 )
 from gadget.usbip_server import UsbipServer
-from host_tests.usbip_support import CBW, CSW, RamDisk, UsbipClient
+from host_tests.usbip_support import CSW, RamDisk, UsbipClient, pack_cbw
 
 IDENT = DeviceIdentity(serial="0123456789ABCDEF", vendor_id=0x1209, product_id=0x0001)
 TIMEOUT = 20.0
@@ -160,7 +160,7 @@ def test_garbage_before_import_closes_the_connection(server: UsbipServer) -> Non
 def test_client_vanishing_mid_data_phase_leaves_the_device_usable(server: UsbipServer) -> None:
     c = attached(server)
     cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 64, 0)
-    c.bulk_out(CBW.pack(b"USBC", 1, 64 * 512, 0, 0, len(cdb), cdb.ljust(16, b"\0")))
+    c.bulk_out(pack_cbw(1, cdb, 64 * 512))
     c.bulk_out(b"\x11" * 4096)  # 4 KiB of the 32 KiB promised...
     seq = c.submit(1, UrbDirection.OUT, 8192, b"\x22" * 8192)
     c.sock.sendall(b"\x33" * 100)  # ...and the middle of another header, then gone
@@ -191,7 +191,7 @@ def test_pending_bulk_in_is_answered_when_the_command_arrives(server: UsbipServe
         data_seq = c.submit(1, UrbDirection.IN, 36)
         csw_seq = c.submit(1, UrbDirection.IN, 13)
         cdb = bytes([0x12, 0, 0, 0, 36, 0])
-        cbw_seq = c.submit(1, UrbDirection.OUT, 31, CBW.pack(b"USBC", 5, 36, 0x80, 0, 6, cdb.ljust(16, b"\0")))
+        cbw_seq = c.submit(1, UrbDirection.OUT, 31, pack_cbw(5, cdb, 36, data_in=True))
         cbw, data, csw = c.wait(cbw_seq), c.wait(data_seq), c.wait(csw_seq)
         assert isinstance(cbw, SubmitReturn) and cbw.status == 0 and cbw.actual_length == 31
         assert isinstance(data, SubmitReturn) and data.actual_length == 36 and data.data[0] == 0x00

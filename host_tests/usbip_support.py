@@ -36,6 +36,11 @@ CBW = struct.Struct("<4sIIBBB16s")
 CSW = struct.Struct("<4sIIB")
 
 
+def pack_cbw(tag: int, cdb: bytes, length: int = 0, *, data_in: bool = False, lun: int = 0) -> bytes:
+    """A well-formed CBW as a host sends it (BOT 5.1), packed here independently of gadget.bot."""
+    return CBW.pack(b"USBC", tag, length, 0x80 if data_in else 0, lun, len(cdb), cdb.ljust(16, b"\0"))
+
+
 class ClientError(Exception):
     pass
 
@@ -178,9 +183,7 @@ class UsbipClient:
         """One BOT command: CBW, data phase (clearing a stall the way a host does), CSW."""
         self._tag += 1
         length = len(data_out) or data_in
-        flags = 0x80 if data_in else 0x00
-        cbw = CBW.pack(b"USBC", self._tag, length, flags, lun, len(cdb), cdb.ljust(16, b"\0"))
-        ret = self.bulk_out(cbw)
+        ret = self.bulk_out(pack_cbw(self._tag, cdb, length, data_in=bool(data_in), lun=lun))
         if ret.status:
             raise ClientError(f"CBW transfer failed status={ret.status}")
         data = b""
@@ -220,7 +223,7 @@ class UsbipClient:
         return last + 1, block
 
 
-__all__ = ["ClientError", "ProtocolError", "RamDisk", "ScsiOutcome", "UsbipClient"]
+__all__ = ["CBW", "CSW", "ClientError", "ProtocolError", "RamDisk", "ScsiOutcome", "UsbipClient", "pack_cbw"]
 
 
 class RamDisk:
