@@ -13,7 +13,7 @@ help:
 	@echo "make demo    local + remote unit on this machine, a real kernel (QEMU) writing through USB/IP"
 	@echo "make test    every host test, the real-kernel tests in QEMU included"
 	@echo "make bench   throughput and latency figures, each beside the raw rate of the same disk"
-	@echo "make fuzz    a short atheris campaign over the BOT, SCSI, USB/IP and journey parsers"
+	@echo "make fuzz    a short atheris campaign over the BOT, SCSI, USB/IP, journal and journey parsers"
 	@echo "make lint    ruff + mypy --strict"
 	@echo "make flash BOARD=<profile> TARGET=<user@host|mounted root>   install onto a board"
 
