@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EPIPE: Final = 32  # URB status -EPIPE: the endpoint stalled
-ECONNRESET: Final = 104  # URB status of an unlinked transfer
-ESHUTDOWN: Final = 108  # URB status of transfers dropped when the host goes away
 
 INTERFACE_NUMBER: Final = 0
 CONFIGURATION_VALUE: Final = 1

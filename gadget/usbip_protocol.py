@@ -54,7 +54,6 @@ MAX_IN_FLIGHT: Final = 1 << 16  # URBs a client may have submitted and not seen 
 ECONNRESET: Final = 104
 EPIPE: Final = 32
 ENODEV: Final = 19
-ENOENT: Final = 2
 
 
 class OpCode(enum.IntEnum):
