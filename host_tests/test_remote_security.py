@@ -6,23 +6,15 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from firmware.pairing import TlsFiles, client_context, pair, peer_identity
 from host_tests.linkkit import wait_until
-from host_tests.test_replicator_e2e import BS, Rig, tls_dir
+from host_tests.test_replicator_e2e import BS, Rig, rig, tls_dir
 
-__all__ = ["tls_dir"]
-
-
-@pytest.fixture
-def rig(tmp_path: Path, tls_dir: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, tls_dir)
-    yield r
-    r.close()
+__all__ = ["rig", "tls_dir"]  # fixtures shared with the end-to-end tests
 
 
 def _write_some(rig: Rig) -> None:

@@ -15,16 +15,9 @@ from firmware.remote_unit import RemoteUnit
 from firmware.storage import SpaceExhausted
 from firmware.volume import Volume
 from host_tests.linkkit import FaultProxy, wait_until
-from host_tests.test_replicator_e2e import BS, Rig, random_writes, tls_dir
+from host_tests.test_replicator_e2e import BS, Rig, random_writes, rig, tls_dir
 
-__all__ = ["tls_dir"]
-
-
-@pytest.fixture
-def rig(tmp_path: Path, tls_dir: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path, tls_dir)
-    yield r
-    r.close()
+__all__ = ["rig", "tls_dir"]  # fixtures shared with the end-to-end tests
 
 
 @pytest.fixture
