@@ -33,6 +33,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from firmware.identity import write_atomically
+
 HOST_PROFILE = "host-profile.json"
 MIN_SYNC_RATE = 50.0  # fdatasync/s below which a journal device makes every host write slow
 
@@ -189,12 +191,6 @@ def _merge_profile(old: dict[str, Any], scsi: dict[str, Any], now: float) -> dic
     return prof
 
 
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def check_unit_and_host(cfg: SelftestConfig, report: SelftestReport) -> dict[str, Any] | None:
     st = _status(cfg)
     if st is None:
@@ -222,7 +218,7 @@ def check_unit_and_host(cfg: SelftestConfig, report: SelftestReport) -> dict[str
         old = {}
     prof = _merge_profile(old, scsi, time.time())
     with contextlib.suppress(OSError):
-        _write_json_atomically(path, prof)
+        write_atomically(path, (json.dumps(prof, indent=1, sort_keys=True) + "\n").encode(), 0o644)
     if not prof["commands"]:
         report.add("host profile", Verdict.WARN, "the host has sent no SCSI commands yet", profile=prof)
     else:
@@ -299,20 +295,11 @@ def check_journal(cfg: SelftestConfig, report: SelftestReport) -> None:
 
 # -- remotes -------------------------------------------------------------------------------------
 def _client_context(cfg: SelftestConfig) -> ssl.SSLContext:
-    """The replication link's own client context when the pairing module is there; else TLS 1.3 with
-    the same files (CA, source certificate and key)."""
+    """The replication link's own client context (CA, this source's certificate and key)."""
+    from firmware.pairing import TlsFiles, client_context
+
     if cfg.tls_dir is None or not cfg.source_id:
         raise ValueError("remotes need source-id and tls-dir (make the files with `usbmirror pair`)")
-    try:
-        from firmware.pairing import TlsFiles, client_context
-    except ImportError:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False
-        ctx.load_verify_locations(cafile=str(cfg.tls_dir / "ca.crt"))
-        ctx.load_cert_chain(str(cfg.tls_dir / f"source-{cfg.source_id}.crt"),
-                            str(cfg.tls_dir / f"source-{cfg.source_id}.key"))
-        return ctx
     return client_context(TlsFiles.for_source(cfg.tls_dir, cfg.source_id))
 
 
@@ -369,10 +356,7 @@ def check_remote(cfg: SelftestConfig, remote: RemoteTarget, report: SelftestRepo
     label = f"remote {remote.label}"
     try:
         ctx = _client_context(cfg)
-    except (ValueError, OSError, ssl.SSLError) as exc:
-        report.add(f"{label} TLS", Verdict.FAIL, f"cannot load this unit's TLS files: {exc}")
-        return
-    except Exception as exc:  # PairingError and friends from the pairing module
+    except Exception as exc:  # PairingError, OSError / SSLError reading the files, ValueError
         report.add(f"{label} TLS", Verdict.FAIL, f"cannot load this unit's TLS files: {exc}")
         return
     try:
