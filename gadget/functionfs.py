@@ -18,8 +18,8 @@ the QEMU guest, see REALHOST.md):
   EL2HLT). `os.read(ep0, 0)` acknowledges a zero-length status stage.
 - CLEAR_FEATURE(ENDPOINT_HALT) is answered by the UDC driver itself and never reaches us, so an
   endpoint we halt is cleared by the host whenever it likes. BOT 6.6.1 ("stall until reset
-  recovery") is kept by halting again on every transfer that arrives while the core still
-  requires reset recovery.
+  recovery") is kept by halting the endpoint again every 50 ms while the core still requires
+  reset recovery (`FunctionFsServer._halt`).
 - A bulk OUT read completes on a short packet or when its buffer is full. A read larger than the
   host's transfer whose last packet is full-sized would wait for the next CBW, which the host only
   sends after our CSW: a deadlock. So reads are sized from the CBW's dCBWDataTransferLength

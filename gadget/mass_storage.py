@@ -399,8 +399,9 @@ class MassStorageDevice:
         if request == ClassRequest.GET_MAX_LUN and device_to_host and value == 0 and w_length >= 1:
             return bytes([self.bot.get_max_lun()])
         if request == ClassRequest.BULK_ONLY_RESET and not device_to_host and value == 0 and w_length == 0:
-            # BOT 3.1: ready for the next CBW; halts stay until the host clears them. A pending
-            # bulk IN stays queued (the host unlinks it, or it receives the next command's data).
+            # BOT 3.1: ready for the next CBW. gadget.bot's reset also clears both halts (its
+            # module docstring says why). A pending bulk IN stays queued (the host unlinks it, or
+            # it receives the next command's data).
             self.bot.reset()
             log.info("bulk-only mass storage reset")
             return b""
