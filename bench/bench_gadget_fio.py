@@ -76,9 +76,6 @@ set -u
 KVER=$(cat /etc/kernel-version)
 G=/sys/kernel/config/usb_gadget/fms
 mkdir -p /tmp/fio
-step() {{ echo "=== $1 at $(cut -d' ' -f1 /proc/uptime) s"; }}
-gone() {{ n=0; while [ -e /sys/block/$1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done; [ ! -e /sys/block/$1 ]; }}
-fwdie() {{ echo "--- firmware log"; tail -40 /tmp/fw.log; dmesg | tail -25; die "$1"; }}
 disk_on() {{  # disk_on N: the SCSI disk behind dummy_hcd.N, waiting up to 60 s
     n=0
     while [ $n -lt 600 ]; do

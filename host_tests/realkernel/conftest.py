@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,24 @@ import pytest
 from hw.qemu.build_guest import BuildError, GuestBuilder, GuestImage
 
 REPO = Path(__file__).resolve().parents[2]
+
+# GPT partition type GUIDs the guests write with sfdisk
+LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+
+
+def write_gpt(parts: Sequence[tuple[str, int, int, str]], die: str = "die") -> str:
+    """Guest shell lines: write a GPT holding `parts` ((name, first LBA, blocks, type GUID), ...) to
+    /dev/$d with sfdisk and wait until the kernel shows the last partition; `die` names the script's
+    failure function."""
+    lines = "\n".join(f'start={start}, size={size}, type={uuid}, name="{name}"' for name, start, size, uuid in parts)
+    last = f"/dev/${{d}}{len(parts)}"
+    return f"""sfdisk --wipe always /dev/$d <<'EOF' || {die} sfdisk
+label: gpt
+{lines}
+EOF
+n=0; while [ ! -b {last} ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+[ -b {last} ] || {die} partitions_not_seen"""
 
 
 @pytest.fixture(scope="session")

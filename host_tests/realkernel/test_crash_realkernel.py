@@ -50,7 +50,6 @@ FIO_JOB = (f"--name=crash --filename=/dev/$DISK --offset={FIO_OFFSET_MIB}M --siz
 GUEST_SCRIPT_TEMPLATE = f"""
 set -u
 cd /tmp
-step() {{ mark step=$1; echo "=== $1"; }}
 step attach
 usbip_attach 1-1 || die attach
 DISK=$(wait_disk 30) || die no_disk

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from host_tests.realkernel.conftest import BASIC_DATA, LINUX_FS, write_gpt
 from hw.qemu.build_guest import BuildError, GuestImage
 from hw.qemu.guest import GuestResult
 
@@ -34,8 +35,6 @@ pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 SECTOR = 512
-LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
 PARTITIONS = (
     ("ext4part", 2048, 24 * MIB // SECTOR, LINUX_FS),
     ("fatpart", 2048 + 24 * MIB // SECTOR, 16 * MIB // SECTOR, BASIC_DATA),
@@ -47,19 +46,14 @@ SERIAL = "0123456789ABCDEF0123"
 
 def _script(speed: str) -> str:
     dummy_params = "is_super_speed=1" if speed == "super" else ""
-    parts = "\n".join(f'start={start}, size={size}, type={uuid}, name="{name}"'
-                      for name, start, size, uuid in PARTITIONS)
     return f"""
 set -u
-step() {{ mark step=$1; echo "=== $1 at $(cut -d' ' -f1 /proc/uptime) s"; }}
-fwdie() {{ echo "--- firmware log"; tail -40 /tmp/fw.log; dmesg | tail -25; die "$1"; }}
 load_gadget_stack {dummy_params}
 start_fw() {{
     (cd /opt/usbmirror && exec python3 -m gadget.functionfs --volume /tmp/disk.img --size 64M \\
         --udc dummy_udc.0 --acm --serial {SERIAL}) >> /tmp/fw.log 2>&1 &
     FW=$!
 }}
-gone() {{ n=0; while [ -e /sys/block/$1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done; [ ! -e /sys/block/$1 ]; }}
 
 step enumerate
 start_fw
@@ -95,12 +89,7 @@ t2=$(cut -d' ' -f1 /proc/uptime)
 mark write_mib_s=$(rate $t0 $t1) read_mib_s=$(rate $t1 $t2)
 
 step gpt
-sfdisk --wipe always /dev/$d <<'EOF' || fwdie sfdisk
-label: gpt
-{parts}
-EOF
-n=0; while [ ! -b /dev/${{d}}3 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
-[ -b /dev/${{d}}3 ] || fwdie partitions_not_seen
+{write_gpt(PARTITIONS, "fwdie")}
 mark partitions=$(sfdisk -d /dev/$d | grep -c 'name=')
 
 step filesystems

@@ -40,7 +40,6 @@ KILL_REMOTE_AT = 600           # journal records before the remote unit is kille
 
 GUEST_SCRIPT = f"""
 set -u
-step() {{ mark step=$1; echo "=== $1"; }}
 step attach
 usbip_attach 1-1 || die attach
 d=$(wait_disk 30) || die no_disk

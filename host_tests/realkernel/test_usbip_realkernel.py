@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from host_tests.realkernel.conftest import RunningDevice
+from host_tests.realkernel.conftest import BASIC_DATA, LINUX_FS, RunningDevice, write_gpt
 from hw.qemu.build_guest import GuestImage
 from hw.qemu.guest import GuestResult, run_guest
 
@@ -27,8 +27,6 @@ pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
 MIB = 1 << 20
 DISK_SIZE = 64 * MIB
 # GPT layout written by the guest, in bytes: (name, offset, size, type GUID)
-LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
 LAYOUT = (
     ("ext4part", 1 * MIB, 20 * MIB, LINUX_FS),
     ("fatpart", 21 * MIB, 20 * MIB, BASIC_DATA),
@@ -52,11 +50,8 @@ KNOWN_SIZE = MIB + 12345
 
 
 def _guest_script(busid: str, bs: int) -> str:
-    parts = "\n".join(f'start={start}, size={size}, type={uuid}, name="{name}"'
-                      for name, start, size, uuid in partitions(bs))
     return f"""
 set -u
-step() {{ mark step=$1; echo "=== $1"; }}
 step attach
 usbip attach -r 10.0.2.100 -b {busid} || die attach
 d=$(wait_disk 20) || die no-disk-after-attach
@@ -90,12 +85,7 @@ dd if=/dev/$d of=/tmp/small.back bs={bs} skip={small_lba(bs)} count={SMALL_BLOCK
 cmp /small.bin /tmp/small.back || die small_compare
 
 step gpt
-sfdisk --wipe always /dev/$d <<'EOF' || die sfdisk
-label: gpt
-{parts}
-EOF
-n=0; while [ ! -b /dev/${{d}}3 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
-[ -b /dev/${{d}}3 ] || die partitions_not_seen
+{write_gpt(partitions(bs))}
 sfdisk -d /dev/$d
 
 step mkfs

@@ -12,7 +12,9 @@ configfs and usb_f_fs. The gadget tests also need:
 
 They travel as `extra_files` of the per-run layer (a few hundred KB), cached under the guest
 cache. `run_gadget_guest()` boots the guest with them; the guest script gets `load_gadget_stack
-[dummy_hcd params]` which loads every gadget module and mounts configfs.
+[dummy_hcd params]` which loads every gadget module and mounts configfs, `fwdie MESSAGE` (fail with
+the tail of the firmware's log, `/tmp/fw.log`, and of the kernel's) and `gone DISK` (wait for a disk
+to go away).
 """
 
 from __future__ import annotations
@@ -59,9 +61,12 @@ load_gadget_stack() {
     for m in $(cat /etc/gadget-extra-modules.order); do
         insmod "/lib/modules/$KVER/$m" 2>/dev/null
     done
-    grep -q " /sys/kernel/config " /proc/mounts || mount -t configfs configfs /sys/kernel/config
     [ -e /sys/class/udc/dummy_udc.0 ] || die "no dummy_udc.0"
 }
+# the firmware's log is /tmp/fw.log: fwdie shows its tail and the kernel's before failing
+fwdie() { echo "--- firmware log"; tail -40 /tmp/fw.log; dmesg | tail -25; die "$1"; }
+# gone DISK: wait up to 10 s for /sys/block/DISK to go away
+gone() { n=0; while [ -e /sys/block/$1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done; [ ! -e /sys/block/$1 ]; }
 """
 
 
@@ -106,12 +111,9 @@ def gadget_extra_files() -> dict[str, bytes]:
             out.write_bytes(data)
         tmp.rename(cache)
     files: dict[str, bytes] = {}
-    order = []
     for ko in sorted(cache.rglob("*.ko")):
         files["/" + str(ko.relative_to(cache))] = ko.read_bytes()
-    for m in EXTRA_MODULES:
-        order.append(m)
-    files["/etc/gadget-extra-modules.order"] = ("\n".join(order) + "\n").encode()
+    files["/etc/gadget-extra-modules.order"] = ("\n".join(EXTRA_MODULES) + "\n").encode()
     files.update(_libusb(builder))
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "out.pyc"

@@ -6,6 +6,7 @@ machine. The script runs as root under busybox ``sh`` with the USB/IP, usb-stora
 vfat drivers loaded and ``usb-storage delay_use=0``. Helper functions available to the script:
 
 * ``mark KEY=VALUE ...`` -- print a marker line; the runner returns them in ``GuestResult.markers``;
+* ``step NAME`` -- mark ``step=NAME`` (the last step reached) and print ``=== NAME at <uptime> s``;
 * ``usbip_attach BUSID`` -- ``usbip attach -r 10.0.2.100 -b BUSID``;
 * ``wait_disk [SECONDS]`` -- wait until a SCSI disk appears, then print its name (``sda``);
 * ``die MESSAGE`` -- print a failure marker and exit 1;
@@ -46,6 +47,7 @@ KERNEL_TROUBLE = ("i/o error|reset (low|full|high|super)[a-z+ -]*usb device|fail
 GUEST_FUNCTIONS = f"""\
 mark() {{ echo "{MARKER} $*"; }}
 die() {{ echo "{MARKER} failed=$*"; exit 1; }}
+step() {{ mark step=$1; echo "=== $1 at $(cut -d' ' -f1 /proc/uptime) s"; }}
 usbip_attach() {{ usbip attach -r {USBIP_ADDR} -b "$1"; }}
 check_kernel_log() {{
     dmesg | grep -iE "{KERNEL_TROUBLE}" > /tmp/kernel-errors
