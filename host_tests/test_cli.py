@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from firmware import cli
 from firmware.control import ControlError, ControlServer, request
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "firmware.cli", *args], capture_output=True, text=True,
-                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+from host_tests.units import Units
+from host_tests.units import usbmirror as run_cli
 
 
 def test_help_lists_every_command() -> None:
@@ -169,30 +164,17 @@ def test_remote_spec_bandwidth_limit_and_unknown_keys() -> None:
 
 
 def test_rollback_through_a_running_remote(tmp_path: Path) -> None:
-    import time
-
-    assert run_cli("pair", str(tmp_path / "tls"), "--remote", "dr1", "--source", "s1").returncode == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "firmware.cli", "remote", "--listen", f"127.0.0.1:{port}", "--name", "dr1",
-         "--tls-dir", str(tmp_path / "tls"), "--target", f"s1={tmp_path / 't.img'}", "--state-dir",
-         str(tmp_path / "rst")], cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while run_cli("status", "--state-dir", str(tmp_path / "rst")).returncode != 0:
-            assert proc.poll() is None and time.monotonic() < deadline, "remote unit did not start"
-            time.sleep(0.2)
-        r = run_cli("rollback", "--state-dir", str(tmp_path / "rst"), "--source", "s1")
+    with Units(tmp_path) as units:
+        tls = units.pair("dr1", ["s1"])
+        remote = units.start_remote("dr1", targets={"s1": tmp_path / "t.img"}, tls_dir=tls)
+        rst = str(remote.state_dir)
+        r = run_cli("rollback", "--state-dir", rst, "--source", "s1")
         assert r.returncode == 1 and "nothing to roll back" in r.stdout
-        r = run_cli("rollback", "--state-dir", str(tmp_path / "rst"), "--source", "s2")
+        r = run_cli("rollback", "--state-dir", rst, "--source", "s2")
         assert r.returncode == 2 and "unknown source" in r.stderr
-        st = run_cli("status", "--state-dir", str(tmp_path / "rst"))
+        st = run_cli("status", "--state-dir", rst)
         assert "remote unit dr1" in st.stdout and "source   s1" in st.stdout
-    finally:
-        proc.terminate()
-        assert proc.wait(30) == 0
+        assert remote.stop() == 0
 
 
 def test_render_status_shows_a_degraded_sync_remote() -> None:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,15 +18,9 @@ import pytest
 from firmware.control import ControlServer
 from firmware.pairing import pair
 from firmware.selftest import RemoteTarget, SelftestConfig, Verdict, config_from_options, run_selftest
+from host_tests.units import Units, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 VOLUME = 8 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +37,9 @@ def remote(tls: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     d = tmp_path_factory.mktemp("remote")
     target = d / "site-a.img"
     target.write_bytes(b"\0" * VOLUME)
-    port = _free_port()
-    log = open(d / "remote.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "firmware.cli", "remote", "--listen", f"127.0.0.1:{port}",
-                             "--name", "r1", "--target", f"site-a={target}", "--tls-dir", str(tls[0]),
-                             "--state-dir", str(d / "state")], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"remote unit did not start: {(d / 'remote.log').read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield RemoteTarget("127.0.0.1", port, "r1")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with Units(d) as units:
+        unit = units.start_remote("r1", targets={"site-a": target}, tls_dir=tls[0])
+        yield RemoteTarget("127.0.0.1", unit.port, "r1")
 
 
 def _usb_tree(tmp: Path, *, udc: bool = True) -> tuple[Path, Path]:
@@ -177,7 +148,7 @@ def test_named_udc_missing_and_unbound_gadget(tmp_path: Path, tls: tuple[Path, P
 
 
 def test_unreachable_remote(tmp_path: Path, tls: tuple[Path, Path]) -> None:
-    dead = RemoteTarget("127.0.0.1", _free_port(), "r1")
+    dead = RemoteTarget("127.0.0.1", free_port(), "r1")
     cfg = _config(tmp_path, tls[0], dead)
     with running_unit(cfg.state_dir, STATUS):
         report = run_selftest(cfg)
