@@ -46,9 +46,10 @@ class ServiceActionIn16(enum.IntEnum):
     READ_CAPACITY_16 = 0x10
 
 
+_KNOWN = {int(op): op.name for op in Opcode}
+_NAMES = tuple(_KNOWN.get(op, f"0x{op:02X}") for op in range(256))  # looked up once per command
+
+
 def opcode_name(opcode: int) -> str:
     """Name for counters and logs: the enum name, or `0xNN` for an opcode this target rejects."""
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return f"0x{opcode:02X}"
+    return _NAMES[opcode] if 0 <= opcode < 256 else f"0x{opcode:02X}"
