@@ -1,8 +1,12 @@
 """The unit's identity: a UUID created once and kept in the state directory.
 
-The USB serial number, the SCSI unit serial (VPD 0x80) and device identifier (VPD 0x83) are all
-derived from it, so a host sees the same disk across restarts and reflashes of the firmware (as
-long as the state directory survives).
+The USB serial number, the SCSI unit serial (VPD 0x80) and device identifier (VPD 0x83, an NAA 3
+identifier made by `firmware.scsi.naa_locally_assigned` in `firmware.local_main`) are all derived
+from it, so a host sees the same disk across restarts and reflashes of the firmware (as long as the
+state directory survives).
+
+Also the project's crash-safe file writing, used for every small state file: `write_atomically`
+(temporary file, fsync, rename, fsync of the directory) and `fsync_dir`.
 """
 
 from __future__ import annotations
@@ -24,11 +28,6 @@ class UnitIdentity:
     def serial(self) -> str:
         """USB/SCSI serial: 24 upper-case hex digits (BOT 4.1.1 asks for at least 12 of 0-9A-F)."""
         return self.unit_uuid.hex[:24].upper()
-
-    @property
-    def device_id(self) -> bytes:
-        """An NAA IEEE Registered Extended style 16-byte designator source (from the UUID)."""
-        return self.unit_uuid.bytes
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
