@@ -60,6 +60,7 @@ __all__ = [
     "BytesLike",
     "Case",
     "Cbw",
+    "ClassRequest",
     "Csw",
     "CswStatus",
     "InvalidCbw",
@@ -78,6 +79,9 @@ CSW_LENGTH: Final = 13
 MAX_CB_LENGTH: Final = 16
 MAX_LUN_LIMIT: Final = 15  # BOT 3.2: LUNs 0..15
 FLAG_DATA_IN: Final = 0x80  # bmCBWFlags bit 7: 1 = device to host
+# bmRequestType of the class requests: class, recipient interface, host-to-device / device-to-host.
+_REQUEST_TYPE_CLASS_OUT: Final = 0x21
+_REQUEST_TYPE_CLASS_IN: Final = 0xA1
 BytesLike = bytes | bytearray | memoryview  # what adapters may hand to bulk_out()
 
 # Per-I/O wire formats: struct, not construct (STYLE.md).
@@ -121,6 +125,13 @@ class CswStatus(enum.IntEnum):
     PASSED = 0x00
     FAILED = 0x01
     PHASE_ERROR = 0x02
+
+
+class ClassRequest(enum.IntEnum):
+    """bRequest of the Bulk-Only class requests on the default pipe (BOT 3.1, 3.2)."""
+
+    GET_MAX_LUN = 0xFE
+    BULK_ONLY_RESET = 0xFF
 
 
 class Case(enum.IntEnum):
@@ -421,6 +432,22 @@ class BulkOnlyTransport:
     def get_max_lun(self) -> int:
         """Get Max LUN (class request 0xFE, BOT 3.2): the highest LUN number."""
         return self._max_lun
+
+    def class_request(self, request_type: int, request: int, value: int, length: int) -> bytes | None:
+        """A class request the adapter found addressed to this interface (it checks wIndex).
+
+        Returns the data stage (b"" for Bulk-Only Mass Storage Reset, which it performs) or None:
+        a request error, the adapter stalls ep0. BOT 3.1: reset is 21h/FFh, wValue 0, wLength 0;
+        BOT 3.2: Get Max LUN is A1h/FEh, wValue 0, wLength 1 (a longer request gets the one byte).
+        """
+        if value != 0:
+            return None
+        if request_type == _REQUEST_TYPE_CLASS_OUT and request == ClassRequest.BULK_ONLY_RESET and length == 0:
+            self.reset()
+            return b""
+        if request_type == _REQUEST_TYPE_CLASS_IN and request == ClassRequest.GET_MAX_LUN and length >= 1:
+            return bytes([self._max_lun])
+        return None
 
     def status(self) -> dict[str, object]:
         """Counters for the status socket and the install self-test."""

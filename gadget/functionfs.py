@@ -52,17 +52,11 @@ import functionfs
 from functionfs import ch9
 from functionfs import functionfs as ffs_h
 
-from gadget.bot import CBW_LENGTH, CBW_SIGNATURE, EP_IN, EP_OUT, FLAG_DATA_IN, BulkOnlyTransport
+from gadget.bot import CBW_LENGTH, CBW_SIGNATURE, EP_IN, EP_OUT, FLAG_DATA_IN, BulkOnlyTransport, ClassRequest
 from gadget.descriptors import MAX_PACKET, DeviceIdentity, Speed, interface_block
 from gadget.logical_unit import LogicalUnit
 
 log = logging.getLogger(__name__)
-
-# BOT 3.1 / 3.2: class-specific requests on the default pipe.
-BOT_RESET_REQUEST = 0xFF
-BOT_GET_MAX_LUN_REQUEST = 0xFE
-REQTYPE_CLASS_INTERFACE_OUT = 0x21
-REQTYPE_CLASS_INTERFACE_IN = 0xA1
 
 _CBW_HEAD = struct.Struct("<IIIB")  # dCBWSignature, dCBWTag, dCBWDataTransferLength, bmCBWFlags
 EVENT_SIZE = ctypes.sizeof(ffs_h.Event)
@@ -123,17 +117,13 @@ class ControlAnswer:
 def answer_setup(bot: BulkOnlyTransport, req: SetupRequest) -> ControlAnswer:
     """Decide the ep0 answer for a request forwarded by FunctionFS (sans-IO; runs the BOT request).
 
-    BOT 3.1: Bulk-Only Mass Storage Reset is 21h/FFh, wValue 0, wLength 0.
-    BOT 3.2: Get Max LUN is A1h/FEh, wValue 0, wLength 1. Anything else is a request error: stall.
+    FunctionFS forwards only requests for this function's interface; `BulkOnlyTransport.class_request`
+    knows Bulk-Only Mass Storage Reset and Get Max LUN (BOT 3.1, 3.2). Anything else: stall.
     """
-    if (req.request_type == REQTYPE_CLASS_INTERFACE_OUT and req.request == BOT_RESET_REQUEST
-            and req.value == 0 and req.length == 0):
-        bot.reset()
-        return ControlAnswer(ControlReply.ACK)
-    if (req.request_type == REQTYPE_CLASS_INTERFACE_IN and req.request == BOT_GET_MAX_LUN_REQUEST
-            and req.value == 0 and req.length >= 1):
-        return ControlAnswer(ControlReply.DATA, bytes([bot.get_max_lun()]))
-    return ControlAnswer(ControlReply.STALL)
+    data = bot.class_request(req.request_type, req.request, req.value, req.length)
+    if data is None:
+        return ControlAnswer(ControlReply.STALL)
+    return ControlAnswer(ControlReply.DATA, data) if req.is_in else ControlAnswer(ControlReply.ACK)
 
 
 def parse_events(buf: bytes) -> Iterator[tuple[FfsEvent, SetupRequest | None]]:
@@ -407,7 +397,7 @@ class FunctionFsServer:
         assert fd is not None
         with self._lock:
             answer = answer_setup(self.bot, req)
-            if answer.reply is ControlReply.ACK and req.request == BOT_RESET_REQUEST:
+            if answer.reply is ControlReply.ACK and req.request == ClassRequest.BULK_ONLY_RESET:
                 self.counters["bot_resets"] += 1
                 self._out.reset()
                 self._generation += 1

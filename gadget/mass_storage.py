@@ -15,10 +15,10 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final
 
+from gadget.bot import BulkOnlyTransport, ClassRequest
 from gadget.descriptors import (
     EP_IN,
     EP_OUT,
@@ -37,9 +37,6 @@ from gadget.descriptors import (
     string_descriptor,
 )
 from gadget.logical_unit import LogicalUnit
-
-if TYPE_CHECKING:
-    from gadget.bot import Stall
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +65,6 @@ class Request(enum.IntEnum):
     SET_ISOCH_DELAY = 0x31
 
 
-class ClassRequest(enum.IntEnum):
-    """Bulk-Only Transport class requests (BOT 1.0 section 3)."""
-
-    GET_MAX_LUN = 0xFE
-    BULK_ONLY_RESET = 0xFF
-
-
 class Feature(enum.IntEnum):
     ENDPOINT_HALT = 0
     DEVICE_REMOTE_WAKEUP = 1
@@ -89,24 +79,6 @@ class Recipient(enum.IntEnum):
     INTERFACE = 1
     ENDPOINT = 2
     OTHER = 3
-
-
-class BulkTransport(Protocol):
-    """What the device needs from `gadget.bot.BulkOnlyTransport` (tests may pass a fake)."""
-
-    max_packet: int
-
-    def bulk_out(self, data: bytes) -> bool: ...
-    def bulk_in(self, max_length: int) -> bytes | Stall | None: ...
-    @property
-    def in_halted(self) -> bool: ...
-    @property
-    def out_halted(self) -> bool: ...
-    def clear_halt(self, endpoint: int) -> None: ...
-    def set_halt(self, endpoint: int) -> None: ...
-    def reset(self) -> None: ...
-    def get_max_lun(self) -> int: ...
-    def status(self) -> dict[str, object]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,20 +109,11 @@ class MassStorageDevice:
         lu: LogicalUnit,
         identity: DeviceIdentity,
         speed: Speed = Speed.HIGH,
-        *,
-        transport_factory: Callable[[LogicalUnit, int], BulkTransport] | None = None,
     ) -> None:
         self.lu = lu
         self.identity = identity
         self.speed = Speed(speed)
-        max_packet = MAX_PACKET[self.speed]
-        if transport_factory is None:
-            from gadget.bot import BulkOnlyTransport
-
-            self.bot: BulkTransport = BulkOnlyTransport(lu, max_packet=max_packet)
-        else:
-            self.bot = transport_factory(lu, max_packet)
-        self.bot.max_packet = max_packet
+        self.bot = BulkOnlyTransport(lu, max_packet=MAX_PACKET[self.speed])
         self._device_desc = device_descriptor(identity, self.speed)
         self._config_desc = configuration_descriptor(identity, self.speed)
         self.configuration = 0
@@ -268,7 +231,7 @@ class MassStorageDevice:
         recipient = rtype & 0x1F
         device_to_host = bool(rtype & 0x80)
         if kind == 1:  # class
-            return self._class_request(recipient, device_to_host, request, value, index, w_length)
+            return self._class_request(rtype, request, value, index, w_length)
         if kind != 0:
             raise _Stalled("vendor request")
         if request == Request.GET_DESCRIPTOR and device_to_host and recipient == Recipient.DEVICE:
@@ -391,21 +354,17 @@ class MassStorageDevice:
             return  # USB 3.2 FUNCTION_SUSPEND: nothing to suspend
         raise _Stalled(f"feature {feature} recipient {recipient}")
 
-    def _class_request(
-        self, recipient: int, device_to_host: bool, request: int, value: int, index: int, w_length: int
-    ) -> bytes:
-        if recipient != Recipient.INTERFACE or index != INTERFACE_NUMBER:
+    def _class_request(self, rtype: int, request: int, value: int, index: int, w_length: int) -> bytes:
+        if rtype & 0x1F != Recipient.INTERFACE or index != INTERFACE_NUMBER:
             raise _Stalled("class request not addressed to the mass-storage interface")
-        if request == ClassRequest.GET_MAX_LUN and device_to_host and value == 0 and w_length >= 1:
-            return bytes([self.bot.get_max_lun()])
-        if request == ClassRequest.BULK_ONLY_RESET and not device_to_host and value == 0 and w_length == 0:
-            # BOT 3.1: ready for the next CBW. gadget.bot's reset also clears both halts (its
-            # module docstring says why). A pending bulk IN stays queued (the host unlinks it, or
-            # it receives the next command's data).
-            self.bot.reset()
+        # BOT 3.1/3.2, decided by the BOT. After a reset a pending bulk IN stays queued (the host
+        # unlinks it, or it receives the next command's data).
+        reply = self.bot.class_request(rtype, request, value, w_length)
+        if reply is None:
+            raise _Stalled(f"class request 0x{request:02x}")
+        if request == ClassRequest.BULK_ONLY_RESET:
             log.info("bulk-only mass storage reset")
-            return b""
-        raise _Stalled(f"class request 0x{request:02x}")
+        return reply
 
     def status(self) -> dict[str, object]:
         return {

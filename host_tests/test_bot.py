@@ -469,6 +469,20 @@ def test_multi_lun_accepts_lun_up_to_max() -> None:
     assert host_command(bot, Cbw.for_command(2, TEST_UNIT_READY, lun=4)).csw.status == CswStatus.PHASE_ERROR
 
 
+def test_class_requests_follow_bot_3() -> None:
+    unit = FakeUnit(Direction.OUT, 4096)
+    bot = BulkOnlyTransport(unit, max_lun=2)
+    assert bot.class_request(0xA1, 0xFE, 0, 1) == b"\x02"  # Get Max LUN (3.2)
+    assert bot.bulk_out(Cbw.for_command(1, WRITE_10, 4096).build())
+    bot.set_halt(EP_IN)
+    assert bot.class_request(0x21, 0xFF, 0, 0) == b""  # Bulk-Only Mass Storage Reset (3.1)
+    assert bot.stage is Stage.COMMAND and not bot.in_halted and bot.status()["resets"] == 1
+    for request in ((0x21, 0xFF, 1, 0), (0x21, 0xFF, 0, 1), (0xA1, 0xFF, 0, 0), (0xA1, 0xFE, 0, 0),
+                    (0xA1, 0xFE, 1, 1), (0x21, 0xFE, 0, 1), (0xA1, 0x01, 0, 4), (0x80, 0x06, 0x100, 18)):
+        assert bot.class_request(*request) is None, request  # request error: ep0 stalls
+    assert bot.status()["resets"] == 1
+
+
 @pytest.mark.parametrize("max_lun", [-1, 16])
 def test_max_lun_range(max_lun: int) -> None:
     with pytest.raises(ValueError):
