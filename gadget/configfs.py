@@ -10,7 +10,7 @@ Layout written under `<root>/usb_gadget/<name>/` (kernel: Documentation/usb/gadg
 
     idVendor idProduct bcdDevice bcdUSB
     strings/0x409/{manufacturer,product,serialnumber}
-    configs/c.1/{MaxPower,bmAttributes}  configs/c.1/strings/0x409/configuration
+    configs/c.1/MaxPower                 configs/c.1/strings/0x409/configuration
     functions/ffs.<instance>/            functions/acm.<instance>/ (optional)
     configs/c.1/ffs.<instance> -> functions/ffs.<instance>   (symlinks, one per function)
     UDC                                  (bind: the UDC's name; unbind: an empty line)
@@ -173,6 +173,14 @@ def _remove_dir(path: Path) -> None:
         raise GadgetError(f"cannot remove {path}: {exc.strerror}") from exc
 
 
+def _remove_languages(strings: Path) -> None:
+    """rmdir each language group (`0x409`, ...) under a `strings` default group."""
+    if strings.is_dir():
+        for lang in strings.iterdir():
+            if lang.is_dir():
+                _remove_dir(lang)
+
+
 class ConfigFsGadget:
     """One libcomposite gadget in configfs. Context manager: `__enter__` composes it (after removing
     a stale one of the same name), `__exit__` unbinds and removes it. `bind()` is separate because
@@ -276,10 +284,7 @@ class ConfigFsGadget:
     def unbind(self) -> None:
         """Detach from the UDC (the host sees a disconnect). No-op when not bound."""
         udc_file = self.path / "UDC"
-        try:
-            current = udc_file.read_text().strip()
-        except OSError:
-            current = ""
+        current = self.current_udc()
         if current:
             try:
                 _write_attr(udc_file, "")
@@ -309,22 +314,14 @@ class ConfigFsGadget:
                 for entry in cfg.iterdir():
                     if entry.is_symlink():
                         entry.unlink()
-                strings = cfg / "strings"
-                if strings.is_dir():
-                    for lang in strings.iterdir():
-                        if lang.is_dir():
-                            _remove_dir(lang)
+                _remove_languages(cfg / "strings")
                 _remove_dir(cfg)
         functions = g / "functions"
         if functions.is_dir():
             for fn in sorted(functions.iterdir()):
                 if fn.is_dir():
                     _remove_dir(fn)
-        strings = g / "strings"
-        if strings.is_dir():
-            for lang in strings.iterdir():
-                if lang.is_dir():
-                    _remove_dir(lang)
+        _remove_languages(g / "strings")
         os_desc = g / "os_desc"
         if os_desc.is_dir():
             for entry in os_desc.iterdir():
