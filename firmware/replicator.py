@@ -811,19 +811,9 @@ class Replicator:
         return snap if getattr(snap, "regions", None) else None
 
     def _overflowing(self) -> bool:
-        """Whether host writes may still bypass the journal. The local unit leaves overflow inside its
-        next write once the journal has room again, so with an idle host its flag would stay up for
-        ever; room in the journal (below the throttle's resume mark) counts as the end here: the next
-        write will be journaled."""
-        lu = self.local_unit
-        if not getattr(lu, "overflow", False):
-            return False
-        resume = getattr(getattr(lu, "throttle", None), "resume_fill", None)
-        used = getattr(self.journal, "used_bytes", None)
-        cap = getattr(self.journal, "capacity_bytes", None)
-        if isinstance(resume, float | int) and isinstance(used, int) and isinstance(cap, int) and cap > 0:
-            return used / cap > resume
-        return True
+        """Whether host writes may still bypass the journal. The local unit's `overflow` ends as soon
+        as the journal has room again, also with an idle host (`LocalUnit.overflow`)."""
+        return bool(getattr(self.local_unit, "overflow", False))
 
     def _dirty_for(self, link: RemoteLink) -> tuple[list[int], Any, bool] | None:
         """Dirty regions this remote still needs (written straight to the local volume while the

@@ -157,8 +157,8 @@ def test_real_journal_overflow_then_resync(tmp_path: Path, host_writes_after: bo
                    what="journal drained")
         if host_writes_after:
             real.writes(5, rng)  # a write after the journal has room leaves overflow
-        # with an idle host the local unit keeps its overflow flag, but the journal has room: the
-        # replicator treats that as the end and runs the final round anyway
+        # with an idle host the local unit leaves overflow once the journal has room (asked by the
+        # replicator's polling), so the final round runs anyway
         wait_until(lambda: not unit.dirty_snapshot().regions, what="dirty regions resynced and cleared")
         real.drain()
         remote = real.remote
