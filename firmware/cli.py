@@ -124,15 +124,6 @@ def _hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _onoff(text: str) -> bool:
-    t = str(text).lower()
-    if t in ("on", "true", "1", "yes"):
-        return True
-    if t in ("off", "false", "0", "no"):
-        return False
-    raise ValueError(f"expected on or off, got {text!r}")
-
-
 LOCAL_OPTS = [
     Opt("--volume", "the local disk served to the host: an image file (created sparse) or a block device",
         metavar="PATH"),
@@ -475,12 +466,12 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     opts = LocalOptions(
         volume=o["volume"], size=o["size"], block_size=o["block_size"], journal=o["journal"],
-        journal_size=o["journal_size"], write_cache=_onoff(o["write_cache"]),
+        journal_size=o["journal_size"], write_cache=o["write_cache"] == "on",
         throttle_start=o["throttle_start"], throttle_max_delay_ms=o["throttle_max_delay_ms"],
-        throttle_resume=o["throttle_resume"], journal_salvage=_onoff(o["journal_salvage"]),
+        throttle_resume=o["throttle_resume"], journal_salvage=o["journal_salvage"] == "on",
         usbip=_hostport(o["usbip"]) if o["usbip"] else None, usbip_busid=o["usbip_busid"],
         gadget=o["gadget"], vendor_id=int(str(o["vendor_id"]), 16), product_id=int(str(o["product_id"]), 16),
-        acm_console=_onoff(o["acm_console"]), source_id=o["source_id"], remotes=remotes,
+        acm_console=o["acm_console"] == "on", source_id=o["source_id"], remotes=remotes,
         tls_dir=o["tls_dir"], bandwidth_limit=o["bandwidth_limit"], state_dir=o["state_dir"],
         sync_timeout=o["sync_timeout"],
         progress=o["progress"] == "on" or (o["progress"] == "auto" and sys.stderr.isatty()),
