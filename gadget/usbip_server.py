@@ -32,7 +32,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-from gadget.descriptors import DeviceIdentity, Speed, usbip_speed
+from gadget.descriptors import DeviceIdentity, Speed, parse_descriptor, usbip_speed
 from gadget.logical_unit import LogicalUnit
 from gadget.mass_storage import Completion, MassStorageDevice
 from gadget.usbip_protocol import (
@@ -90,24 +90,24 @@ class UsbipDevice(Protocol):
 
 def describe(device: UsbipDevice, busid: str, busnum: int, devnum: int) -> ExportedDevice:
     """The usbip_usb_device record (and interface triples) of `device`, read from its descriptors."""
-    dd = device.device_descriptor
-    cd = device.configuration_descriptor
+    dd = parse_descriptor(device.device_descriptor)
+    cd = parse_descriptor(device.configuration_descriptor[:9])
     info = UsbDeviceInfo(
         path=f"/sys/devices/usbmirror/usb{busnum}/{busid}",
         busid=busid,
         busnum=busnum,
         devnum=devnum,
         speed=usbip_speed(device.speed),
-        id_vendor=int.from_bytes(dd[8:10], "little"),
-        id_product=int.from_bytes(dd[10:12], "little"),
-        bcd_device=int.from_bytes(dd[12:14], "little"),
-        device_class=dd[4],
-        device_subclass=dd[5],
-        device_protocol=dd[6],
+        id_vendor=dd.idVendor,
+        id_product=dd.idProduct,
+        bcd_device=dd.bcdDevice,
+        device_class=dd.bDeviceClass,
+        device_subclass=dd.bDeviceSubClass,
+        device_protocol=dd.bDeviceProtocol,
         # usbip-host reports the active configuration; vhci ignores it. 0 = not configured yet.
         configuration_value=0,
-        num_configurations=dd[17],
-        num_interfaces=cd[4],
+        num_configurations=dd.bNumConfigurations,
+        num_interfaces=cd.bNumInterfaces,
     )
     triples = tuple(InterfaceTriple(*t) for t in device.interface_triples)
     return ExportedDevice(info, triples)
