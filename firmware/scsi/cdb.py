@@ -479,7 +479,3 @@ def check_command(cdb: bytes, limits: Limits) -> Command:
     """Validate `cdb` completely and decode it. Raises `CommandError` with the sense to report."""
     opcode = _check_bits(cdb)
     return _decode(opcode, cdb, limits)
-
-
-def supported_opcodes() -> frozenset[int]:
-    return frozenset(_ALLOWED)
