@@ -53,7 +53,7 @@ from functionfs import ch9
 from functionfs import functionfs as ffs_h
 
 from gadget.bot import CBW_LENGTH, CBW_SIGNATURE, EP_IN, EP_OUT, FLAG_DATA_IN, BulkOnlyTransport, ClassRequest
-from gadget.descriptors import MAX_PACKET, DeviceIdentity, Speed, interface_block
+from gadget.descriptors import DeviceIdentity, Speed, interface_block
 from gadget.logical_unit import LogicalUnit
 
 log = logging.getLogger(__name__)
@@ -250,10 +250,14 @@ class FunctionFsServer:
         self._threads: list[threading.Thread] = []
         self.enabled = False
         self._enabled = threading.Event()
-        self.max_packet = MAX_PACKET[Speed.HIGH]
         self.counters: dict[str, int] = {e.name.lower(): 0 for e in FfsEvent}
         self.counters.update(bot_resets=0, get_max_lun=0, ep0_stalls=0, in_stalls=0, out_stalls=0,
                              disconnects_in_io=0, bytes_in=0, bytes_out=0)
+
+    @property
+    def max_packet(self) -> int:
+        """wMaxPacketSize of the bulk endpoints: the BOT's, set from the UDC's choice at ENABLE."""
+        return self.bot.max_packet
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> FunctionFsServer:
@@ -382,7 +386,6 @@ class FunctionFsServer:
             except OSError as exc:
                 log.warning("cannot read the active endpoint descriptor error=%s", exc.strerror)
         with self._lock:
-            self.max_packet = max_packet
             self.bot.max_packet = max_packet
             self.bot.reset()
             self._out.reset()
