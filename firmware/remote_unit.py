@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -129,10 +128,6 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpaceExhausted(f"{what}: {exc.strerror}")
     return WriteError(f"{what}: {exc.strerror}")
-
-
-def region_digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=jp.DIGEST_SIZE).digest()
 
 
 class UndoLog:
@@ -720,7 +715,7 @@ class _Connection:
         for i in range(req.first_region, min(req.first_region + req.count, total)):
             lba = i * req.region_blocks
             n = min(req.region_blocks, t.num_blocks - lba)
-            out.append(region_digest(t.volume.read(lba, n)))
+            out.append(jp.region_digest(t.volume.read(lba, n)))
         self._send(jp.RegionDigests(req.first_region, req.region_blocks, tuple(out)))
 
     def _resync_begin(self, t: SourceTarget, ev: jp.ResyncBegin) -> None:

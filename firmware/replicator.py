@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import logging
 import os
 import random
@@ -160,10 +159,6 @@ def _uuid_bytes(value: Any) -> bytes:
     if isinstance(value, bytes | bytearray) and len(value) == 16:
         return bytes(value)
     return uuidlib.UUID(str(value)).bytes
-
-
-def _region_digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=jp.DIGEST_SIZE).digest()
 
 
 class _TokenBucket:
@@ -575,7 +570,7 @@ class _Session:
                 lba = idx * rb
                 n = min(rb, rep.num_blocks - lba)
                 local = rep.local_unit.read(lba, n)
-                on_region(idx, _region_digest(local) != remote_digest)
+                on_region(idx, jp.region_digest(local) != remote_digest)
                 done += 1
             rep._progress(Progress(self.link.spec.label, phase, done, total,
                                    int(self.link.resync.get("bytes_copied") or 0)))

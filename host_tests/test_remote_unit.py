@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from firmware.link import protocol as jp
-from firmware.remote_unit import RemoteUnit, RemoteUnitConfig, region_digest
+from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
 
 BS = 512
 SIZE = 1 << 20
@@ -138,7 +138,7 @@ def test_interrupted_resync_keeps_consistent_image_via_undo(remote: RemoteUnit) 
     s.send(jp.ResyncBegin(5, 128, 16))
     s.send(jp.DigestRequest(0, 2, 128))
     d = s.recv()
-    assert isinstance(d, jp.RegionDigests) and d.digests[0] == region_digest(consistent[: 128 * BS])
+    assert isinstance(d, jp.RegionDigests) and d.digests[0] == jp.region_digest(consistent[: 128 * BS])
     s.send(jp.RegionData(0, b"\xee" * (128 * BS)))
     s.send(jp.RegionData(128, b"\xdd" * (128 * BS)))
     s.send(jp.Heartbeat(1))

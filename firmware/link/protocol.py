@@ -22,6 +22,7 @@ What it does not do: apply records, read the volume, decide when to resync. Thos
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ _ERROR = struct.Struct(">HH")
 _RESYNC_BEGIN = struct.Struct(">QIQ")
 _DIGEST_REQ = struct.Struct(">QII")
 _REGION_DATA = struct.Struct(">QIBI")
+
+
+def region_digest(data: bytes) -> bytes:
+    """What REGION_DIGESTS carries for one region: both ends compare with it."""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
 class FrameType(enum.IntEnum):
