@@ -30,6 +30,7 @@ import json
 import logging
 import lzma
 import os
+import py_compile
 import re
 import shutil
 import stat
@@ -40,6 +41,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from firmware.identity import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -593,12 +596,6 @@ def _key(*parts: object) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.rename(path)
-
-
 def _kernel_version(root: Path) -> str:
     versions = [p.name for p in (root / "lib/modules").iterdir()]
     if len(versions) != 1:
@@ -665,7 +662,7 @@ class GuestBuilder:
         pkgs = resolve_packages(roots)
         data = {"kernel": kpkg, "packages": {n: [p.version, p.arch, p.depends] for n, p in pkgs.items()}}
         if _lists_fingerprint():
-            _atomic_write(path, json.dumps(data).encode())
+            write_atomically(path, json.dumps(data).encode(), 0o644)
         return kpkg, pkgs
 
     def build(self, *, python: bool = False) -> GuestImage:
@@ -711,7 +708,7 @@ class GuestBuilder:
                 plain = root / "boot" / f"vmlinux-{kver}"
                 data = plain.read_bytes() if plain.exists() else extract_vmlinux(
                     (root / "boot" / f"vmlinuz-{kver}").read_bytes())
-                _atomic_write(vmlinux, data)
+                write_atomically(vmlinux, data, 0o644)
             cpio = CpioWriter(ino_base=1)
             for d in ("dev", "proc", "sys", "run", "tmp", "var", "root", "mnt", "etc", "usr/local/bin"):
                 cpio.mkdirs(d)
@@ -738,10 +735,10 @@ class GuestBuilder:
             cpio.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
             cpio.add_file("etc/group", b"root:x:0:\n")
             cpio.add_file("init", INIT_SCRIPT.replace("__GUEST_IP__", GUEST_IP).encode(), 0o755)
-            _atomic_write(out, cpio.finish())
+            write_atomically(out, cpio.finish(), 0o644)
             meta = {"kernel_version": kver, "packages": {n: p.version for n, p in pkgs.items()},
                     "modules": [m.name for m in mods], "files": sorted(cpio._names)}
-            _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+            write_atomically(meta_path, json.dumps(meta, indent=1).encode(), 0o644)
             log.info("base layer built bytes=%d modules=%d", out.stat().st_size, len(mods))
 
     def _build_python(self, pkgs: dict[str, DebPackage], kpkg: DebPackage, base_meta: dict[str, object],
@@ -760,7 +757,7 @@ class GuestBuilder:
             for cache in stdlib.rglob("__pycache__"):
                 shutil.rmtree(cache)
             compileall.compile_dir(str(stdlib), quiet=1, ddir="/usr/lib/python3.11", workers=2,
-                                   invalidation_mode=__import__("py_compile").PycInvalidationMode.UNCHECKED_HASH)
+                                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
             cpio = CpioWriter(ino_base=1_000_000)
             tree = TreeCollector(root, cpio, also_present=base_files)
             tree.add("/usr/bin/python3.11")
@@ -780,7 +777,7 @@ class GuestBuilder:
             base_mods = set(base_meta["modules"])  # type: ignore[call-overload]
             _add_modules(cpio, root, kver, GADGET_MODULES, "etc/gadget-modules.order", skip=base_mods)
             cpio.add_file("usr/local/bin/load_gadget_modules", LOAD_GADGET.encode(), 0o755)
-            _atomic_write(out, cpio.finish())
+            write_atomically(out, cpio.finish(), 0o644)
             log.info("python layer built bytes=%d", out.stat().st_size)
 
 
@@ -804,7 +801,6 @@ def source_layer(packages: Iterable[str] = SOURCE_PACKAGES, site_packages: Itera
                  ) -> bytes:
     """The project's Python sources (and chosen venv site-packages) under /opt/usbmirror, precompiled."""
     import importlib.util
-    import py_compile
 
     cpio = CpioWriter(ino_base=4_000_000)
     sources: list[tuple[Path, str]] = []
