@@ -28,6 +28,7 @@ from gadget.descriptors import (
     configuration_descriptor,
     device_descriptor,
     device_qualifier,
+    interface_block,
     interface_endpoints,
     normalize_serial,
     parse_descriptor,
@@ -150,6 +151,13 @@ def test_device_qualifier(speed: Speed) -> None:
     assert len(raw) == 10 and raw[0] == 10 and raw[1] == 0x06
     q = parse_descriptor(raw)
     assert q.bcdUSB == 0x0200 and q.bMaxPacketSize0 == 64 and q.bNumConfigurations == 1
+
+
+@pytest.mark.parametrize("speed", list(Speed))
+def test_interface_block_is_the_configuration_body(speed: Speed) -> None:
+    block = interface_block(speed, max_burst=2)
+    assert b"".join(block) == configuration_descriptor(IDENT, speed, max_burst=2)[9:]
+    assert sorted(block) == sorted(interface_endpoints(speed, max_burst=2))
 
 
 def test_interface_endpoints_pieces() -> None:
