@@ -31,7 +31,7 @@ def open_j(flash: SimulatedFlash, **kw: object) -> Journal:
 
 def reboot(flash: SimulatedFlash, mode: CrashMode = CrashMode.DROP, seed: int = 0) -> SimulatedFlash:
     """The device as it is after a power cut."""
-    return SimulatedFlash(flash.size, image=flash.crash(random.Random(seed), mode))
+    return flash.rebooted(random.Random(seed), mode)
 
 
 def payload(seq: int, blocks: int = 1) -> bytes:

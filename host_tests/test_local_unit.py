@@ -58,8 +58,7 @@ class Rig:
         new = Rig(ring=self.ring)
         for name in ("jflash", "vflash", "bflash"):
             old: SimulatedFlash = getattr(self, name)
-            dev = SimulatedFlash(old.size, rail=new.rail, image=old.crash(rng, mode))
-            setattr(new, name, dev)
+            setattr(new, name, old.rebooted(rng, mode, rail=new.rail))
         return new
 
 

@@ -162,9 +162,9 @@ class PowerCutMachine(RuleBasedStateMachine):
         rng = random.Random(seed if seed is not None else self.recoveries)
         mode = mode if mode is not None else rng.choice(list(CrashMode))
         self.rail = PowerRail()
-        self.jflash = SimulatedFlash(self.jflash.size, rail=self.rail, image=self.jflash.crash(rng, mode))
-        self.vflash = SimulatedFlash(self.vflash.size, rail=self.rail, image=self.vflash.crash(rng, mode))
-        self.bflash = SimulatedFlash(self.bflash.size, rail=self.rail, image=self.bflash.crash(rng, mode))
+        self.jflash = self.jflash.rebooted(rng, mode, rail=self.rail)
+        self.vflash = self.vflash.rebooted(rng, mode, rail=self.rail)
+        self.bflash = self.bflash.rebooted(rng, mode, rail=self.rail)
         self._start()  # must not raise: a power cut is not corruption
         disk = self.lu.read(0, NBLOCKS)
         candidates = self.states[self.durable_idx:]

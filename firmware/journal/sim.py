@@ -105,6 +105,11 @@ class SimulatedFlash:
     def close(self) -> None:
         self.closed = True
 
+    def rebooted(self, rng: random.Random, mode: CrashMode = CrashMode.TEAR, *,
+                 rail: PowerRail | None = None) -> SimulatedFlash:
+        """A new device holding `crash(rng, mode)`: this one as it comes back after the power cut."""
+        return SimulatedFlash(self._size, rail=rail, image=self.crash(rng, mode))
+
     def crash(self, rng: random.Random, mode: CrashMode = CrashMode.TEAR) -> bytes:
         """The device image after the power cut (the object itself stays as it was)."""
         img = bytearray(self.durable)
