@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,36 +21,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("usbmirror.local")
 
-# SCSI target's advertised maximum transfer (VPD B0). Linux caps usb-storage at 120 KiB by default;
-# a bigger ceiling only lets hosts that raise max_sectors send bigger commands.
-MAX_TRANSFER_BYTES = 1 << 20
-
 
 @dataclass
 class LocalOptions:
+    """Everything `usbmirror local` was given; the defaults live in one place, `firmware.cli.LOCAL_OPTS`."""
+
     volume: str
     size: int | None
-    block_size: int = 512
-    journal: str | None = None
-    journal_size: int = 64 << 20
-    write_cache: bool = False
-    throttle_start: float = 0.8
-    throttle_max_delay_ms: float = 20.0
-    throttle_resume: float = 0.5
-    journal_salvage: bool = False
-    usbip: tuple[str, int] | None = None
-    usbip_busid: str = "1-1"
-    gadget: str | None = None
-    vendor_id: int = 0x1209
-    product_id: int = 0x0001
-    acm_console: bool = False
-    source_id: str | None = None
-    remotes: list[RemoteEntry] = field(default_factory=list)
-    tls_dir: str | None = None
-    bandwidth_limit: int | None = None
-    state_dir: str = "/var/lib/usbmirror"
-    sync_timeout: float = 15.0
-    progress: bool = False
+    block_size: int
+    journal: str | None
+    journal_size: int
+    write_cache: bool
+    throttle_start: float
+    throttle_max_delay_ms: float
+    throttle_resume: float
+    journal_salvage: bool
+    usbip: tuple[str, int] | None
+    usbip_busid: str
+    gadget: str | None
+    vendor_id: int
+    product_id: int
+    acm_console: bool
+    source_id: str | None
+    remotes: list[RemoteEntry]
+    tls_dir: str | None
+    bandwidth_limit: int | None
+    state_dir: str
+    sync_timeout: float
+    progress: bool
 
 
 def run_local(opts: LocalOptions, stop: threading.Event) -> int:
@@ -107,8 +105,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
         from firmware.scsi import ScsiTarget, naa_locally_assigned
 
-        target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes),
-                            max_transfer_blocks=MAX_TRANSFER_BYTES // opts.block_size)
+        target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
 
         replicator: Any = None
         if opts.remotes:

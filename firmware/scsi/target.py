@@ -57,6 +57,8 @@ from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
 
 log = logging.getLogger(__name__)
 
+# Advertised maximum transfer (VPD B0). Linux caps usb-storage at 120 KiB by default; a bigger
+# ceiling only lets hosts that raise max_sectors send bigger commands.
 DEFAULT_MAX_TRANSFER_BYTES = 1 << 20
 DEFAULT_MAX_UNMAP_BLOCKS = 0x40_0000
 DEFAULT_MAX_UNMAP_DESCRIPTORS = 64
