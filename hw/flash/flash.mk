@@ -1,5 +1,5 @@
 # `make flash BOARD=<profile> TARGET=<user@host | mounted root>` (included by the top-level Makefile).
-# Profiles: hw/boards/*.toml. FLASH_ARGS may add --dry-run, --force or --wheels DIR.
+# Profiles: hw/boards/*.toml. FLASH_ARGS may add --dry-run, --force, --wheels DIR, --no-venv or --ssh CMD.
 FLASH_PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 
 flash:
