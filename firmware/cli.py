@@ -132,7 +132,7 @@ LOCAL_OPTS = [
     Opt("--block-size", "logical block size the host sees: 512 (default) or 4096", default=512, kind=int,
         metavar="BYTES"),
     Opt("--journal", "the flash journal: a file (created and pre-written) or a partition; default "
-        "<state-dir>/journal when remotes are configured", metavar="PATH"),
+        "<state-dir>/journal", metavar="PATH"),
     Opt("--journal-size", "journal size when it is created (default 256M)", default="256M", kind=_size,
         metavar="SIZE"),
     Opt("--write-cache", "off (default): a WRITE completes once durable in the journal; on: WRITEs may "
