@@ -16,7 +16,8 @@ Rules it enforces:
 - a URB naming another devid gets RET_SUBMIT -ENODEV; a malformed header closes the connection
   with a log line.
 - TCP_NODELAY on every connection: each URB is a small request/response exchange, and Nagle with
-  delayed ACKs would add 40-70 ms to every one (measured on the CI hosts).
+  delayed ACKs would add a delayed-ACK timeout (40 ms or more on Linux) to many of them; the same
+  stall on the guest side of the QEMU relay held 4 KiB writes to ~20 IOPS (see hw/qemu/relay.py).
 
 It binds 127.0.0.1 unless given another address: USB/IP has no authentication.
 """
