@@ -23,6 +23,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -182,6 +184,28 @@ def state_from_json(raw: Any) -> RoleState:
                          _dict_or_none(raw["failover_loss"]))
     except KeyError as exc:
         raise ValueError(f"field {exc} is missing") from None
+
+
+def fresh_generation_id() -> int:
+    """A random non-zero 64-bit generation id."""
+    return secrets.randbits(64) or 1
+
+
+def open_roles(state_dir: str | os.PathLike[str], source_id: str, *, primary: bool) -> RoleStore:
+    """Open (and create when missing) a side's role state: a local unit starts primary in its
+    first generation; a remote starts as a replica with no generation of its own, and adopts the
+    source's history once it has caught up."""
+    store = RoleStore(state_dir, source_id)
+    try:
+        if primary:
+            default = RoleState(source_id, True, History.initial(fresh_generation_id(), time.time_ns()))
+        else:
+            default = RoleState(source_id, False)
+        store.load_or_create(default)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 # -- the adapter ----------------------------------------------------------------------------------
