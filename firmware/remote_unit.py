@@ -697,7 +697,7 @@ class _Connection:
             if r.seq <= t.applied:
                 t.duplicates_skipped += 1
                 continue
-            if r.kind is not jp.RecordKind.FLUSH:
+            if r.kind in (jp.RecordKind.WRITE, jp.RecordKind.UNMAP):  # FLUSH and MARK change no blocks
                 self._check_range(t, r.lba, r.count)
                 if t.undo is not None:
                     t.undo.protect(vol, t.num_blocks, r.lba, r.count)

@@ -113,6 +113,10 @@ class RecordKind(enum.IntEnum):
     WRITE = 1
     UNMAP = 2
     FLUSH = 3  # consistency point
+    MARK = 4  # a named restore point: payload = the name (UTF-8), lba = count = 0
+
+
+MAX_MARK_NAME = 200
 
 
 class ProtocolError(Exception):
@@ -353,7 +357,10 @@ def decode_records(raw: bytes, n: int, prev_seq: int) -> tuple[Record, ...]:
             raise ProtocolError(f"record seq={seq} has unknown kind {kind}") from None
         if rkind is RecordKind.WRITE and (count == 0 or plen % count):
             raise ProtocolError(f"write record seq={seq}: {plen} bytes for {count} blocks")
-        if rkind is not RecordKind.WRITE and plen:
+        if rkind is RecordKind.MARK:
+            if count or lba or not 0 < plen <= MAX_MARK_NAME:
+                raise ProtocolError(f"MARK record seq={seq}: blocks {lba}+{count}, name of {plen} bytes")
+        elif rkind is not RecordKind.WRITE and plen:
             raise ProtocolError(f"{rkind.name} record seq={seq} carries a payload")
         out.append(Record(seq, rkind, lba, count, ts, bytes(mv[off : off + plen])))
         off += plen
