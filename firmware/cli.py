@@ -383,6 +383,10 @@ def render_status(st: dict[str, Any]) -> str:
     for s in st.get("sources", []) or []:
         lines.append(f"  source   {s.get('source_id')}  {s.get('state')}  applied seq {s.get('applied_seq')}"
                      f"  target {s.get('target')}" + (f"  last error: {s['last_error']}" if s.get("last_error") else ""))
+    if st.get("cert_expires"):
+        lines.append(f"  tls      certificate valid until {st['cert_expires']}")
+    for w in st.get("warnings", []) or []:
+        lines.append(f"  WARNING  {w}")
     return "\n".join(lines)
 
 

@@ -294,6 +294,13 @@ def expiry_report(files: TlsFiles, now: datetime.datetime) -> dict[str, Any]:
     return out
 
 
+def add_expiry_status(st: dict[str, Any], files: TlsFiles) -> None:
+    """Put `cert_expires` into a unit's status and append its expiry warnings to `warnings`."""
+    rep = expiry_report(files, datetime.datetime.now(datetime.UTC))
+    st["cert_expires"] = rep["cert_expires"]
+    st.setdefault("warnings", []).extend(rep["warnings"])
+
+
 def _file_stamp(files: TlsFiles) -> tuple[tuple[int, int, int, int] | None, ...]:
     out: list[tuple[int, int, int, int] | None] = []
     for p in (files.ca, files.cert, files.key, files.crl):
