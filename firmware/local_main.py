@@ -103,6 +103,15 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                       bitmap_path=str(state_dir / "dirty.bitmap"))
         )
 
+        from firmware.failover.state import RoleStore, open_roles
+
+        roles: RoleStore | None = None
+        if opts.source_id:
+            try:
+                roles = stack.enter_context(open_roles(state_dir, opts.source_id, primary=True))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+
         from firmware.scsi import ScsiTarget, naa_locally_assigned
 
         target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
@@ -160,6 +169,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                 "transports": transports,
             }
             st.update(unit.status())
+            st.update(roles.state.status() if roles is not None else {"primary": True, "split_brain": False})
             st["scsi"] = target.status()
             usb: list[dict[str, Any]] = []
             for s in usb_status:

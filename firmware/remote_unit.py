@@ -47,6 +47,7 @@ from typing import Any
 
 import google_crc32c
 
+from firmware.failover.state import open_roles
 from firmware.identity import fsync_dir, write_atomically
 from firmware.link import protocol as jp
 from firmware.pairing import TlsFiles, peer_identity, server_context
@@ -201,6 +202,7 @@ class SourceTarget:
         self.state_path = Path(unit.cfg.state_dir) / f"{source_id}.json"
         self.undo_path = Path(unit.cfg.state_dir) / f"{source_id}.undo"
         self.state = self._load()
+        self.roles = open_roles(unit.cfg.state_dir, source_id, primary=False)
         self.target_id = ""
         self.volume: Volume | None = None
         self.undo: UndoLog | None = None
@@ -329,9 +331,11 @@ class SourceTarget:
             "throughput_bps": round(self.throughput_bps(), 1),
             "applied_record_age_s": (None if not self.last_record_ts_ns
                                      else max(0.0, time.time() - self.last_record_ts_ns / 1e9)),
+            **self.roles.state.status(),
         }
 
     def close(self) -> None:
+        self.roles.close()
         if self.undo is not None:
             self.undo.close()
             self.undo = None
