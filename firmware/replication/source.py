@@ -118,6 +118,22 @@ def regions_of(extents: Iterable[tuple[int, int]], region_blocks: int, total_reg
     return tuple(sorted(i for i in idx if 0 <= i < total_regions))
 
 
+def dirty_plan(snapshot: tuple[int, Sequence[tuple[int, int]]] | None, *, covered_token: int | None,
+               resync_open: bool, overflowing: bool, position: int, region_blocks: int,
+               total_regions: int) -> ResyncPlan | None:
+    """The resync plan from the dirty bitmap: the regions a journal overflow wrote straight to the
+    local volume that this remote does not have yet (`snapshot` = (token, extents) of the bitmap now;
+    `covered_token`: the newest snapshot the remote already holds). A round while the overflow lasts
+    is not final (the remote keeps its pre-resync image); after a non-final round, one final round
+    runs once the overflow has ended even with nothing new. P is `position` (what was sent so far)."""
+    new = snapshot is not None and (covered_token is None or snapshot[0] > covered_token)
+    if not new and not (resync_open and not overflowing):
+        return None
+    regions = regions_of(snapshot[1] if snapshot is not None else (), region_blocks, total_regions)
+    reason = ResyncReason.OVERFLOW_CONTINUING if overflowing else ResyncReason.OVERFLOW
+    return ResyncPlan(reason, regions, position)
+
+
 def plan_after_hello(reply: jp.HelloReply, me: SourceIdentity, *, durable_seq: int, tail_seq: int,
                      has_records_after: bool, total_regions: int) -> Resume | ResyncPlan:
     """Resume after the remote's position, or a full comparison (P = the durable position now: reads of
