@@ -55,6 +55,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
     from firmware.cli import UsageError
     from firmware.control import ControlError, ControlServer
     from firmware.identity import load_or_create
+    from firmware.pairing import TlsFiles, add_expiry_status
     from firmware.volume import Volume, VolumeError
 
     state_dir = Path(opts.state_dir)
@@ -102,6 +103,15 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                                               resume_fill=opts.throttle_resume),
                       bitmap_path=str(state_dir / "dirty.bitmap"))
         )
+
+        from firmware.failover.state import RoleStore, open_roles
+
+        roles: RoleStore | None = None
+        if opts.source_id:
+            try:
+                roles = stack.enter_context(open_roles(state_dir, opts.source_id, primary=True))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
 
         from firmware.scsi import ScsiTarget, naa_locally_assigned
 
@@ -160,6 +170,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                 "transports": transports,
             }
             st.update(unit.status())
+            st.update(roles.state.status() if roles is not None else {"primary": True, "split_brain": False})
             st["scsi"] = target.status()
             usb: list[dict[str, Any]] = []
             for s in usb_status:
@@ -167,6 +178,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                     usb.append(s.status())
             st["usb"] = usb
             st["remotes"] = replicator.status()["remotes"] if replicator is not None else []
+            if opts.tls_dir and opts.source_id:
+                add_expiry_status(st, TlsFiles.for_source(opts.tls_dir, opts.source_id))
             return st
 
         def verify_fn(req: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from firmware.failover.state import open_roles
 from firmware.link import protocol as jp
 from firmware.link_transport import LinkTransport
 from firmware.pairing import TlsFiles, peer_identity, server_context
@@ -105,6 +106,7 @@ class SourceTarget:
         self.path = path
         self.store = TargetStore(source_id, path, unit.cfg.state_dir, unit.cfg.volume_factory)
         self.session = TargetSession(self.store.load_state(), remote_name=unit.cfg.name)
+        self.roles = open_roles(unit.cfg.state_dir, source_id, primary=False)
         self.lock = threading.Lock()  # held by the connection that replicates
         self.active: _Connection | None = None
         self.last_error = ""
@@ -182,9 +184,11 @@ class SourceTarget:
             "throughput_bps": round(self.throughput_bps(), 1),
             "applied_record_age_s": (None if not ses.last_record_ts_ns
                                      else max(0.0, time.time() - ses.last_record_ts_ns / 1e9)),
+            **self.roles.state.status(),
         }
 
     def close(self) -> None:
+        self.roles.close()
         self.store.close()
 
 
