@@ -238,9 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write a CA and one certificate and key per unit into DIR. Copy DIR "
                         "(or the files each unit needs) to the units and give it as --tls-dir.")
     pp.add_argument("dir", metavar="DIR")
-    pp.add_argument("--remote", required=True, metavar="NAME", help="name of the remote unit")
-    pp.add_argument("--source", required=True, action="append", metavar="ID",
+    pp.add_argument("--remote", metavar="NAME", help="name of the remote unit")
+    pp.add_argument("--source", action="append", metavar="ID",
                     help="a source unit id; repeat for several")
+    pp.add_argument("--revoke", metavar="NAME", help="add unit NAME's certificate to DIR/crl.pem (copy it to "
+                    "every unit: checked at each handshake, no restart needed); NAME or remote:NAME / source:NAME")
+    pp.add_argument("--renew", metavar="NAME", help="issue unit NAME a fresh key and certificate (copy both to it)")
 
     vp = sub.add_parser("verify", help="compare the local disk with every remote copy",
                         description="Compare local and remote by region checksums. Exit 0 only when every "
@@ -396,12 +399,29 @@ def render_status(st: dict[str, Any]) -> str:
     for s in st.get("sources", []) or []:
         lines.append(f"  source   {s.get('source_id')}  {s.get('state')}  applied seq {s.get('applied_seq')}"
                      f"  target {s.get('target')}" + (f"  last error: {s['last_error']}" if s.get("last_error") else ""))
+    if st.get("cert_expires"):
+        lines.append(f"  tls      certificate valid until {st['cert_expires']}")
+    for w in st.get("warnings", []) or []:
+        lines.append(f"  WARNING  {w}")
     return "\n".join(lines)
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
     from firmware import pairing
 
+    if args.revoke or args.renew:
+        if args.remote or args.source or (args.revoke and args.renew):
+            raise UsageError("--revoke and --renew each stand alone (no --remote/--source)")
+        try:
+            written = [pairing.revoke(Path(args.dir), args.revoke)] if args.revoke \
+                else pairing.renew(Path(args.dir), args.renew)
+        except pairing.PairingError as exc:
+            raise UsageError(str(exc)) from None
+        for p in written:
+            print(p)
+        return 0
+    if not args.remote or not args.source:
+        raise UsageError("--remote and at least one --source are required (or --revoke / --renew NAME)")
     written = pairing.pair(Path(args.dir), args.remote, list(args.source))
     for p in written or []:
         print(p)

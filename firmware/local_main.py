@@ -58,6 +58,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
     from firmware.cli import UsageError
     from firmware.control import ControlError, ControlServer
     from firmware.identity import load_or_create
+    from firmware.pairing import TlsFiles, add_expiry_status
     from firmware.volume import Volume, VolumeError
 
     state_dir = Path(opts.state_dir)
@@ -192,6 +193,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             if iscsi_server is not None:
                 st["iscsi"] = iscsi_server.status()
             st["remotes"] = replicator.status()["remotes"] if replicator is not None else []
+            if opts.tls_dir and opts.source_id:
+                add_expiry_status(st, TlsFiles.for_source(opts.tls_dir, opts.source_id))
             return st
 
         def verify_fn(req: dict[str, Any]) -> dict[str, Any]:
