@@ -49,6 +49,9 @@ class LocalOptions:
     state_dir: str
     sync_timeout: float
     progress: bool
+    iscsi: tuple[str, int] | None = None
+    iscsi_chap: tuple[str, str] | None = None
+    iscsi_initiators: tuple[str, ...] = ()
 
 
 def run_local(opts: LocalOptions, stop: threading.Event) -> int:
@@ -157,6 +160,16 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             transports.append(f"gadget udc {getattr(gad, 'udc', opts.gadget)}")
             usb_status.append(gad)
 
+        iscsi_server: Any = None
+        if opts.iscsi:
+            from firmware.iscsi.server import serve_unit
+
+            iscsi_server = stack.enter_context(
+                serve_unit(unit, ident, host=opts.iscsi[0], port=opts.iscsi[1], chap=opts.iscsi_chap,
+                           initiators=opts.iscsi_initiators)
+            )
+            transports.append(f"iscsi {opts.iscsi[0]}:{iscsi_server.port}")
+
         def status_fn(req: dict[str, Any] | None = None) -> dict[str, Any]:
             st: dict[str, Any] = {
                 "role": "local",
@@ -177,6 +190,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                 if hasattr(s, "status"):
                     usb.append(s.status())
             st["usb"] = usb
+            if iscsi_server is not None:
+                st["iscsi"] = iscsi_server.status()
             st["remotes"] = replicator.status()["remotes"] if replicator is not None else []
             if opts.tls_dir and opts.source_id:
                 add_expiry_status(st, TlsFiles.for_source(opts.tls_dir, opts.source_id))
