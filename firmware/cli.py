@@ -14,11 +14,12 @@ import sys
 import threading
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from firmware import __version__
+from firmware.replication.spec import RemoteSpec
 
 log = logging.getLogger("usbmirror")
 
@@ -273,12 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 
 
-@dataclass
-class RemoteEntry:
-    address: tuple[str, int]
-    mode: str = "async"
-    name: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+RemoteEntry = RemoteSpec  # the one remote spec (firmware.replication.spec)
 
 
 def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
@@ -318,7 +314,8 @@ def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
         hp = _hostport(addr)
     except ValueError as exc:
         raise UsageError(f"remote: {exc}") from None
-    return RemoteEntry(hp, mode, str(name) if name else None, extra)
+    return RemoteSpec(hp, mode, str(name) if name else None,
+                      extra.get("bandwidth_limit"), extra)
 
 
 def remote_entries(o: dict[str, Any]) -> list[RemoteEntry]:

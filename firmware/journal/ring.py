@@ -438,6 +438,11 @@ class Journal:
         return self._sb
 
     @property
+    def generation(self) -> int:
+        """Bumps when the journal restarts from scratch (a new format epoch starts seqs again)."""
+        return int(self._sb.epoch)
+
+    @property
     def capacity_bytes(self) -> int:
         return self._ring
 

@@ -31,6 +31,8 @@ from typing import Protocol, TypeAlias
 import google_crc32c
 import lz4.block
 
+from firmware.journal.format import RecordKind as RecordKind  # one definition: the journal's
+
 MAGIC = b"UJ"
 VERSION = 1
 DEFAULT_MAX_PAYLOAD = 32 << 20  # bytes; a batch or a region never exceeds this
@@ -105,14 +107,6 @@ class ReplyFlag(enum.IntFlag):
     NONE = 0
     RESYNC_IN_PROGRESS = 1  # the target is mid-resync: only a completed resync makes it consistent
     NEW_TARGET = 2  # no state for this volume yet: the target's content is unknown
-
-
-class RecordKind(enum.IntEnum):
-    """Same numbers as the journal's RecordKind."""
-
-    WRITE = 1
-    UNMAP = 2
-    FLUSH = 3  # consistency point
 
 
 class ProtocolError(Exception):
@@ -241,6 +235,7 @@ class _NeedData:
 
 
 NEED_DATA = _NeedData()
+NeedData = _NeedData  # the type of NEED_DATA
 
 
 class Role(enum.IntEnum):
