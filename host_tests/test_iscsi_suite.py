@@ -22,9 +22,8 @@ pytestmark = pytest.mark.slow
 
 # suite.case -> why it fails today
 KNOWN_GAPS = {
-    "GetLBAStatus.Simple": "GET LBA STATUS is not implemented (the target reports LBPME)",
-    "GetLBAStatus.BeyondEol": "GET LBA STATUS is not implemented",
-    "WriteSame16.Unmap": "WRITE SAME(16) UNMAP beyond what the SCSI target accepts in one command",
+    "WriteSame16.Unmap": "its 65536-block WRITE(16) exceeds the 1 MiB maximum transfer length the target "
+                         "advertises in VPD 0xB0 (the case does not read it) and is refused",
     "iSCSIdatasn.iSCSIDataSnInvalid": "one of four DataSN cases is not detected",
 }
 

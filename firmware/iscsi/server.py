@@ -268,7 +268,8 @@ def serve_unit(
 ) -> Iterator[IscsiServer]:
     """Serve `store` (the local unit) as the unit's iSCSI target, with the same SCSI identity
     (serial, VPD 0x83 designator) the USB transports show, so a host sees one disk either way."""
-    from firmware.scsi import ScsiTarget, naa_locally_assigned
+    from firmware.scsi import naa_locally_assigned
+    from firmware.scsi.lba_status import LbaStatusTarget
 
     device_id = naa_locally_assigned(ident.unit_uuid.bytes)
     config = TargetConfig(
@@ -281,7 +282,7 @@ def serve_unit(
     with IscsiServer(
         # max_unmap_blocks: 1 Mi blocks per UNMAP, the ceiling initiators such as libiscsi's suite expect
         config,
-        lambda: ScsiTarget(store, serial=ident.serial, device_id=device_id, max_unmap_blocks=1 << 20),
+        lambda: LbaStatusTarget(store, serial=ident.serial, device_id=device_id, max_unmap_blocks=1 << 20),
         host=host,
         port=port,
     ) as server:
