@@ -31,9 +31,9 @@ def _remote(tmp_path: Path) -> RemoteUnit:
 
 
 def _image(ru: RemoteUnit, **point: object) -> bytes:
-    with HistoryReader(history_dir(ru.cfg.state_dir, "s1")) as rd:
-        with ImageView(rd, resolve(rd.index, **point).start_id) as v:  # type: ignore[arg-type]
-            return v.read(0, v.num_blocks)
+    with HistoryReader(history_dir(ru.cfg.state_dir, "s1")) as rd, \
+            ImageView(rd, resolve(rd.index, **point).start_id) as v:  # type: ignore[arg-type]
+        return v.read(0, v.num_blocks)
 
 
 def test_remote_keeps_points_and_the_image_at_a_mark(tmp_path: Path) -> None:
