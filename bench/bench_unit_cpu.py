@@ -10,8 +10,11 @@ pwrite+fdatasync on the same disk in the same run (as a ratio).
 Scaling: the same workloads on a 64 MiB and a 64 GiB sparse volume (CPU per command should stay
 within 20%).
 
-Not measured here yet: the same with an async remote attached, and an empty versus a nearly full
-journal.
+With one async remote (a `usbmirror remote` process on loopback, paired with `usbmirror pair`):
+CPU per command as a ratio of the unit alone (target <= 1.3) and the rate as a ratio of alone
+(target >= 0.8).
+
+Not measured here yet: an empty versus a nearly full journal.
 
 CPU time comes in clock ticks (10 ms on most kernels), so the per-command figure has a resolution
 of 10 ms / --ops (10 µs at the default 1000).
@@ -31,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from host_tests.units import Units
+from host_tests.units import Units, streaming
 from host_tests.usbip_support import UsbipClient
 
 SEQ = 120 * 1024
@@ -102,9 +105,16 @@ def drive(client: UsbipClient, pid: int, ops: int, span: int) -> dict[str, tuple
     return out
 
 
-def one_unit(work: Path, size: str, ops: int, span: int) -> dict[str, tuple[float, float]]:
+def one_unit(work: Path, size: str, ops: int, span: int, *, remote: bool = False) -> dict[str, tuple[float, float]]:
     with Units(work) as units:
-        u = units.start_local(volume=work / "volume.img", size=size, journal_size="256M")
+        if remote:
+            tls = units.pair("dr1", ["server1"])
+            r = units.start_remote("dr1", targets={"server1": work / "target.img"}, tls_dir=tls)
+            u = units.start_local(volume=work / "volume.img", size=size, journal_size="256M", source_id="server1",
+                                  tls_dir=tls, remotes=[r.address])
+            u.wait_status(streaming(), timeout=120, what="the remote streaming")
+        else:
+            u = units.start_local(volume=work / "volume.img", size=size, journal_size="256M")
         with UsbipClient("127.0.0.1", u.port) as client:
             if client.import_device("1-1").status != 0:
                 raise SystemExit("import refused")
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = raw_rates(Path(tmp) / "raw.img", args.ops, span)
         small = one_unit(Path(tmp) / "u64m", "64M", args.ops, span)
         big = one_unit(Path(tmp) / "u64g", "64G", args.ops, span)
+        rem = one_unit(Path(tmp) / "urem", "64M", args.ops, span, remote=True)
     print(f"bench_unit_cpu: `usbmirror local` over USB/IP, write cache off, journal on, {args.ops} commands "
           f"per workload, in {args.dir or tempfile.gettempdir()}")
     print(f"{'workload (64 MiB volume)':30} {'unit CPU/cmd':>13} {'target':>8} {'rate/raw':>9} {'target':>7}")
@@ -133,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{rate / raw[key]:9.2f}" if key in raw else f"{'-':>9}"
         tgt = f"{'>=0.50':>7}" if key in raw else f"{'':>7}"
         print(f"{label:30} {cpu:10.0f} µs {'<=' + format(TARGET_US[key], '.0f'):>8} {ratio} {tgt}")
+    print(f"{'with one async remote':30} {'CPU/cmd':>13} {'vs alone':>9} {'target':>7} {'rate/alone':>11} {'target':>7}")
+    for key, label in labels.items():
+        a, b = small[key], rem[key]
+        print(f"{label:30} {b[0]:10.0f} µs {b[0] / a[0]:9.2f} {'<=1.30':>7} {b[1] / a[1]:11.2f} {'>=0.80':>7}")
     print(f"{'scaling 64 MiB -> 64 GiB':30} {'CPU/cmd 64G/64M':>16} {'target':>8}")
     for key, label in labels.items():
         a, b = small[key][0], big[key][0]
