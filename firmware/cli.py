@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware import __version__
+from firmware import __version__, history_cli
 from firmware.replication.spec import RemoteSpec
 
 log = logging.getLogger("usbmirror")
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--config", metavar="FILE")
     tp.add_argument("--json", action="store_true", help="machine-readable output")
     _add_opts(tp, SELFTEST_OPTS)
+    history_cli.register(sub, COMMANDS)
     return p
 
 

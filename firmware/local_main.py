@@ -203,8 +203,13 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             report: dict[str, Any] = replicator.verify()
             return report
 
+        def mark_fn(req: dict[str, Any]) -> dict[str, Any]:
+            seq = unit.mark(str(req.get("name", "")))
+            return {"seq": seq, "name": req.get("name")}
+
         control.register("status", status_fn)
         control.register("verify", verify_fn)
+        control.register("mark", mark_fn)
         log.info("local unit running unit=%s serial=%s volume=%s journal=%s", ident.unit_uuid, ident.serial,
                  opts.volume, journal_path)
         stop.wait()

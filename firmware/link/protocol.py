@@ -31,6 +31,7 @@ from typing import Protocol, TypeAlias
 import google_crc32c
 import lz4.block
 
+from firmware.journal.format import MAX_MARK_NAME
 from firmware.journal.format import RecordKind as RecordKind  # one definition: the journal's
 
 MAGIC = b"UJ"
@@ -348,7 +349,10 @@ def decode_records(raw: bytes, n: int, prev_seq: int) -> tuple[Record, ...]:
             raise ProtocolError(f"record seq={seq} has unknown kind {kind}") from None
         if rkind is RecordKind.WRITE and (count == 0 or plen % count):
             raise ProtocolError(f"write record seq={seq}: {plen} bytes for {count} blocks")
-        if rkind is not RecordKind.WRITE and plen:
+        if rkind is RecordKind.MARK:
+            if count or lba or not 0 < plen <= MAX_MARK_NAME:
+                raise ProtocolError(f"MARK record seq={seq}: blocks {lba}+{count}, name of {plen} bytes")
+        elif rkind is not RecordKind.WRITE and plen:
             raise ProtocolError(f"{rkind.name} record seq={seq} carries a payload")
         out.append(Record(seq, rkind, lba, count, ts, bytes(mv[off : off + plen])))
         off += plen
