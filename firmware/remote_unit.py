@@ -49,6 +49,7 @@ from types import TracebackType
 from typing import Any
 
 from firmware.failover.state import open_roles
+from firmware.history import DEFAULT_AGE_S, HistoryWriter, history_dir
 from firmware.link import protocol as jp
 from firmware.link_transport import LinkTransport
 from firmware.pairing import TlsFiles, peer_identity, server_context
@@ -94,6 +95,8 @@ class RemoteUnitConfig:
     heartbeat_timeout_s: float = 30.0
     handshake_timeout_s: float = 10.0
     volume_factory: Callable[[str, int, int], Volume] | None = None
+    history_size: int | None = None  # bytes of point-in-time history per source; None = none kept
+    history_age_s: float = DEFAULT_AGE_S
 
 
 class SourceTarget:
@@ -114,6 +117,27 @@ class SourceTarget:
         self.peer = ""
         self.last_ack_time: float | None = None
         self._rate: list[tuple[float, int]] = []  # (monotonic, bytes_applied) samples at ACK time
+        self.history: HistoryWriter | None = None
+
+    def open_history(self, hello: jp.Hello) -> None:
+        """Keep point-in-time history for the volume this source sends (docs/HISTORY.md): a hook that
+        saves before-images before the store overwrites the target."""
+        cfg = self.unit.cfg
+        if cfg.history_size is None:
+            return
+        key = (hello.volume_uuid.hex(), hello.generation, hello.block_size)
+        h = self.history
+        if h is not None and (h.meta.volume_uuid, h.meta.generation, h.meta.block_size) == key:
+            return
+        if h is not None:
+            self.store.hooks.remove(h)
+            h.close()
+        self.history = HistoryWriter.open(history_dir(cfg.state_dir, self.source_id), block_size=hello.block_size,
+                                          num_blocks=hello.volume_size // hello.block_size, volume_uuid=key[0],
+                                          generation=hello.generation, target=os.path.realpath(self.path),
+                                          base_seq=self.state.applied_seq, size_cap=cfg.history_size,
+                                          age_s=cfg.history_age_s)
+        self.store.add_hook(self.history)
 
     @property
     def state(self) -> TargetState:
@@ -190,6 +214,9 @@ class SourceTarget:
     def close(self) -> None:
         self.roles.close()
         self.store.close()
+        if self.history is not None:
+            self.history.close()
+            self.history = None
 
 
 class _Flusher:
@@ -353,6 +380,8 @@ class _Connection:
         if isinstance(ev, jp.ResyncBegin | jp.ResyncEnd):
             self._quiesce()
         self._do(t, ses, ses.event(ev))
+        if isinstance(ev, jp.ResyncBegin) and t.history is not None and self.replicating:
+            t.store.resync_begins(ses.state.resync_base_seq)  # the history keeps the image from before it
 
     def _do(self, t: SourceTarget, ses: TargetSession, actions: list[TargetAction]) -> None:
         """Carry out a session's actions, in order."""
@@ -391,6 +420,8 @@ class _Connection:
             t.store.undo_open(st.block_size or 512)
         else:
             t.store.undo_discard()
+            if t.history is not None:
+                t.history.resync_end(st.applied_seq, time.time_ns())
             log.info("resync complete source=%s applied_seq=%d", t.source_id, st.applied_seq)
 
     def _hello(self, hello: jp.Hello) -> None:
@@ -427,6 +458,8 @@ class _Connection:
             raise Refused(jp.ErrorCode.VOLUME_MISMATCH, str(exc)) from None
         except StorageError as exc:
             raise Refused(jp.ErrorCode.TARGET_IO, str(exc)) from None
+        if hello.purpose is jp.Purpose.REPLICATE:
+            t.open_history(hello)
         actions = session.hello(hello, target_id=t.store.target_id, target_blocks=vol.num_blocks)
         self._do(t, session, actions)
         log.info("source connected source=%s peer=%s purpose=%s applied_seq=%d", t.source_id, self.peer,
