@@ -49,12 +49,16 @@ class LocalOptions:
     state_dir: str
     sync_timeout: float
     progress: bool
+    iscsi: tuple[str, int] | None = None
+    iscsi_chap: tuple[str, str] | None = None
+    iscsi_initiators: tuple[str, ...] = ()
 
 
 def run_local(opts: LocalOptions, stop: threading.Event) -> int:
     from firmware.cli import UsageError
     from firmware.control import ControlError, ControlServer
     from firmware.identity import load_or_create
+    from firmware.pairing import TlsFiles, add_expiry_status
     from firmware.volume import Volume, VolumeError
 
     state_dir = Path(opts.state_dir)
@@ -103,6 +107,15 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                       bitmap_path=str(state_dir / "dirty.bitmap"))
         )
 
+        from firmware.failover.state import RoleStore, open_roles
+
+        roles: RoleStore | None = None
+        if opts.source_id:
+            try:
+                roles = stack.enter_context(open_roles(state_dir, opts.source_id, primary=True))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+
         from firmware.scsi import ScsiTarget, naa_locally_assigned
 
         target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
@@ -147,6 +160,16 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             transports.append(f"gadget udc {getattr(gad, 'udc', opts.gadget)}")
             usb_status.append(gad)
 
+        iscsi_server: Any = None
+        if opts.iscsi:
+            from firmware.iscsi.server import serve_unit
+
+            iscsi_server = stack.enter_context(
+                serve_unit(unit, ident, host=opts.iscsi[0], port=opts.iscsi[1], chap=opts.iscsi_chap,
+                           initiators=opts.iscsi_initiators)
+            )
+            transports.append(f"iscsi {opts.iscsi[0]}:{iscsi_server.port}")
+
         def status_fn(req: dict[str, Any] | None = None) -> dict[str, Any]:
             st: dict[str, Any] = {
                 "role": "local",
@@ -160,13 +183,18 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                 "transports": transports,
             }
             st.update(unit.status())
+            st.update(roles.state.status() if roles is not None else {"primary": True, "split_brain": False})
             st["scsi"] = target.status()
             usb: list[dict[str, Any]] = []
             for s in usb_status:
                 if hasattr(s, "status"):
                     usb.append(s.status())
             st["usb"] = usb
+            if iscsi_server is not None:
+                st["iscsi"] = iscsi_server.status()
             st["remotes"] = replicator.status()["remotes"] if replicator is not None else []
+            if opts.tls_dir and opts.source_id:
+                add_expiry_status(st, TlsFiles.for_source(opts.tls_dir, opts.source_id))
             return st
 
         def verify_fn(req: dict[str, Any]) -> dict[str, Any]:
@@ -175,8 +203,13 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             report: dict[str, Any] = replicator.verify()
             return report
 
+        def mark_fn(req: dict[str, Any]) -> dict[str, Any]:
+            seq = unit.mark(str(req.get("name", "")))
+            return {"seq": seq, "name": req.get("name")}
+
         control.register("status", status_fn)
         control.register("verify", verify_fn)
+        control.register("mark", mark_fn)
         log.info("local unit running unit=%s serial=%s volume=%s journal=%s", ident.unit_uuid, ident.serial,
                  opts.volume, journal_path)
         stop.wait()

@@ -18,6 +18,12 @@ local mirror) and a `Journal`:
   straight to the volume (write-through) and marks dirty regions in a bitmap on flash (durable before
   the ack); `overflow` is reported until the journal has room again. The replicator resyncs dirty
   regions with `dirty_snapshot()` / `clear_dirty()`.
+- Volume full (a sparse image on a full file system): the WRITE that meets ENOSPC fails with DATA
+  PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (27h/07); its record and any after it stay in the
+  journal and in RAM, unapplied (reads still see them), and every later write or unmap is refused with
+  the same sense after one more try at applying them. When space returns that try succeeds, the
+  records are applied once, in order, and writes go on. A flush meanwhile only makes the journal
+  durable (the journal is the durability point).
 - Start-up: records the volume may not have (after `applied_seq` of the journal's checkpoint) are
   re-applied before the first command is served.
 
@@ -39,7 +45,8 @@ from typing import Protocol
 from firmware.journal import Journal, JournalCorrupt, JournalError, JournalFull, RecordKind
 from firmware.journal.bitmap import DirtyBitmap, DirtySnapshot
 from firmware.journal.flash import Flash
-from firmware.storage import StorageError, WriteError
+from firmware.journal.format import MAX_MARK_NAME
+from firmware.storage import SpaceExhausted, StorageError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +155,9 @@ class LocalUnit:
         self._last_delay = 0.0
         self._closed = False
         self._failed: BaseException | None = None
+        self._space_exhausted: SpaceExhausted | None = None  # the volume's file system is full
+        self._space_events = 0
+        self._space_since: float | None = None
         # the unit orders the volume's durability itself (fdatasync before the journal forgets)
         volume.set_write_cache(True)
         if region_blocks is None:
@@ -193,7 +203,11 @@ class LocalUnit:
             if not recs:
                 break
             for r in recs:
-                self._apply(_Pending(r.seq, r.kind, r.lba, r.count, r.payload))
+                try:
+                    self._apply(_Pending(r.seq, r.kind, r.lba, r.count, r.payload))
+                except SpaceExhausted as exc:
+                    raise SpaceExhausted(f"cannot replay journal record seq={r.seq} onto the volume ({exc}): "
+                                         "free space on the volume's file system and start again") from exc
                 applied = r.seq
                 self.replayed_records += 1
         if self.replayed_records:
@@ -278,6 +292,20 @@ class LocalUnit:
         (and, with sync gates, on the sync remotes)."""
         if self._closed:
             raise StorageError("local unit is closed")
+        waiting = 0
+        with self._lock:
+            if self._space_exhausted is not None:
+                try:
+                    self._retry_space_locked()
+                except SpaceExhausted:
+                    waiting = self._journal.head_seq
+        if waiting:
+            # the volume is full, but every record is durable in the journal where it waits: that is
+            # what a flush promises (and the sync remotes get the records from the journal)
+            self._guard(self._journal.sync)
+            for gate in list(self._gates):
+                gate(waiting)
+            return
         with self._lock:
             if self._overflow:
                 self._guard(self._volume.flush)
@@ -293,13 +321,37 @@ class LocalUnit:
                     self._enter_overflow_locked()
                     return
                 self._last_flush_seq = seq
-        self._commit(seq, gates=True)
+        self._commit(seq, gates=True, journal_is_enough=True)
+
+    def mark(self, name: str) -> int:
+        """Put a named restore point into the journal at the current position; returns its seq once
+        it is durable in the local journal (remotes get it in order, whenever they are reachable)."""
+        raw = name.encode()
+        if not raw or len(raw) > MAX_MARK_NAME or any(c < 0x20 for c in raw):
+            raise ValueError(f"a mark's name is 1..{MAX_MARK_NAME} bytes of printable UTF-8, got {name!r}")
+        if self._closed:
+            raise StorageError("local unit is closed")
+        with self._lock:
+            if self._overflow and self._journal_has_room_locked():
+                self._leave_overflow_locked()
+            if self._overflow:
+                raise StorageError("the journal is full (remotes are behind and will be resynced): a mark "
+                                   "cannot be placed until the journal has room again")
+            try:
+                seq = self._append_with_reclaim_locked(RecordKind.MARK, 0, 0, raw)
+            except JournalFull:
+                raise StorageError("the journal has no room for the mark") from None
+        self._commit(seq, gates=False, journal_is_enough=True)
+        log.info("mark placed name=%s seq=%d", name, seq)
+        return seq
 
     # -- the write path ---------------------------------------------------------------------------
     def _submit(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> None:
         max_blocks = max(1, self._journal.max_record_bytes // self._bs)
         commit = 0
         with self._lock:
+            if self._space_exhausted is not None:
+                self._retry_space_locked()  # raises SpaceExhausted while the volume is still full
             if self._overflow and self._journal_has_room_locked():
                 self._leave_overflow_locked()
             if not self._overflow:
@@ -361,11 +413,16 @@ class LocalUnit:
         self._unsynced_bytes = 0
         self._journal.set_applied(self._applied_unsynced)
 
-    def _commit(self, seq: int, *, gates: bool) -> None:
-        """Make `seq` durable (group commit), write it to the volume, pass the sync gates."""
+    def _commit(self, seq: int, *, gates: bool, journal_is_enough: bool = False) -> None:
+        """Make `seq` durable (group commit), write it to the volume, pass the sync gates.
+        `journal_is_enough` (a flush): a full volume does not fail it, the records wait in the journal."""
         durable = self._guard(self._journal.sync)
         with self._lock:
-            self._apply_durable_locked(durable)
+            try:
+                self._apply_durable_locked(durable)
+            except SpaceExhausted:
+                if not journal_is_enough:
+                    raise
         if gates:
             for gate in list(self._gates):
                 gate(seq)
@@ -380,6 +437,14 @@ class LocalUnit:
             self._failed = exc
             raise WriteError(f"journal or volume write failed: {exc}") from exc
 
+    def _retry_space_locked(self) -> None:
+        """Apply the records that wait for space on the volume; raises SpaceExhausted while it is full."""
+        self._space_exhausted = None
+        durable = self._guard(self._journal.sync)
+        self._apply_durable_locked(durable)  # sets _space_exhausted again and raises if still full
+        log.warning("volume has space again: writes resumed after %.1f s", self._clock() - (self._space_since or 0.0))
+        self._space_since = None
+
     def _apply(self, p: _Pending) -> None:
         if p.kind is RecordKind.WRITE:
             self._volume.write_nosync(p.lba, p.payload)
@@ -387,12 +452,26 @@ class LocalUnit:
             self._volume.unmap(p.lba, p.count)
 
     def _apply_durable_locked(self, durable: int) -> None:
+        if self._space_exhausted is not None:
+            # the volume is full: nothing after the record that met it is applied before it
+            raise SpaceExhausted(f"volume full, {len(self._pending)} records wait: {self._space_exhausted}")
         n = 0
         for p in self._pending:
             if p.seq > durable:
                 break
             try:
                 self._apply(p)
+            except SpaceExhausted as exc:
+                # not a failure of the unit: the record stays pending (and in the journal) until
+                # space returns; the host hears 27h/07
+                del self._pending[:n]
+                self._space_exhausted = exc
+                if self._space_since is None:
+                    self._space_since = self._clock()
+                    self._space_events += 1
+                    log.warning("volume full: writes refused until space returns seq=%d pending_records=%d "
+                                "reason=%s", p.seq, len(self._pending), exc)
+                raise
             except (OSError, StorageError) as exc:
                 self._failed = exc
                 del self._pending[:n]
@@ -485,6 +564,8 @@ class LocalUnit:
             else:
                 self._volume.unmap(lba, count)
             self._volume.flush()
+        except SpaceExhausted:
+            raise  # the region is marked dirty; the host hears 27h/07 and may write again later
         except (OSError, StorageError) as exc:
             self._failed = exc
             raise WriteError(f"overflow write failed: {exc}") from exc
@@ -573,7 +654,9 @@ class LocalUnit:
                 "created": j.recovery.created,
             },
         })
-        return {"journal": js}
+        return {"journal": js, "volume_full": self._space_exhausted is not None,
+                "volume_full_events": self._space_events,
+                "records_waiting_for_space": len(self._pending) if self._space_exhausted is not None else 0}
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -588,7 +671,11 @@ class LocalUnit:
         try:
             if self._failed is None and not self._journal_failed():
                 with self._lock:
-                    self._reclaim_locked()
+                    try:
+                        self._reclaim_locked()
+                    except SpaceExhausted as exc:
+                        log.warning("volume full at shut-down: records_waiting=%d stay in the journal and are "
+                                    "applied at the next start (%s)", len(self._pending), exc)
                 self._journal.checkpoint()
         finally:
             self._closed = True

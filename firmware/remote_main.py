@@ -15,7 +15,7 @@ def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], t
                state_dir: str, stop: threading.Event) -> int:
     from firmware.cli import UsageError
     from firmware.control import ControlError, ControlServer
-    from firmware.pairing import PairingError
+    from firmware.pairing import PairingError, TlsFiles, add_expiry_status
     from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
 
     sd = Path(state_dir)
@@ -39,6 +39,7 @@ def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], t
             def status(req: dict[str, Any]) -> dict[str, Any]:
                 st = unit.status()
                 st["pid"] = os.getpid()
+                add_expiry_status(st, TlsFiles.for_remote(tls_dir, name))
                 return st
 
             def rollback(req: dict[str, Any]) -> dict[str, Any]:

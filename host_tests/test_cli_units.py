@@ -117,6 +117,9 @@ def test_status_keys_replication_and_byte_identical_copy(units: Units, tmp_path:
     assert src["applied_seq"] >= j["durable_seq"]
     rtext = remote.status_raw(text=True)
     assert rtext.returncode == 0 and "server1" in rtext.stdout, rtext.stderr
+    for unit_st, unit_text in ((st, text.stdout), (rst, rtext.stdout)):  # fresh certificates: no warning
+        assert unit_st["cert_expires"] and unit_st["warnings"] == []
+        assert f"certificate valid until {unit_st['cert_expires']}" in unit_text
 
     v = usbmirror("verify", "--state-dir", str(local.state_dir), timeout=120)
     assert v.returncode == 0 and "MATCH" in v.stdout, v.stdout + v.stderr + units.describe()

@@ -2,7 +2,7 @@
 # Install the Debian packages a development host (or CI) needs, only those missing.
 # Usage: hw/setup_host.sh [extra packages...]
 set -euo pipefail
-PKGS=(python3 python3-venv python3-dev gcc make qemu-system-x86 iproute2 nftables systemd cpio "$@")
+PKGS=(python3 python3-venv python3-dev gcc make qemu-system-x86 iproute2 nftables systemd cpio libiscsi-bin tgt "$@")
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
