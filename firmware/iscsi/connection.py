@@ -43,8 +43,8 @@ from firmware.iscsi.pdu import (
     build_text,
     parse_text,
 )
-from firmware.scsi.sense import Sense
 from firmware.logical_unit import CommandPlan, Direction
+from firmware.scsi.sense import Sense
 
 log = logging.getLogger(__name__)
 
