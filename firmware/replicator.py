@@ -307,7 +307,8 @@ class RemoteLink:
         self.last_error = ""
         rep, j = self.rep, self.rep.journal
         try:
-            has_after = j.durable_seq <= reply.applied_seq or bool(j.read_records(reply.applied_seq, 1))
+            j.read_records(reply.applied_seq, 1)
+            has_after = True
         except RecordsGone:
             has_after = False
         confirms, plan = self.session.hello_reply(reply, time.monotonic(), durable_seq=j.durable_seq,

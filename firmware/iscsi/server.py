@@ -280,9 +280,12 @@ def serve_unit(
         allowed_initiators=frozenset(initiators) if initiators else None,
     )
     with IscsiServer(
-        # max_unmap_blocks: 1 Mi blocks per UNMAP, the ceiling initiators such as libiscsi's suite expect
+        # max_unmap_blocks: 1 Mi blocks per UNMAP, the ceiling initiators such as libiscsi's suite expect.
+        # max_write_same_blocks below 64 Ki: some initiators (libiscsi's suite among them) size a plain
+        # WRITE by MAXIMUM WRITE SAME LENGTH, which must then not exceed what one command may carry.
         config,
-        lambda: LbaStatusTarget(store, serial=ident.serial, device_id=device_id, max_unmap_blocks=1 << 20),
+        lambda: LbaStatusTarget(store, serial=ident.serial, device_id=device_id, max_unmap_blocks=1 << 20,
+                                max_write_same_blocks=0xFFFF),
         host=host,
         port=port,
     ) as server:

@@ -50,6 +50,7 @@ _HELLO = struct.Struct(">HH16sQIQQIBB")
 _HELLO_REPLY = struct.Struct(">16sQQIBB")
 _BATCH = struct.Struct(">QIIB")
 _RECORD = struct.Struct(">QBQIQI")
+RECORD_HEADER_SIZE = _RECORD.size  # bytes each record adds to a BATCH body besides its payload
 _U64 = struct.Struct(">Q")
 _ERROR = struct.Struct(">HH")
 _RESYNC_BEGIN = struct.Struct(">QIQ")

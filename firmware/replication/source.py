@@ -26,7 +26,7 @@ from typing import Protocol
 from firmware.link import protocol as jp
 
 OPEN_END = (1 << 64) - 1  # RESYNC_END position meaning "not final yet"
-RECORD_OVERHEAD = 33  # bytes a record header adds on the wire (protocol._RECORD.size)
+RECORD_OVERHEAD = jp.RECORD_HEADER_SIZE  # bytes a record header adds on the wire
 
 
 class SourceJournal(Protocol):
