@@ -191,6 +191,10 @@ REMOTE_OPTS = [
         metavar="DIR"),
     Opt("--state-dir", f"holds state and the control socket (default {DEFAULT_STATE_DIR})",
         default=DEFAULT_STATE_DIR, metavar="DIR"),
+    Opt("--history-size", "point-in-time history kept per source (default 1G), see "
+        "docs/HISTORY.md", default="1G", kind=_size, metavar="SIZE"),
+    Opt("--history-age", "drop history older than this (default 24h)", default="24h",
+        kind=history_cli.parse_duration, metavar="DURATION"),
 ]
 
 SELFTEST_OPTS = LOCAL_OPTS  # the self-test reads the local unit's own options and config file
@@ -558,7 +562,8 @@ def cmd_remote(args: argparse.Namespace) -> int:
 
     stop = _install_stop_signals()
     return run_remote(listen=_hostport(o["listen"]), name=o["name"], targets=targets,
-                      tls_dir=o["tls_dir"], state_dir=o["state_dir"], stop=stop)
+                      tls_dir=o["tls_dir"], state_dir=o["state_dir"], stop=stop,
+                      history_size=int(o["history_size"]), history_age_s=float(o["history_age"]))
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:

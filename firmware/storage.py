@@ -4,7 +4,7 @@
 `firmware.local_unit.LocalUnit` (journal first, then the local volume, with the acknowledgement
 policy). The SCSI target maps each `StorageError` to the sense data named on the class.
 
-Durability contract (DESIGN.md): `write()` returns only when the data is where the write-cache
+Durability contract (docs/ARCHITECTURE.md, docs/SCSI.md): `write()` returns only when the data is where the write-cache
 mode promises. With the write cache off it is durable; with it on it may sit in RAM until the next
 `flush()` or a `write(..., fua=True)`, which return only once everything before them is durable.
 """

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from firmware.logical_unit import Direction, Status
 from firmware.scsi.lba_status import LbaStatusTarget
-from gadget.logical_unit import Direction, Status
 from host_tests.scsi_fakes import MemoryBlockStore
 
 

@@ -43,8 +43,8 @@ from firmware.iscsi.pdu import (
     build_text,
     parse_text,
 )
+from firmware.logical_unit import CommandPlan, Direction
 from firmware.scsi.sense import Sense
-from gadget.logical_unit import CommandPlan, Direction
 
 log = logging.getLogger(__name__)
 

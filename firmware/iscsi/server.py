@@ -29,9 +29,9 @@ from typing import Protocol
 
 from firmware.identity import UnitIdentity
 from firmware.iscsi.connection import Connection, Phase, ScsiTask, TargetConfig
+from firmware.logical_unit import CommandPlan, CommandResult, Status
 from firmware.scsi.sense import Sense
 from firmware.storage import BlockStore
-from gadget.logical_unit import CommandPlan, CommandResult, Status
 
 log = logging.getLogger(__name__)
 

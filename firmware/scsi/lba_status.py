@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import struct
 
+from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
 from firmware.scsi.opcodes import Opcode
 from firmware.scsi.sense import NO_SENSE, Asc, Sense, SenseKey, invalid_field_in_cdb
 from firmware.scsi.target import ScsiTarget
-from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
 
 GET_LBA_STATUS = 0x12
 _RESPONSE_LENGTH = 8 + 16  # header + one descriptor
@@ -53,7 +53,7 @@ class LbaStatusTarget(ScsiTarget):
         return CommandPlan(Direction.IN, len(answer))
 
     def execute(self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"") -> CommandResult:
-        if not is_get_lba_status(cdb) or self._unit_attention is not None:
+        if not is_get_lba_status(cdb) or self.unit_attentions:
             return super().execute(cdb, data_out)
         self._commands["GET_LBA_STATUS"] += 1
         answer = get_lba_status(cdb, self.num_blocks)
