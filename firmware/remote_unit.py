@@ -515,6 +515,7 @@ class RemoteUnit:
             self._ctx = server_context(TlsFiles.for_remote(cfg.tls_dir, cfg.name))
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
+        self._accept_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._conns: set[_Connection] = set()
         self._mutex = threading.Lock()
@@ -533,7 +534,7 @@ class RemoteUnit:
         self._listener = ls
         t = threading.Thread(target=self._accept_loop, name="remote-accept", daemon=True)
         t.start()
-        self._threads.append(t)
+        self._accept_thread = t
         log.info("remote unit listening name=%s address=%s:%d targets=%s tls=%s", self.cfg.name, host, self.port,
                  ",".join(self.targets), self._ctx is not None)
 
@@ -544,12 +545,17 @@ class RemoteUnit:
             self._stop.wait(0.5)
 
     def stop(self) -> None:
+        """Stop accepting first (a source that reconnects at once must not get a connection that
+        outlives the stop), then end every connection."""
         self._stop.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=10)
         with self._mutex:
             conns = list(self._conns)
+            threads = list(self._threads)
         for c in conns:
             c.kill()
-        for t in self._threads:
+        for t in threads:
             t.join(timeout=10)
         if self._listener is not None:
             self._listener.close()
@@ -581,10 +587,14 @@ class RemoteUnit:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     time.sleep(0.1)
                 continue
+            if self._stop.is_set():
+                sock.close()
+                return
             th = threading.Thread(target=self._serve_conn, args=(sock, f"{addr[0]}:{addr[1]}"),
                                   name=f"remote-conn-{addr[1]}", daemon=True)
+            with self._mutex:
+                self._threads = [t for t in self._threads if t.is_alive()] + [th]
             th.start()
-            self._threads = [t for t in self._threads if t.is_alive()] + [th]
 
     def _serve_conn(self, raw: socket.socket, peer: str) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -600,6 +610,9 @@ class RemoteUnit:
                 return
         c = _Connection(self, sock, peer)
         with self._mutex:
+            if self._stop.is_set():  # stop() has already ended the connections it knew of
+                c.link.close()
+                return
             self._conns.add(c)
         try:
             c.run()
