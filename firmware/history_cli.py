@@ -26,27 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.config import DEFAULT_STATE_DIR
 from firmware.control import ControlError, request
 from firmware.history import HistoryError, HistoryReader, ImageView, history_dir, resolve, restore, summary
 from firmware.history.format import Meta
 from firmware.history.view import RESTORE_CHUNK
-
-DEFAULT_STATE_DIR = "/var/lib/usbmirror"
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration(text: str) -> float:
-    """`90`, `90s`, `15m`, `24h`, `30d`, `2w` as seconds."""
-    t = text.strip().lower()
-    unit = _UNITS.get(t[-1:])
-    num = t[:-1] if unit is not None else t
-    try:
-        v = float(num) * (unit or 1.0)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration (like 90s, 15m, 24h, 30d)") from None
-    if v <= 0:
-        raise ValueError(f"{text!r}: a duration is more than zero")
-    return v
 
 
 def cmd_mark(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """The board's gadget path in a real kernel: configfs + FunctionFS + dummy_hcd, all inside the QEMU guest.
 
-Debian's stock kernel boots with Python; the firmware (`python3 -m gadget.functionfs`, the same BOT
+Debian's stock kernel boots with Python; the firmware (`python3 -m firmware.gadget_main`, the same BOT
 core and SCSI target as every other transport) composes a libcomposite gadget, serves the mass-storage
 function through FunctionFS and binds to `dummy_udc.0`. The guest's own usb-storage/sd drivers attach it
 as /dev/sdX, exactly as a server would over a cable. Per speed (high, super) the guest runs:
@@ -50,7 +50,7 @@ def _script(speed: str) -> str:
 set -u
 load_gadget_stack {dummy_params}
 start_fw() {{
-    (cd /opt/usbmirror && exec python3 -m gadget.functionfs --volume /tmp/disk.img --size 64M \\
+    (cd /opt/usbmirror && exec python3 -m firmware.gadget_main --volume /tmp/disk.img --size 64M \\
         --udc dummy_udc.0 --acm --serial {SERIAL}) >> /tmp/fw.log 2>&1 &
     FW=$!
 }}
