@@ -50,7 +50,7 @@ from typing import Any
 from firmware.failover.state import open_roles
 from firmware.history import DEFAULT_AGE_S, HistoryWriter, history_dir
 from firmware.link import protocol as jp
-from firmware.link.driver import LinkDriver, Waker
+from firmware.link_driver import LinkDriver, Waker
 from firmware.link_transport import LinkTransport
 from firmware.pairing import TlsFiles, peer_identity, server_context
 from firmware.replication.target import (

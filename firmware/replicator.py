@@ -45,7 +45,7 @@ from typing import Any, Protocol
 from firmware.journal import RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
 from firmware.link import protocol as jp
-from firmware.link.driver import LinkDriver, Waker
+from firmware.link_driver import LinkDriver, Waker
 from firmware.link_transport import LinkTransport, PeerClosed
 from firmware.pairing import TlsFiles, client_context, peer_identity
 from firmware.replication.source import (
