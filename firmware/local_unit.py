@@ -228,6 +228,11 @@ class LocalUnit:
         return self._nblocks
 
     @property
+    def read_only(self) -> bool:
+        """A local unit takes writes (the BlockStore contract's `read_only`)."""
+        return False
+
+    @property
     def write_cache(self) -> bool:
         return self._write_cache
 

@@ -75,6 +75,12 @@ class BlockStore(Protocol):
         """True when writes may be acknowledged before they are durable (SCSI caching page WCE)."""
         ...
 
+    @property
+    def read_only(self) -> bool:
+        """True when the store refuses writes: the SCSI target then reports the disk write-protected
+        (WP in the mode pages) and answers every write with DATA PROTECT, WRITE PROTECTED."""
+        ...
+
     def set_write_cache(self, enabled: bool) -> None:
         """Switch the write cache (MODE SELECT of the caching page). Turning it off flushes first."""
         ...
