@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -121,6 +121,7 @@ class Journal:
         self._closed = False
         self._failed: BaseException | None = None
         self._writer_busy = False
+        self._durable_listeners: list[Callable[[], None]] = []
         self._track_applied = track_applied
         self._incarnation = ckpt.incarnation
         self._ckpt_gen = ckpt.generation
@@ -619,6 +620,8 @@ class Journal:
         self._durable_pos = end_pos
         self._bytes_since_ckpt += size
         self._cond.notify_all()
+        for listener in self._durable_listeners:
+            listener()
         if self._bytes_since_ckpt >= self._ring // 8:
             # persist confirmations and the tail now and then, even if nobody asks
             st = self._checkpoint_state()
@@ -836,6 +839,17 @@ class Journal:
         if self._closed:
             raise JournalError("journal is closed")
 
+    def add_durable_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` each time records become durable, and at close, from the thread that made
+        them so, under the journal's lock: it must not block or call the journal (a `Waker.wake`)."""
+        with self._lock:
+            self._durable_listeners.append(listener)
+
+    def remove_durable_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            if listener in self._durable_listeners:
+                self._durable_listeners.remove(listener)
+
     def wait_for_records(self, after_seq: int, timeout: float) -> bool:
         """Block until a durable record with seq > after_seq exists (True) or `timeout` seconds
         pass or the journal closes (False)."""
@@ -870,6 +884,8 @@ class Journal:
             with self._lock:
                 self._closed = True
                 self._cond.notify_all()
+                for listener in self._durable_listeners:
+                    listener()
             self._flash.close()
 
     def __enter__(self) -> Journal:
