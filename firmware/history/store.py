@@ -479,14 +479,8 @@ def summary(idx: Index, size_cap: int | None, age_s: float | None, now_ns: int) 
     """What `usbmirror history` and status report about one history."""
     pts = idx.live_points()
     oldest = idx.oldest_restorable()
-    oldest_time = None
-    if oldest is not None:
-        oldest_time = idx.base_time_ns / 1e9 if oldest == idx.base_seq else None
-        if oldest_time is None:
-            for p in pts:
-                if p.seq >= oldest:
-                    oldest_time = p.time_ns / 1e9
-                    break
+    ot = idx.oldest_time_ns()
+    oldest_time = None if ot is None else ot / 1e9
     newest = pts[-1] if pts else None
     out: dict[str, object] = {
         "points": [p.as_dict() for p in reversed(pts)],
@@ -500,7 +494,7 @@ def summary(idx: Index, size_cap: int | None, age_s: float | None, now_ns: int) 
         "newest_point_age_s": None if newest is None else max(0.0, now_ns / 1e9 - newest.time_ns / 1e9),
         "resync_in_progress": bool(idx.windows and idx.windows[-1].end_seq is None),
     }
-    covered = None if oldest_time is None or not oldest_time else now_ns / 1e9 - oldest_time
+    covered = None if oldest_time is None else now_ns / 1e9 - oldest_time
     out["covers_s"] = covered
     out["warning"] = ""
     if age_s is not None and covered is not None and idx.base_seq > 0 and covered < age_s \
