@@ -46,7 +46,7 @@ def test_status_reports_size_cap_oldest_time_and_the_newest_point_age(tmp_path: 
     t0 = time.time_ns() - AGO * 10**9
     with _remote(tmp_path) as ru:
         s = Source(ru.port)
-        recs = _recs(t0, 1, 5) + (jp.Record(6, jp.RecordKind.MARK, 0, 0, t0 + 6, b"nightly"),)
+        recs = (*_recs(t0, 1, 5), jp.Record(6, jp.RecordKind.MARK, 0, 0, t0 + 6, b"nightly"))
         s.send(jp.Batch(0, recs))
         s.ack_upto(6)
         h = _src(ru)
