@@ -49,6 +49,7 @@ from typing import Any
 
 from firmware.failover.state import open_roles
 from firmware.history import DEFAULT_AGE_S, HistoryWriter, history_dir
+from firmware.history import status_keys as history_status_keys
 from firmware.link import protocol as jp
 from firmware.link_driver import LinkDriver, Waker
 from firmware.link_transport import LinkTransport
@@ -118,6 +119,11 @@ class SourceTarget:
         self.last_ack_time: float | None = None
         self._rate: list[tuple[float, int]] = []  # (monotonic, bytes_applied) samples at ACK time
         self.history: HistoryWriter | None = None
+        if unit.cfg.history_size is not None:
+            self.history = HistoryWriter.reopen(history_dir(unit.cfg.state_dir, source_id),
+                                                size_cap=unit.cfg.history_size, age_s=unit.cfg.history_age_s)
+            if self.history is not None:
+                self.store.add_hook(self.history)
 
     def open_history(self, hello: jp.Hello) -> None:
         """Keep point-in-time history for the volume this source sends (docs/HISTORY.md): a hook that
@@ -209,6 +215,8 @@ class SourceTarget:
             "applied_record_age_s": (None if not ses.last_record_ts_ns
                                      else max(0.0, time.time() - ses.last_record_ts_ns / 1e9)),
             **self.roles.state.status(),
+            **(self.history.status_keys() if self.history is not None else
+               history_status_keys(None, self.unit.cfg.history_size, self.unit.cfg.history_age_s, time.time_ns())),
         }
 
     def close(self) -> None:
@@ -628,5 +636,7 @@ class RemoteUnit:
             "tls": self._ctx is not None,
             "uptime_s": time.monotonic() - self.started,
             "refused_connections": self.refused,
-            "sources": [t.status() for t in self.targets.values()],
+            "sources": (sources := [t.status() for t in self.targets.values()]),
+            "warnings": [f"source {s['source_id']}: {s['history_warning']}" for s in sources
+                         if s.get("history_warning")],
         }

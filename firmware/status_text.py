@@ -9,6 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 
+def _secs(v: object) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:.0f} s"
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -54,6 +58,11 @@ def render_status(st: dict[str, Any]) -> str:
     for s in st.get("sources", []) or []:
         lines.append(f"  source   {s.get('source_id')}  {s.get('state')}  applied seq {s.get('applied_seq')}"
                      f"  target {s.get('target')}" + (f"  last error: {s['last_error']}" if s.get("last_error") else ""))
+        if s.get("history_size_bytes") is not None:
+            npa = s.get("history_newest_point_age_s")
+            lines.append(f"           history {_human(s['history_size_bytes'])} of {_human(s.get('history_cap_bytes') or 0)}"
+                         f"  covers {_secs(s.get('history_covers_s'))}  newest point "
+                         + ("none" if npa is None else f"seq {s['history_newest_point']['seq']}, {npa:.1f} s ago"))
     if st.get("cert_expires"):
         lines.append(f"  tls      certificate valid until {st['cert_expires']}")
     for w in st.get("warnings", []) or []:
