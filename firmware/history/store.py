@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from firmware.atomic import fsync_dir, write_atomically
 from firmware.history.format import (
     HEADER_SIZE,
     RESYNC_BEGIN,
@@ -48,7 +49,6 @@ from firmware.history.format import (
     scan,
 )
 from firmware.history.index import Index
-from firmware.identity import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
 

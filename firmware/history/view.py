@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from firmware.atomic import fsync_dir
 from firmware.history.format import HistoryError
 from firmware.history.index import Index
 from firmware.history.store import HistoryReader
@@ -213,9 +214,5 @@ def restore(view: ImageView, to: str | os.PathLike[str], *,
     os.close(fd)
     if not is_dev:
         os.rename(tmp, dest)
-        dfd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(dest.parent)
     return done

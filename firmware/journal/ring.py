@@ -92,7 +92,9 @@ class RecoveryReport:
 
 
 @dataclass(slots=True)
-class _Pending:
+class _QueuedRecord:
+    """A record appended to the ring but not yet written to flash (the write-behind queue)."""
+
     pos: int
     buf: bytearray
     kind: int
@@ -135,7 +137,7 @@ class Journal:
         self._durable_pos = self._head_pos
         self._applied_seq = ckpt.applied_seq
         self._consumers: dict[str, int] = dict(ckpt.consumers)
-        self._queue: list[_Pending] = []
+        self._queue: list[_QueuedRecord] = []
         # index of retained records: position, length and timestamp of seq idx_seq0 + i - idx_start
         self._idx_seq0 = ckpt.tail_seq
         self._idx_start = 0
@@ -531,9 +533,9 @@ class Journal:
                                   f"used, record needs {rlen + waste}")
             seq = self._head_seq + 1
             if waste:
-                self._queue.append(_Pending(pos, bytearray(HEADER_SIZE), WRAP_KIND, seq, 0, 0, 0, now_ns, 0))
+                self._queue.append(_QueuedRecord(pos, bytearray(HEADER_SIZE), WRAP_KIND, seq, 0, 0, 0, now_ns, 0))
                 pos += waste
-            self._queue.append(_Pending(pos, buf, int(kind), seq, lba, count, plen, now_ns, pcrc))
+            self._queue.append(_QueuedRecord(pos, buf, int(kind), seq, lba, count, plen, now_ns, pcrc))
             self._idx_pos.append(pos)
             self._idx_len.append(rlen)
             self._idx_ts.append(now_ns)
