@@ -10,26 +10,33 @@ keeps in DIR for one source (also while that remote is running) and lists the po
 `usbmirror restore --state-dir DIR --source ID (--mark NAME | --at TIME | --seq N) --to PATH`
 writes the image of one point to a new file or a block device (never the live target), with a
 progress bar, while the remote keeps applying.
+
+`usbmirror expose --state-dir DIR --source ID (--mark|--at|--seq) --usbip HOST:PORT [--writable]`
+serves the image of one point at once as a USB disk over USB/IP (no copy first), read-only or
+with a scratch overlay that is thrown away when it stops (SIGINT or SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware.config import DEFAULT_STATE_DIR
+from firmware.config import DEFAULT_STATE_DIR, parse_hostport, parse_size_opt
 from firmware.control import ControlError, request
 from firmware.history import HistoryError, HistoryReader, ImageView, history_dir, resolve, restore, summary
 from firmware.history.format import Meta
+from firmware.history.image_store import ImageStore
 from firmware.history.view import RESTORE_CHUNK
 
 
@@ -264,6 +271,90 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- expose -----------------------------------------------------------------------------------------
+
+DEFAULT_SCRATCH = 1 << 30
+
+
+@dataclass
+class Exposure:
+    """An image of one point served over USB/IP (see `exposed`)."""
+
+    source: str
+    what: str
+    seq: int
+    address: tuple[str, int]
+    busid: str
+    store: ImageStore
+    server: Any
+
+    def line(self) -> str:
+        mode = (f"writable, scratch overlay of {_size(self.store.scratch_cap)} thrown away at the end"
+                if not self.store.read_only else "read-only")
+        return (f"exposing source {self.source} at {self.what} over USB/IP on {self.address[0]}:{self.address[1]} "
+                f"busid {self.busid} ({mode})")
+
+    def end_line(self) -> str:
+        extra = "" if self.store.read_only else f", {_size(self.store.scratch_used)} of scratch thrown away"
+        return (f"exposure of source {self.source} at {self.what} ended: {self.store.reads} reads, "
+                f"{self.store.writes} writes{extra}; the target and the history are unchanged")
+
+
+@contextlib.contextmanager
+def exposed(state_dir: str, source: str, usbip: tuple[str, int], *, mark: str | None = None,
+            at: str | None = None, seq: int | None = None, writable: bool = False,
+            scratch_cap: int = DEFAULT_SCRATCH, busid: str = "1-1") -> Iterator[Exposure]:
+    """Serve the image of one point of `source`'s history over USB/IP until the block ends. The
+    view pins its point (trimming stops short of it) and follows the remote's applies, so the image
+    stays fixed while replication goes on; with `writable`, writes go to a scratch overlay in
+    `state_dir` (unlinked at once) and vanish at the end."""
+    from firmware.scsi import ScsiTarget, naa_locally_assigned
+    from gadget.descriptors import DeviceIdentity
+    from gadget.usbip_server import UsbipServer
+
+    with contextlib.ExitStack() as stack:
+        rd = stack.enter_context(open_history(state_dir, source))
+        res = resolve(rd.index, mark=mark, at=at, seq=seq)
+        view = stack.enter_context(ImageView(rd, res.start_id))
+        store = stack.enter_context(ImageStore(view, scratch_dir=state_dir if writable else None,
+                                               scratch_cap=scratch_cap))
+        m = rd.meta
+        digest = hashlib.sha256(f"{m.volume_uuid}:{m.generation}:{res.seq}:{os.getpid()}".encode()).digest()
+        serial = digest[:6].hex().upper()
+        lu = ScsiTarget(store, product="usbmirror image", serial=serial, device_id=naa_locally_assigned(digest[:8]),
+                        read_only=not writable)
+        try:
+            server = stack.enter_context(
+                UsbipServer.for_logical_unit(lu, DeviceIdentity(serial=serial, product="usbmirror image"),
+                                             host=usbip[0], port=usbip[1], busid=busid))
+        except OSError as exc:
+            raise HistoryError(f"cannot listen on {usbip[0]}:{usbip[1]}: {exc.strerror}") from None
+        yield Exposure(source, res.what, res.seq, (usbip[0], server.port), busid, store, server)
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    from firmware.stop_signals import install_stop_signals
+
+    try:
+        addr = parse_hostport(args.usbip)
+        cap = parse_size_opt(args.scratch_size)
+    except ValueError as exc:
+        print(f"usbmirror expose: {exc}", file=sys.stderr)
+        return 2
+    stop = install_stop_signals()
+    try:
+        with exposed(args.state_dir, args.source, addr, mark=args.mark, at=args.at, seq=args.seq,
+                     writable=args.writable, scratch_cap=cap, busid=args.usbip_busid) as ex:
+            print(ex.line(), flush=True)
+            stop.wait()
+            end = ex.end_line()
+    except (HistoryError, OSError) as exc:
+        print(f"usbmirror expose: {exc}", file=sys.stderr)
+        return 1
+    print(end, flush=True)
+    return 0
+
+
 def _add_point_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--mark", metavar="NAME", help="the image at the newest mark of that name")
@@ -302,3 +393,21 @@ def register(sub: Any, commands: dict[str, Any]) -> None:
     rp.add_argument("--to", required=True, metavar="PATH", help="a new file, or a block device at least as large")
     rp.add_argument("--json", action="store_true", help="machine-readable summary")
     commands["restore"] = cmd_restore
+    ep = sub.add_parser("expose", help="serve a source's disk as it was at a point, at once, over USB/IP",
+                        description="On a remote unit, serve the image of one point of a source's history "
+                        "(--mark, --at or --seq) as a USB disk over USB/IP for a second host, without copying "
+                        "anything first: reads come from the history where it holds an older block, else from "
+                        "the target. The image stays fixed while replication goes on. --writable is a test "
+                        "failover: writes go to a scratch overlay with its own cap and are thrown away when "
+                        "expose stops (SIGINT or SIGTERM); the target and the history are never written.")
+    ep.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
+    ep.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
+    _add_point_args(ep)
+    ep.add_argument("--usbip", required=True, metavar="HOST:PORT", help="where to serve USB/IP "
+                    "(no authentication: bind to 127.0.0.1 or a trusted network)")
+    ep.add_argument("--usbip-busid", default="1-1", metavar="BUSID", help="the exported bus id (default 1-1)")
+    ep.add_argument("--writable", action="store_true", help="accept writes into a scratch overlay, thrown away "
+                    "at the end")
+    ep.add_argument("--scratch-size", default="1G", metavar="SIZE", help="cap of the scratch overlay (default 1G); "
+                    "a write past it fails with DATA PROTECT, SPACE ALLOCATION FAILED")
+    commands["expose"] = cmd_expose
