@@ -26,7 +26,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,16 +43,6 @@ from host_tests.usbip_support import UsbipClient
 KIB, MIB = 1 << 10, 1 << 20
 BS = 512
 BATCH = 64
-
-
-@dataclass
-class Rec:
-    seq: int
-    kind: int
-    lba: int
-    count: int
-    timestamp_ns: int
-    payload: bytes
 
 
 def raw_durable_rate(path: Path, seconds: float) -> float:

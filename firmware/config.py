@@ -120,10 +120,6 @@ def merge_options(ns: argparse.Namespace, opts: Sequence[Opt], cfg: dict[str, An
     return out
 
 
-def parse_size_opt(text: str) -> int:
-    return parse_size(text)
-
-
 def parse_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -134,13 +130,13 @@ def parse_hostport(text: str) -> tuple[str, int]:
 LOCAL_OPTS = [
     Opt("--volume", "the local disk served to the host: an image file (created sparse) or a block device",
         metavar="PATH"),
-    Opt("--size", "size of the disk, e.g. 64M, 32G, 3T (needed to create an image file)", kind=parse_size_opt,
+    Opt("--size", "size of the disk, e.g. 64M, 32G, 3T (needed to create an image file)", kind=parse_size,
         metavar="SIZE"),
     Opt("--block-size", "logical block size the host sees: 512 (default) or 4096", default=512, kind=int,
         metavar="BYTES"),
     Opt("--journal", "the flash journal: a file (created and pre-written) or a partition; default "
         "<state-dir>/journal", metavar="PATH"),
-    Opt("--journal-size", "journal size when it is created (default 256M)", default="256M", kind=parse_size_opt,
+    Opt("--journal-size", "journal size when it is created (default 256M)", default="256M", kind=parse_size,
         metavar="SIZE"),
     Opt("--write-cache", "off (default): a WRITE completes once durable in the journal; on: WRITEs may "
         "complete from RAM and become durable at the next SYNCHRONIZE CACHE or FUA write",
@@ -177,7 +173,7 @@ LOCAL_OPTS = [
     Opt("--tls-dir", "directory made by `usbmirror pair` holding the CA and this unit's certificate",
         metavar="DIR"),
     Opt("--bandwidth-limit", "cap on replication bandwidth per remote, e.g. 10M (bytes/s); a remote's own "
-        "bandwidth_limit overrides it", kind=parse_size_opt, metavar="RATE"),
+        "bandwidth_limit overrides it", kind=parse_size, metavar="RATE"),
     Opt("--sync-timeout", "a sync remote unreachable this long stops holding host writes (status shows it "
         "degraded) rather than hanging the host; keep it well under the host's SCSI command timeout (30 s on "
         "Linux)", default=15.0, kind=float, metavar="SECONDS"),
@@ -198,7 +194,7 @@ REMOTE_OPTS = [
     Opt("--state-dir", f"holds state and the control socket (default {DEFAULT_STATE_DIR})",
         default=DEFAULT_STATE_DIR, metavar="DIR"),
     Opt("--history-size", "point-in-time history kept per source (default 1G), see "
-        "docs/HISTORY.md", default="1G", kind=parse_size_opt, metavar="SIZE"),
+        "docs/HISTORY.md", default="1G", kind=parse_size, metavar="SIZE"),
     Opt("--history-age", "drop history older than this (default 24h)", default="24h",
         kind=parse_duration, metavar="DURATION"),
 ]
@@ -241,7 +237,7 @@ def parse_remote(spec: str | dict[str, Any]) -> RemoteSpec:
         raise UsageError(f"remote {addr}: unknown setting(s) {', '.join(unknown)} (known: mode, name, bandwidth_limit)")
     if "bandwidth_limit" in extra:
         try:
-            extra["bandwidth_limit"] = parse_size_opt(str(extra["bandwidth_limit"]))
+            extra["bandwidth_limit"] = parse_size(str(extra["bandwidth_limit"]))
         except ValueError as exc:
             raise UsageError(f"remote {addr}: bandwidth_limit: {exc}") from None
     if mode not in ("async", "sync"):

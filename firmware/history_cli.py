@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware.config import DEFAULT_STATE_DIR, parse_hostport, parse_size_opt
+from firmware.config import DEFAULT_STATE_DIR, parse_hostport
 from firmware.control import ControlError, request
 from firmware.history import HistoryError, HistoryReader, ImageView, history_dir, resolve, restore, summary
 from firmware.history.format import Meta
 from firmware.history.image_store import ImageStore
 from firmware.history.view import RESTORE_CHUNK
+from firmware.volume import parse_size
 
 
 def cmd_mark(args: argparse.Namespace) -> int:
@@ -337,7 +338,7 @@ def cmd_expose(args: argparse.Namespace) -> int:
 
     try:
         addr = parse_hostport(args.usbip)
-        cap = parse_size_opt(args.scratch_size)
+        cap = parse_size(args.scratch_size)
     except ValueError as exc:
         print(f"usbmirror expose: {exc}", file=sys.stderr)
         return 2

@@ -28,8 +28,7 @@ from host_tests.scsi_fakes import MemoryBlockStore
 
 SIZE = 4 << 20  # 4 MiB: 8192 blocks of 512 bytes, 1024 of 4096
 UNIT_UUID = uuid.UUID("6c1f4a36-0000-4000-8000-00000000b10c")
-PROTOCOL_MEMBERS = ("block_size", "num_blocks", "write_cache", "read_only", "set_write_cache", "read", "write",
-                    "flush", "unmap")
+PROTOCOL_MEMBERS = sorted(n for n in vars(BlockStore) if not n.startswith("_"))
 
 
 @dataclass
