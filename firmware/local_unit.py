@@ -228,6 +228,11 @@ class LocalUnit:
         return self._nblocks
 
     @property
+    def read_only(self) -> bool:
+        """Never: the local unit is the host's writable disk."""
+        return False
+
+    @property
     def write_cache(self) -> bool:
         return self._write_cache
 

@@ -11,7 +11,7 @@ mode promises. With the write cache off it is durable; with it on it may sit in 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class StorageError(Exception):
@@ -54,10 +54,14 @@ class NotReady(StorageError):
     sense_key, asc, ascq = 0x02, 0x04, 0x00
 
 
+@runtime_checkable
 class BlockStore(Protocol):
     """Fixed-size array of logical blocks. All addresses are in logical blocks.
 
-    The caller (the SCSI target) has already checked that `lba + count <= num_blocks`.
+    The caller (the SCSI target) has already checked that `lba + count <= num_blocks`; a store still
+    refuses a range outside itself (or data that is not a whole number of blocks) with `ValueError`
+    and touches nothing. A fresh store reads as zeros. Every implementation passes the conformance
+    suite `host_tests/test_conformance_blockstore.py` before it is used.
     """
 
     @property
@@ -68,6 +72,12 @@ class BlockStore(Protocol):
     @property
     def num_blocks(self) -> int:
         """Number of logical blocks."""
+        ...
+
+    @property
+    def read_only(self) -> bool:
+        """True when the store refuses every `write()` and `unmap()` with `WriteProtected` (reads and
+        `flush()` still work). The SCSI target reports it as write-protected (mode sense WP)."""
         ...
 
     @property

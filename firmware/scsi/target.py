@@ -145,7 +145,7 @@ class ScsiTarget:
             max_unmap_descriptors=max_unmap_descriptors,
             max_write_same_blocks=max_write_same_blocks,
         )
-        self._read_only = bool(getattr(store, "read_only", False)) if read_only is None else read_only
+        self._read_only = store.read_only if read_only is None else read_only
         self._default_wce = bool(store.write_cache)
         self._sense: Sense = NO_SENSE
         self._unit_attentions: list[Sense] = []  # queued, oldest first (module docstring)
