@@ -1,4 +1,4 @@
-"""Assemble and run a local unit: volume, journal, SCSI target, USB transports, replication, control.
+"""Bring up and run a local unit: volume, journal, SCSI target, USB transports, replication, control.
 
 This is the only place that knows how the parts fit together; each part is a context manager and
 is torn down in reverse order on SIGINT/SIGTERM, so the journal is checkpointed and the volume is
@@ -12,50 +12,16 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from firmware.cli import RemoteEntry
+from firmware.config import LocalOptions, UsageError
+from firmware.status_text import render_status
 
 log = logging.getLogger("usbmirror.local")
 
 
-@dataclass
-class LocalOptions:
-    """Everything `usbmirror local` was given; the defaults live in one place, `firmware.cli.LOCAL_OPTS`."""
-
-    volume: str
-    size: int | None
-    block_size: int
-    journal: str | None
-    journal_size: int
-    write_cache: bool
-    throttle_start: float
-    throttle_max_delay_ms: float
-    throttle_resume: float
-    journal_salvage: bool
-    usbip: tuple[str, int] | None
-    usbip_busid: str
-    gadget: str | None
-    vendor_id: int
-    product_id: int
-    acm_console: bool
-    source_id: str | None
-    remotes: list[RemoteEntry]
-    tls_dir: str | None
-    bandwidth_limit: int | None
-    state_dir: str
-    sync_timeout: float
-    progress: bool
-    iscsi: tuple[str, int] | None = None
-    iscsi_chap: tuple[str, str] | None = None
-    iscsi_initiators: tuple[str, ...] = ()
-
-
 def run_local(opts: LocalOptions, stop: threading.Event) -> int:
-    from firmware.cli import UsageError
     from firmware.control import ControlError, ControlServer
     from firmware.identity import load_or_create
     from firmware.pairing import TlsFiles, add_expiry_status
@@ -219,8 +185,6 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
 
 def _status_text(fn: Any) -> str:
-    from firmware.cli import render_status
-
     try:
         return render_status(fn())
     except Exception as exc:

@@ -75,14 +75,15 @@ class BlockStore(Protocol):
         ...
 
     @property
-    def read_only(self) -> bool:
-        """True when the store refuses every `write()` and `unmap()` with `WriteProtected` (reads and
-        `flush()` still work). The SCSI target reports it as write-protected (mode sense WP)."""
+    def write_cache(self) -> bool:
+        """True when writes may be acknowledged before they are durable (SCSI caching page WCE)."""
         ...
 
     @property
-    def write_cache(self) -> bool:
-        """True when writes may be acknowledged before they are durable (SCSI caching page WCE)."""
+    def read_only(self) -> bool:
+        """True when the store refuses every `write()` and `unmap()` with `WriteProtected` (reads and
+        `flush()` still work): the SCSI target then reports the disk write-protected (WP in the mode
+        pages) and answers every write with DATA PROTECT, WRITE PROTECTED."""
         ...
 
     def set_write_cache(self, enabled: bool) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import google_crc32c
 
-from firmware.identity import fsync_dir, write_atomically
+from firmware.atomic import fsync_dir, write_atomically
 from firmware.journal.format import RecordKind
 from firmware.link import protocol as jp
 from firmware.replication.target import TargetState

@@ -217,7 +217,33 @@ class Local(Backend):
             self.unit.close()
 
 
-BACKENDS: list[type[Backend]] = [FileVolume, BlockDeviceVolume, Memory, Local, Fake, HeldFake]
+class LocalOnFiles(Backend):
+    """The local unit as `usbmirror local` runs it: a journal file and an image file, with the
+    background volume flusher; the power cut is a clean close and reopen."""
+
+    name = "local-unit-files"
+
+    def _open(self) -> LocalUnit:
+        self.vol = Volume(self.tmp / "lu-volume.img", size=NBLOCKS * self.bs, block_size=self.bs)
+        self.journal = Journal.open(self.tmp / "lu-journal", size=1 << 20, unit_uuid=UNIT, block_size=self.bs)
+        self.unit = LocalUnit(self.vol, self.journal, bitmap_path=str(self.tmp / "lu-dirty.bitmap"),
+                              write_cache=self.write_cache)
+        return self.unit
+
+    def make(self) -> BlockStore:
+        return self._open()
+
+    def after_power_cut(self, store: BlockStore) -> BlockStore:
+        self.close(store)
+        return self._open()
+
+    def close(self, store: BlockStore) -> None:
+        self.unit.close()
+        self.journal.close()
+        self.vol.close()
+
+
+BACKENDS: list[type[Backend]] = [FileVolume, BlockDeviceVolume, Memory, Local, LocalOnFiles, Fake, HeldFake]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from firmware.identity import fsync_dir
+from firmware.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 
