@@ -49,6 +49,7 @@ fuzz: setup
 lint: setup
 	$(VENV)/bin/ruff check gadget firmware hw bench host_tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy host_tests/test_conformance_*.py
 	$(VENV)/bin/lint-imports --no-cache
 
 -include hw/flash/flash.mk

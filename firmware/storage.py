@@ -12,7 +12,7 @@ mode promises. With the write cache off it is durable; with it on it may sit in 
 from __future__ import annotations
 
 import errno
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from firmware.sense_codes import Asc, SenseKey
 
@@ -73,10 +73,14 @@ def storage_error(exc: OSError, what: str) -> StorageError:
     return WriteError(f"{what}: {exc.strerror}")
 
 
+@runtime_checkable
 class BlockStore(Protocol):
     """Fixed-size array of logical blocks. All addresses are in logical blocks.
 
-    The caller (the SCSI target) has already checked that `lba + count <= num_blocks`.
+    The caller (the SCSI target) has already checked that `lba + count <= num_blocks`; a store still
+    refuses a range outside itself (or data that is not a whole number of blocks) with `ValueError`
+    and touches nothing. A fresh store reads as zeros. Every implementation passes the conformance
+    suite `host_tests/test_conformance_blockstore.py` before it is used.
     """
 
     @property
@@ -96,8 +100,9 @@ class BlockStore(Protocol):
 
     @property
     def read_only(self) -> bool:
-        """True when the store refuses writes: the SCSI target then reports the disk write-protected
-        (WP in the mode pages) and answers every write with DATA PROTECT, WRITE PROTECTED."""
+        """True when the store refuses every `write()` and `unmap()` with `WriteProtected` (reads and
+        `flush()` still work): the SCSI target then reports the disk write-protected (WP in the mode
+        pages) and answers every write with DATA PROTECT, WRITE PROTECTED."""
         ...
 
     def set_write_cache(self, enabled: bool) -> None:
