@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from firmware.journal import RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
@@ -110,6 +110,7 @@ class Progress:
     bytes_copied: int
 
 
+@runtime_checkable
 class ReplicatedJournal(SourceJournal, Protocol):
     """The local unit's journal as the replicator uses it."""
 
