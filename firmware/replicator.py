@@ -121,6 +121,7 @@ class ReplicatedJournal(SourceJournal, Protocol):
     def timestamp_of(self, seq: int) -> int | None: ...
 
 
+@runtime_checkable
 class ReplicatedUnit(Protocol):
     """The local unit as the replicator uses it: reads of the newest data, the dirty regions a journal
     overflow left, and the sync gates a `sync` remote holds the host's writes with."""

@@ -186,7 +186,8 @@ class FakeLocalUnit:
         self.gates.append(gate)
 
     def remove_sync_gate(self, gate: Callable[[int], None]) -> None:
-        self.gates.remove(gate)
+        if gate in self.gates:
+            self.gates.remove(gate)
 
     def dirty_snapshot(self) -> DirtySnapshot:
         with self.lock:
