@@ -88,7 +88,9 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
         replicator: Any = None
         if opts.remotes:
-            from firmware.replicator import RemoteSpec, Replicator, ReplicatorTuning, RichProgress
+            from firmware.progress_bars import RichProgress
+            from firmware.replication.spec import RemoteSpec
+            from firmware.replicator import Replicator, ReplicatorTuning
 
             specs = [RemoteSpec(address=r.address, mode=r.mode, name=r.name,
                                 bandwidth_limit_bps=r.extra.get("bandwidth_limit", opts.bandwidth_limit))

@@ -38,9 +38,9 @@ import time
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from firmware.journal import RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
@@ -61,7 +61,7 @@ from firmware.replication.source import (
 from firmware.replication.spec import DEFAULT_PORT, RemoteSpec
 
 __all__ = ["DEFAULT_PORT", "OPEN_END", "Progress", "RemoteLink", "RemoteSpec", "RemoteState", "Replicator",
-           "ReplicatorTuning", "RichProgress"]
+           "ReplicatorTuning"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class Progress:
     bytes_copied: int
 
 
+@runtime_checkable
 class ReplicatedJournal(SourceJournal, Protocol):
     """The local unit's journal as the replicator uses it."""
 
@@ -120,6 +121,7 @@ class ReplicatedJournal(SourceJournal, Protocol):
     def timestamp_of(self, seq: int) -> int | None: ...
 
 
+@runtime_checkable
 class ReplicatedUnit(Protocol):
     """The local unit as the replicator uses it: reads of the newest data, the dirty regions a journal
     overflow left, and the sync gates a `sync` remote holds the host's writes with."""
@@ -840,30 +842,3 @@ class Replicator:
             return diffs
         finally:
             transport.close()
-
-
-@dataclass
-class RichProgress:
-    """A progress callback that draws one `rich` bar per remote and phase (for the CLI)."""
-
-    bars: dict[tuple[str, str], Any] = field(default_factory=dict)
-    _progress: Any = None
-
-    def __enter__(self) -> RichProgress:
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                                  TextColumn("{task.fields[copied]}"), TimeRemainingColumn())
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def __call__(self, p: Progress) -> None:
-        key = (p.remote, p.phase)
-        if key not in self.bars:
-            self.bars[key] = self._progress.add_task(f"{p.phase} {p.remote}", total=p.total, copied="")
-        self._progress.update(self.bars[key], completed=p.done, total=p.total,
-                              copied=f"{p.bytes_copied / 1e6:.1f} MB copied")

@@ -60,8 +60,6 @@ from gadget.usbip_protocol import (
     ImportRequest,
     InterfaceTriple,
     OpStatus,
-    ProtocolError,
-    Role,
     SubmitCommand,
     SubmitReturn,
     UnlinkCommand,
@@ -69,6 +67,8 @@ from gadget.usbip_protocol import (
     UrbDirection,
     UsbDeviceInfo,
     UsbipConnection,
+    UsbipProtocolError,
+    UsbipRole,
     ret_submit_header,
 )
 
@@ -307,7 +307,7 @@ class UsbipServer:
 
     # -- one connection ----------------------------------------------------------------------------
     def _serve_connection(self, sock: socket.socket, peer: str) -> None:
-        conn = UsbipConnection(Role.SERVER, max_transfer=self.max_transfer)
+        conn = UsbipConnection(UsbipRole.SERVER, max_transfer=self.max_transfer)
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
         session = _UsbipSession(self, sock, peer)
@@ -324,7 +324,7 @@ class UsbipServer:
                         break
                     if not session.handle(conn, event):
                         return
-        except ProtocolError as exc:
+        except UsbipProtocolError as exc:
             self.count("protocol_errors")
             log.warning("usbip protocol error, closing peer=%s error=%s", peer, exc)
         except TimeoutError:
@@ -410,7 +410,7 @@ class _UsbipSession:
             return True
         if isinstance(event, ImportRequest):
             return self._import(conn, event)
-        raise ProtocolError(f"unexpected message {type(event).__name__}")
+        raise UsbipProtocolError(f"unexpected message {type(event).__name__}")
 
     def _import(self, conn: UsbipConnection, event: ImportRequest) -> bool:
         server = self.server
@@ -467,7 +467,7 @@ class _UsbipSession:
                 return
             try:
                 self._complete(conn, done)
-            except (OSError, ProtocolError) as exc:
+            except (OSError, UsbipProtocolError) as exc:
                 # The connection thread sees the same failure on its socket and ends the session.
                 log.info("usbip reply after a command failed peer=%s error=%s", self.peer, exc)
 

@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 from firmware.atomic import fsync_dir, write_atomically
 from firmware.history.format import (
@@ -49,6 +48,7 @@ from firmware.history.format import (
     scan,
 )
 from firmware.history.index import Index
+from firmware.link.protocol import RecordKind, RecordLike
 
 log = logging.getLogger(__name__)
 
@@ -59,25 +59,6 @@ VERIFY_TAIL_BYTES = 64 << 20  # payload checksums are checked this far back from
 META = "meta.json"
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.log$")
 _pin_counter = itertools.count()
-
-# journal record kinds (firmware.journal.format.RecordKind numbers)
-WRITE, UNMAP, FLUSH, MARK = 1, 2, 3, 4
-
-
-class RecordLike(Protocol):
-    @property
-    def seq(self) -> int: ...
-    @property
-    def kind(self) -> int: ...
-    @property
-    def lba(self) -> int: ...
-    @property
-    def count(self) -> int: ...
-    @property
-    def timestamp_ns(self) -> int: ...
-    @property
-    def payload(self) -> bytes: ...
-
 
 def history_dir(state_dir: str | os.PathLike[str], source_id: str) -> Path:
     return Path(state_dir) / f"{source_id}.history"
@@ -349,7 +330,7 @@ class HistoryWriter:
             if r.seq <= last:
                 continue
             last = r.seq
-            if kind in (WRITE, UNMAP) and r.count > 0:
+            if kind in (RecordKind.WRITE, RecordKind.UNMAP) and r.count > 0:
                 before = bytearray(read(r.lba, r.count))
                 end = r.lba + r.count
                 for (a, n, data) in overlay:
@@ -358,10 +339,10 @@ class HistoryWriter:
                         before[(lo - r.lba) * bs:(hi - r.lba) * bs] = (
                             data[(lo - a) * bs:(hi - a) * bs] if data is not None else bytes((hi - lo) * bs))
                 chunks.append(encode_undo(r.seq, r.timestamp_ns, r.lba, bytes(before), bs))
-                overlay.append((r.lba, r.count, r.payload if kind == WRITE else None))
-            elif kind == FLUSH and not in_resync:
+                overlay.append((r.lba, r.count, r.payload if kind == RecordKind.WRITE else None))
+            elif kind == RecordKind.FLUSH and not in_resync:
                 chunks.append(encode_point(r.seq, r.timestamp_ns, PointKind.FLUSH))
-            elif kind == MARK and not in_resync:
+            elif kind == RecordKind.MARK and not in_resync:
                 chunks.append(encode_point(r.seq, r.timestamp_ns, PointKind.MARK,
                                            bytes(r.payload).decode(errors="replace")[:100]))
         self._append(chunks)
