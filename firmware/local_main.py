@@ -96,10 +96,17 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                                 bandwidth_limit_bps=r.extra.get("bandwidth_limit", opts.bandwidth_limit))
                      for r in opts.remotes]
             progress = stack.enter_context(RichProgress()) if opts.progress else None
+            role_hooks: dict[str, Any] = {}
+            if roles is not None:
+                from firmware.local_roles import LocalRoles
+
+                local_roles = LocalRoles(roles, unit, journal)
+                role_hooks = {"generations": local_roles.generations}
             replicator = stack.enter_context(
                 Replicator(unit, journal, source_id=opts.source_id or "", remotes=specs,
                            tls_dir=opts.tls_dir or "", state_dir=str(state_dir),
-                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout), progress=progress)
+                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout), progress=progress,
+                           **role_hooks)
             )
 
         from gadget.descriptors import DeviceIdentity

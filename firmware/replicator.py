@@ -38,7 +38,7 @@ import time
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,7 +77,7 @@ class RemoteState(enum.IntEnum):
 
 
 PERMANENT_ERRORS = frozenset({jp.ErrorCode.UNKNOWN_SOURCE, jp.ErrorCode.PERMISSION_DENIED, jp.ErrorCode.VERSION,
-                              jp.ErrorCode.VOLUME_MISMATCH})
+                              jp.ErrorCode.VOLUME_MISMATCH, jp.ErrorCode.PRIMARY})
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,7 @@ class RemoteLink:
         self.next_dirty_check = 0.0
         self.resync_end: int | None = None
         self._transport: LinkTransport | None = None
+        self.peer_generations: jp.Generations | None = None  # a promoted remote's, from its last refusal
         self._handshaken = False
         self._thread = threading.Thread(target=self._run, name=f"link-{spec.label}", daemon=True)
 
@@ -242,6 +243,11 @@ class RemoteLink:
                 self._fail(str(exc), exc.state)
                 if exc.code in PERMANENT_ERRORS:
                     backoff = self.tuning.backoff_max_s
+                if exc.code is jp.ErrorCode.PRIMARY and self.rep.on_remote_primary is not None:
+                    try:
+                        self.rep.on_remote_primary(self, self.peer_generations, str(exc))
+                    except Exception:
+                        log.exception("handling a promoted remote failed remote=%s", self.spec.label)
             except PeerClosed:
                 self._fail("remote closed the connection", RemoteState.DISCONNECTED)
             except (OSError, ssl.SSLError, TimeoutError) as exc:
@@ -479,7 +485,15 @@ class _SourceConnection:
         self.echoes.discard(token)
 
     def handshake(self, purpose: jp.Purpose) -> jp.HelloReply:
-        self._send(self.session.hello(purpose))
+        hello = self.session.hello(purpose)
+        rep = self.link.rep
+        gens = rep.generations() if rep.generations is not None and purpose is jp.Purpose.REPLICATE else None
+        if gens is not None:
+            hello = replace(hello, features=hello.features | jp.Feature.GENERATIONS)
+        self._send(hello)
+        if gens is not None:
+            self._send(gens)
+        self.link.peer_generations = None
         deadline = time.monotonic() + self.tuning.connect_timeout_s
         while time.monotonic() < deadline:
             link_ready, _ = self.transport.wait(deadline - time.monotonic())
@@ -489,6 +503,9 @@ class _SourceConnection:
                 events = self.transport.read_events()
             except PeerClosed:
                 raise LinkFailure("remote closed the connection during HELLO") from None
+            while events and isinstance(first := events[0], jp.Generations):
+                self.link.peer_generations = first  # a promoted remote's, before its refusal
+                events = events[1:]
             if not events:
                 continue
             ev = events[0]
@@ -668,10 +685,16 @@ class Replicator:
         tuning: ReplicatorTuning | None = None,
         progress: Callable[[Progress], None] | None = None,
         plaintext: bool = False,
+        generations: Callable[[], jp.Generations] | None = None,
+        on_remote_primary: Callable[[RemoteLink, jp.Generations | None, str], None] | None = None,
     ) -> None:
         self.local_unit = local_unit
         self.journal = journal
         self.source_id = source_id
+        # roles (docs/FAILOVER.md): this unit's data generations, sent after each HELLO, and what to
+        # do when a remote answers that it was promoted (its GENERATIONS, if sent, and the message)
+        self.generations = generations
+        self.on_remote_primary = on_remote_primary
         self.tuning = tuning or ReplicatorTuning()
         self.state_dir = state_dir
         if tls is None and tls_dir:
