@@ -33,7 +33,7 @@ import enum
 import json
 import struct
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import google_crc32c
 
@@ -75,13 +75,12 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
     return int(google_crc32c.value(data if isinstance(data, bytes) else bytes(data)))
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     kind: Kind
     flags: int
     seq: int
     lba: int
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count: the field is what callers read
     payload_len: int
     time_ns: int
     payload_crc: int
@@ -91,8 +90,7 @@ class Header:
         return HEADER_SIZE + self.payload_len
 
 
-@dataclass(frozen=True, slots=True)
-class Encoded:
+class Encoded(NamedTuple):
     """One record ready to be written: its header (decoded and as bytes) and its payload, kept
     apart so that a batch is joined once and indexed without parsing it again."""
 
@@ -105,12 +103,16 @@ class Encoded:
         return self.head + self.payload
 
 
+_HEAD_BODY = struct.Struct(HEADER.format[:-1])  # the header without its own checksum
+_CRC = struct.Struct("<I")
+
+
 def encode_record(kind: Kind, *, seq: int, time_ns: int, payload: bytes = b"", lba: int = 0, count: int = 0,
                   flags: int = 0, name: str = "") -> Encoded:
-    pcrc = crc32c(payload)
-    body = HEADER.pack(MAGIC, int(kind), flags, HEADER_SIZE, seq, lba, count, len(payload), time_ns, pcrc, 0)
-    head = body[:_BODY] + struct.pack("<I", crc32c(body[:_BODY]))
-    return Encoded(Header(kind, flags, seq, lba, count, len(payload), time_ns, pcrc), head, payload, name)
+    pcrc = int(google_crc32c.value(payload))
+    body = _HEAD_BODY.pack(MAGIC, kind, flags, HEADER_SIZE, seq, lba, count, len(payload), time_ns, pcrc)
+    return Encoded(Header(kind, flags, seq, lba, count, len(payload), time_ns, pcrc),
+                   body + _CRC.pack(google_crc32c.value(body)), payload, name)
 
 
 def encode(kind: Kind, *, seq: int, time_ns: int, payload: bytes = b"", lba: int = 0, count: int = 0,
