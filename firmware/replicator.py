@@ -297,6 +297,7 @@ class RemoteLink:
                 if ident is None or ident[0] != "remote" or (self.spec.name and ident[1] != self.spec.name):
                     raise LinkFailure(f"remote certificate names {ident!r}, expected remote {self.spec.name or '*'}",
                                       RemoteState.REFUSED, jp.ErrorCode.PERMISSION_DENIED)
+                self.remote_name = ident[1]  # known before HELLO_REPLY (a refusal names the remote by it)
         except BaseException:
             sock.close()
             raise

@@ -111,3 +111,54 @@ def test_promote_on_a_running_remote_unit(units: Units, tmp_path: Path) -> None:
         c2.enumerate()
         c2.until_ready()
         assert c2.read10(100, 1) == b"\x33" * BS
+
+
+WRITE_PROTECTED = (0x7, 0x27, 0x00)
+
+
+def test_the_old_primary_comes_back_as_a_replica_and_reports_its_lost_writes(units: Units, tmp_path: Path) -> None:
+    tls = units.pair("dr1", ["server1"])
+    target = tmp_path / "target.img"
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
+    local = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address])
+    with attach(local) as c:
+        assert c.write10(8, b"\x5a" * (4 * BS)) == 0
+    local.wait_status(drained, what="the remote to catch up")
+    remote.stop()
+    with attach(local) as c:  # acknowledged, journaled, never shipped: the remote is down
+        for i in range(3):
+            assert c.write10(200 + 4 * i, bytes([0x60 + i]) * (2 * BS)) == 0
+    local.kill9()
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls, state_dir=remote.state_dir,
+                                port=remote.port)
+    standby_port = free_port()
+    r = usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
+                  f"127.0.0.1:{standby_port}")
+    assert r.returncode == 0, r.stderr
+    again = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address], state_dir=local.state_dir)
+    st = again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
+    assert st["primary"] is False and st["split_brain"] is False
+    loss = st["failover_loss"]
+    assert (loss["writes"], loss["bytes"], loss["peer"]) == (3, 3 * 2 * BS, "dr1")
+    assert loss["generation"] == remote.status()["sources"][0]["data_generation"]
+    assert "is a replica of dr1" in st["host_writes_reason"]
+    assert "failover's loss" in st["role_message"] and "lost_writes=3" in again.log()
+    with attach(again) as c:
+        assert c.write10(0, b"\x11" * BS) == 1
+        assert c.request_sense() == WRITE_PROTECTED
+        assert c.read10(8, 4) == b"\x5a" * (4 * BS)  # reads go on
+    # the lost writes never reached the promoted copy
+    assert read_block(target, 200) == bytes(BS) and read_block(target, 8) == b"\x5a" * BS
+    roles = json.loads((local.state_dir / "roles" / "server1.json").read_text())
+    assert roles["primary"] is False and roles["failover_loss"]["writes"] == 3
+    # a replica stays one across a restart: writes are refused from the first command on
+    again.stop()
+    third = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address], state_dir=local.state_dir)
+    st3 = third.status()
+    assert st3["host_writes"] == "refused" and st3["primary"] is False and st3["scsi"]["read_only"] is True
+    with attach(third) as c:
+        assert c.write10(0, b"\x11" * BS) == 1
+        assert c.request_sense() == WRITE_PROTECTED
