@@ -38,9 +38,9 @@ import time
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from firmware.journal import RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
@@ -61,7 +61,7 @@ from firmware.replication.source import (
 from firmware.replication.spec import DEFAULT_PORT, RemoteSpec
 
 __all__ = ["DEFAULT_PORT", "OPEN_END", "Progress", "RemoteLink", "RemoteSpec", "RemoteState", "Replicator",
-           "ReplicatorTuning", "RichProgress"]
+           "ReplicatorTuning"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class RemoteState(enum.IntEnum):
 
 
 PERMANENT_ERRORS = frozenset({jp.ErrorCode.UNKNOWN_SOURCE, jp.ErrorCode.PERMISSION_DENIED, jp.ErrorCode.VERSION,
-                              jp.ErrorCode.VOLUME_MISMATCH})
+                              jp.ErrorCode.VOLUME_MISMATCH, jp.ErrorCode.PRIMARY})
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class Progress:
     bytes_copied: int
 
 
+@runtime_checkable
 class ReplicatedJournal(SourceJournal, Protocol):
     """The local unit's journal as the replicator uses it."""
 
@@ -120,6 +121,7 @@ class ReplicatedJournal(SourceJournal, Protocol):
     def timestamp_of(self, seq: int) -> int | None: ...
 
 
+@runtime_checkable
 class ReplicatedUnit(Protocol):
     """The local unit as the replicator uses it: reads of the newest data, the dirty regions a journal
     overflow left, and the sync gates a `sync` remote holds the host's writes with."""
@@ -198,6 +200,7 @@ class RemoteLink:
         self.next_dirty_check = 0.0
         self.resync_end: int | None = None
         self._transport: LinkTransport | None = None
+        self.peer_generations: jp.Generations | None = None  # a promoted remote's, from its last refusal
         self._handshaken = False
         self._thread = threading.Thread(target=self._run, name=f"link-{spec.label}", daemon=True)
 
@@ -240,6 +243,11 @@ class RemoteLink:
                 self._fail(str(exc), exc.state)
                 if exc.code in PERMANENT_ERRORS:
                     backoff = self.tuning.backoff_max_s
+                if exc.code is jp.ErrorCode.PRIMARY and self.rep.on_remote_primary is not None:
+                    try:
+                        self.rep.on_remote_primary(self, self.peer_generations, str(exc))
+                    except Exception:
+                        log.exception("handling a promoted remote failed remote=%s", self.spec.label)
             except PeerClosed:
                 self._fail("remote closed the connection", RemoteState.DISCONNECTED)
             except (OSError, ssl.SSLError, TimeoutError) as exc:
@@ -289,6 +297,7 @@ class RemoteLink:
                 if ident is None or ident[0] != "remote" or (self.spec.name and ident[1] != self.spec.name):
                     raise LinkFailure(f"remote certificate names {ident!r}, expected remote {self.spec.name or '*'}",
                                       RemoteState.REFUSED, jp.ErrorCode.PERMISSION_DENIED)
+                self.remote_name = ident[1]  # known before HELLO_REPLY (a refusal names the remote by it)
         except BaseException:
             sock.close()
             raise
@@ -477,7 +486,15 @@ class _SourceConnection:
         self.echoes.discard(token)
 
     def handshake(self, purpose: jp.Purpose) -> jp.HelloReply:
-        self._send(self.session.hello(purpose))
+        hello = self.session.hello(purpose)
+        rep = self.link.rep
+        gens = rep.generations() if rep.generations is not None and purpose is jp.Purpose.REPLICATE else None
+        if gens is not None:
+            hello = replace(hello, features=hello.features | jp.Feature.GENERATIONS)
+        self._send(hello)
+        if gens is not None:
+            self._send(gens)
+        self.link.peer_generations = None
         deadline = time.monotonic() + self.tuning.connect_timeout_s
         while time.monotonic() < deadline:
             link_ready, _ = self.transport.wait(deadline - time.monotonic())
@@ -487,6 +504,9 @@ class _SourceConnection:
                 events = self.transport.read_events()
             except PeerClosed:
                 raise LinkFailure("remote closed the connection during HELLO") from None
+            while events and isinstance(first := events[0], jp.Generations):
+                self.link.peer_generations = first  # a promoted remote's, before its refusal
+                events = events[1:]
             if not events:
                 continue
             ev = events[0]
@@ -666,10 +686,16 @@ class Replicator:
         tuning: ReplicatorTuning | None = None,
         progress: Callable[[Progress], None] | None = None,
         plaintext: bool = False,
+        generations: Callable[[], jp.Generations] | None = None,
+        on_remote_primary: Callable[[RemoteLink, jp.Generations | None, str], None] | None = None,
     ) -> None:
         self.local_unit = local_unit
         self.journal = journal
         self.source_id = source_id
+        # roles (docs/FAILOVER.md): this unit's data generations, sent after each HELLO, and what to
+        # do when a remote answers that it was promoted (its GENERATIONS, if sent, and the message)
+        self.generations = generations
+        self.on_remote_primary = on_remote_primary
         self.tuning = tuning or ReplicatorTuning()
         self.state_dir = state_dir
         if tls is None and tls_dir:
@@ -840,30 +866,3 @@ class Replicator:
             return diffs
         finally:
             transport.close()
-
-
-@dataclass
-class RichProgress:
-    """A progress callback that draws one `rich` bar per remote and phase (for the CLI)."""
-
-    bars: dict[tuple[str, str], Any] = field(default_factory=dict)
-    _progress: Any = None
-
-    def __enter__(self) -> RichProgress:
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                                  TextColumn("{task.fields[copied]}"), TimeRemainingColumn())
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def __call__(self, p: Progress) -> None:
-        key = (p.remote, p.phase)
-        if key not in self.bars:
-            self.bars[key] = self._progress.add_task(f"{p.phase} {p.remote}", total=p.total, copied="")
-        self._progress.update(self.bars[key], completed=p.done, total=p.total,
-                              copied=f"{p.bytes_copied / 1e6:.1f} MB copied")

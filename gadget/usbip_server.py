@@ -60,8 +60,6 @@ from gadget.usbip_protocol import (
     ImportRequest,
     InterfaceTriple,
     OpStatus,
-    ProtocolError,
-    Role,
     SubmitCommand,
     SubmitReturn,
     UnlinkCommand,
@@ -69,6 +67,9 @@ from gadget.usbip_protocol import (
     UrbDirection,
     UsbDeviceInfo,
     UsbipConnection,
+    UsbipProtocolError,
+    UsbipRole,
+    ret_submit_header,
 )
 
 log = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ class UsbipServer:
 
     # -- one connection ----------------------------------------------------------------------------
     def _serve_connection(self, sock: socket.socket, peer: str) -> None:
-        conn = UsbipConnection(Role.SERVER, max_transfer=self.max_transfer)
+        conn = UsbipConnection(UsbipRole.SERVER, max_transfer=self.max_transfer)
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
         session = _UsbipSession(self, sock, peer)
@@ -323,7 +324,7 @@ class UsbipServer:
                         break
                     if not session.handle(conn, event):
                         return
-        except ProtocolError as exc:
+        except UsbipProtocolError as exc:
             self.count("protocol_errors")
             log.warning("usbip protocol error, closing peer=%s error=%s", peer, exc)
         except TimeoutError:
@@ -365,6 +366,21 @@ class UsbipServer:
                     self._attached = None
 
 
+def _send_buffers(sock: socket.socket, buffers: list[bytes]) -> None:
+    """`sendall` of the concatenation of `buffers`, without concatenating them (one `sendmsg` when
+    the socket takes everything at once, as a blocking one does)."""
+    if len(buffers) == 1:
+        sock.sendall(buffers[0])
+        return
+    total = sum(len(b) for b in buffers)
+    sent = sock.sendmsg(buffers)
+    if sent == total:
+        return
+    # A partial send (a signal, a timeout): send the rest from where it stopped.
+    rest = memoryview(b"".join(buffers))[sent:]
+    sock.sendall(rest)
+
+
 class _UsbipSession:
     """State of one connection: which device it imported, if any.
 
@@ -394,7 +410,7 @@ class _UsbipSession:
             return True
         if isinstance(event, ImportRequest):
             return self._import(conn, event)
-        raise ProtocolError(f"unexpected message {type(event).__name__}")
+        raise UsbipProtocolError(f"unexpected message {type(event).__name__}")
 
     def _import(self, conn: UsbipConnection, event: ImportRequest) -> bool:
         server = self.server
@@ -451,13 +467,21 @@ class _UsbipSession:
                 return
             try:
                 self._complete(conn, done)
-            except (OSError, ProtocolError) as exc:
+            except (OSError, UsbipProtocolError) as exc:
                 # The connection thread sees the same failure on its socket and ends the session.
                 log.info("usbip reply after a command failed peer=%s error=%s", self.peer, exc)
 
     def _complete(self, conn: UsbipConnection, done: list[Completion]) -> None:
-        replies = [conn.send(SubmitReturn(c.tag, c.status, c.actual_length, c.data)) for c in done]
-        self.sock.sendall(replies[0] if len(replies) == 1 else b"".join(replies))
+        """Send the RET_SUBMITs of `done`, in order, with one `sendmsg`: each header and its IN
+        data go as separate buffers, so no payload is copied to join them."""
+        buffers: list[bytes] = []
+        for c in done:
+            if c.data and len(c.data) != c.actual_length:
+                raise ValueError("IN data length must equal actual_length")
+            buffers.append(ret_submit_header(c.tag, c.status, c.actual_length))
+            if c.data:
+                buffers.append(c.data)
+        _send_buffers(self.sock, buffers)
 
     def _unlink(self, conn: UsbipConnection, cmd: UnlinkCommand) -> None:
         with self.lock:

@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 from firmware.atomic import fsync_dir, write_atomically
 from firmware.history.format import (
@@ -50,6 +49,7 @@ from firmware.history.format import (
     undo_record,
 )
 from firmware.history.index import Index
+from firmware.link.protocol import RecordKind, RecordLike
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +61,7 @@ META = "meta.json"
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.log$")
 _pin_counter = itertools.count()
 
-# journal record kinds (firmware.journal.format.RecordKind numbers)
-WRITE, UNMAP, FLUSH, MARK = 1, 2, 3, 4
 _OVERLAY_SHIFT = 7  # blocks per bucket of a batch's overlay lookup (1 << 7)
-
-
-class RecordLike(Protocol):
-    @property
-    def seq(self) -> int: ...
-    @property
-    def kind(self) -> int: ...
-    @property
-    def lba(self) -> int: ...
-    @property
-    def count(self) -> int: ...
-    @property
-    def timestamp_ns(self) -> int: ...
-    @property
-    def payload(self) -> bytes: ...
 
 
 def history_dir(state_dir: str | os.PathLike[str], source_id: str) -> Path:
@@ -358,7 +341,7 @@ class HistoryWriter:
             if r.seq <= last:
                 continue
             last = r.seq
-            if kind in (WRITE, UNMAP) and r.count > 0:
+            if kind in (RecordKind.WRITE, RecordKind.UNMAP) and r.count > 0:
                 lba, end = r.lba, r.lba + r.count
                 buckets = range(lba >> _OVERLAY_SHIFT, ((end - 1) >> _OVERLAY_SHIFT) + 1)
                 earlier: set[int] = set()
@@ -378,12 +361,12 @@ class HistoryWriter:
                     before = bytes(buf)
                 out.append(undo_record(r.seq, r.timestamp_ns, lba, before, bs))
                 i = len(overlay)
-                overlay.append((lba, r.count, r.payload if kind == WRITE else None))
+                overlay.append((lba, r.count, r.payload if kind == RecordKind.WRITE else None))
                 for b in buckets:
                     touched.setdefault(b, []).append(i)
-            elif kind == FLUSH and not in_resync:
+            elif kind == RecordKind.FLUSH and not in_resync:
                 out.append(point_record(r.seq, r.timestamp_ns, PointKind.FLUSH))
-            elif kind == MARK and not in_resync:
+            elif kind == RecordKind.MARK and not in_resync:
                 out.append(point_record(r.seq, r.timestamp_ns, PointKind.MARK,
                                         bytes(r.payload).decode(errors="replace")[:100]))
         self._append(out)
