@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from firmware.failover.generations import History, WriteInfo
 from firmware.failover.returning import old_primary_returns
-from firmware.failover.state import RoleStore
+from firmware.failover.state import RoleStore, fresh_generation_id
 from firmware.journal import RecordsGone
 from firmware.journal.format import RecordKind
 
@@ -92,6 +93,15 @@ class LocalRoles:
             return
         st = self.roles.state
         cur = st.history.current
+        handover = jp.GenerationsFlag.HANDOVER in gens.flags
+        if handover and st.primary and peer_history.current is not None \
+                and st.history.successor(peer_history.current) == cur:
+            # this unit took the source back but the remote never heard: say it again
+            self.unit.refuse_writes(None)
+            link.rep.fetch_back(link, lambda report: self.generations(), pull=False)
+            log.warning("failback: the remote took the hand-back remote=%s generation=%s", peer,
+                        cur.label if cur is not None else None)
+            return
         promoted = peer_history.successor(cur) if cur is not None else None
         after = promoted.fork_seq if promoted is not None else link.acked_seq
         writes, complete = self._unshipped(after)
@@ -110,6 +120,31 @@ class LocalRoles:
         self.last_message = ret.message
         if ret.refuse_writes and self.unit.write_refusal is None:
             self.unit.refuse_writes(self.replica_reason() or ret.message)
+        if handover and ret.refuse_writes and ret.decision.outcome.value == "remote_newer":
+            self._fail_back(link, peer, peer_history)
+
+    def _fail_back(self, link: Any, peer: str, peer_history: History) -> None:
+        """The promoted remote hands the source back: pull what differs, then take over in a new
+        generation on top of the remote's (recorded before the remote hears of it) and serve the
+        host again."""
+        log.warning("failback: pulling the changed regions from remote=%s", peer)
+
+        def take_over(report: dict[str, Any]) -> Any:
+            hist = peer_history.promote(gen_id=fresh_generation_id(), now_ns=time.time_ns(),
+                                        fork_seq=self.journal.durable_seq)
+            self.roles.save(replace(self.roles.state, primary=True, history=hist, split_brain=None,
+                                    resolution=None, last_resync=report))
+            return self.generations()
+
+        try:
+            report = link.rep.fetch_back(link, take_over)
+        finally:
+            if self.roles.state.primary:  # taken over (even if the remote's ACK was lost): serve the host
+                self.unit.refuse_writes(None)
+        self.last_message = (f"failed back from {peer}: {report['regions_copied']} regions "
+                             f"({report['bytes_moved']} bytes) pulled in {report['seconds']} s; primary again")
+        log.warning("failback complete remote=%s bytes_moved=%d regions=%d seconds=%.3f", peer,
+                    report["bytes_moved"], report["regions_copied"], report["seconds"])
 
     def status(self) -> dict[str, Any]:
         out = self.roles.state.status()

@@ -310,6 +310,25 @@ class LocalUnit:
             return
         self._submit(RecordKind.UNMAP, lba, count, b"", fua=False)
 
+    def install(self, lba: int, data: bytes) -> None:
+        """Failback: blocks pulled from a promoted remote, written straight to the volume (not
+        journaled: they are the source's data already, and the remote holds them). Only a replica
+        (`refuse_writes`) installs; every journal record is first applied, so none is replayed over
+        the installed blocks after a restart. Durable after `install_done()`."""
+        if self._write_refusal is None:
+            raise StorageError("only a replica installs blocks from a promoted remote")
+        if len(data) % self._bs:
+            raise ValueError("data is not a whole number of blocks")
+        self._check(lba, len(data) // self._bs, writing=False)
+        with self._lock:
+            self._reclaim_locked()
+            self._guard(lambda: self._volume.write_nosync(lba, data))
+
+    def install_done(self) -> None:
+        """The installed blocks are durable on the volume."""
+        with self._lock:
+            self._guard(self._volume.flush)
+
     def flush(self) -> None:
         """SYNCHRONIZE CACHE: a consistency point; returns once everything before it is durable
         (and, with sync gates, on the sync remotes)."""
