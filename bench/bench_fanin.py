@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firmware.resources import FDS_PER_SOURCE, raise_fd_limit  # noqa: E402
-from host_tests.fanin_kit import (  # noqa: E402
+from firmware.resources import FDS_PER_SOURCE, raise_fd_limit
+from host_tests.fanin_kit import (
     Source,
     make_pairing,
     open_source,
@@ -33,7 +33,7 @@ from host_tests.fanin_kit import (  # noqa: E402
     wait_drained,
     wait_streaming,
 )
-from host_tests.units import Units  # noqa: E402
+from host_tests.units import Units
 
 MIB = 1 << 20
 
