@@ -1,4 +1,4 @@
-"""The role commands of `usbmirror`: `promote` (on a remote unit).
+"""The role commands of `usbmirror`: `promote` and `failback` (on a remote unit).
 
 `usbmirror promote --state-dir REMOTE_STATE --source ID --usbip HOST:PORT [--mark NAME | --at TIME |
 --seq N] [--force]` asks the remote unit running with REMOTE_STATE, over its control socket, to make
@@ -43,6 +43,29 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_failback(args: argparse.Namespace) -> int:
+    req = {"cmd": "failback", "source": args.source, "timeout": args.timeout}
+    try:
+        ans = request(args.state_dir, req, timeout=args.timeout + 30.0)
+    except ControlError as exc:
+        print(f"usbmirror failback: {exc}", file=sys.stderr)
+        return 1
+    if not ans.get("ok"):
+        print(f"usbmirror failback: {ans.get('error')}", file=sys.stderr)
+        return 1
+    ans.pop("ok", None)
+    if args.json:
+        print(json.dumps(ans, indent=2, sort_keys=True))
+        return 0 if ans.get("done") else 1
+    if not ans.get("done"):
+        print(f"usbmirror failback: source {ans['source']} is no longer served here; the local unit has not "
+              f"taken it back within {args.timeout:.0f} s (it does when it next reaches this remote; see status)",
+              file=sys.stderr)
+        return 1
+    print(f"failed back source {ans['source']}: the local unit is primary again and this remote is its replica")
+    return 0
+
+
 def register(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     pp = sub.add_parser("promote", help="on a remote unit, make its copy of a source primary and serve it",
                         description="Switchover: the running remote unit makes its copy of a source primary (a new "
@@ -64,3 +87,14 @@ def register(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]])
                     "image from before it and promote that")
     pp.add_argument("--json", action="store_true", help="machine-readable output")
     commands["promote"] = cmd_promote
+    fp = sub.add_parser("failback", help="on a remote unit, hand a promoted source back to its local unit",
+                        description="Planned failback: the remote stops serving its promoted copy to the standby "
+                        "host, the old local unit (a replica) pulls the blocks that differ, becomes primary again "
+                        "in a new data generation and serves its host, and replication to this remote resumes. "
+                        "Waits until the local unit took over (or --timeout).")
+    fp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
+    fp.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
+    fp.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds to wait for the local "
+                    "unit (default 600)")
+    fp.add_argument("--json", action="store_true", help="machine-readable output")
+    commands["failback"] = cmd_failback

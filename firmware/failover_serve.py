@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import time
 from types import TracebackType
 from typing import Any
 
@@ -124,3 +125,25 @@ class PromotionServers:
                                "on the recorded address") from None
         result["usbip"] = f"{host}:{server.port}"
         return result
+
+    def failback(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The control command `failback`: stop serving the promoted copy of `req["source"]`, hand the
+        source back, and wait (up to `req["timeout"]` seconds) until the old local unit pulled what
+        changed and took over (the copy is then its replica)."""
+        sid = req.get("source")
+        t = self.unit.targets.get(sid) if isinstance(sid, str) else None
+        if t is None or not isinstance(sid, str):
+            raise PromoteError(f"unknown source {sid!r}; this remote serves {', '.join(sorted(self.unit.targets))}")
+        timeout = req.get("timeout", 600)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
+            raise PromoteError("timeout must be a number of seconds")
+        server = self._servers.pop(sid, None)
+        if server is not None:
+            server.stop()  # the standby host loses the disk first: no write can race the handover
+        out = t.begin_failback()
+        deadline = time.monotonic() + float(timeout)
+        while t.roles.state.primary and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out["done"] = not t.roles.state.primary
+        out["last_resync"] = t.roles.state.last_resync
+        return out

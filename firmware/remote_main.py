@@ -61,10 +61,18 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
                     log.warning("promote refused source=%s reason=%s", req.get("source"), exc)
                     return {"ok": False, "error": str(exc)}
 
+            def failback(req: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return promoted.failback(req)
+                except PromoteError as exc:
+                    log.warning("failback refused source=%s reason=%s", req.get("source"), exc)
+                    return {"ok": False, "error": str(exc)}
+
             promoted.resume_all()
             control.register("status", status)
             control.register("rollback", rollback)
             control.register("promote", promote)
+            control.register("failback", failback)
             unit.serve_forever(stop)
             log.info("stopping remote unit")
     finally:

@@ -41,6 +41,7 @@ import dataclasses
 import errno
 import logging
 import os
+import shutil
 import socket
 import ssl
 import threading
@@ -333,6 +334,8 @@ class SourceTarget:
         open the copy again (None when it is a replica). Raises PromoteError (also kept in status)."""
         if not self.roles.state.primary or self.promoted is not None:
             return self.promoted
+        if (self.roles.state.promotion or {}).get("handover"):
+            return None  # a failback is under way: the copy is no longer served
         if not self.lock.acquire(timeout=5.0):
             raise PromoteError(f"the target of source {self.source_id} is busy")
         try:
@@ -380,6 +383,61 @@ class SourceTarget:
         if p is not None:
             p.close()
             self.lock.release()
+
+    def begin_failback(self) -> dict[str, Any]:
+        """`usbmirror failback`: the copy is no longer served (the caller stopped its server) and takes
+        no more writes; the role state says a handover is under way, so the old local unit (a
+        replica) pulls what changed, takes the source back in a new generation, and this copy
+        becomes its replica (`handed_back`)."""
+        st = self.roles.state
+        if not st.primary:
+            raise PromoteError(f"source {self.source_id} is not primary on this remote: nothing to fail back")
+        written = self.promoted.status() if self.promoted is not None else {}
+        self.end_promotion_io()
+        promo = dict(st.promotion or {})
+        if not promo.get("handover"):
+            promo["handover"] = True
+            promo["handover_ns"] = time.time_ns()
+            self.roles.update(promotion=promo)
+            log.warning("failback: the promoted copy is no longer served source=%s writes=%s", self.source_id,
+                        written.get("writes"))
+        return {"source": self.source_id, "generation": st.history.current.label if st.history.current else None,
+                "promoted_io": written}
+
+    def handed_back(self, gens: jp.Generations) -> int:
+        """A FETCH connection's GENERATIONS: the local unit pulled what changed and is primary again
+        in the generation after ours. This copy becomes its replica at that generation's fork
+        position (stored first, so the source never ships the writes it lost on top of it). Returns
+        the position to acknowledge."""
+        try:
+            theirs = History.from_tuples(gens.generations)
+        except ValueError as exc:
+            raise jp.ProtocolError(f"GENERATIONS: {exc}") from None
+        st = self.roles.state
+        cur, new = st.history.current, theirs.current
+        if not st.primary or not (st.promotion or {}).get("handover"):
+            raise Refused(jp.ErrorCode.SEQUENCE, f"no failback of source {self.source_id} is under way")
+        if new is None or cur is None or theirs.successor(cur) != new:
+            raise Refused(jp.ErrorCode.SEQUENCE, f"generation {new and new.label} does not follow this copy's "
+                          f"{cur and cur.label}")
+        ts = self.session.state
+        ts.applied_seq = new.fork_seq
+        self.session.forget_unsynced()
+        self.store.sync()
+        self.store.save_state(ts)
+        if self.history is not None:  # its seqs are the promoted copy's, not the source's: start anew
+            if self.history in self.store.hooks:
+                self.store.hooks.remove(self.history)
+            self.history.close()
+            self.history = None
+            shutil.rmtree(history_dir(self.unit.cfg.state_dir, self.source_id), ignore_errors=True)
+        self.roles.drop_bitmap(self.source_id)
+        self.roles.update(primary=False, history=theirs, promotion=None, split_brain=None, resolution=None,
+                          last_resync={"failback_ns": time.time_ns(), "to": self.peer or "the local unit",
+                                       "fork_seq": new.fork_seq})
+        log.warning("failback complete: the local unit is primary again source=%s generation=%s applied_seq=%d",
+                    self.source_id, new.label, new.fork_seq)
+        return new.fork_seq
 
     def _serving_text(self) -> str:
         promo = self.roles.state.promotion or {}
@@ -503,6 +561,7 @@ class _Connection:
         self.target: SourceTarget | None = None
         self.session: TargetSession | None = None  # the target's, or a verify connection's own
         self.replicating = False
+        self.fetching = False  # a failback's FETCH connection: holds the target's lock
         self.closing = False
         self.flusher: _Flusher | None = None
 
@@ -546,6 +605,10 @@ class _Connection:
 
     def _release(self) -> None:
         t = self.target
+        if t is not None and self.fetching:
+            self.fetching = False
+            t.lock.release()
+            return
         if t is None or not self.replicating or t.active is not self:
             return
         t.active = None
@@ -595,6 +658,17 @@ class _Connection:
         if isinstance(ev, jp.Generations):
             if self.replicating:
                 t.adopt_history(ev)
+            elif self.fetching:
+                self.link.send(jp.Ack(t.handed_back(ev)))
+            return
+        if isinstance(ev, jp.RegionRead):
+            if not self.fetching:
+                raise jp.ProtocolError("REGION_READ outside a failback")
+            ses._check_range(ev.lba, ev.count)
+            vol = t.store.volume
+            if vol is None:
+                raise Refused(jp.ErrorCode.TARGET_IO, "the target is not open")
+            self.link.send(jp.RegionData(ev.lba, vol.read(ev.lba, ev.count)))
             return
         if isinstance(ev, jp.ResyncBegin | jp.ResyncEnd):
             self._quiesce()
@@ -653,18 +727,32 @@ class _Connection:
         if t is None:
             raise Refused(jp.ErrorCode.UNKNOWN_SOURCE, f"no target for source {hello.source_id!r}")
         roles = t.roles.state
-        if roles.primary:
+        handover = bool((roles.promotion or {}).get("handover"))
+        if hello.purpose is jp.Purpose.FETCH:
+            if not roles.primary or not handover:
+                raise Refused(jp.ErrorCode.SEQUENCE, f"no failback of source {hello.source_id} is under way on "
+                              f"remote {self.unit.cfg.name} (`usbmirror failback` starts one)")
+            if not t.lock.acquire(timeout=max(5.0, self.unit.cfg.heartbeat_timeout_s)):
+                raise Refused(jp.ErrorCode.BUSY, "another connection holds this source's target")
+            self.target = t
+            self.fetching = True
+            t.peer = self.peer
+            session = TargetSession(dataclasses.replace(t.state), remote_name=self.unit.cfg.name)
+        elif roles.primary:
             cur = roles.history.current
             if jp.Feature.GENERATIONS in hello.features:
-                self.link.send(jp.Generations(roles.history.as_tuples(), jp.GenerationsFlag.PRIMARY
-                                              | (jp.GenerationsFlag.DIRTY if t.promoted is not None
-                                                 and t.promoted.status()["dirty_regions"] else 0)))
+                flags = jp.GenerationsFlag.PRIMARY
+                if t.promoted is not None and t.promoted.status()["dirty_regions"]:
+                    flags |= jp.GenerationsFlag.DIRTY
+                if handover:
+                    flags |= jp.GenerationsFlag.HANDOVER
+                self.link.send(jp.Generations(roles.history.as_tuples(), flags))
             raise Refused(jp.ErrorCode.PRIMARY,
                           f"remote {self.unit.cfg.name} is primary for source {hello.source_id} now (promoted in "
                           f"generation {cur.label if cur else '?'} at seq "
                           f"{(roles.promotion or {}).get('fork_seq', '?')}): it takes no writes from this unit; "
                           "this unit must become its replica (docs/FAILOVER.md)")
-        if hello.purpose is jp.Purpose.REPLICATE:
+        elif hello.purpose is jp.Purpose.REPLICATE:
             old = t.active
             if old is not None:
                 log.info("new connection supersedes the old one source=%s", t.source_id)

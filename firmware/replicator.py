@@ -298,6 +298,7 @@ class RemoteLink:
                 if ident is None or ident[0] != "remote" or (self.spec.name and ident[1] != self.spec.name):
                     raise LinkFailure(f"remote certificate names {ident!r}, expected remote {self.spec.name or '*'}",
                                       RemoteState.REFUSED, jp.ErrorCode.PERMISSION_DENIED)
+                self.remote_name = ident[1]  # known before HELLO_REPLY (a refusal names the remote by it)
         except BaseException:
             sock.close()
             raise
@@ -439,6 +440,9 @@ class _SourceConnection:
         self.session = session
         self.digests: deque[jp.RegionDigests] = deque()
         self.echoes: set[int] = set()
+        self.fetching = False  # a failback's FETCH connection: region data and ACKs are its own
+        self.fetched: deque[jp.RegionData] = deque()
+        self.fetch_acks: deque[int] = deque()
         self.bucket = _TokenBucket(link.spec.bandwidth_limit_bps) if link.spec.bandwidth_limit_bps else None
         self.driver = LinkDriver(transport, self)
         session.connection_made(time.monotonic())
@@ -467,7 +471,11 @@ class _SourceConnection:
         pass  # new durable records: the stream loop reads them next
 
     def _event(self, ev: jp.Event) -> None:
-        if isinstance(ev, jp.Ack):
+        if self.fetching and isinstance(ev, jp.Ack):
+            self.fetch_acks.append(ev.seq)
+        elif self.fetching and isinstance(ev, jp.RegionData):
+            self.fetched.append(ev)
+        elif isinstance(ev, jp.Ack):
             self.link.on_ack(ev.seq)
         elif isinstance(ev, jp.Heartbeat):
             self.echoes.add(ev.token)
@@ -850,6 +858,61 @@ class Replicator:
                 entry["error"] = str(exc)
             out.append(entry)
         return {"remotes": out, "match": bool(out) and all(e["match"] for e in out)}
+
+    def fetch_back(self, link: RemoteLink, take_over: Callable[[dict[str, Any]], jp.Generations], *,
+                   pull: bool = True) -> dict[str, Any]:
+        """Failback from a promoted remote that hands the source back (docs/FAILOVER.md): on a FETCH
+        connection of its own, compare every region's digest and pull only the regions that differ
+        into the local volume (the local unit is a replica: `LocalUnit.install`), make them durable,
+        then `take_over(report)` (which records this unit's new generation and returns it) is sent
+        and acknowledged by the remote, which becomes the replica. Returns the report (`bytes_moved`,
+        `seconds`, `regions_copied`, `regions_compared`). `pull=False` only repeats the take-over (a
+        crash came between the two sides recording it)."""
+        t0 = time.monotonic()
+        transport = link.connect()
+        try:
+            session = SourceSession(self.identity, acked_seq=link.acked_seq, window_bytes=self.tuning.window_bytes,
+                                    heartbeat_interval_s=self.tuning.heartbeat_interval_s,
+                                    dead_after_s=self.tuning.dead_after_s, compression=self.tuning.compression)
+            conn = _SourceConnection(link, transport, session)
+            conn.fetching = True
+            conn.handshake(jp.Purpose.FETCH)
+            rb = self.region_blocks
+            diffs: list[int] = []
+            moved = 0
+            if pull:
+                def on_region(idx: int, differs: bool) -> None:
+                    if differs:
+                        diffs.append(idx)
+
+                conn.compare_regions(range(self.total_regions), rb, on_region, "failback")
+                for idx in diffs:
+                    lba = idx * rb
+                    n = min(rb, self.num_blocks - lba)
+                    conn._send(jp.RegionRead(lba, n))
+                    while not conn.fetched:
+                        if link.stopping():
+                            raise LinkFailure("stopping")
+                        conn.pump(0.5)
+                    got = conn.fetched.popleft()
+                    if got.lba != lba or len(got.data) != n * self.block_size:
+                        raise jp.ProtocolError(f"REGION_DATA for {got.lba}+{len(got.data)} bytes, asked "
+                                               f"{lba}+{n} blocks")
+                    self.local_unit.install(lba, got.data)  # type: ignore[attr-defined]
+                    moved += len(got.data)
+                self.local_unit.install_done()  # type: ignore[attr-defined]
+            report = {"bytes_moved": moved, "seconds": round(time.monotonic() - t0, 3), "regions_copied": len(diffs),
+                      "regions_compared": self.total_regions if pull else 0,
+                      "from": link.remote_name or link.spec.label}
+            gens = take_over(report)
+            conn._send(gens)
+            while not conn.fetch_acks:
+                if link.stopping():
+                    raise LinkFailure("stopping")
+                conn.pump(0.5)
+            return report
+        finally:
+            transport.close()
 
     def _verify_one(self, link: RemoteLink, regions: list[int]) -> list[int]:
         transport = link.connect()

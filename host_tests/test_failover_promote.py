@@ -253,3 +253,80 @@ def test_an_incomplete_resync_needs_force_and_promotes_the_image_from_before_it(
         res = servers.promote({"source": "s1", "usbip": "127.0.0.1:0", "force": True})
         assert res["fork_seq"] == 6
         assert sc.target.read_bytes() == sc.images[6]
+
+
+class FetchSource(GenSource):
+    """The old local unit pulling from a remote that hands the source back (a FETCH connection)."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.conn = jp.JourneyConnection(jp.Role.SOURCE)
+        self.sock.sendall(self.conn.send(jp.Hello("s1", UUID, SIZE, BS, 1, 0, jp.Feature.NONE, jp.Purpose.FETCH)))
+
+    def send(self, ev: jp.Event) -> None:
+        self.sock.sendall(self.conn.send(ev))
+
+
+def test_failback_on_the_remote_side_hands_the_source_back_once(sc: Scenario) -> None:
+    _disconnect(sc)
+    servers = PromotionServers(sc.ru)
+    res = servers.promote({"source": "s1", "usbip": "127.0.0.1:0"})
+    port = int(str(res["usbip"]).rsplit(":", 1)[1])
+    with _client(port) as c:
+        assert c.write10(77, b"\x99" * BS) == 0
+    early = FetchSource(sc.ru.port)
+    err = early.recv()
+    assert isinstance(err, jp.Error) and "no failback of source s1 is under way" in err.message
+    early.close()
+    out = servers.failback({"source": "s1", "timeout": 0})
+    assert out["done"] is False and out["promoted_io"]["writes"] == 1
+    with pytest.raises(OSError):
+        UsbipClient("127.0.0.1", port, timeout=2).import_device("1-1")  # the standby host lost the disk
+    t = sc.ru.targets["s1"]
+    assert t.status()["primary"] is True and t.roles.state.promotion["handover"] is True  # type: ignore[index]
+    old = GenSource(sc.ru.port)
+    gens = old.recv()
+    assert isinstance(gens, jp.Generations) and jp.GenerationsFlag.HANDOVER in gens.flags
+    assert isinstance(old.recv(), jp.Error)
+    old.close()
+    remote_hist = History.from_tuples(gens.generations)
+    # the pull: digests, then blocks
+    f = FetchSource(sc.ru.port)
+    assert isinstance(f.recv(), jp.HelloReply)
+    f.send(jp.RegionRead(77, 1))
+    assert f.recv() == jp.RegionData(77, b"\x99" * BS)
+    f.send(jp.DigestRequest(0, 1, 2048))
+    d = f.recv()
+    assert isinstance(d, jp.RegionDigests) and d.digests == (jp.region_digest(sc.target.read_bytes()),)
+    # a generation that does not follow the remote's is refused
+    bogus = remote_hist.promote(gen_id=0x777, now_ns=1, fork_seq=9).promote(gen_id=0x778, now_ns=2, fork_seq=9)
+    f.send(jp.Generations(bogus.as_tuples(), jp.GenerationsFlag.PRIMARY))
+    assert isinstance(e := f.recv(), jp.Error) and "does not follow" in e.message
+    f.close()
+    taken = remote_hist.promote(gen_id=0x999, now_ns=3, fork_seq=42)
+    f2 = FetchSource(sc.ru.port)
+    assert isinstance(f2.recv(), jp.HelloReply)
+    f2.send(jp.Generations(taken.as_tuples(), jp.GenerationsFlag.PRIMARY))
+    assert f2.recv() == jp.Ack(42)
+    f2.close()
+    st = t.status()
+    assert st["primary"] is False and st["applied_seq"] == 42 and "promotion" not in st
+    assert not t.roles.bitmap_path("s1").exists()
+    assert not (Path(sc.state) / "s1.history").exists()  # the promoted copy's seqs end with it
+    again = FetchSource(sc.ru.port)  # only once
+    assert isinstance(again.recv(), jp.Error)
+    again.close()
+    servers.close()
+    sc.ru.stop()
+    ru = RemoteUnit(sc.ru.cfg)
+    ru.start()
+    try:
+        src = GenSource(ru.port, taken.as_tuples())
+        reply = src.recv()
+        assert isinstance(reply, jp.HelloReply) and reply.applied_seq == 42
+        src.close()
+        assert ru.targets["s1"].status()["primary"] is False
+    finally:
+        ru.stop()

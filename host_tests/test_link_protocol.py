@@ -259,6 +259,7 @@ def test_state_table_every_sequence_valid_or_protocol_error(role: jp.Role, seq: 
         jp.FrameType.REGION_DIGESTS: jp.RegionDigests(0, 8, (bytes(16),)),
         jp.FrameType.REGION_DATA: jp.RegionData(0, bytes(512)), jp.FrameType.RESYNC_END: jp.ResyncEnd(2),
         jp.FrameType.GENERATIONS: jp.Generations(((5, 1, 2, 3),), jp.GenerationsFlag.PRIMARY, 0),
+        jp.FrameType.REGION_READ: jp.RegionRead(8, 16),
     }
     peer_role = jp.Role.REMOTE if role is jp.Role.SOURCE else jp.Role.SOURCE
     me = jp.JourneyConnection(role)

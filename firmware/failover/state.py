@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from firmware.atomic import write_atomically
+from firmware.atomic import fsync_dir, write_atomically
 from firmware.failover.generations import DataGeneration, History, Keep, Resolution
 from firmware.journal.bitmap import DirtyBitmap
 
@@ -294,6 +294,16 @@ class RoleStore:
                                   unit_uuid=volume_uuid)
             self._bitmaps[peer] = bm
         return bm
+
+    def drop_bitmap(self, peer: str) -> None:
+        """The two sides agree again: forget the blocks written towards `peer` (the file goes)."""
+        bm = self._bitmaps.pop(peer, None)
+        if bm is not None:
+            bm.close()
+        path = self.bitmap_path(peer)
+        if path.exists():
+            path.unlink()
+            fsync_dir(self.dir)
 
     def peers_with_bitmaps(self) -> list[str]:
         prefix = self.source_id + "."

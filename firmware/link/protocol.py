@@ -58,6 +58,8 @@ _DIGEST_REQ = struct.Struct(">QII")
 _REGION_DATA = struct.Struct(">QIBI")
 _GENERATIONS = struct.Struct(">BQB")  # flags, dirty bytes, number of generations
 _GENERATION = struct.Struct(">QQQQ")  # id, counter, started_ns, fork_seq
+_REGION_READ = struct.Struct(">QI")  # lba, block count
+MAX_READ_BLOCKS = 1 << 16
 MAX_GENERATIONS = 32
 
 
@@ -79,6 +81,7 @@ class FrameType(enum.IntEnum):
     REGION_DATA = 10
     RESYNC_END = 11
     GENERATIONS = 12
+    REGION_READ = 13
 
 
 class ErrorCode(enum.IntEnum):
@@ -112,6 +115,7 @@ _KNOWN_FEATURES = int(Feature.LZ4 | Feature.GENERATIONS)
 class Purpose(enum.IntEnum):
     REPLICATE = 1  # the one connection per source that applies records
     VERIFY = 2  # read-only: region digests for `usbmirror verify`
+    FETCH = 3  # failback: a replica pulls blocks from a promoted remote that hands the source back
 
 
 class ReplyFlag(enum.IntFlag):
@@ -238,6 +242,15 @@ class GenerationsFlag(enum.IntFlag):
     NONE = 0
     PRIMARY = 1  # the sender's copy is primary for the source
     DIRTY = 2  # the sender wrote since the two sides last agreed
+    HANDOVER = 4  # a promoted remote stopped serving and hands the source back (`usbmirror failback`)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRead:
+    """Failback (a FETCH connection): ask the promoted remote for blocks; it answers REGION_DATA."""
+
+    lba: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +266,7 @@ class Generations:
 
 Event: TypeAlias = (
     Hello | HelloReply | Batch | Ack | Heartbeat | Error | ResyncBegin | DigestRequest | RegionDigests
-    | RegionData | ResyncEnd | Generations
+    | RegionData | ResyncEnd | Generations | RegionRead
 )
 
 
@@ -291,14 +304,16 @@ _EVENT_TYPE: dict[type, FrameType] = {
     RegionData: FrameType.REGION_DATA,
     ResyncEnd: FrameType.RESYNC_END,
     Generations: FrameType.GENERATIONS,
+    RegionRead: FrameType.REGION_READ,
 }
 
 _SOURCE_SENDS = frozenset(
     {FrameType.HELLO, FrameType.BATCH, FrameType.HEARTBEAT, FrameType.ERROR, FrameType.RESYNC_BEGIN,
-     FrameType.DIGEST_REQUEST, FrameType.REGION_DATA, FrameType.RESYNC_END}
+     FrameType.DIGEST_REQUEST, FrameType.REGION_DATA, FrameType.RESYNC_END, FrameType.REGION_READ}
 )
 _REMOTE_SENDS = frozenset(
-    {FrameType.HELLO_REPLY, FrameType.ACK, FrameType.HEARTBEAT, FrameType.ERROR, FrameType.REGION_DIGESTS}
+    {FrameType.HELLO_REPLY, FrameType.ACK, FrameType.HEARTBEAT, FrameType.ERROR, FrameType.REGION_DIGESTS,
+     FrameType.REGION_DATA}  # REGION_DATA: the answer to a REGION_READ
 )
 
 # Everything that changes the connection state lives in this table:
@@ -518,6 +533,8 @@ class JourneyConnection:
             return _REGION_DATA.pack(ev.lba, 0, flags, len(raw)) + body
         if isinstance(ev, ResyncEnd):
             return _U64.pack(ev.position)
+        if isinstance(ev, RegionRead):
+            return _REGION_READ.pack(ev.lba, ev.count)
         if isinstance(ev, Generations):
             if len(ev.generations) > MAX_GENERATIONS:
                 raise ValueError(f"at most {MAX_GENERATIONS} generations")
@@ -674,10 +691,16 @@ class JourneyConnection:
         if ftype is FrameType.RESYNC_END:
             _need(p, _U64.size, "RESYNC_END")
             return ResyncEnd(_U64.unpack(p)[0])
+        if ftype is FrameType.REGION_READ:
+            _need(p, _REGION_READ.size, "REGION_READ")
+            lba, count = _REGION_READ.unpack(p)
+            if not 0 < count <= MAX_READ_BLOCKS:
+                raise ProtocolError(f"REGION_READ of {count} blocks (1..{MAX_READ_BLOCKS})")
+            return RegionRead(lba, count)
         if ftype is FrameType.GENERATIONS:
             _need(p, _GENERATIONS.size, "GENERATIONS", exact=False)
             flags, dirty, n = _GENERATIONS.unpack_from(p, 0)
-            if n > MAX_GENERATIONS or flags & ~3:
+            if n > MAX_GENERATIONS or flags & ~7:
                 raise ProtocolError(f"GENERATIONS with {n} generations, flags {flags}")
             _need(p, _GENERATIONS.size + n * _GENERATION.size, "GENERATIONS")
             gens = tuple(_GENERATION.unpack_from(p, _GENERATIONS.size + i * _GENERATION.size) for i in range(n))
