@@ -311,6 +311,8 @@ class RemoteLink:
         conn = _SourceConnection(self, self._transport, self.session)
         reply = conn.handshake(jp.Purpose.REPLICATE)
         self._handshaken = True
+        if self.rep.on_link_up is not None:
+            self.rep.on_link_up(self)
         self.remote_name = reply.remote_name
         self.connects += 1
         self.connected_since = time.monotonic()
@@ -700,6 +702,7 @@ class Replicator:
         plaintext: bool = False,
         generations: Callable[[], jp.Generations] | None = None,
         on_remote_primary: Callable[[RemoteLink, jp.Generations | None, str], None] | None = None,
+        on_link_up: Callable[[RemoteLink], None] | None = None,
     ) -> None:
         self.local_unit = local_unit
         self.journal = journal
@@ -708,6 +711,7 @@ class Replicator:
         # do when a remote answers that it was promoted (its GENERATIONS, if sent, and the message)
         self.generations = generations
         self.on_remote_primary = on_remote_primary
+        self.on_link_up = on_link_up
         self.tuning = tuning or ReplicatorTuning()
         self.state_dir = state_dir
         if tls is None and tls_dir:
