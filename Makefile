@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 20
+FUZZ_RUNS ?=
 
 .PHONY: help setup test test-fast demo bench fuzz lint flash clean
 
@@ -13,7 +14,8 @@ help:
 	@echo "make demo    local + remote unit on this machine, a real kernel (QEMU) writing through USB/IP"
 	@echo "make test    every host test, the real-kernel tests in QEMU included"
 	@echo "make bench   throughput and latency figures, each beside the raw rate of the same disk"
-	@echo "make fuzz    a short atheris campaign over the BOT, SCSI, USB/IP, journal and journey parsers"
+	@echo "make fuzz    atheris over the CBW/BOT, CDB/SCSI, USB/IP, journal, journey, config and iSCSI parsers"
+	@echo "            (FUZZ_SECONDS=20 each, or FUZZ_RUNS=1000000 inputs each; kept corpus host_tests/fuzz/corpus/)"
 	@echo "make lint    ruff + mypy --strict + import-linter (the layers in .importlinter)"
 	@echo "make flash BOARD=<profile> TARGET=<user@host|mounted root>   install onto a board"
 
@@ -40,10 +42,17 @@ bench: setup
 
 fuzz: setup
 	@mkdir -p .cache/fuzz; set -e; for f in host_tests/fuzz/fuzz_*.py; do \
-		n=$$(basename $$f .py); echo "== $$n ($(FUZZ_SECONDS) s, corpus .cache/fuzz/$$n)"; mkdir -p .cache/fuzz/$$n; \
-		$(PY) $$f .cache/fuzz/$$n -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 > .cache/fuzz/$$n.log 2>&1 \
-			|| { cat .cache/fuzz/$$n.log; echo "FUZZ FAILURE in $$n"; exit 1; }; \
+		n=$$(basename $$f .py); kept=host_tests/fuzz/corpus/$$n; mkdir -p .cache/fuzz/$$n $$kept; \
+		if [ -n "$(FUZZ_RUNS)" ]; then limit=-atheris_runs=$(FUZZ_RUNS); else limit=-max_total_time=$(FUZZ_SECONDS); fi; \
+		echo "== $$n ($$limit, kept corpus $$kept, new inputs .cache/fuzz/$$n)"; \
+		$(PY) $$f .cache/fuzz/$$n $$kept $$limit -print_final_stats=1 -artifact_prefix=.cache/fuzz/$$n- \
+			> .cache/fuzz/$$n.log 2>&1 \
+			|| { tail -n 60 .cache/fuzz/$$n.log; echo "FUZZ FAILURE in $$n: the input is .cache/fuzz/$$n-crash-*;" \
+			     "copy it into $$kept/ so the test suite replays it"; exit 1; }; \
 		grep -E 'stat::number_of_executed_units|Done' .cache/fuzz/$$n.log | tail -n 2; \
+		$(PY) $$f -merge=1 $$kept .cache/fuzz/$$n > .cache/fuzz/$$n.merge.log 2>&1 \
+			|| { tail -n 20 .cache/fuzz/$$n.merge.log; exit 1; }; \
+		echo "   kept corpus: $$(ls $$kept | wc -l) inputs"; \
 	done
 
 lint: setup

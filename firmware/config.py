@@ -78,11 +78,23 @@ def load_config(path: str | None) -> dict[str, Any]:
         return {}
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read()
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"config file {path} cannot be read: {exc.strerror}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: bytes, name: str) -> dict[str, Any]:
+    """The settings of a TOML config file's contents (`name` is for messages); UsageError when it is
+    not UTF-8 or not valid TOML."""
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {name} is not UTF-8 text: byte {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+        raise UsageError(f"config file {name} is not valid TOML: {exc}") from None
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
@@ -125,6 +137,26 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def _address(o: dict[str, Any], key: str) -> tuple[str, int]:
+    """Option `key` (`--key` on the command line) as HOST:PORT, or UsageError naming it."""
+    try:
+        return parse_hostport(str(o[key]))
+    except ValueError as exc:
+        raise UsageError(f"--{key.replace('_', '-')}: {exc}") from None
+
+
+def _usb_id(o: dict[str, Any], key: str) -> int:
+    """A USB vendor or product id given in hex (1209 or 0x1209)."""
+    text = str(o[key])
+    try:
+        value = int(text, 16)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0xFFFF:
+        raise UsageError(f"--{key.replace('_', '-')} expects a 16-bit hex id such as 1209, got {text!r}")
+    return value
 
 
 LOCAL_OPTS = [
@@ -271,7 +303,7 @@ def iscsi_options(o: dict[str, Any]) -> dict[str, Any]:
         if not sep or not user or not 12 <= len(secret) <= 255:
             raise UsageError("--iscsi-chap expects USER:SECRET with a secret of 12 to 255 characters")
         chap = (user, secret)
-    return {"iscsi": parse_hostport(o["iscsi"]), "iscsi_chap": chap,
+    return {"iscsi": _address(o, "iscsi"), "iscsi_chap": chap,
             "iscsi_initiators": tuple(o["iscsi_initiator"] or ())}
 
 
@@ -325,8 +357,8 @@ def local_options(o: dict[str, Any]) -> LocalOptions:
         journal_size=o["journal_size"], write_cache=o["write_cache"] == "on",
         throttle_start=o["throttle_start"], throttle_max_delay_ms=o["throttle_max_delay_ms"],
         throttle_resume=o["throttle_resume"], journal_salvage=o["journal_salvage"] == "on",
-        usbip=parse_hostport(o["usbip"]) if o["usbip"] else None, usbip_busid=o["usbip_busid"],
-        gadget=o["gadget"], vendor_id=int(str(o["vendor_id"]), 16), product_id=int(str(o["product_id"]), 16),
+        usbip=_address(o, "usbip") if o["usbip"] else None, usbip_busid=o["usbip_busid"],
+        gadget=o["gadget"], vendor_id=_usb_id(o, "vendor_id"), product_id=_usb_id(o, "product_id"),
         acm_console=o["acm_console"] == "on", source_id=o["source_id"], remotes=remotes,
         tls_dir=o["tls_dir"], bandwidth_limit=o["bandwidth_limit"], state_dir=o["state_dir"],
         sync_timeout=o["sync_timeout"],
@@ -365,6 +397,6 @@ def remote_options(o: dict[str, Any]) -> RemoteOptions:
         raise UsageError("remote: give at least one --target ID=PATH")
     if not o["tls_dir"]:
         raise UsageError("remote: --tls-dir is required (make one with `usbmirror pair`)")
-    return RemoteOptions(listen=parse_hostport(o["listen"]), name=o["name"], targets=targets,
+    return RemoteOptions(listen=_address(o, "listen"), name=o["name"], targets=targets,
                          tls_dir=o["tls_dir"], state_dir=o["state_dir"],
                          history_size=int(o["history_size"]), history_age_s=float(o["history_age"]))

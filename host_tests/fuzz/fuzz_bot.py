@@ -21,6 +21,8 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from host_tests.fuzz.runner import run_fuzzer
+
 with atheris.instrument_imports():
     from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
     from gadget.bot import (
@@ -175,8 +177,7 @@ def TestOneInput(data: bytes) -> None:
 
 def main() -> None:
     logging.disable(logging.CRITICAL)  # the transport logs every bad CBW; keep the fuzzer quiet
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    run_fuzzer(__file__, TestOneInput)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from host_tests.fuzz.runner import run_fuzzer
+
 with atheris.instrument_imports():
     from firmware.iscsi.pdu import Framer, Pdu
     from host_tests.iscsi_support import Harness
@@ -41,8 +43,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run_fuzzer(__file__, test_one_input)
 
 
 if __name__ == "__main__":

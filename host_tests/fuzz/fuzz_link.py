@@ -20,6 +20,8 @@ import google_crc32c
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from host_tests.fuzz.runner import run_fuzzer
+
 with atheris.instrument_imports():
     from firmware.link import protocol as jp
 
@@ -79,8 +81,7 @@ def TestOneInput(data: bytes) -> None:
 
 
 def main() -> None:
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    run_fuzzer(__file__, TestOneInput)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from host_tests.fuzz.runner import run_fuzzer
+
 with atheris.instrument_imports():
     from firmware.logical_unit import Direction, Status
     from firmware.scsi import ScsiTarget
@@ -81,8 +83,7 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    run_fuzzer(__file__, test_one_input)
 
 
 if __name__ == "__main__":
