@@ -170,6 +170,8 @@ LOCAL_OPTS = [
         default="auto", choices=("auto", "on", "off")),
     Opt("--state-dir", f"holds the unit's identity, control socket and state (default {DEFAULT_STATE_DIR})",
         default=DEFAULT_STATE_DIR, metavar="DIR"),
+    Opt("--metrics", "serve Prometheus metrics at http://HOST:PORT/metrics (docs/OPERATIONS.md)",
+        metavar="HOST:PORT"),
 ]
 
 REMOTE_OPTS = [
@@ -182,6 +184,8 @@ REMOTE_OPTS = [
         metavar="DIR"),
     Opt("--state-dir", f"holds state and the control socket (default {DEFAULT_STATE_DIR})",
         default=DEFAULT_STATE_DIR, metavar="DIR"),
+    Opt("--metrics", "serve Prometheus metrics at http://HOST:PORT/metrics (docs/OPERATIONS.md)",
+        metavar="HOST:PORT"),
 ]
 
 SELFTEST_OPTS = LOCAL_OPTS  # the self-test reads the local unit's own options and config file
@@ -495,6 +499,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         tls_dir=o["tls_dir"], bandwidth_limit=o["bandwidth_limit"], state_dir=o["state_dir"],
         sync_timeout=o["sync_timeout"],
         progress=o["progress"] == "on" or (o["progress"] == "auto" and sys.stderr.isatty()),
+        metrics=_metrics_listen(o["metrics"]),
     )
     stop = _install_stop_signals()
     return run_local(opts, stop)
@@ -522,7 +527,17 @@ def cmd_remote(args: argparse.Namespace) -> int:
 
     stop = _install_stop_signals()
     return run_remote(listen=_hostport(o["listen"]), name=o["name"], targets=targets,
-                      tls_dir=o["tls_dir"], state_dir=o["state_dir"], stop=stop)
+                      tls_dir=o["tls_dir"], state_dir=o["state_dir"], stop=stop,
+                      metrics=_metrics_listen(o["metrics"]))
+
+
+def _metrics_listen(text: str | None) -> tuple[str, int] | None:
+    from firmware.metrics import parse_listen
+
+    try:
+        return parse_listen(text) if text else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ class LocalOptions:
     state_dir: str
     sync_timeout: float
     progress: bool
+    metrics: tuple[str, int] | None = None
 
 
 def run_local(opts: LocalOptions, stop: threading.Event) -> int:
@@ -113,9 +114,11 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
 
+        from firmware.monitor import CommandMonitor
         from firmware.scsi import ScsiTarget, naa_locally_assigned
 
-        target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
+        target = CommandMonitor(  # latency per opcode, and what the watchdog needs to see a wedge
+            ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes)))
 
         replicator: Any = None
         if opts.remotes:
@@ -190,12 +193,40 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
         control.register("status", status_fn)
         control.register("verify", verify_fn)
+        from firmware.watchdog import LinkProgress, Watchdog, command_probe
+
+        links = LinkProgress()
+        watchdog = stack.enter_context(Watchdog(
+            {"commands": command_probe(target),
+             "links": lambda: links.check(time.monotonic(), status_fn().get("remotes", []))},
+            status=lambda: _short_status(status_fn())))
+        if opts.metrics is not None:
+            from firmware.metrics import MetricsServer, StatusCollector
+
+            try:
+                stack.enter_context(MetricsServer(opts.metrics, StatusCollector(status_fn, target)))
+            except OSError as exc:
+                raise UsageError(f"--metrics {opts.metrics[0]}:{opts.metrics[1]}: {exc.strerror}") from None
         log.info("local unit running unit=%s serial=%s volume=%s journal=%s", ident.unit_uuid, ident.serial,
                  opts.volume, journal_path)
+        watchdog.ready(_short_status(status_fn()))
         stop.wait()
         log.info("stopping local unit")
     log.info("local unit stopped")
     return 0
+
+
+def _short_status(st: dict[str, Any]) -> str:
+    """One line for systemd's STATUS= (shown by `systemctl status`)."""
+    j = st.get("journal") or {}
+    parts = [f"journal {100.0 * float(j.get('fill') or 0):.0f}% used"]
+    if j.get("overflow"):
+        parts.append("OVERFLOW")
+    if st.get("volume_full"):
+        parts.append("VOLUME FULL")
+    for r in st.get("remotes") or []:
+        parts.append(f"{r.get('name') or r.get('address')} {r.get('state')} lag {r.get('lag_bytes', 0)} B")
+    return "; ".join(parts)
 
 
 def _status_text(fn: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -12,7 +13,7 @@ log = logging.getLogger("usbmirror.remote")
 
 
 def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], tls_dir: str,
-               state_dir: str, stop: threading.Event) -> int:
+               state_dir: str, stop: threading.Event, metrics: tuple[str, int] | None = None) -> int:
     from firmware.cli import UsageError
     from firmware.control import ControlError, ControlServer
     from firmware.pairing import PairingError, TlsFiles, add_expiry_status
@@ -52,7 +53,27 @@ def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], t
 
             control.register("status", status)
             control.register("rollback", rollback)
-            unit.serve_forever(stop)
+            with contextlib.ExitStack() as stack:
+                from firmware.watchdog import Watchdog
+
+                def accepting() -> str | None:
+                    alive = any(t.name == "remote-accept" and t.is_alive() for t in threading.enumerate())
+                    return None if alive else "the accept thread is gone"
+
+                def status_line() -> str:
+                    return "; ".join(f"{s['source_id']} {s['state']} applied seq {s['applied_seq']}"
+                                     for s in status({}).get("sources", [])) or "no sources"
+
+                watchdog = stack.enter_context(Watchdog({"accept": accepting}, status=status_line))
+                if metrics is not None:
+                    from firmware.metrics import MetricsServer, StatusCollector
+
+                    try:
+                        stack.enter_context(MetricsServer(metrics, StatusCollector(lambda: status({}))))
+                    except OSError as exc:
+                        raise UsageError(f"--metrics {metrics[0]}:{metrics[1]}: {exc.strerror}") from None
+                watchdog.ready(status_line())
+                unit.serve_forever(stop)
             log.info("stopping remote unit")
     finally:
         control.close()
