@@ -31,10 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from firmware.logical_unit import LogicalUnit
 from firmware.scsi import ScsiTarget
 from firmware.volume import Volume
 from gadget.descriptors import DeviceIdentity, Speed
-from gadget.logical_unit import LogicalUnit
 from gadget.usbip_server import UsbipServer
 from host_tests.usbip_support import UsbipClient
 

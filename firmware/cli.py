@@ -14,11 +14,12 @@ import sys
 import threading
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware import __version__
+from firmware import __version__, history_cli
+from firmware.replication.spec import RemoteSpec
 
 log = logging.getLogger("usbmirror")
 
@@ -149,6 +150,14 @@ LOCAL_OPTS = [
         default="off", choices=("on", "off")),
     Opt("--usbip", "serve the disk over USB/IP on this address (e.g. 127.0.0.1:3240)", metavar="HOST:PORT"),
     Opt("--usbip-busid", "bus id the USB/IP server exports", default="1-1", metavar="BUSID"),
+    Opt("--iscsi", "serve the disk as an iSCSI target on this address (e.g. 0.0.0.0:3260)", metavar="HOST:PORT"),
+    Opt("--iscsi-chap", "require CHAP at iSCSI login with this user and secret (12 to 255 characters; "
+        "prefer the TOML key iscsi_chap, a command line is visible to other users)", metavar="USER:SECRET"),
+    Opt("--iscsi-initiator", "iSCSI initiator name allowed to log in; repeat for several (default: any)",
+        multiple=True, metavar="IQN"),
+    Opt("--iscsi-with-usb", "on: serve over iSCSI and USB at once (only for hosts that coordinate access "
+        "themselves, e.g. a cluster file system or persistent reservations); default off: refused",
+        default="off", choices=("on", "off")),
     Opt("--gadget", "serve through the kernel's USB gadget stack on this UDC (the first one when given "
         "no name)", nargs="?", const="", metavar="UDC"),
     Opt("--vendor-id", "USB vendor id (hex)", default="0x1209", metavar="HEX"),
@@ -186,6 +195,10 @@ REMOTE_OPTS = [
         default=DEFAULT_STATE_DIR, metavar="DIR"),
     Opt("--metrics", "serve Prometheus metrics at http://HOST:PORT/metrics (docs/OPERATIONS.md)",
         metavar="HOST:PORT"),
+    Opt("--history-size", "point-in-time history kept per source (default 1G), see "
+        "docs/HISTORY.md", default="1G", kind=_size, metavar="SIZE"),
+    Opt("--history-age", "drop history older than this (default 24h)", default="24h",
+        kind=history_cli.parse_duration, metavar="DURATION"),
 ]
 
 SELFTEST_OPTS = LOCAL_OPTS  # the self-test reads the local unit's own options and config file
@@ -262,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--config", metavar="FILE")
     tp.add_argument("--json", action="store_true", help="machine-readable output")
     _add_opts(tp, SELFTEST_OPTS)
+    history_cli.register(sub, COMMANDS)
     return p
 
 
@@ -269,12 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 
 
-@dataclass
-class RemoteEntry:
-    address: tuple[str, int]
-    mode: str = "async"
-    name: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+RemoteEntry = RemoteSpec  # the one remote spec (firmware.replication.spec)
 
 
 def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
@@ -314,7 +323,8 @@ def parse_remote(spec: str | dict[str, Any]) -> RemoteEntry:
         hp = _hostport(addr)
     except ValueError as exc:
         raise UsageError(f"remote: {exc}") from None
-    return RemoteEntry(hp, mode, str(name) if name else None, extra)
+    return RemoteSpec(hp, mode, str(name) if name else None,
+                      extra.get("bandwidth_limit"), extra)
 
 
 def remote_entries(o: dict[str, Any]) -> list[RemoteEntry]:
@@ -378,7 +388,15 @@ def render_status(st: dict[str, Any]) -> str:
                      f"overflow {'YES' if j.get('overflow') else 'no'}"
                      + (f" ({j.get('dirty_regions')} dirty regions)" if j.get("overflow") else ""))
     for tr in st.get("transports", []) or []:
-        lines.append(f"  usb      {tr}")
+        lines.append(f"  {'iscsi' if tr.startswith('iscsi') else 'usb':<8} {tr}")
+    isc = st.get("iscsi")
+    if isinstance(isc, dict):
+        lines.append(f"           {isc.get('target')}  chap {'on' if isc.get('chap') else 'off'}  "
+                     f"{len(isc.get('sessions') or [])} sessions  logins {isc.get('logins')}  "
+                     f"refused {isc.get('logins_refused')}")
+        for sess in isc.get("sessions") or []:
+            lines.append(f"           session {sess.get('initiator')} from {sess.get('peer')}  "
+                         f"{sess.get('phase')}  in flight {sess.get('in_flight')}")
     for r in st.get("remotes", []) or []:
         lines.append(f"  remote   {r.get('address')}  {r.get('state')}  mode {r.get('mode')}  acked seq "
                      f"{r.get('acked_seq')}  lag {_human(r.get('lag_bytes') or 0)}"
@@ -484,8 +502,10 @@ def cmd_local(args: argparse.Namespace) -> int:
     remotes = remote_entries(o)
     if not o["volume"]:
         raise UsageError("local: --volume is required (a file or block device)")
-    if not o["usbip"] and o["gadget"] is None:
-        raise UsageError("local: give --usbip HOST:PORT and/or --gadget [UDC] so the host can reach the disk")
+    if not o["usbip"] and o["gadget"] is None and not o["iscsi"]:
+        raise UsageError("local: give --usbip HOST:PORT, --gadget [UDC] and/or --iscsi HOST:PORT so the host "
+                         "can reach the disk")
+    iscsi = _iscsi_options(o)
     from firmware.local_main import LocalOptions, run_local
 
     opts = LocalOptions(
@@ -500,9 +520,29 @@ def cmd_local(args: argparse.Namespace) -> int:
         sync_timeout=o["sync_timeout"],
         progress=o["progress"] == "on" or (o["progress"] == "auto" and sys.stderr.isatty()),
         metrics=_metrics_listen(o["metrics"]),
+        **iscsi,
     )
     stop = _install_stop_signals()
     return run_local(opts, stop)
+
+
+def _iscsi_options(o: dict[str, Any]) -> dict[str, Any]:
+    """The iSCSI part of LocalOptions, checked: CHAP form, and USB beside iSCSI only when asked for."""
+    if not o["iscsi"]:
+        if o["iscsi_chap"] or o["iscsi_initiator"]:
+            raise UsageError("local: --iscsi-chap and --iscsi-initiator need --iscsi HOST:PORT")
+        return {}
+    if (o["usbip"] or o["gadget"] is not None) and o["iscsi_with_usb"] != "on":
+        raise UsageError("local: --iscsi beside --usbip/--gadget lets two hosts write the same volume without "
+                         "knowing of each other; give --iscsi-with-usb on only if they coordinate (cluster)")
+    chap = None
+    if o["iscsi_chap"]:
+        user, sep, secret = str(o["iscsi_chap"]).partition(":")
+        if not sep or not user or not 12 <= len(secret) <= 255:
+            raise UsageError("--iscsi-chap expects USER:SECRET with a secret of 12 to 255 characters")
+        chap = (user, secret)
+    return {"iscsi": _hostport(o["iscsi"]), "iscsi_chap": chap,
+            "iscsi_initiators": tuple(o["iscsi_initiator"] or ())}
 
 
 def cmd_remote(args: argparse.Namespace) -> int:
@@ -528,6 +568,7 @@ def cmd_remote(args: argparse.Namespace) -> int:
     stop = _install_stop_signals()
     return run_remote(listen=_hostport(o["listen"]), name=o["name"], targets=targets,
                       tls_dir=o["tls_dir"], state_dir=o["state_dir"], stop=stop,
+                      history_size=int(o["history_size"]), history_age_s=float(o["history_age"]),
                       metrics=_metrics_listen(o["metrics"]))
 
 

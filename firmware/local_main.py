@@ -50,6 +50,9 @@ class LocalOptions:
     sync_timeout: float
     progress: bool
     metrics: tuple[str, int] | None = None
+    iscsi: tuple[str, int] | None = None
+    iscsi_chap: tuple[str, str] | None = None
+    iscsi_initiators: tuple[str, ...] = ()
 
 
 def run_local(opts: LocalOptions, stop: threading.Event) -> int:
@@ -160,6 +163,16 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             transports.append(f"gadget udc {getattr(gad, 'udc', opts.gadget)}")
             usb_status.append(gad)
 
+        iscsi_server: Any = None
+        if opts.iscsi:
+            from firmware.iscsi.server import serve_unit
+
+            iscsi_server = stack.enter_context(
+                serve_unit(unit, ident, host=opts.iscsi[0], port=opts.iscsi[1], chap=opts.iscsi_chap,
+                           initiators=opts.iscsi_initiators)
+            )
+            transports.append(f"iscsi {opts.iscsi[0]}:{iscsi_server.port}")
+
         def status_fn(req: dict[str, Any] | None = None) -> dict[str, Any]:
             st: dict[str, Any] = {
                 "role": "local",
@@ -180,6 +193,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                 if hasattr(s, "status"):
                     usb.append(s.status())
             st["usb"] = usb
+            if iscsi_server is not None:
+                st["iscsi"] = iscsi_server.status()
             st["remotes"] = replicator.status()["remotes"] if replicator is not None else []
             if opts.tls_dir and opts.source_id:
                 add_expiry_status(st, TlsFiles.for_source(opts.tls_dir, opts.source_id))
@@ -191,8 +206,13 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             report: dict[str, Any] = replicator.verify()
             return report
 
+        def mark_fn(req: dict[str, Any]) -> dict[str, Any]:
+            seq = unit.mark(str(req.get("name", "")))
+            return {"seq": seq, "name": req.get("name")}
+
         control.register("status", status_fn)
         control.register("verify", verify_fn)
+        control.register("mark", mark_fn)
         from firmware.watchdog import LinkProgress, Watchdog, command_probe
 
         links = LinkProgress()

@@ -45,6 +45,7 @@ from typing import Protocol
 from firmware.journal import Journal, JournalCorrupt, JournalError, JournalFull, RecordKind
 from firmware.journal.bitmap import DirtyBitmap, DirtySnapshot
 from firmware.journal.flash import Flash
+from firmware.journal.format import MAX_MARK_NAME
 from firmware.storage import SpaceExhausted, StorageError, WriteError
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,28 @@ class LocalUnit:
                     return
                 self._last_flush_seq = seq
         self._commit(seq, gates=True, journal_is_enough=True)
+
+    def mark(self, name: str) -> int:
+        """Put a named restore point into the journal at the current position; returns its seq once
+        it is durable in the local journal (remotes get it in order, whenever they are reachable)."""
+        raw = name.encode()
+        if not raw or len(raw) > MAX_MARK_NAME or any(c < 0x20 for c in raw):
+            raise ValueError(f"a mark's name is 1..{MAX_MARK_NAME} bytes of printable UTF-8, got {name!r}")
+        if self._closed:
+            raise StorageError("local unit is closed")
+        with self._lock:
+            if self._overflow and self._journal_has_room_locked():
+                self._leave_overflow_locked()
+            if self._overflow:
+                raise StorageError("the journal is full (remotes are behind and will be resynced): a mark "
+                                   "cannot be placed until the journal has room again")
+            try:
+                seq = self._append_with_reclaim_locked(RecordKind.MARK, 0, 0, raw)
+            except JournalFull:
+                raise StorageError("the journal has no room for the mark") from None
+        self._commit(seq, gates=False, journal_is_enough=True)
+        log.info("mark placed name=%s seq=%d", name, seq)
+        return seq
 
     # -- the write path ---------------------------------------------------------------------------
     def _submit(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> None:

@@ -22,6 +22,9 @@ rebuild themselves when one changed, so a CRL (or a renewed certificate) copied 
 takes effect at its next handshake, without a restart. `expiry_report(files, now)` gives the
 `cert_expires` and `warnings` status keys (a warning from 30 days before a certificate or the CRL
 runs out).
+
+`cryptography` is imported only inside the functions that need it (provisioning, CRL checks, expiry
+reports): a local unit without remotes, such as a board's first boot, runs without the package.
 """
 
 from __future__ import annotations
@@ -35,14 +38,13 @@ import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING, Any
 
 from firmware.identity import write_atomically
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +90,20 @@ class TlsFiles:
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def make_ca(common_name: str = "usbmirror pairing CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
     key = _key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
@@ -119,6 +126,9 @@ def make_ca(common_name: str = "usbmirror pairing CA") -> tuple[x509.Certificate
 def make_unit_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, role: str, unit_id: str
                    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A certificate naming one unit: CN `role:unit_id`, SAN URI `usbmirror:role:unit_id`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     check_unit_id(unit_id)
     key = _key()
     now = datetime.datetime.now(datetime.UTC)
@@ -147,6 +157,7 @@ def pair(directory: str | os.PathLike[str], remote_name: str, source_ids: list[s
     An existing CA in the directory is reused, so more sources can be added later; existing unit
     files are left alone.
     """
+    from cryptography.hazmat.primitives import serialization
     check_unit_id(remote_name)
     for s in source_ids:
         check_unit_id(s)
@@ -174,6 +185,9 @@ def pair(directory: str | os.PathLike[str], remote_name: str, source_ids: list[s
 
 
 def _load_ca(d: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
     ca_crt, ca_key_path = d / "ca.crt", d / "ca.key"
     if not (ca_crt.is_file() and ca_key_path.is_file()):
         raise PairingError(f"{d} holds no pairing CA (ca.crt and ca.key); make one with `usbmirror pair`")
@@ -208,6 +222,7 @@ def _unit_files(d: Path, name: str) -> tuple[str, str, Path, Path]:
 
 
 def _load_crl(path: Path) -> x509.CertificateRevocationList | None:
+    from cryptography import x509
     if not path.exists():
         return None
     try:
@@ -222,6 +237,8 @@ def revoke(directory: str | os.PathLike[str], name: str, *, now: datetime.dateti
     Copy the CRL into the TLS directory of every unit: from its next handshake, a remote refuses a
     revoked source and a source refuses a revoked remote.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
     d = Path(directory)
     ca_cert, ca_key = _load_ca(d)
     _role, _uid, crt, _key_path = _unit_files(d, name)
@@ -250,6 +267,7 @@ def renew(directory: str | os.PathLike[str], name: str) -> list[Path]:
     The previous certificate stays valid until it expires (or is revoked), so the unit keeps its link
     until the new files are copied onto it; it picks them up at its next handshake.
     """
+    from cryptography.hazmat.primitives import serialization
     d = Path(directory)
     ca_cert, ca_key = _load_ca(d)
     role, uid, crt, key_path = _unit_files(d, name)
@@ -262,6 +280,7 @@ def renew(directory: str | os.PathLike[str], name: str) -> list[Path]:
 def expiry_report(files: TlsFiles, now: datetime.datetime) -> dict[str, Any]:
     """`cert_expires` (ISO 8601, UTC) of this unit's certificate and `warnings` for everything that
     runs out within EXPIRY_WARNING_DAYS (the unit's certificate, the CA, the CRL's next update)."""
+    from cryptography import x509
     out: dict[str, Any] = {"cert_expires": None, "warnings": []}
     warnings: list[str] = out["warnings"]
     horizon = now + datetime.timedelta(days=EXPIRY_WARNING_DAYS)

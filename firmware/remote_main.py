@@ -13,7 +13,9 @@ log = logging.getLogger("usbmirror.remote")
 
 
 def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], tls_dir: str,
-               state_dir: str, stop: threading.Event, metrics: tuple[str, int] | None = None) -> int:
+               state_dir: str, stop: threading.Event, history_size: int | None = None,
+               history_age_s: float = 86400.0,
+               metrics: tuple[str, int] | None = None) -> int:
     from firmware.cli import UsageError
     from firmware.control import ControlError, ControlServer
     from firmware.pairing import PairingError, TlsFiles, add_expiry_status
@@ -24,7 +26,8 @@ def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], t
         sd.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create state dir {sd}: {exc.strerror}") from None
-    cfg = RemoteUnitConfig(listen=listen, name=name, targets=targets, tls_dir=tls_dir, state_dir=state_dir)
+    cfg = RemoteUnitConfig(listen=listen, name=name, targets=targets, tls_dir=tls_dir, state_dir=state_dir,
+                           history_size=history_size, history_age_s=history_age_s)
     control = ControlServer(sd)
     try:
         control.start()

@@ -32,26 +32,38 @@ import enum
 import logging
 import os
 import random
-import select
 import socket
 import ssl
 import threading
 import time
 import uuid as uuidlib
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
 from firmware.journal import RecordsGone
+from firmware.journal.bitmap import DirtySnapshot
 from firmware.link import protocol as jp
+from firmware.link_transport import LinkTransport, PeerClosed
 from firmware.pairing import TlsFiles, client_context, peer_identity
+from firmware.replication.source import (
+    OPEN_END,
+    LinkDead,
+    Resume,
+    ResyncPlan,
+    SourceIdentity,
+    SourceJournal,
+    SourceSession,
+    dirty_plan,
+)
+from firmware.replication.spec import DEFAULT_PORT, RemoteSpec
+
+__all__ = ["DEFAULT_PORT", "OPEN_END", "Progress", "RemoteLink", "RemoteSpec", "RemoteState", "Replicator",
+           "ReplicatorTuning", "RichProgress"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 7420
-OPEN_END = (1 << 64) - 1  # RESYNC_END position meaning "not final yet"
 
 
 class RemoteState(enum.IntEnum):
@@ -66,28 +78,6 @@ class RemoteState(enum.IntEnum):
 
 PERMANENT_ERRORS = frozenset({jp.ErrorCode.UNKNOWN_SOURCE, jp.ErrorCode.PERMISSION_DENIED, jp.ErrorCode.VERSION,
                               jp.ErrorCode.VOLUME_MISMATCH})
-
-
-@dataclass(frozen=True)
-class RemoteSpec:
-    """One `--remote HOST:PORT[,mode=async|sync]` / `[[remote]]` entry."""
-
-    address: tuple[str, int] | str
-    mode: str = "async"
-    name: str | None = None
-    bandwidth_limit_bps: int | None = None  # bytes per second on the wire; None = unlimited
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        if isinstance(self.address, tuple):
-            return self.address
-        host, _, port = self.address.rpartition(":")
-        return (host.strip("[]") or "127.0.0.1", int(port) if port else DEFAULT_PORT)
-
-    @property
-    def label(self) -> str:
-        h, p = self.host_port
-        return f"{h}:{p}"
 
 
 @dataclass(frozen=True)
@@ -120,27 +110,33 @@ class Progress:
     bytes_copied: int
 
 
-class JournalLike(Protocol):
+class ReplicatedJournal(SourceJournal, Protocol):
+    """The local unit's journal as the replicator uses it."""
+
     @property
-    def unit_uuid(self) -> Any: ...
+    def unit_uuid(self) -> uuidlib.UUID: ...
     @property
-    def head_seq(self) -> int: ...
-    @property
-    def durable_seq(self) -> int: ...
-    @property
-    def tail_seq(self) -> int: ...
-    def register_consumer(self, name: str) -> int: ...
-    def confirm(self, name: str, seq: int) -> None: ...
-    def read_records(self, after_seq: int, max_bytes: int) -> Sequence[Any]: ...
-    def wait_for_records(self, after_seq: int, timeout: float) -> bool: ...
+    def generation(self) -> int: ...
+    def timestamp_of(self, seq: int) -> int | None: ...
 
 
-class LocalUnitLike(Protocol):
+class ReplicatedUnit(Protocol):
+    """The local unit as the replicator uses it: reads of the newest data, the dirty regions a journal
+    overflow left, and the sync gates a `sync` remote holds the host's writes with."""
+
     @property
     def block_size(self) -> int: ...
     @property
     def num_blocks(self) -> int: ...
+    @property
+    def region_blocks(self) -> int: ...
+    @property
+    def overflow(self) -> bool: ...
     def read(self, lba: int, count: int) -> bytes: ...
+    def dirty_snapshot(self) -> DirtySnapshot: ...
+    def clear_dirty(self, snapshot: DirtySnapshot) -> int: ...
+    def add_sync_gate(self, gate: Callable[[int], None]) -> None: ...
+    def remove_sync_gate(self, gate: Callable[[int], None]) -> None: ...
 
 
 class LinkFailure(Exception):
@@ -151,14 +147,6 @@ class LinkFailure(Exception):
         super().__init__(message)
         self.state = state
         self.code = code
-
-
-def _uuid_bytes(value: Any) -> bytes:
-    if isinstance(value, uuidlib.UUID):
-        return value.bytes
-    if isinstance(value, bytes | bytearray) and len(value) == 16:
-        return bytes(value)
-    return uuidlib.UUID(str(value)).bytes
 
 
 class _TokenBucket:
@@ -178,39 +166,53 @@ class _TokenBucket:
 
 
 class RemoteLink:
-    """The link to one remote unit: a thread that connects, resyncs if needed, and streams."""
+    """The link to one remote unit: a thread that connects, resyncs if needed, and streams.
+
+    The positions, the window and the acknowledgements are the `SourceSession`'s (`self.session`);
+    this class owns the thread, the socket and what the local unit and the status ask."""
 
     def __init__(self, rep: Replicator, spec: RemoteSpec) -> None:
         self.rep = rep
         self.spec = spec
-        self.t = rep.tuning
+        self.tuning = rep.tuning
         self.consumer = f"remote:{spec.name or spec.label}"
         self.state = RemoteState.CONNECTING
         self.cond = threading.Condition()
-        self.acked_seq = rep.journal.register_consumer(self.consumer)
-        self.sent_seq = self.acked_seq
+        self.session = SourceSession(rep.identity, acked_seq=rep.journal.register_consumer(self.consumer),
+                                     window_bytes=self.tuning.window_bytes,
+                                     heartbeat_interval_s=self.tuning.heartbeat_interval_s,
+                                     dead_after_s=self.tuning.dead_after_s, compression=self.tuning.compression)
         self.last_error = ""
         self.recent_errors: deque[str] = deque(maxlen=8)
         self.connected_since: float | None = None
         self.connects = 0
         self.remote_name = ""
         self.degraded = False
-        self.bytes_acked = 0
         self.throughput_bps = 0.0
         self._tp_window: deque[tuple[float, int]] = deque()
-        self.in_flight: deque[tuple[int, int, int]] = deque()  # (last seq, payload bytes, oldest ts_ns)
-        self.in_flight_bytes = 0
-        self.avg_record_bytes = 4096.0
         self.last_ack_time = time.monotonic()
         self.resync: dict[str, Any] = {"active": False, "percent": None, "rate_bps": None, "regions_done": 0,
                                        "regions_total": 0, "bytes_copied": 0, "reason": ""}
-        self.covered: Any = None  # the last dirty snapshot whose regions this remote has
+        self.covered: DirtySnapshot | None = None  # the last dirty snapshot whose regions this remote has
         self.resync_open = False  # a non-final overflow round left the remote's resync open
         self.next_dirty_check = 0.0
         self.resync_end: int | None = None
-        self._sock: socket.socket | None = None
+        self._transport: LinkTransport | None = None
         self._handshaken = False
         self._thread = threading.Thread(target=self._run, name=f"link-{spec.label}", daemon=True)
+
+    # -- positions (the session's) ----------------------------------------------------------------
+    @property
+    def acked_seq(self) -> int:
+        return self.session.acked_seq
+
+    @property
+    def sent_seq(self) -> int:
+        return self.session.sent_seq
+
+    @property
+    def bytes_acked(self) -> int:
+        return self.session.bytes_acked
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -219,26 +221,27 @@ class RemoteLink:
     def stop(self) -> None:
         with self.cond:
             self.cond.notify_all()
-        sock = self._sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        transport = self._transport
+        if transport is not None:
+            transport.shutdown()
         self._thread.join(timeout=15)
         self.state = RemoteState.STOPPED
 
-    def _stopping(self) -> bool:
-        return self.rep._stop.is_set()
+    def stopping(self) -> bool:
+        return self.rep.stop_event.is_set()
 
     def _run(self) -> None:
-        backoff = self.t.backoff_initial_s
-        while not self._stopping():
+        backoff = self.tuning.backoff_initial_s
+        while not self.stopping():
             self._handshaken = False
             try:
-                self._session()
+                self._connection()
             except LinkFailure as exc:
                 self._fail(str(exc), exc.state)
                 if exc.code in PERMANENT_ERRORS:
-                    backoff = self.t.backoff_max_s
+                    backoff = self.tuning.backoff_max_s
+            except PeerClosed:
+                self._fail("remote closed the connection", RemoteState.DISCONNECTED)
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 self._fail(f"{type(exc).__name__}: {exc}", RemoteState.DISCONNECTED)
             except jp.ProtocolError as exc:
@@ -248,117 +251,95 @@ class RemoteLink:
                 self._fail(f"internal: {exc}", RemoteState.DISCONNECTED)
             finally:
                 self.connected_since = None
-                sock, self._sock = self._sock, None
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.close()
-                self.in_flight.clear()
-                self.in_flight_bytes = 0
+                transport, self._transport = self._transport, None
+                if transport is not None:
+                    transport.close()
+                self.session.connection_lost()
                 self.resync["active"] = False
                 with self.cond:
                     self.cond.notify_all()
-            if self._stopping():
+            if self.stopping():
                 break
             if self._handshaken:  # the remote answered: start the backoff over
-                backoff = self.t.backoff_initial_s
+                backoff = self.tuning.backoff_initial_s
             delay = backoff * (0.5 + random.random())
-            self.rep._stop.wait(delay)
-            backoff = min(self.t.backoff_max_s, backoff * 2)
+            self.rep.stop_event.wait(delay)
+            backoff = min(self.tuning.backoff_max_s, backoff * 2)
         self.state = RemoteState.STOPPED
 
     def _fail(self, message: str, state: RemoteState) -> None:
-        if self._stopping():
+        if self.stopping():
             return
         self.last_error = message
         self.recent_errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}")
         self.state = state
         log.warning("link down remote=%s state=%s reason=%s", self.spec.label, state.name, message)
 
-    # -- one session ----------------------------------------------------------------------------
-    def _connect(self) -> socket.socket:
-        self.state = RemoteState.CONNECTING
-        raw = socket.create_connection(self.spec.host_port, timeout=self.t.connect_timeout_s)
+    # -- one connection -------------------------------------------------------------------------
+    def connect(self) -> LinkTransport:
+        """A TCP (TLS) connection to the remote, its certificate checked."""
+        raw = socket.create_connection(self.spec.host_port, timeout=self.tuning.connect_timeout_s)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = raw
-        if self.rep.ssl_context is None:
-            return raw
-        sock = self.rep.ssl_context.wrap_socket(raw, server_hostname=None)
-        self._sock = sock
-        ident = peer_identity(sock)
-        if ident is None or ident[0] != "remote" or (self.spec.name and ident[1] != self.spec.name):
-            raise LinkFailure(f"remote certificate names {ident!r}, expected remote {self.spec.name or '*'}",
-                              RemoteState.REFUSED, jp.ErrorCode.PERMISSION_DENIED)
-        return sock
+        sock = raw
+        try:
+            ctx = self.rep.ssl_context
+            if ctx is not None:
+                sock = ctx.wrap_socket(raw, server_hostname=None)
+                ident = peer_identity(sock)
+                if ident is None or ident[0] != "remote" or (self.spec.name and ident[1] != self.spec.name):
+                    raise LinkFailure(f"remote certificate names {ident!r}, expected remote {self.spec.name or '*'}",
+                                      RemoteState.REFUSED, jp.ErrorCode.PERMISSION_DENIED)
+        except BaseException:
+            sock.close()
+            raise
+        return LinkTransport(sock, jp.Role.SOURCE, timeout=self.tuning.dead_after_s)
 
-    def _session(self) -> None:
+    def _connection(self) -> None:
         """One connection: handshake, resync if needed, stream. Ends only by an exception."""
-        sock = self._connect()
-        sess = _Session(self, sock)
-        reply = sess.handshake(jp.Purpose.REPLICATE)
+        self.state = RemoteState.CONNECTING
+        self._transport = self.connect()
+        conn = _SourceConnection(self, self._transport, self.session)
+        reply = conn.handshake(jp.Purpose.REPLICATE)
         self._handshaken = True
         self.remote_name = reply.remote_name
         self.connects += 1
         self.connected_since = time.monotonic()
         self.last_error = ""
-        rep = self.rep
-        why = self._resync_reason(reply)
+        rep, j = self.rep, self.rep.journal
+        try:
+            j.read_records(reply.applied_seq, 1)
+            has_after = True
+        except RecordsGone:
+            has_after = False
+        confirms, plan = self.session.hello_reply(reply, time.monotonic(), durable_seq=j.durable_seq,
+                                                  tail_seq=j.tail_seq, has_records_after=has_after,
+                                                  total_regions=rep.total_regions)
         self.next_dirty_check = 0.0
-        if why is None:
-            self.acked_seq = reply.applied_seq
-            if reply.applied_seq > 0:
-                rep._confirm(self, reply.applied_seq)
-            self.sent_seq = reply.applied_seq
+        for c in confirms:
+            rep.confirm(self, c.seq)
+        if isinstance(plan, Resume):
             log.info("link up remote=%s name=%s resume_after=%d", self.spec.label, reply.remote_name,
-                     reply.applied_seq)
+                     plan.after_seq)
         else:
-            kind, regions, position = why
-            log.info("link up remote=%s name=%s resync=%s regions=%d", self.spec.label, reply.remote_name, kind,
-                     len(regions))
-            sess.resync(kind, regions, rep._dirty_state(), position, final=not rep._overflowing())
+            log.info("link up remote=%s name=%s resync=%s regions=%d", self.spec.label, reply.remote_name,
+                     plan.reason.value, len(plan.regions))
+            conn.resync(plan, rep.dirty_state(), final=not rep.local_unit.overflow)
         self.state = RemoteState.STREAMING
-        sess.stream()
+        conn.stream()
         raise LinkFailure("stopping")
 
-    def _resync_reason(self, reply: jp.HelloReply) -> tuple[str, list[int], int] | None:
-        """None to resume streaming after the remote's position, or (reason, region indexes, P) for a
-        full comparison. P is the durable position now: reads of the local unit return the newest
-        data (records not yet on its volume are laid over), so every record up to P is in the copy."""
-        rep = self.rep
-        j = rep.journal
-        total = list(range(rep.total_regions))
-        if reply.flags & jp.ReplyFlag.RESYNC_IN_PROGRESS:
-            return "resume interrupted resync", total, j.durable_seq
-        if reply.flags & jp.ReplyFlag.NEW_TARGET or reply.volume_uuid != rep.volume_uuid \
-                or reply.generation != rep.generation:
-            return "initial sync", total, j.durable_seq
-        if reply.applied_seq > j.durable_seq:
-            return "remote ahead of the journal", total, j.durable_seq
-        try:
-            if reply.applied_seq + 1 < j.tail_seq:
-                return "records no longer in the journal", total, j.durable_seq
-            j.read_records(reply.applied_seq, 1)
-        except RecordsGone:
-            return "records no longer in the journal", total, j.durable_seq
-        return None
-
-    # -- accounting (called from the session) -----------------------------------------------------
+    # -- accounting (called from the connection) --------------------------------------------------
     def on_ack(self, seq: int) -> None:
         now = time.monotonic()
-        acked_bytes = 0
-        while self.in_flight and self.in_flight[0][0] <= seq:
-            _, nbytes, _ = self.in_flight.popleft()
-            acked_bytes += nbytes
-        self.in_flight_bytes -= acked_bytes
-        self.bytes_acked += acked_bytes
+        acked_bytes, confirms = self.session.ack(seq, now)
         self._tp_window.append((now, acked_bytes))
         while self._tp_window and now - self._tp_window[0][0] > 5.0:
             self._tp_window.popleft()
         span = max(1e-3, now - self._tp_window[0][0]) if len(self._tp_window) > 1 else 1.0
         self.throughput_bps = sum(b for _, b in self._tp_window) / span
-        if seq > self.acked_seq:
-            self.acked_seq = seq
+        for c in confirms:
             self.last_ack_time = now
-            self.rep._confirm(self, seq)
+            self.rep.confirm(self, c.seq)
         if self.degraded and self.acked_seq >= self.rep.journal.durable_seq:
             self.degraded = False
             log.info("sync remote caught up remote=%s seq=%d", self.spec.label, seq)
@@ -370,16 +351,20 @@ class RemoteLink:
         with self.cond:
             while self.acked_seq < seq:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._stopping():
+                if left <= 0 or self.stopping():
                     return False
                 self.cond.wait(min(left, 0.5))
         return True
 
     def sync_gate(self, seq: int) -> None:
-        """Blocks the host's write until this remote has `seq` durable (sync mode)."""
-        deadline = time.monotonic() + self.t.sync_timeout_s
+        """Blocks the host's write until this remote has `seq` durable (sync mode).
+
+        A remote that does not acknowledge within `sync_timeout_s` (stopped, partitioned, slow) is
+        marked degraded: this write and the following ones are acknowledged to the host without it
+        (logged, `degraded` in status), until the remote has caught up with the journal again."""
+        deadline = time.monotonic() + self.tuning.sync_timeout_s
         with self.cond:
-            while self.acked_seq < seq and not self._stopping():
+            while self.acked_seq < seq and not self.stopping():
                 if self.degraded:
                     return
                 left = deadline - time.monotonic()
@@ -391,19 +376,18 @@ class RemoteLink:
                 self.cond.wait(min(left, 0.5))
 
     def status(self) -> dict[str, Any]:
-        j = self.rep.journal
+        j, ses = self.rep.journal, self.session
         head = j.durable_seq
-        lag_records = max(0, head - self.acked_seq)
-        unsent = max(0, head - self.sent_seq)
-        lag_bytes = self.in_flight_bytes + int(unsent * self.avg_record_bytes)
-        ts_fn = getattr(j, "timestamp_of", None)
-        oldest = ts_fn(self.acked_seq + 1) if (ts_fn is not None and lag_records) else None
+        lag_records = max(0, head - ses.acked_seq)
+        unsent = max(0, head - ses.sent_seq)
+        lag_bytes = ses.in_flight_bytes + int(unsent * ses.avg_record_bytes)
+        oldest = j.timestamp_of(ses.acked_seq + 1) if lag_records else None
         if lag_records == 0:
             lag_s = 0.0
         elif oldest:
             lag_s = max(0.0, time.time() - oldest / 1e9)  # age of the oldest record it lacks
-        elif self.in_flight:
-            lag_s = max(0.0, time.time() - self.in_flight[0][2] / 1e9)
+        elif ses.in_flight:
+            lag_s = max(0.0, time.time() - ses.in_flight[0].oldest_ts_ns / 1e9)
         else:
             lag_s = time.monotonic() - self.last_ack_time
         return {
@@ -411,13 +395,13 @@ class RemoteLink:
             "name": self.spec.name or self.remote_name,
             "state": self.state.name.lower(),
             "mode": self.spec.mode,
-            "acked_seq": self.acked_seq,
-            "sent_seq": self.sent_seq,
+            "acked_seq": ses.acked_seq,
+            "sent_seq": ses.sent_seq,
             "lag_records": lag_records,
             "lag_bytes": lag_bytes,
             "lag_seconds": round(lag_s, 3),
             "throughput_bps": round(self.throughput_bps, 1),
-            "bytes_acked": self.bytes_acked,
+            "bytes_acked": ses.bytes_acked,
             "connects": self.connects,
             "degraded": self.degraded,
             "bandwidth_limit_bps": self.spec.bandwidth_limit_bps,
@@ -427,115 +411,88 @@ class RemoteLink:
         }
 
 
-class _Session:
-    """One connection, driven by the link thread alone (the TLS socket is never shared between threads).
+class _SourceConnection:
+    """One connection, driven by the link thread alone (the TLS socket is never shared between threads):
+    the driver of the link's `SourceSession` on a `LinkTransport`.
 
     A small watcher thread turns `journal.wait_for_records` into a byte on a socketpair, so the
-    session can select() on the link and the journal together.
+    connection can select() on the link and the journal together.
     """
 
-    def __init__(self, link: RemoteLink, sock: socket.socket) -> None:
+    def __init__(self, link: RemoteLink, transport: LinkTransport, session: SourceSession) -> None:
         self.link = link
-        self.t = link.t
-        self.sock = sock
-        self.conn = jp.JourneyConnection(jp.Role.SOURCE)
-        self.last_rx = time.monotonic()
-        self.last_tx = time.monotonic()
+        self.tuning = link.tuning
+        self.transport = transport
+        self.session = session
         self.digests: deque[jp.RegionDigests] = deque()
         self.echoes: set[int] = set()
         self.bucket = _TokenBucket(link.spec.bandwidth_limit_bps) if link.spec.bandwidth_limit_bps else None
-        sock.settimeout(self.t.dead_after_s)
+        session.connection_made(time.monotonic())
 
     def _send(self, ev: jp.Event) -> None:
-        data = self.conn.send(ev)
+        n = self.transport.send(ev)
         if self.bucket is not None:
-            self.bucket.spend(len(data))
-        self.sock.sendall(data)
-        self.last_tx = time.monotonic()
+            self.bucket.spend(n)
+        self.session.frame_sent(time.monotonic())
 
-    def _readable(self, timeout: float, extra: Iterable[socket.socket] = ()) -> list[Any]:
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return [self.sock]
-        r, _, _ = select.select([self.sock, *extra], [], [], max(0.0, timeout))
-        return r
-
-    def pump(self, timeout: float, extra: Iterable[socket.socket] = ()) -> list[Any]:
+    def pump(self, timeout: float, extra: Sequence[socket.socket] = ()) -> list[Any]:
         """Wait up to `timeout` for input; handle every event that arrived. Returns the ready extras."""
-        ready = self._readable(timeout, extra)
-        if self.sock in ready:
-            try:
-                data = self.sock.recv(1 << 18)
-            except ssl.SSLWantReadError:
-                data = None
-            if data == b"":
-                self.conn.receive_eof()
-                raise LinkFailure("remote closed the connection")
-            if data:
-                self.last_rx = time.monotonic()
-                self.conn.receive_data(data)
-                self._events()
-        now = time.monotonic()
-        if now - self.last_rx > self.t.dead_after_s:
-            raise LinkFailure(f"nothing heard from the remote for {now - self.last_rx:.1f} s")
-        if now - self.last_tx > self.t.heartbeat_interval_s:
-            self._send(jp.Heartbeat(time.monotonic_ns()))
-        return [r for r in ready if r is not self.sock]
+        link_ready, ready = self.transport.wait(timeout, extra)
+        if link_ready:
+            events = self.transport.read_events()
+            self.session.data_received(time.monotonic())
+            for ev in events:
+                self._event(ev)
+        for action in self.session.tick(time.monotonic()):
+            if isinstance(action, LinkDead):
+                raise LinkFailure(action.reason)
+            self._send(jp.Heartbeat(action.token))
+        return ready
 
-    def _events(self) -> None:
-        while True:
-            ev = self.conn.next_event()
-            if isinstance(ev, jp._NeedData):
-                return
-            if isinstance(ev, jp.Ack):
-                self.link.on_ack(ev.seq)
-            elif isinstance(ev, jp.Heartbeat):
-                self.echoes.add(ev.token)
-            elif isinstance(ev, jp.RegionDigests):
-                self.digests.append(ev)
-            elif isinstance(ev, jp.Error):
-                state = RemoteState.DISCONNECTED
-                if ev.code in (jp.ErrorCode.TARGET_FULL, jp.ErrorCode.TARGET_IO):
-                    state = RemoteState.TARGET_ERROR
-                elif ev.code in PERMANENT_ERRORS:
-                    state = RemoteState.REFUSED
-                raise LinkFailure(f"remote error {ev.code.name}: {ev.message}", state, ev.code)
-            else:
-                raise jp.ProtocolError(f"unexpected {type(ev).__name__} from the remote")
+    def _event(self, ev: jp.Event) -> None:
+        if isinstance(ev, jp.Ack):
+            self.link.on_ack(ev.seq)
+        elif isinstance(ev, jp.Heartbeat):
+            self.echoes.add(ev.token)
+        elif isinstance(ev, jp.RegionDigests):
+            self.digests.append(ev)
+        elif isinstance(ev, jp.Error):
+            raise LinkFailure(f"remote error {ev.code.name}: {ev.message}", _state_for(ev.code), ev.code)
+        else:
+            raise jp.ProtocolError(f"unexpected {type(ev).__name__} from the remote")
 
     def barrier(self) -> None:
         """Return once the remote has handled every frame sent so far: it answers a heartbeat in
         order, after the frames before it (a RESYNC_END is durable on the remote by then)."""
-        token = random.getrandbits(63) | 1
+        token = random.getrandbits(63) | (1 << 63)  # never one of the session's own heartbeat tokens
         self._send(jp.Heartbeat(token))
         while token not in self.echoes:
-            if self.link.rep._stop.is_set():
+            if self.link.stopping():
                 raise LinkFailure("stopping")
             self.pump(0.5)
         self.echoes.discard(token)
 
     def handshake(self, purpose: jp.Purpose) -> jp.HelloReply:
-        rep = self.link.rep
-        self._send(jp.Hello(rep.source_id, rep.volume_uuid, rep.volume_size, rep.block_size, rep.generation,
-                            self.link.acked_seq, jp.Feature.LZ4 if self.t.compression else jp.Feature.NONE,
-                            purpose))
-        deadline = time.monotonic() + self.t.connect_timeout_s
+        self._send(self.session.hello(purpose))
+        deadline = time.monotonic() + self.tuning.connect_timeout_s
         while time.monotonic() < deadline:
-            if not self._readable(deadline - time.monotonic()):
+            link_ready, _ = self.transport.wait(deadline - time.monotonic())
+            if not link_ready:
                 continue
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise LinkFailure("remote closed the connection during HELLO")
-            self.conn.receive_data(data)
-            ev = self.conn.next_event()
-            if isinstance(ev, jp._NeedData):
+            try:
+                events = self.transport.read_events()
+            except PeerClosed:
+                raise LinkFailure("remote closed the connection during HELLO") from None
+            if not events:
                 continue
+            ev = events[0]
             if isinstance(ev, jp.Error):
-                state = RemoteState.REFUSED if ev.code in PERMANENT_ERRORS else RemoteState.TARGET_ERROR \
-                    if ev.code in (jp.ErrorCode.TARGET_FULL, jp.ErrorCode.TARGET_IO) else RemoteState.DISCONNECTED
-                raise LinkFailure(f"remote refused: {ev.code.name}: {ev.message}", state, ev.code)
+                raise LinkFailure(f"remote refused: {ev.code.name}: {ev.message}", _state_for(ev.code), ev.code)
             if not isinstance(ev, jp.HelloReply):
                 raise jp.ProtocolError(f"expected HELLO_REPLY, got {type(ev).__name__}")
-            self.last_rx = time.monotonic()
+            self.session.data_received(time.monotonic())
+            for later in events[1:]:
+                self._event(later)
             return ev
         raise LinkFailure("no HELLO_REPLY in time")
 
@@ -546,7 +503,7 @@ class _Session:
         rep = self.link.rep
         runs: list[tuple[int, int]] = []
         for idx in sorted(set(regions)):
-            if runs and runs[-1][0] + runs[-1][1] == idx and runs[-1][1] < self.t.digests_per_request:
+            if runs and runs[-1][0] + runs[-1][1] == idx and runs[-1][1] < self.tuning.digests_per_request:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((idx, 1))
@@ -555,12 +512,12 @@ class _Session:
         done = 0
         total = sum(n for _, n in runs)
         while pending or outstanding:
-            while pending and outstanding < self.t.requests_in_flight:
+            while pending and outstanding < self.tuning.requests_in_flight:
                 first, n = pending.popleft()
                 self._send(jp.DigestRequest(first, n, rb))
                 outstanding += 1
             while not self.digests:
-                if rep._stop.is_set():
+                if self.link.stopping():
                     raise LinkFailure("stopping")
                 self.pump(0.5)
             d = self.digests.popleft()
@@ -572,12 +529,11 @@ class _Session:
                 local = rep.local_unit.read(lba, n)
                 on_region(idx, jp.region_digest(local) != remote_digest)
                 done += 1
-            rep._progress(Progress(self.link.spec.label, phase, done, total,
-                                   int(self.link.resync.get("bytes_copied") or 0)))
+            rep.progress(Progress(self.link.spec.label, phase, done, total,
+                                  int(self.link.resync.get("bytes_copied") or 0)))
 
-    def resync(self, reason: str, regions: list[int], snapshot: Any, position: int,
-               final: bool = True) -> None:
-        """Copy the `regions` that differ, then ship records after `position` (P).
+    def resync(self, plan: ResyncPlan, snapshot: DirtySnapshot | None, final: bool = True) -> None:
+        """Copy the regions of `plan` that differ, then ship records after its position (P).
 
         `snapshot` is the dirty snapshot (or None) the copy covers: taken before the first region is
         read, so every region it names is copied with data at least as new as it. A round that is not
@@ -585,12 +541,13 @@ class _Session:
         the remote keeps its undo log, and its pre-resync consistent image, until a final round."""
         link, rep = self.link, self.link.rep
         rb = rep.region_blocks
+        regions, position = plan.regions, plan.position
         link.state = RemoteState.RESYNCING
         started = time.monotonic()
         link.resync.update({"active": True, "percent": 0.0, "rate_bps": 0.0, "regions_done": 0,
-                            "regions_total": len(regions), "bytes_copied": 0, "reason": reason})
-        log.info("resync begins remote=%s reason=%s position=%d regions=%d", link.spec.label, reason, position,
-                 len(regions))
+                            "regions_total": len(regions), "bytes_copied": 0, "reason": plan.reason.value})
+        log.info("resync begins remote=%s reason=%s position=%d regions=%d", link.spec.label, plan.reason.value,
+                 position, len(regions))
         self._send(jp.ResyncBegin(position, rb, len(regions)))
         copied = 0
 
@@ -612,15 +569,15 @@ class _Session:
 
         self.compare_regions(regions, rb, on_region, "resync")
         end = rep.journal.head_seq if final else OPEN_END
+        self.session.resync_copy_done(position)  # the remote acknowledges P when RESYNC_END is durable
         self._send(jp.ResyncEnd(end))
         self.barrier()  # the copied regions are durable on the remote before any dirty bit goes
-        link.sent_seq = position
         link.resync_end = end
         link.resync_open = not final
         link.resync.update({"active": False, "percent": 100.0, "end_seq": end if final else None,
                             "open": not final})
         if snapshot is not None:
-            rep._covered(link, snapshot)
+            rep.covered(link, snapshot)
         log.info("resync copy done remote=%s begin=%d end=%d copied_bytes=%d", link.spec.label, position, end,
                  copied)
 
@@ -637,7 +594,7 @@ class _Session:
             while alive.is_set():
                 if not want.wait(0.5):
                     continue
-                if j.wait_for_records(link.sent_seq, 0.5):
+                if j.wait_for_records(self.session.sent_seq, 0.5):
                     want.clear()
                     with contextlib.suppress(OSError):
                         wake_w.send(b"x")
@@ -645,9 +602,9 @@ class _Session:
         wt = threading.Thread(target=watcher, name=f"link-watch-{link.spec.label}", daemon=True)
         wt.start()
         try:
-            while not rep._stop.is_set():
+            while not rep.stop_event.is_set():
                 wait = self._send_batches(want)
-                ready = self.pump(min(wait, self.t.heartbeat_interval_s / 2), [wake_r])
+                ready = self.pump(min(wait, self.tuning.heartbeat_interval_s / 2), [wake_r])
                 if wake_r in ready:
                     with contextlib.suppress(OSError):
                         wake_r.recv(4096)
@@ -660,43 +617,43 @@ class _Session:
 
     def _send_batches(self, want: threading.Event) -> float:
         """Send what the window and the bandwidth cap allow. Returns how long to wait for input."""
-        link, rep = self.link, self.link.rep
-        while link.in_flight_bytes < self.t.window_bytes:
+        link, rep, ses = self.link, self.link.rep, self.session
+        while ses.window_open:
             if self.bucket is not None:
                 w = self.bucket.wait_time(time.monotonic())
                 if w > 0:
                     return w
             try:
-                records = rep.journal.read_records(link.sent_seq, self.t.max_batch_bytes)
+                records = rep.journal.read_records(ses.sent_seq, self.tuning.max_batch_bytes)
             except RecordsGone:
-                raise LinkFailure(f"records after seq={link.sent_seq} are gone from the journal") from None
+                raise LinkFailure(f"records after seq={ses.sent_seq} are gone from the journal") from None
             if not records:
                 now = time.monotonic()
                 if now >= link.next_dirty_check:
                     link.next_dirty_check = now + 1.0
-                    todo = rep._dirty_for(link)
+                    todo = rep.dirty_for(link)
                     if todo is not None:
                         # every record up to sent_seq precedes the copy on this connection, so the
                         # remote applies them first; P = sent_seq
-                        regions, snap, final = todo
-                        self.resync("journal overflow" if final else "journal overflow (continuing)",
-                                    regions, snap, link.sent_seq, final)
+                        plan, snap, final = todo
+                        self.resync(ResyncPlan(plan.reason, plan.regions, ses.sent_seq), snap, final)
                         link.state = RemoteState.STREAMING
                         if not final:  # rounds during an overflow: spaced out, they read whole regions
-                            link.next_dirty_check = time.monotonic() + self.t.overflow_round_interval_s
+                            link.next_dirty_check = time.monotonic() + self.tuning.overflow_round_interval_s
                         continue
                 want.set()
                 return 0.5
-            batch = jp.Batch(link.sent_seq, jp.batch_records(records))
-            nbytes = sum(len(r.payload) for r in batch.records)
-            self._send(batch)
-            last = batch.records[-1]
-            link.in_flight.append((last.seq, nbytes + 33 * len(batch.records), batch.records[0].timestamp_ns))
-            link.in_flight_bytes += nbytes + 33 * len(batch.records)
-            link.avg_record_bytes = 0.9 * link.avg_record_bytes + 0.1 * (nbytes / len(batch.records) + 33)
-            link.sent_seq = last.seq
+            self._send(ses.batch(records))
             self.pump(0)
         return 0.5
+
+
+def _state_for(code: jp.ErrorCode) -> RemoteState:
+    if code in (jp.ErrorCode.TARGET_FULL, jp.ErrorCode.TARGET_IO):
+        return RemoteState.TARGET_ERROR
+    if code in PERMANENT_ERRORS:
+        return RemoteState.REFUSED
+    return RemoteState.DISCONNECTED
 
 
 class Replicator:
@@ -711,8 +668,8 @@ class Replicator:
 
     def __init__(
         self,
-        local_unit: LocalUnitLike,
-        journal: JournalLike,
+        local_unit: ReplicatedUnit,
+        journal: ReplicatedJournal,
         *,
         source_id: str,
         remotes: Sequence[RemoteSpec],
@@ -734,21 +691,18 @@ class Replicator:
             raise ValueError("the journey link needs TLS files (tls= or tls_dir=, made by `usbmirror pair`); "
                              "plaintext=True is for tests and benchmarks only")
         self.ssl_context: ssl.SSLContext | None = client_context(tls) if tls is not None else None
-        self.volume_uuid = _uuid_bytes(journal.unit_uuid)
-        gen = getattr(journal, "generation", None)
-        if gen is None:
-            sb = getattr(journal, "superblock", None)
-            gen = getattr(sb, "epoch", 1)  # a new journal format starts seqs again under a new epoch
-        self.generation = int(gen) if gen is not None else 1
+        self.volume_uuid = journal.unit_uuid.bytes
+        self.generation = journal.generation  # a new journal format starts seqs again under a new one
         self.block_size = local_unit.block_size
         self.num_blocks = local_unit.num_blocks
         self.volume_size = self.block_size * self.num_blocks
-        rb = self.tuning.region_blocks or int(getattr(local_unit, "region_blocks", 0) or 0) \
-            or max(1, (1 << 20) // self.block_size)
+        self.identity = SourceIdentity(source_id, self.volume_uuid, self.volume_size, self.block_size,
+                                       self.generation)
+        rb = self.tuning.region_blocks or local_unit.region_blocks or max(1, (1 << 20) // self.block_size)
         self.region_blocks = rb
         self.total_regions = (self.num_blocks + rb - 1) // rb
         self.progress_callbacks: list[Callable[[Progress], None]] = [progress] if progress else []
-        self._stop = threading.Event()
+        self.stop_event = threading.Event()
         self._confirm_lock = threading.Lock()
         self._dirty_lock = threading.Lock()
         self._cleared_token = -1
@@ -756,10 +710,7 @@ class Replicator:
         self.links = [RemoteLink(self, spec) for spec in remotes]
         for link in self.links:
             if link.spec.mode == "sync":
-                add_gate = getattr(local_unit, "add_sync_gate", None)
-                if add_gate is None:
-                    raise ValueError("sync mode needs a local unit with sync gates")
-                add_gate(link.sync_gate)
+                local_unit.add_sync_gate(link.sync_gate)
             elif link.spec.mode != "async":
                 raise ValueError(f"remote {link.spec.label}: mode must be async or sync")
 
@@ -775,42 +726,33 @@ class Replicator:
             link.start()
 
     def close(self) -> None:
-        self._stop.set()
-        remove = getattr(self.local_unit, "remove_sync_gate", None)
+        self.stop_event.set()
         for link in self.links:
-            if link.spec.mode == "sync" and remove is not None:
-                remove(link.sync_gate)
+            if link.spec.mode == "sync":
+                self.local_unit.remove_sync_gate(link.sync_gate)
             link.stop()
 
     # -- shared helpers -------------------------------------------------------------------------
-    def _confirm(self, link: RemoteLink, seq: int) -> None:
+    def confirm(self, link: RemoteLink, seq: int) -> None:
         with self._confirm_lock:
             try:
                 self.journal.confirm(link.consumer, min(seq, self.journal.durable_seq))
             except Exception as exc:  # the journal refusing a confirm must not kill the link
                 log.warning("journal confirm failed consumer=%s seq=%d error=%s", link.consumer, seq, exc)
 
-    def _progress(self, p: Progress) -> None:
+    def progress(self, p: Progress) -> None:
         for cb in self.progress_callbacks:
             try:
                 cb(p)
             except Exception:
                 log.exception("progress callback failed")
 
-    def _dirty_state(self) -> Any:
-        """The local unit's current dirty snapshot, or None when it has none (or no bitmap)."""
-        snap_fn = getattr(self.local_unit, "dirty_snapshot", None)
-        if snap_fn is None:
-            return None
-        snap = snap_fn()
-        return snap if getattr(snap, "regions", None) else None
+    def dirty_state(self) -> DirtySnapshot | None:
+        """The local unit's current dirty snapshot, or None when no region is dirty."""
+        snap = self.local_unit.dirty_snapshot()
+        return snap if snap.regions else None
 
-    def _overflowing(self) -> bool:
-        """Whether host writes may still bypass the journal. The local unit's `overflow` ends as soon
-        as the journal has room again, also with an idle host (`LocalUnit.overflow`)."""
-        return bool(getattr(self.local_unit, "overflow", False))
-
-    def _dirty_for(self, link: RemoteLink) -> tuple[list[int], Any, bool] | None:
+    def dirty_for(self, link: RemoteLink) -> tuple[ResyncPlan, DirtySnapshot | None, bool] | None:
         """Dirty regions this remote still needs (written straight to the local volume while the
         journal was full), with whether this round can be final.
 
@@ -819,7 +761,7 @@ class Replicator:
         this remote does not fall arbitrarily behind, each one not final: the remote keeps its
         consistent pre-resync image (undo log) until the final round after the overflow ends."""
         now = time.monotonic()
-        overflowing = self._overflowing()
+        overflowing = self.local_unit.overflow  # ends as soon as the journal has room (LocalUnit.overflow)
         if overflowing:
             if self._overflow_seen is None:
                 self._overflow_seen = now
@@ -827,29 +769,24 @@ class Replicator:
                 return None
         else:
             self._overflow_seen = None
-        snap = self._dirty_state()
-        new = snap is not None and (link.covered is None or snap.token > link.covered.token)
-        if not new and not (link.resync_open and not overflowing):
-            return None
-        rb = self.region_blocks
-        idx: set[int] = set()
-        for lba, count in (snap.regions if snap is not None else ()):
-            idx.update(range(lba // rb, (lba + max(count, 1) - 1) // rb + 1))
-        return sorted(i for i in idx if i < self.total_regions), snap, not overflowing
+        snap = self.dirty_state()
+        plan = dirty_plan(None if snap is None else (snap.token, snap.regions),
+                          covered_token=None if link.covered is None else link.covered.token,
+                          resync_open=link.resync_open, overflowing=overflowing, position=link.sent_seq,
+                          region_blocks=self.region_blocks, total_regions=self.total_regions)
+        return None if plan is None else (plan, snap, not overflowing)
 
-    def _covered(self, link: RemoteLink, snap: Any) -> None:
+    def covered(self, link: RemoteLink, snap: DirtySnapshot) -> None:
         """`link` holds every region of `snap`; once every remote does, the dirty bits may go."""
         with self._dirty_lock:
             if link.covered is None or snap.token > link.covered.token:
                 link.covered = snap
             if any(ln.covered is None for ln in self.links):
                 return
-            oldest = min((ln.covered for ln in self.links), key=lambda s: s.token)
+            oldest = min((ln.covered for ln in self.links if ln.covered is not None), key=lambda s: s.token)
             if oldest.token <= self._cleared_token:
                 return
-            clear = getattr(self.local_unit, "clear_dirty", None)
-            if clear is not None:
-                clear(oldest)
+            self.local_unit.clear_dirty(oldest)
             self._cleared_token = oldest.token
             log.info("dirty regions brought to every remote token=%d regions=%d", oldest.token,
                      len(oldest.regions))
@@ -898,23 +835,24 @@ class Replicator:
         return {"remotes": out, "match": bool(out) and all(e["match"] for e in out)}
 
     def _verify_one(self, link: RemoteLink, regions: list[int]) -> list[int]:
-        raw = socket.create_connection(link.spec.host_port, timeout=self.tuning.connect_timeout_s)
-        sock: socket.socket = raw
+        transport = link.connect()
         try:
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(raw, server_hostname=None)
-            sess = _Session(link, sock)
-            sess.handshake(jp.Purpose.VERIFY)
+            # a connection of its own, with a session of its own: the link's positions are not touched
+            session = SourceSession(self.identity, acked_seq=link.acked_seq, window_bytes=self.tuning.window_bytes,
+                                    heartbeat_interval_s=self.tuning.heartbeat_interval_s,
+                                    dead_after_s=self.tuning.dead_after_s, compression=self.tuning.compression)
+            conn = _SourceConnection(link, transport, session)
+            conn.handshake(jp.Purpose.VERIFY)
             diffs: list[int] = []
 
             def on_region(idx: int, differs: bool) -> None:
                 if differs:
                     diffs.append(idx)
 
-            sess.compare_regions(regions, self.region_blocks, on_region, "verify")
+            conn.compare_regions(regions, self.region_blocks, on_region, "verify")
             return diffs
         finally:
-            sock.close()
+            transport.close()
 
 
 @dataclass

@@ -11,8 +11,25 @@ transfers and endpoint requests in; `BulkOnlyTransport` answers with bytes, "not
   which endpoint to stall, using `LogicalUnit.plan()` as the device's intent;
 * reassembly of DATA-OUT and segmentation of DATA-IN across arbitrarily sized bulk transfers.
 
-What it does not do: decode SCSI (the logical unit's job), keep sense data (the logical unit keeps
-it for REQUEST SENSE), touch a socket or an endpoint file, or time anything out (the host does).
+What it does not do: decode SCSI (the logical unit's job: `LogicalUnit.plan()` is all the transport
+knows of a command), keep sense data (the logical unit keeps it for REQUEST SENSE), touch a socket or
+an endpoint file, or time anything out (the host does).
+
+Running a command is split from the transfers so that an adapter can keep answering ep0 while a
+command waits (a durable write, a `sync` remote): with `deferred=True`, once a command's data phase
+is complete the transport enters the EXECUTING stage and `take_command()` hands the adapter a
+`BotCommand`. The adapter calls `run(command)` (the logical unit's `execute()`, which may block) on
+its command executor, outside any lock, then `complete(command, result)` under its lock. Bulk-IN
+requests stay pending meanwhile; control requests and resets are answered at once. Without
+`deferred` (sans-IO callers, tests) `bulk_out()` runs the same three steps before it returns.
+
+Resets while a command runs: the Bulk-Only Mass Storage Reset and a USB reset (`bus_reset()`) return
+the transport to the COMMAND stage at once. A command whose data phase had completed still runs to
+its end exactly once (a write lands once, not zero or two times); its result is dropped by
+`complete()` and its CSW is never sent, since the host abandoned it. Commands are executed in the
+order they were received, so one that arrives after the reset runs after the abandoned one. After a
+USB reset, the logical unit's `reset_event()` is called on the executor just before the next
+command runs (never during one), so that command, not an abandoned one, reports the unit attention.
 
 Choices the spec leaves open, and what this transport does:
 
@@ -45,8 +62,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
+from firmware.logical_unit import CommandResult, Direction, LogicalUnit, Status
 from gadget.descriptors import EP_IN, EP_OUT
-from gadget.logical_unit import CommandResult, Direction, LogicalUnit, Status
 
 __all__ = [
     "CBW_LENGTH",
@@ -56,6 +73,7 @@ __all__ = [
     "EP_IN",
     "EP_OUT",
     "STALL",
+    "BotCommand",
     "BulkOnlyTransport",
     "BytesLike",
     "Case",
@@ -84,7 +102,7 @@ _REQUEST_TYPE_CLASS_OUT: Final = 0x21
 _REQUEST_TYPE_CLASS_IN: Final = 0xA1
 BytesLike = bytes | bytearray | memoryview  # what adapters may hand to bulk_out()
 
-# Per-I/O wire formats: struct, not construct (STYLE.md).
+# Per-command wire formats use struct (one C-level call per CBW/CSW), not construct.
 # CBW (BOT 5.1): 0 dCBWSignature, 4 dCBWTag, 8 dCBWDataTransferLength, 12 bmCBWFlags, 13 bCBWLUN,
 # 14 bCBWCBLength, 15 CBWCB[16].  CSW (BOT 5.2): 0 dCSWSignature, 4 dCSWTag, 8 dCSWDataResidue,
 # 12 bCSWStatus.
@@ -117,6 +135,7 @@ class Stage(enum.IntEnum):
     DATA_IN = 2  # handing data to the host on bulk IN
     STATUS = 3  # CSW ready for the next bulk IN
     NEED_RESET = 4  # invalid CBW seen: both endpoints stalled until reset recovery (6.6.1)
+    EXECUTING = 5  # the logical unit runs the command; bulk IN waits for its data or CSW
 
 
 class CswStatus(enum.IntEnum):
@@ -295,14 +314,19 @@ _CASE_LOG_LEVEL: Final[dict[Case, int]] = {
 }
 
 
-@dataclass(slots=True)
-class _Command:
-    """Everything about the command in flight: one record, as tinyusb and Linux keep it."""
+@dataclass(slots=True, eq=False)
+class BotCommand:
+    """Everything about the command in flight: one record, as tinyusb and Linux keep it. An adapter
+    holds one only between `take_command()` and `complete()` and reads nothing from it."""
 
     cbw: Cbw
     case: Case | None  # None when the CBW was not meaningful or planning failed
     run: bool  # whether execute() is (still) to be called
     device_length: int = 0
+    data_out: bytes = b""  # the DATA-OUT payload handed to execute()
+    unit_reset: bool = False  # call the unit's reset_event() before executing (a USB reset came first)
+    # what complete() does with the result: one of the *_done methods of the transport
+    on_result: Callable[[BulkOnlyTransport, BotCommand, CommandResult | None], None] | None = None
     status: CswStatus = CswStatus.PASSED
     residue: int = 0
     # DATA-OUT: bytes of the host's transfer received so far, and the first `keep` of them
@@ -340,11 +364,18 @@ class BulkOnlyTransport:
 
     `max_lun` is what Get Max LUN reports and the highest bCBWLUN accepted; every LUN reaches the
     same `lu` (this transport does not multiplex units). `max_packet` is the bulk wMaxPacketSize
-    at the current speed; only `stall_short_in=False` uses it.
+    at the current speed; only `stall_short_in=False` uses it. `deferred=True` leaves running
+    each command to the adapter (`take_command`, `run`, `complete`; module docstring).
     """
 
     def __init__(
-        self, lu: LogicalUnit, *, max_lun: int = 0, max_packet: int = 512, stall_short_in: bool = True
+        self,
+        lu: LogicalUnit,
+        *,
+        max_lun: int = 0,
+        max_packet: int = 512,
+        stall_short_in: bool = True,
+        deferred: bool = False,
     ) -> None:
         if not 0 <= max_lun <= MAX_LUN_LIMIT:
             raise ValueError(f"max_lun must be 0..15 (BOT 3.2), got {max_lun}")
@@ -356,9 +387,11 @@ class BulkOnlyTransport:
         self._stage = Stage.COMMAND
         self._in_halted = False
         self._out_halted = False
-        self._command: _Command | None = None
+        self._command: BotCommand | None = None
+        self._deferred = deferred
+        self._ready: BotCommand | None = None  # entered EXECUTING, not yet taken by the adapter
+        self._unit_reset_pending = False  # a USB reset the logical unit has not been told of yet
         self._counters: Counter[str] = Counter()
-        self._by_opcode: Counter[str] = Counter()
         self._by_case: Counter[int] = Counter()
         self._sizes: Counter[str] = Counter()
 
@@ -378,6 +411,11 @@ class BulkOnlyTransport:
     @property
     def stage(self) -> Stage:
         return self._stage
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the adapter runs commands (`take_command`/`run`/`complete`)."""
+        return self._deferred
 
     @property
     def in_halted(self) -> bool:
@@ -418,16 +456,28 @@ class BulkOnlyTransport:
         self._halt(_check_endpoint(endpoint))
 
     def reset(self) -> None:
-        """Bulk-Only Mass Storage Reset (class request 0xFF, BOT 3.1): ready for the next CBW."""
+        """Bulk-Only Mass Storage Reset (class request 0xFF, BOT 3.1): ready for the next CBW. A
+        command being executed finishes on its own; its CSW is not sent (module docstring)."""
+        self._abandon("BOT reset")
+        self._counters["resets"] += 1
+
+    def bus_reset(self) -> None:
+        """A USB reset, a (re)configuration or the host going away: the same as the class reset for
+        the transport, and the logical unit hears of it (`reset_event()`, a unit attention) just
+        before the next command runs."""
+        self._abandon("USB reset")
+        self._unit_reset_pending = True
+        self._counters["bus_resets"] += 1
+
+    def _abandon(self, why: str) -> None:
         if self._command is not None:
-            log.info("BOT reset drops command in flight tag=%#x stage=%s", self._command.cbw.tag,
+            log.info("%s drops command in flight tag=%#x stage=%s", why, self._command.cbw.tag,
                      self._stage.name)
         self._command = None
         self._stage = Stage.COMMAND
         # BOT 3.1 keeps halts across this request; see the module docstring for why we clear them.
         self._in_halted = False
         self._out_halted = False
-        self._counters["resets"] += 1
 
     def get_max_lun(self) -> int:
         """Get Max LUN (class request 0xFE, BOT 3.2): the highest LUN number."""
@@ -463,6 +513,8 @@ class BulkOnlyTransport:
             "phase_errors": counters["phase_errors"],
             "failed": counters["failed"],
             "resets": counters["resets"],
+            "bus_resets": counters["bus_resets"],
+            "completed_after_reset": counters["completed_after_reset"],
             "invalid_cbws": counters["invalid_cbws"],
             "meaningless_cbws": counters["meaningless_cbws"],
             "internal_errors": counters["internal_errors"],
@@ -476,7 +528,6 @@ class BulkOnlyTransport:
             "bytes_in": counters["bytes_in"],
             "bytes_out": counters["bytes_out"],
             "discarded_out_bytes": counters["discarded_out_bytes"],
-            "by_opcode": dict(sorted(self._by_opcode.items())),
             "by_case": {int(k): v for k, v in sorted(self._by_case.items())},
             "transfer_sizes": dict(self._sizes),
         }
@@ -532,35 +583,34 @@ class BulkOnlyTransport:
 
         cdb = cbw.cdb
         self._counters["commands"] += 1
-        self._by_opcode[f"{cdb[0]:#04x}"] += 1
         try:
             plan = self._lu.plan(cdb)
         except Exception:
-            log.exception("logical unit failed to plan opcode=%#04x tag=%#x", cdb[0], cbw.tag)
+            log.exception("logical unit failed to plan cdb=%s tag=%#x", cdb.hex(), cbw.tag)
             self._counters["internal_errors"] += 1
             self._refuse_command(cbw)
             return True
         device_length = plan.length if plan.direction is not Direction.NONE else 0
         if device_length < 0:
-            log.error("logical unit planned a negative length %d opcode=%#04x tag=%#x", device_length,
-                      cdb[0], cbw.tag)
+            log.error("logical unit planned a negative length %d cdb=%s tag=%#x", device_length,
+                      cdb.hex(), cbw.tag)
             self._counters["internal_errors"] += 1
             self._refuse_command(cbw)
             return True
         case = classify(cbw, plan.direction, device_length)
         self._by_case[case] += 1
-        command = _Command(cbw=cbw, case=case, run=True, device_length=device_length)
+        command = BotCommand(cbw=cbw, case=case, run=True, device_length=device_length)
         self._command = command
         level = _CASE_LOG_LEVEL[case]
         if level and log.isEnabledFor(level):
-            log.log(level, "BOT case %d (%s) opcode=%#04x host_length=%d device_length=%d tag=%#x",
-                    case, case.name, cdb[0], cbw.data_transfer_length, device_length, cbw.tag)
+            log.log(level, "BOT case %d (%s) cdb=%s host_length=%d device_length=%d tag=%#x",
+                    case, case.name, cdb.hex(), cbw.data_transfer_length, device_length, cbw.tag)
         self._ON_CASE[case](self, command)
         return True
 
     def _refuse_command(self, cbw: Cbw) -> None:
         """Do not run the command: stall the data endpoint the host announced, phase error."""
-        command = _Command(cbw=cbw, case=None, run=False)
+        command = BotCommand(cbw=cbw, case=None, run=False)
         self._command = command
         if cbw.data_transfer_length:
             self._halt(EP_IN if cbw.data_in else EP_OUT)
@@ -568,31 +618,35 @@ class BulkOnlyTransport:
 
     # --- the thirteen cases (BOT 6.7), entered once the CBW is accepted --------------------------
 
-    def _case_no_data(self, command: _Command) -> None:
+    def _case_no_data(self, command: BotCommand) -> None:
         # Case 1, Hn = Dn (6.7.1): run it; status from the unit, residue 0.
-        result = self._execute(command, b"")
+        self._to_executing(command, BulkOnlyTransport._no_data_done)
+
+    def _no_data_done(self, command: BotCommand, result: CommandResult | None) -> None:
         if result is None:
             self._to_status(command, CswStatus.PHASE_ERROR, 0)
             return
         self._to_status(command, self._status_of(result), 0)
 
-    def _case_host_expects_nothing(self, command: _Command) -> None:
+    def _case_host_expects_nothing(self, command: BotCommand) -> None:
         # Cases 2 and 3, Hn < Di / Hn < Do (6.7.1): phase error, residue 0; the command is not run
         # because the host gave it no room for its data.
         self._to_status(command, CswStatus.PHASE_ERROR, 0)
 
-    def _case_data_in(self, command: _Command) -> None:
+    def _case_data_in(self, command: BotCommand) -> None:
         # Cases 4, 5, 6, 7 (6.7.2): run, then hand out min(device data, Hi) bytes.
+        self._to_executing(command, BulkOnlyTransport._data_in_done)
+
+    def _data_in_done(self, command: BotCommand, result: CommandResult | None) -> None:
         host_length = command.cbw.data_transfer_length
-        result = self._execute(command, b"")
         if result is None:
             self._halt(EP_IN)
             self._to_status(command, CswStatus.PHASE_ERROR, host_length)
             return
         data = result.data
         if len(data) > command.device_length:
-            log.error("logical unit returned %d bytes, planned %d opcode=%#04x; truncating",
-                      len(data), command.device_length, command.cbw.cb[0])
+            log.error("logical unit returned %d bytes, planned %d cdb=%s; truncating",
+                      len(data), command.device_length, command.cbw.cdb.hex())
         limit = min(len(data), command.device_length, host_length)
         # Case 7 (Hi < Di): the device sends what the host allows and reports a phase error.
         status = CswStatus.PHASE_ERROR if command.case is Case.HI_LT_DI else self._status_of(result)
@@ -609,14 +663,14 @@ class BulkOnlyTransport:
         command.sent = 0
         self._stage = Stage.DATA_IN
 
-    def _case_wrong_direction(self, command: _Command) -> None:
+    def _case_wrong_direction(self, command: BotCommand) -> None:
         # Case 8 (Hi <> Do): stall Bulk-In; case 10 (Ho <> Di): stall Bulk-Out (6.7.2, 6.7.3).
         # Phase error, command not run.
         host_length = command.cbw.data_transfer_length
         self._halt(EP_IN if command.case is Case.HI_DO else EP_OUT)
         self._to_status(command, CswStatus.PHASE_ERROR, host_length)
 
-    def _case_data_out(self, command: _Command) -> None:
+    def _case_data_out(self, command: BotCommand) -> None:
         # Cases 9, 11, 12, 13 (6.7.3): accept all Ho bytes; keep the first Do for the unit.
         case = command.case
         if case is Case.HO_LT_DO:
@@ -629,7 +683,7 @@ class BulkOnlyTransport:
         command.received = 0
         self._stage = Stage.DATA_OUT
 
-    _ON_CASE: ClassVar[dict[Case, Callable[[BulkOnlyTransport, _Command], None]]] = {
+    _ON_CASE: ClassVar[dict[Case, Callable[[BulkOnlyTransport, BotCommand], None]]] = {
         Case.HN_DN: _case_no_data,
         Case.HN_DI: _case_host_expects_nothing,
         Case.HN_DO: _case_host_expects_nothing,
@@ -671,16 +725,19 @@ class BulkOnlyTransport:
             self._finish_data_out(command)
         return True
 
-    def _finish_data_out(self, command: _Command) -> None:
+    def _finish_data_out(self, command: BotCommand) -> None:
         host_length = command.cbw.data_transfer_length
         if not command.run:
             # Case 13 (Ho < Do): phase error; nothing ran.
             self._to_status(command, CswStatus.PHASE_ERROR, host_length)
             return
         # One transfer (the usual USB/IP case): join returns that very object, no copy.
-        payload = b"".join(command.out_chunks)
+        command.data_out = b"".join(command.out_chunks)
         command.out_chunks = []
-        result = self._execute(command, payload)
+        self._to_executing(command, BulkOnlyTransport._data_out_done)
+
+    def _data_out_done(self, command: BotCommand, result: CommandResult | None) -> None:
+        host_length = command.cbw.data_transfer_length
         if result is None:
             self._to_status(command, CswStatus.PHASE_ERROR, host_length)
             return
@@ -722,7 +779,7 @@ class BulkOnlyTransport:
 
     # --- STATUS stage --------------------------------------------------------------------------
 
-    def _to_status(self, command: _Command, status: CswStatus, residue: int) -> None:
+    def _to_status(self, command: BotCommand, status: CswStatus, residue: int) -> None:
         command.status = status
         command.residue = residue
         self._stage = Stage.STATUS
@@ -784,6 +841,7 @@ class BulkOnlyTransport:
         Stage.DATA_IN: _unexpected_out,
         Stage.STATUS: _unexpected_out,
         Stage.NEED_RESET: _refuse_out,
+        Stage.EXECUTING: _unexpected_out,
     }
     _ON_BULK_IN: ClassVar[dict[Stage, Callable[[BulkOnlyTransport, int], bytes | Stall | None]]] = {
         Stage.COMMAND: _send_nothing,
@@ -791,6 +849,7 @@ class BulkOnlyTransport:
         Stage.DATA_IN: _send_data,
         Stage.STATUS: _send_csw,
         Stage.NEED_RESET: _refuse_in,
+        Stage.EXECUTING: _send_nothing,
     }
     _ON_CLEAR_HALT: ClassVar[dict[Stage, Callable[[BulkOnlyTransport, int], None]]] = {
         Stage.COMMAND: _clear,
@@ -798,20 +857,60 @@ class BulkOnlyTransport:
         Stage.DATA_IN: _clear,
         Stage.STATUS: _clear,
         Stage.NEED_RESET: _keep_halted,
+        Stage.EXECUTING: _clear,
     }
 
     # --- calling the logical unit ----------------------------------------------------------------
 
-    def _execute(self, command: _Command, payload: bytes) -> CommandResult | None:
-        """Run the command; None (logged) if the unit raised: an internal device error (6.6.2)."""
+    def _to_executing(
+        self, command: BotCommand, on_result: Callable[[BulkOnlyTransport, BotCommand, CommandResult | None], None]
+    ) -> None:
         command.run = False
+        command.on_result = on_result
+        if self._unit_reset_pending:
+            command.unit_reset = True
+            self._unit_reset_pending = False
+        self._stage = Stage.EXECUTING
+        if self._deferred:
+            self._ready = command
+        else:
+            self.complete(command, self.run(command))
+
+    def take_command(self) -> BotCommand | None:
+        """The command that entered EXECUTING, once (deferred mode): the adapter passes it to `run()`
+        on its executor and then to `complete()`. None when there is nothing new to run."""
+        command, self._ready = self._ready, None
+        return command
+
+    def run(self, command: BotCommand) -> CommandResult | None:
+        """Execute `command` on the logical unit (may block). Touches no transport state, so the
+        adapter calls it without its lock; it must not call it for two commands at once. None
+        (logged) if the unit raised: an internal device error (6.6.2), a phase error for the host."""
         cdb = command.cbw.cdb
         try:
-            return self._lu.execute(cdb, payload)
+            if command.unit_reset:
+                self._lu.reset_event()
+            return self._lu.execute(cdb, command.data_out)
         except Exception:
-            log.exception("logical unit failed opcode=%#04x tag=%#x", cdb[0], command.cbw.tag)
-            self._counters["internal_errors"] += 1
+            log.exception("logical unit failed cdb=%s tag=%#x", cdb.hex(), command.cbw.tag)
             return None
+
+    def complete(self, command: BotCommand, result: CommandResult | None) -> bool:
+        """The result of `run(command)`: the data phase or the CSW follows. False when a reset came
+        while it ran: the host abandoned the command and gets neither its data nor its CSW."""
+        if result is None:
+            self._counters["internal_errors"] += 1
+        if command is not self._command or self._stage is not Stage.EXECUTING:
+            self._counters["completed_after_reset"] += 1
+            log.info("command finished after a reset, no CSW sent tag=%#x cdb=%s", command.cbw.tag,
+                     command.cbw.cdb.hex())
+            return False
+        on_result = command.on_result
+        assert on_result is not None
+        command.on_result = None
+        command.data_out = b""
+        on_result(self, command, result)
+        return True
 
     @staticmethod
     def _status_of(result: CommandResult) -> CswStatus:

@@ -6,14 +6,17 @@ are files under a `functionfs` mount. This module is the thin adapter between th
 sans-IO cores: `gadget.bot.BulkOnlyTransport` (CBW/CSW, the thirteen cases, reset recovery) over a
 `LogicalUnit` (`firmware.scsi.ScsiTarget`).
 
-Kernel facts this adapter is built around (linux/drivers/usb/gadget/function/f_fs.c, measured in
-the QEMU guest, see REALHOST.md):
+Kernel facts this adapter is built around (linux/drivers/usb/gadget/function/f_fs.c, each measured
+with Debian's kernel and dummy_hcd in the QEMU test guest, `host_tests/realkernel/test_gadget_realkernel.py`):
 
 - Order is fixed: descriptors (v2) then strings are written to `ep0`; only then do the endpoint
   files `ep1`, `ep2` appear (numbered in descriptor order, not by address); only then may the
   gadget be bound to a UDC.
 - `select()` always reports bulk endpoint files ready, so each bulk endpoint has its own thread
   doing blocking I/O; `ep0` polls correctly and is read by a third thread.
+- The kernel's composite layer answers the standard requests (GET_DESCRIPTOR, SET_CONFIGURATION,
+  ...) itself; only the class requests reach `ep0` as SETUP events, and a USB reset or a new
+  configuration reaches it as DISABLE then ENABLE (f_fs has no event of its own for a reset).
 - I/O in the wrong direction halts an endpoint (EBADMSG; on ep0 it stalls the control request,
   EL2HLT). `os.read(ep0, 0)` acknowledges a zero-length status stage.
 - CLEAR_FEATURE(ENDPOINT_HALT) is answered by the UDC driver itself and never reaches us, so an
@@ -24,6 +27,13 @@ the QEMU guest, see REALHOST.md):
   host's transfer whose last packet is full-sized would wait for the next CBW, which the host only
   sends after our CSW: a deadlock. So reads are sized from the CBW's dCBWDataTransferLength
   (`_OutPhaseTracker`), and a CBW is read with a one-packet buffer.
+
+Threads: `ffs-ep0` reads events and answers class requests; `ffs-bulk-out` reads CBWs and data
+and is also the command executor: it runs each command (`LogicalUnit.execute()`, which may wait for
+a durable write) *without* the adapter lock, so ep0 is answered while it waits, then completes it
+under the lock; `ffs-bulk-in` writes data and CSWs as the BOT core produces them. A Bulk-Only reset
+or a DISABLE/ENABLE while a command runs abandons it (it still lands once; no CSW is sent), and
+after ENABLE the logical unit raises UNIT ATTENTION 29h/00 on the next command.
 
 Public API: `FunctionFsServer(lu, identity, mountpoint, ...)` (context manager, needs a mounted and
 not yet bound FunctionFS instance) and `serve_gadget(lu, identity, udc=...)` which composes the
@@ -52,9 +62,9 @@ import functionfs
 from functionfs import ch9
 from functionfs import functionfs as ffs_h
 
+from firmware.logical_unit import LogicalUnit
 from gadget.bot import CBW_LENGTH, CBW_SIGNATURE, EP_IN, EP_OUT, FLAG_DATA_IN, BulkOnlyTransport, ClassRequest
 from gadget.descriptors import DeviceIdentity, Speed, interface_block
-from gadget.logical_unit import LogicalUnit
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +249,9 @@ class FunctionFsServer:
         self.mountpoint = Path(mountpoint)
         self.identity = identity
         self.speeds = speeds
-        self.bot = bot if bot is not None else BulkOnlyTransport(lu, max_lun=max_lun)
+        self.bot = bot if bot is not None else BulkOnlyTransport(lu, max_lun=max_lun, deferred=True)
+        if not self.bot.deferred:
+            raise ValueError("the FunctionFS adapter runs commands itself: give it a deferred BulkOnlyTransport")
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._out = _OutPhaseTracker(chunk)
@@ -369,7 +381,7 @@ class FunctionFsServer:
             with self._lock:
                 self.enabled = False
                 self._enabled.clear()
-                self.bot.reset()
+                self.bot.bus_reset()
                 self._out.reset()
                 self._generation += 1
                 self._lock.notify_all()
@@ -387,7 +399,7 @@ class FunctionFsServer:
                 log.warning("cannot read the active endpoint descriptor error=%s", exc.strerror)
         with self._lock:
             self.bot.max_packet = max_packet
-            self.bot.reset()
+            self.bot.bus_reset()  # configured (again): the next command gets the unit attention
             self._out.reset()
             self._generation += 1
             self.enabled = True
@@ -477,7 +489,16 @@ class FunctionFsServer:
                 self.counters["bytes_out"] += len(data)
                 accepted = self.bot.bulk_out(data)
                 halted = self.bot.out_halted
+                command = self.bot.take_command()
                 self._lock.notify_all()
+            if command is not None:
+                # This thread is the command executor: ep0 and bulk IN keep the lock meanwhile.
+                # Nothing else arrives on bulk OUT before the CSW, and after a reset the next
+                # CBW waits in the kernel until this command has finished: one at a time, in order.
+                result = self.bot.run(command)
+                with self._lock:
+                    self.bot.complete(command, result)
+                    self._lock.notify_all()
             if not accepted or halted:
                 # Halt now (cases 8/10, invalid CBW), before the host sends what we refuse.
                 self._halt(fd, EP_OUT)

@@ -4,7 +4,13 @@
 transfer the host submits and receives completions: descriptors and standard requests on ep0
 (chapter 9 of USB 2.0), the two Bulk-Only class requests, and bulk transfers passed to
 `gadget.bot.BulkOnlyTransport`. A bulk-IN transfer the BOT cannot answer yet stays pending here,
-in submission order, and completes after a later transfer or control request gives it data.
+in submission order, and completes after a later transfer, a control request or a command's
+completion gives it data.
+
+Commands are not run inside `submit()`: once a command is ready, `take_command()` hands it to the
+transport, which runs it on its command executor (`run()`, may block, no lock needed) and reports
+with `complete()`; control transfers keep being answered meanwhile (see `gadget/bot.py`). A
+SET_CONFIGURATION or a disconnect is a USB reset for the BOT and the logical unit (unit attention).
 
 What it does not do: SCSI (the `LogicalUnit` behind the BOT), the USB/IP wire format, sockets or
 threads. Transfer status uses the Linux URB convention: 0, or a negative errno (-EPIPE = stall).
@@ -18,7 +24,8 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
-from gadget.bot import BulkOnlyTransport, ClassRequest
+from firmware.logical_unit import CommandResult, LogicalUnit
+from gadget.bot import BotCommand, BulkOnlyTransport, ClassRequest
 from gadget.descriptors import (
     EP_IN,
     EP_OUT,
@@ -36,7 +43,6 @@ from gadget.descriptors import (
     device_qualifier,
     string_descriptor,
 )
-from gadget.logical_unit import LogicalUnit
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +119,7 @@ class MassStorageDevice:
         self.lu = lu
         self.identity = identity
         self.speed = Speed(speed)
-        self.bot = BulkOnlyTransport(lu, max_packet=MAX_PACKET[self.speed])
+        self.bot = BulkOnlyTransport(lu, max_packet=MAX_PACKET[self.speed], deferred=True)
         self._device_desc = device_descriptor(identity, self.speed)
         self._config_desc = configuration_descriptor(identity, self.speed)
         self.configuration = 0
@@ -166,6 +172,20 @@ class MassStorageDevice:
             return [Completion(tag, -EPIPE, 0), *self._retry_pending()]
         return [Completion(tag, 0, len(data)), *self._retry_pending()]
 
+    def take_command(self) -> BotCommand | None:
+        """The command a transfer just made ready to run, once; None if there is none."""
+        return self.bot.take_command()
+
+    def run(self, command: BotCommand) -> CommandResult | None:
+        """Execute `command` on the logical unit (may block; call it without the device's lock)."""
+        return self.bot.run(command)
+
+    def complete(self, command: BotCommand, result: CommandResult | None) -> list[Completion]:
+        """The result of `run()`: the bulk-IN transfers it made ready (none if a reset came first)."""
+        if not self.bot.complete(command, result):
+            return []
+        return self._retry_pending()
+
     def cancel(self, tag: int) -> bool:
         """Unlink: True when `tag` was a pending bulk IN and is now gone without completing."""
         for item in self._pending_in:
@@ -184,9 +204,7 @@ class MassStorageDevice:
         transfers and return to the unconfigured, freshly-reset state for the next host."""
         dropped = len(self._pending_in)
         self._pending_in.clear()
-        self.bot.reset()  # BOT 5.3.4: back to waiting for a CBW, whatever phase we were in
-        self.bot.clear_halt(EP_IN)  # after reset recovery the halts can be cleared
-        self.bot.clear_halt(EP_OUT)
+        self.bot.bus_reset()  # back to waiting for a CBW, halts cleared; the next host hears of it
         self.configuration = 0
         self.address = 0
         log.info("device disconnected dropped_pending=%d", dropped)
@@ -276,10 +294,9 @@ class MassStorageDevice:
         # here because vhci-hcd performs a port reset locally: after usb-storage resets the
         # device, the SET_CONFIGURATION that follows is all this side ever sees of it.
         # Pending transfers stay: the host's core unlinks them when it disables the endpoints.
+        # For the logical unit it is a reset too: the next command gets UNIT ATTENTION 29h/00.
         self.configuration = value
-        self.bot.reset()
-        self.bot.clear_halt(EP_IN)
-        self.bot.clear_halt(EP_OUT)
+        self.bot.bus_reset()
         log.info("set configuration value=%d speed=%s", value, self.speed.name)
 
     def _get_descriptor(self, dtype: int, dindex: int, langid: int) -> bytes:

@@ -1,10 +1,20 @@
 """USB/IP server: exports one mass-storage device over TCP so vhci-hcd (`usbip attach`) can import it.
 
 The thin I/O adapter around `gadget.usbip_protocol.UsbipConnection` (wire format) and
-`gadget.mass_storage.MassStorageDevice` (the device). One thread accepts connections; each
-connection has one thread that reads, handles and answers its URBs strictly in order, so a command
-that blocks in `LogicalUnit.execute()` (a durable write) simply delays the next URB, as a real
-device would NAK.
+`gadget.mass_storage.MassStorageDevice` (the device). Threads:
+
+- `usbip-accept` accepts connections;
+- one `usbip-<peer>` thread per connection reads its URBs in order and answers every control
+  transfer, bulk OUT and ready bulk IN at once (holding the device lock only while the sans-IO
+  device decides and the reply is written);
+- one `usbip-exec` thread per server, the command executor, runs each SCSI command
+  (`LogicalUnit.execute()`, which may wait for a durable write or a `sync` remote) in the order the
+  commands arrived, then, under the device lock, completes it and sends the bulk-IN replies it made
+  ready (data, CSW).
+
+So while a WRITE waits, GET_DESCRIPTOR, GET_MAX_LUN, the class reset, CLEAR_FEATURE and
+SET_CONFIGURATION are answered at once; a reset abandons the waiting command (it still lands once,
+its CSW is never sent) and the commands after it queue behind it on the executor.
 
 Rules it enforces:
 - one importer at a time: a second OP_REQ_IMPORT is refused with ST_DEV_BUSY while DEVLIST keeps
@@ -27,14 +37,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import queue
 import socket
 import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
+from firmware.logical_unit import CommandResult, LogicalUnit
+from gadget.bot import BotCommand
 from gadget.descriptors import DeviceIdentity, Speed, parse_descriptor, usbip_speed
-from gadget.logical_unit import LogicalUnit
 from gadget.mass_storage import Completion, MassStorageDevice
 from gadget.usbip_protocol import (
     DEFAULT_MAX_TRANSFER,
@@ -84,6 +96,9 @@ class UsbipDevice(Protocol):
     def submit(
         self, tag: int, endpoint: int, direction_in: bool, length: int, setup: bytes = b"", data: bytes = b""
     ) -> list[Completion]: ...
+    def take_command(self) -> BotCommand | None: ...
+    def run(self, command: BotCommand) -> CommandResult | None: ...
+    def complete(self, command: BotCommand, result: CommandResult | None) -> list[Completion]: ...
     def cancel(self, tag: int) -> bool: ...
     def disconnect(self) -> None: ...
     def status(self) -> dict[str, object]: ...
@@ -151,6 +166,9 @@ class UsbipServer:
         self._connections: dict[socket.socket, str] = {}
         self._threads: list[threading.Thread] = []
         self._accept_thread: threading.Thread | None = None
+        # The command executor's queue: (session, device, command) in arrival order; None stops it.
+        self._commands: queue.SimpleQueue[tuple[_Session, UsbipDevice, BotCommand] | None] = queue.SimpleQueue()
+        self._executor: threading.Thread | None = None
         self._closing = False
         self._stopped = threading.Event()
         self.counters: dict[str, int] = {"connections": 0, "imports": 0, "refused": 0, "protocol_errors": 0}
@@ -185,10 +203,31 @@ class UsbipServer:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> UsbipServer:
         """Accept connections on a background thread."""
+        if self._executor is None:
+            self._executor = threading.Thread(target=self._execute_commands, name="usbip-exec", daemon=True)
+            self._executor.start()
         if self._accept_thread is None:
             self._accept_thread = threading.Thread(target=self.serve_forever, name="usbip-accept", daemon=True)
             self._accept_thread.start()
         return self
+
+    def _execute_commands(self) -> None:
+        """The command executor: one command at a time, in the order they were received."""
+        commands = self._commands
+        while (item := commands.get()) is not None:
+            session, device, command = item
+            session.finish(device, command, device.run(command))
+
+    def submit_command(self, session: _Session, device: UsbipDevice, command: BotCommand) -> None:
+        """Queue a command that a transfer of `session` made ready on `device` (under its lock).
+        Every queued command runs, even if the importer leaves before it starts."""
+        if self._executor is None:  # serve_forever() called directly, without start()
+            with self._lock:
+                if self._executor is None:
+                    self._executor = threading.Thread(target=self._execute_commands, name="usbip-exec",
+                                                      daemon=True)
+                    self._executor.start()
+        self._commands.put((session, device, command))
 
     def serve_forever(self) -> None:
         """Accept connections until `stop()`; each gets its own thread."""
@@ -235,6 +274,11 @@ class UsbipServer:
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
+        self._commands.put(None)
+        if self._executor is not None and self._executor is not threading.current_thread():
+            # A command blocked in the logical unit cannot be interrupted from here; the executor
+            # is a daemon thread and ends once the command does.
+            self._executor.join(timeout)
         log.info("usbip stopped port=%d", self.port)
 
     close = stop
@@ -322,7 +366,10 @@ class UsbipServer:
 
 
 class _Session:
-    """State of one connection: which device it imported, if any."""
+    """State of one connection: which device it imported, if any.
+
+    `lock` serialises the connection thread and the executor: every call into the device and every
+    write to the socket happen under it, so replies leave in the order the device produced them."""
 
     def __init__(self, server: UsbipServer, sock: socket.socket, peer: str) -> None:
         self.server = server
@@ -330,6 +377,8 @@ class _Session:
         self.peer = peer
         self.device: UsbipDevice | None = None
         self.devid = server.exported.info.devid
+        self.lock = threading.Lock()
+        self._conn: UsbipConnection | None = None
 
     def handle(self, conn: UsbipConnection, event: object) -> bool:
         """Answer one event. False: close the connection."""
@@ -361,7 +410,8 @@ class _Session:
                         event.busid, server.attached)  # fmt: skip
             self.sock.sendall(conn.send(ImportReply(OpStatus.DEV_BUSY)))
             return False
-        self.device = device
+        with self.lock:
+            self.device = device
         server.count("imports")
         log.info("usbip import peer=%s busid=%s", self.peer, event.busid)
         self.sock.sendall(conn.send(ImportReply(0, server.exported.info)))
@@ -379,24 +429,46 @@ class _Session:
             log.warning("usbip submit for unknown devid=0x%08x seq=%d peer=%s", cmd.devid, cmd.seqnum, self.peer)
             self.sock.sendall(conn.send(SubmitReturn(cmd.seqnum, -ENODEV, 0)))
             return
-        done = device.submit(
-            cmd.seqnum, cmd.ep, cmd.direction == UrbDirection.IN, cmd.transfer_buffer_length, cmd.setup, cmd.data
-        )
-        if done:
-            self._complete(conn, done)
+        with self.lock:
+            self._conn = conn
+            done = device.submit(
+                cmd.seqnum, cmd.ep, cmd.direction == UrbDirection.IN, cmd.transfer_buffer_length, cmd.setup,
+                cmd.data,
+            )
+            command = device.take_command()
+            if command is not None:
+                self.server.submit_command(self, device, command)
+            if done:
+                self._complete(conn, done)
+
+    def finish(self, device: UsbipDevice, command: BotCommand, result: CommandResult | None) -> None:
+        """On the executor, after `device.run(command)`: complete the command and send the replies
+        it made ready (none if the importer reset the device or left meanwhile)."""
+        with self.lock:
+            done = device.complete(command, result)
+            conn = self._conn
+            if not done or device is not self.device or conn is None:
+                return
+            try:
+                self._complete(conn, done)
+            except (OSError, ProtocolError) as exc:
+                # The connection thread sees the same failure on its socket and ends the session.
+                log.info("usbip reply after a command failed peer=%s error=%s", self.peer, exc)
 
     def _complete(self, conn: UsbipConnection, done: list[Completion]) -> None:
         replies = [conn.send(SubmitReturn(c.tag, c.status, c.actual_length, c.data)) for c in done]
         self.sock.sendall(replies[0] if len(replies) == 1 else b"".join(replies))
 
     def _unlink(self, conn: UsbipConnection, cmd: UnlinkCommand) -> None:
-        unlinked = self.device is not None and self.device.cancel(cmd.unlink_seqnum)
-        status = -ECONNRESET if unlinked else 0
-        log.debug("usbip unlink seq=%d target=%d unlinked=%s", cmd.seqnum, cmd.unlink_seqnum, unlinked)
-        self.sock.sendall(conn.send(UnlinkReturn(cmd.seqnum, status)))
+        with self.lock:
+            unlinked = self.device is not None and self.device.cancel(cmd.unlink_seqnum)
+            status = -ECONNRESET if unlinked else 0
+            log.debug("usbip unlink seq=%d target=%d unlinked=%s", cmd.seqnum, cmd.unlink_seqnum, unlinked)
+            self.sock.sendall(conn.send(UnlinkReturn(cmd.seqnum, status)))
 
     def end(self) -> None:
-        if self.device is not None:
-            log.info("usbip detach peer=%s", self.peer)
-            self.server._release(self.device, self.peer)
-            self.device = None
+        with self.lock:
+            device, self.device, self._conn = self.device, None, None
+            if device is not None:
+                log.info("usbip detach peer=%s", self.peer)
+                self.server._release(device, self.peer)

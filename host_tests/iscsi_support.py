@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from firmware.iscsi.connection import Connection, TargetConfig
 from firmware.iscsi.pdu import Framer, Opcode, Pdu, build_text, parse_text
+from firmware.logical_unit import Status
 from firmware.scsi import ScsiTarget
-from gadget.logical_unit import Status
 from host_tests.scsi_fakes import MemoryBlockStore
 
 TARGET = "iqn.2026-01.net.usbmirror:test"

@@ -87,6 +87,11 @@ class FakeJournal:
         with self.cond:
             return self.cond.wait_for(lambda: self.head_seq > after_seq, timeout)
 
+    def timestamp_of(self, seq: int) -> int | None:
+        with self.cond:
+            i = seq - self.tail_seq
+            return self.records[i].timestamp_ns if 0 <= i < len(self.records) else None
+
 
 class FakeLocalUnit:
     """Journal first, then the volume (reads see the newest data); while `overflow` is set, writes
@@ -153,6 +158,9 @@ class FakeLocalUnit:
 
     def add_sync_gate(self, gate: Callable[[int], None]) -> None:
         self.gates.append(gate)
+
+    def remove_sync_gate(self, gate: Callable[[int], None]) -> None:
+        self.gates.remove(gate)
 
     def dirty_snapshot(self) -> DirtySnapshot:
         with self.lock:

@@ -3,6 +3,7 @@ with a model of what is durable, a log of calls, and injectable failures."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from firmware.storage import StorageError
@@ -90,3 +91,22 @@ class FlakyError(StorageError):
     """A store failure with its own sense: NOT READY, 0x04/0x01 (becoming ready)."""
 
     sense_key, asc, ascq = 0x02, 0x04, 0x01
+
+
+@dataclass
+class HeldWriteStore(MemoryBlockStore):
+    """A `MemoryBlockStore` whose writes wait until the test sets `release`: a journal that is slow
+    to become durable, or a `sync` remote that stopped answering. `entered` is set once a write is
+    waiting; `writes` counts the writes that landed."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+    writes: int = 0
+    timeout: float = 60.0  # a test that forgets to release fails instead of hanging
+
+    def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
+        self.entered.set()
+        if not self.release.wait(self.timeout):
+            raise AssertionError("held write never released")
+        super().write(lba, data, fua=fua)
+        self.writes += 1

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import struct
 
+from firmware.logical_unit import CommandResult, Direction, Status
 from firmware.scsi import ScsiTarget
 from firmware.scsi.sense import Sense
-from gadget.logical_unit import CommandResult, Direction, Status
 from host_tests.scsi_fakes import MemoryBlockStore
 
 NAA3_ID = bytes.fromhex("3123456789abcdef")

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
 from gadget.bot import (
     _CASE_LOG_LEVEL,
     CBW_LENGTH,
@@ -29,7 +30,6 @@ from gadget.bot import (
     Stall,
     classify,
 )
-from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
 
 # --- a fake logical unit ------------------------------------------------------------------------
 
@@ -43,7 +43,8 @@ WRITE_10 = bytes([0x2A]) + bytes(9)
 class FakeUnit:
     """Plans every CDB the same way (direction, length) and answers with `data`/`status`.
 
-    Records each plan() and execute() so tests can tell whether the command ran and with what.
+    Records each plan(), execute() and reset_event() in `calls`, and each plan and execute in
+    `planned`/`executed`, so tests can tell whether and in which order things ran, and with what.
     """
 
     direction: Direction = Direction.NONE
@@ -53,18 +54,24 @@ class FakeUnit:
     raise_in: str = ""  # "plan" or "execute": raise RuntimeError there
     planned: list[bytes] = field(default_factory=list)
     executed: list[tuple[bytes, bytes]] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
 
     def plan(self, cdb: bytes) -> CommandPlan:
         self.planned.append(cdb)
+        self.calls.append("plan")
         if self.raise_in == "plan":
             raise RuntimeError("plan failed")
         return CommandPlan(self.direction, self.length)
 
     def execute(self, cdb: bytes, data_out: bytes = b"") -> CommandResult:
         self.executed.append((cdb, bytes(data_out)))
+        self.calls.append("execute")
         if self.raise_in == "execute":
             raise RuntimeError("execute failed")
         return CommandResult(self.status, self.data)
+
+    def reset_event(self) -> None:
+        self.calls.append("reset_event")
 
 
 def payload(n: int) -> bytes:
@@ -570,7 +577,7 @@ def test_bad_arguments_raise_value_error() -> None:
     assert bot.max_packet == 1024
 
 
-def test_status_counts_commands_opcodes_sizes() -> None:
+def test_status_counts_commands_cases_sizes() -> None:
     unit = FakeUnit(Direction.IN, 4096, payload(4096))
     bot = BulkOnlyTransport(unit)
     for tag in range(3):
@@ -579,7 +586,8 @@ def test_status_counts_commands_opcodes_sizes() -> None:
     host_command(bot, Cbw.for_command(9, TEST_UNIT_READY))
     s = bot.status()
     assert s["commands"] == 4 and s["completed"] == 4
-    assert s["by_opcode"] == {"0x00": 1, "0x28": 3}
+    assert s["by_case"] == {1: 1, 6: 3}  # counted by BOT case: opcodes are the logical unit's to count
+    assert "by_opcode" not in s
     assert s["transfer_sizes"] == {"<=4096": 3, "0": 1}
     assert s["bytes_in"] == 3 * 4096 + 4 * CSW_LENGTH
     assert s["stage"] == "COMMAND"
@@ -587,7 +595,7 @@ def test_status_counts_commands_opcodes_sizes() -> None:
 
 # --- every (stage, input) pair of the stage machine ---------------------------------------------
 
-STAGE_INPUTS = ["cbw", "junk", "data", "in", "clear_in", "clear_out", "set_in", "reset"]
+STAGE_INPUTS = ["cbw", "junk", "data", "in", "clear_in", "clear_out", "set_in", "reset", "bus_reset"]
 
 
 def _bot_in_stage(stage: Stage) -> tuple[BulkOnlyTransport, FakeUnit]:
@@ -608,6 +616,11 @@ def _bot_in_stage(stage: Stage) -> tuple[BulkOnlyTransport, FakeUnit]:
         unit = FakeUnit()
         bot = BulkOnlyTransport(unit)
         bot.bulk_out(b"garbage")
+    elif stage is Stage.EXECUTING:
+        unit = FakeUnit()
+        bot = BulkOnlyTransport(unit, deferred=True)
+        bot.bulk_out(Cbw.for_command(1, TEST_UNIT_READY).build())
+        assert bot.take_command() is not None  # handed to the executor, still running
     else:
         unit = FakeUnit()
         bot = BulkOnlyTransport(unit)
@@ -658,7 +671,18 @@ EXPECTED: dict[tuple[Stage, str], tuple[object, Stage, bool, bool]] = {
     (Stage.NEED_RESET, "clear_out"): (None, Stage.NEED_RESET, True, True),
     (Stage.NEED_RESET, "set_in"): (None, Stage.NEED_RESET, True, True),
     (Stage.NEED_RESET, "reset"): (None, Stage.COMMAND, False, False),
+    # the command runs on the adapter's executor: the host may only wait, reset or halt
+    (Stage.EXECUTING, "cbw"): (False, Stage.EXECUTING, False, True),
+    (Stage.EXECUTING, "junk"): (False, Stage.EXECUTING, False, True),
+    (Stage.EXECUTING, "data"): (False, Stage.EXECUTING, False, True),
+    (Stage.EXECUTING, "in"): (None, Stage.EXECUTING, False, False),
+    (Stage.EXECUTING, "clear_in"): (None, Stage.EXECUTING, False, False),
+    (Stage.EXECUTING, "clear_out"): (None, Stage.EXECUTING, False, False),
+    (Stage.EXECUTING, "set_in"): (None, Stage.EXECUTING, True, False),
+    (Stage.EXECUTING, "reset"): (None, Stage.COMMAND, False, False),
 }
+# A USB reset (or a new configuration) does to the transport what the class reset does.
+EXPECTED.update({(stage, "bus_reset"): EXPECTED[(stage, "reset")] for stage in Stage})
 
 
 def test_expected_table_covers_every_pair() -> None:
@@ -685,6 +709,8 @@ def test_every_stage_input_pair(stage: Stage, event: str) -> None:
         bot.clear_halt(EP_OUT)
     elif event == "set_in":
         bot.set_halt(EP_IN)
+    elif event == "bus_reset":
+        bot.bus_reset()
     else:
         bot.reset()
     want_answer, want_stage, want_in, want_out = EXPECTED[(stage, event)]
@@ -789,3 +815,104 @@ def test_one_byte_at_a_time_equals_whole(size: int, missing: int) -> None:
     assert results[0] == results[1]
     assert results[0][1] == (WRITE_10, payload(size))
     assert results[0][3] == payload(size)
+
+
+# --- deferred execution: the adapter runs the command, ep0 stays free -----------------------------
+
+
+def deferred_write(unit: FakeUnit, tag: int = 1) -> tuple[BulkOnlyTransport, Any]:
+    """A deferred transport that received a whole WRITE: the command is with the executor."""
+    unit.direction, unit.length = Direction.OUT, 1024
+    bot = BulkOnlyTransport(unit, deferred=True)
+    assert bot.bulk_out(Cbw.for_command(tag, WRITE_10, 1024).build())
+    assert bot.take_command() is None  # nothing to run before the data phase ends
+    assert bot.bulk_out(payload(1024))
+    assert bot.stage is Stage.EXECUTING and unit.executed == []
+    command = bot.take_command()
+    assert command is not None and bot.take_command() is None  # handed out once
+    return bot, command
+
+
+def test_deferred_command_waits_for_the_executor_while_class_requests_answer() -> None:
+    unit = FakeUnit()
+    bot, command = deferred_write(unit)
+    assert bot.bulk_in(CSW_LENGTH) is None  # the CSW request waits for the command
+    assert bot.class_request(0xA1, 0xFE, 0, 1) == b"\x00"  # Get Max LUN while it waits
+    result = bot.run(command)
+    assert unit.executed == [(WRITE_10, payload(1024))] and bot.stage is Stage.EXECUTING
+    assert bot.complete(command, result) is True
+    assert Csw.parse(bot.bulk_in(CSW_LENGTH)) == Csw(1, 0, CswStatus.PASSED)  # type: ignore[arg-type]
+
+
+def test_class_reset_during_execution_runs_the_write_once_and_sends_no_csw() -> None:
+    unit = FakeUnit()
+    bot, command = deferred_write(unit, tag=5)
+    assert bot.class_request(0x21, 0xFF, 0, 0) == b""  # answered while the write runs
+    assert bot.stage is Stage.COMMAND
+    assert bot.complete(command, bot.run(command)) is False  # abandoned by the host
+    assert unit.executed == [(WRITE_10, payload(1024))]  # landed, exactly once
+    assert bot.bulk_in(CSW_LENGTH) is None  # no CSW for the abandoned command
+    assert bot.status()["completed_after_reset"] == 1
+    # the host's retry after reset recovery is a new command with its own CSW
+    assert bot.bulk_out(Cbw.for_command(6, WRITE_10, 1024).build()) and bot.bulk_out(payload(1024))
+    retry = bot.take_command()
+    assert retry is not None and bot.complete(retry, bot.run(retry)) is True
+    assert Csw.parse(bot.bulk_in(CSW_LENGTH)) == Csw(6, 0, CswStatus.PASSED)  # type: ignore[arg-type]
+    assert len(unit.executed) == 2 and bot.status()["completed"] == 1
+
+
+def test_a_command_after_the_reset_can_be_accepted_before_the_abandoned_one_ends() -> None:
+    unit = FakeUnit()
+    bot, old = deferred_write(unit, tag=1)
+    bot.reset()
+    unit.direction, unit.length = Direction.NONE, 0
+    assert bot.bulk_out(Cbw.for_command(2, TEST_UNIT_READY).build())
+    new = bot.take_command()
+    assert new is not None and new is not old
+    # the executor runs them in the order received; the old result must not answer the new CBW
+    assert bot.complete(old, bot.run(old)) is False
+    assert bot.stage is Stage.EXECUTING and bot.bulk_in(CSW_LENGTH) is None
+    assert bot.complete(new, bot.run(new)) is True
+    assert Csw.parse(bot.bulk_in(CSW_LENGTH)) == Csw(2, 0, CswStatus.PASSED)  # type: ignore[arg-type]
+
+
+def test_usb_reset_tells_the_unit_before_the_next_command_never_during_one() -> None:
+    unit = FakeUnit()
+    bot, command = deferred_write(unit)
+    bot.bus_reset()
+    assert "reset_event" not in unit.calls  # the write still runs: the unit hears of the reset later
+    bot.complete(command, bot.run(command))
+    assert unit.calls == ["plan", "execute"]
+    unit.direction, unit.length = Direction.NONE, 0
+    bot.bus_reset()  # a second reset before any command: still one unit attention
+    assert bot.bulk_out(Cbw.for_command(2, TEST_UNIT_READY).build())
+    nxt = bot.take_command()
+    assert nxt is not None
+    bot.complete(nxt, bot.run(nxt))
+    assert unit.calls == ["plan", "execute", "plan", "reset_event", "execute"]
+    assert bot.status()["bus_resets"] == 2
+
+
+def test_usb_reset_reaches_the_unit_in_inline_mode_too() -> None:
+    unit = FakeUnit()
+    bot = BulkOnlyTransport(unit)
+    bot.bus_reset()
+    host_command(bot, Cbw.for_command(1, TEST_UNIT_READY))
+    host_command(bot, Cbw.for_command(2, TEST_UNIT_READY))
+    assert unit.calls == ["plan", "reset_event", "execute", "plan", "execute"]
+
+
+def test_phase_errors_never_reach_the_executor() -> None:
+    unit = FakeUnit(Direction.IN, 512, payload(512))
+    bot = BulkOnlyTransport(unit, deferred=True)
+    assert bot.bulk_out(Cbw.for_command(1, READ_10, 0).build())  # case 2: host expects nothing
+    assert bot.take_command() is None and bot.stage is Stage.STATUS
+    assert Csw.parse(bot.bulk_in(CSW_LENGTH)).status == CswStatus.PHASE_ERROR  # type: ignore[arg-type]
+
+
+def test_a_unit_that_raises_on_the_executor_gives_a_phase_error() -> None:
+    unit = FakeUnit(raise_in="execute")
+    bot, command = deferred_write(unit)
+    assert bot.complete(command, bot.run(command)) is True
+    assert Csw.parse(bot.bulk_in(CSW_LENGTH)).status == CswStatus.PHASE_ERROR  # type: ignore[arg-type]
+    assert bot.status()["internal_errors"] == 1

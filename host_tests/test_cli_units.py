@@ -29,7 +29,7 @@ from host_tests.units import (
     streaming,
     usbmirror,
 )
-from host_tests.usbip_support import UsbipClient
+from host_tests.usbip_support import UA_RESET, UsbipClient
 
 BS = 512
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
@@ -47,6 +47,7 @@ def attach(unit: UnitProcess) -> UsbipClient:
     reply = c.import_device("1-1")
     assert reply.device is not None, "the local unit refused to export busid 1-1"
     c.enumerate()
+    assert c.until_ready() == [UA_RESET]  # the configuration is a reset for the disk, as a host expects
     return c
 
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
 from gadget.bot import CBW_LENGTH, BulkOnlyTransport, Cbw
 from gadget.descriptors import Speed
 from gadget.functionfs import (
@@ -22,7 +23,6 @@ from gadget.functionfs import (
     function_strings,
     parse_events,
 )
-from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
 
 
 class NullUnit:
@@ -31,6 +31,9 @@ class NullUnit:
 
     def execute(self, cdb: bytes, data_out: bytes = b"") -> CommandResult:
         return CommandResult(Status.GOOD)
+
+    def reset_event(self) -> None:
+        pass
 
 
 def split(blob: bytes, count: int, off: int) -> tuple[list[bytes], int]:

@@ -415,3 +415,25 @@ def test_random_pdus_after_login_are_answered_or_dropped(opcode: int, rest: byte
     h.send(pdu)
     h.run_tasks()
     assert h.conn.closed or h.conn.in_flight <= h.conn.config.limits.cmd_window
+
+
+def test_data_out_out_of_datasn_sequence_fails_the_command_unwritten() -> None:
+    h = Harness()
+    h.login([("InitialR2T", "Yes"), ("MaxBurstLength", "1024")])
+    (r2t,) = h.send(scsi_pdu(write10(0, 2), itt=1, cmdsn=1, edtl=1024, write=True))
+    h.send(data_out_pdu(itt=1, ttt=r2t.u32(20), offset=0, data=b"x" * 512, final=False, datasn=0))
+    (rsp,) = h.send(data_out_pdu(itt=1, ttt=r2t.u32(20), offset=512, data=b"x" * 512, datasn=0))
+    assert rsp.opcode == Opcode.SCSI_RESPONSE and rsp.bhs[3] == 0x02
+    assert sense_of(rsp)[2] & 0x0F == 0x0B and sense_of(rsp)[12] == 0x4B
+    assert h.store.read(0, 2) == bytes(1024) and not h.conn.closed
+
+
+def test_write_shorter_edtl_writes_only_the_blocks_sent() -> None:
+    h = Harness()
+    h.login([("InitialR2T", "No"), ("ImmediateData", "Yes")])
+    h.store.write(0, b"a" * 1024)
+    (rsp,) = h.send(scsi_pdu(write10(0, 2), itt=1, cmdsn=1, edtl=512, write=True, data=b"b" * 512))
+    assert rsp.bhs[3] == 0 and rsp.flags & 0x04 and rsp.u32(44) == 512  # overflow by one block
+    assert h.store.read(0, 2) == b"b" * 512 + b"a" * 512
+    (rsp,) = h.send(scsi_pdu(write10(0, 1), itt=2, cmdsn=2, edtl=0, write=True))
+    assert rsp.bhs[3] == 0 and rsp.flags & 0x04 and rsp.u32(44) == 512

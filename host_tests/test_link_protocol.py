@@ -62,6 +62,8 @@ def records(draw: st.DrawFn, prev: int = 0) -> tuple[jp.Record, ...]:
             out.append(jp.Record(seq, kind, lba, count, ts, payload))
         elif kind is jp.RecordKind.UNMAP:
             out.append(jp.Record(seq, kind, lba, draw(st.integers(1, 2**20)), ts))
+        elif kind is jp.RecordKind.MARK:
+            out.append(jp.Record(seq, kind, 0, 0, ts, draw(st.text(min_size=1, max_size=40)).encode()[:200] or b"m"))
         else:
             out.append(jp.Record(seq, kind, 0, 0, ts))
     return tuple(out)

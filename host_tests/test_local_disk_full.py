@@ -20,7 +20,7 @@ from firmware.scsi import ScsiTarget, naa_locally_assigned
 from firmware.volume import Volume
 from gadget.descriptors import DeviceIdentity, Speed
 from gadget.usbip_server import UsbipServer
-from host_tests.usbip_support import UsbipClient
+from host_tests.usbip_support import UA_RESET, UsbipClient
 
 BS = 512
 SIZE = 8 << 20  # the volume's size; the file system under it holds 1 MiB at first
@@ -67,6 +67,7 @@ def test_full_local_volume_fails_writes_with_27_07_then_resumes(tmp_path: Path, 
                 UsbipClient("127.0.0.1", srv.port) as c:
             assert c.import_device("1-1").status == 0
             c.enumerate()
+            assert c.until_ready() == [UA_RESET]  # the power-on unit attention, as a host sees it first
             failed_at = None
             for i in range(SIZE // CHUNK):
                 lba = i * (CHUNK // BS)

@@ -131,6 +131,10 @@ def test_inquiry_test_unit_ready_and_capacity(board: Any) -> None:
     data, residue, status = _command(board, 1, bytes([0x12, 0, 0, 0, 36, 0]), 36)
     assert status == 0 and residue == 0 and data[8:16].rstrip() == b"USBMIRR"
     _, _, status = _command(board, 2, bytes(6), 0)
+    if status == 1:  # the first command after a (re)configuration reports the reset, once
+        sense, _, status = _command(board, 5, bytes([0x03, 0, 0, 0, 18, 0]), 18)
+        assert status == 0 and (sense[2] & 0x0F, sense[12], sense[13]) == (0x6, 0x29, 0x00)
+        _, _, status = _command(board, 6, bytes(6), 0)
     assert status == 0
     data, _, status = _command(board, 3, bytes([0x25]) + bytes(9), 8)
     last_lba, block = struct.unpack(">II", data)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from firmware.link import protocol as jp
 from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
+from firmware.storage import WriteError
 
 BS = 512
 SIZE = 1 << 20
@@ -35,7 +36,7 @@ class Source:
     def recv(self) -> jp.Event:
         while True:
             ev = self.conn.next_event()
-            if not isinstance(ev, jp._NeedData):
+            if not isinstance(ev, jp.NeedData):
                 return ev
             data = self.sock.recv(65536)
             if not data:
@@ -285,3 +286,47 @@ def test_replaced_target_file_is_not_trusted(remote: RemoteUnit, restart_between
     finally:
         if restart_between:
             ru.stop()
+
+
+class RecordingHook:
+    """An ApplyHook that records what the target held just before each overwrite."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.before: list[tuple[int, bytes]] = []
+
+    def before_apply(self, records: Sequence[jp.RecordLike], read: Callable[[int, int], bytes]) -> None:
+        if self.fail:
+            raise WriteError("history full")
+        self.before += [(r.seq, read(r.lba, r.count)) for r in records if r.kind == jp.RecordKind.WRITE]
+
+    def before_region(self, lba: int, count: int, read: Callable[[int, int], bytes]) -> None:
+        self.before.append((-1, read(lba, count)))
+
+    def resync_begin(self, base_seq: int, time_ns: int) -> None:
+        pass
+
+
+def test_apply_hook_sees_the_old_blocks_before_each_overwrite(remote: RemoteUnit) -> None:
+    hook = RecordingHook()
+    remote.targets["s1"].store.add_hook(hook)
+    s = Source(remote.port)
+    s.send(jp.Batch(0, (w(1, 3, 0x11), w(2, 3, 0x22))))
+    s.ack_upto(2)
+    s.send(jp.Batch(2, (w(3, 3, 0x33),)))
+    s.ack_upto(3)
+    s.close()
+    # one call per batch, before any of its records is written: record 2's old block is still
+    # what was there before the batch (a history engine lays earlier records of the batch over it)
+    assert hook.before == [(1, bytes(BS)), (2, bytes(BS)), (3, bytes([0x22]) * BS)]
+
+
+def test_a_failing_apply_hook_stops_the_apply_and_the_ack(remote: RemoteUnit) -> None:
+    remote.targets["s1"].store.add_hook(RecordingHook(fail=True))
+    s = Source(remote.port)
+    s.send(jp.Batch(0, (w(1, 3, 0x11),)))
+    err = s.recv()
+    assert isinstance(err, jp.Error) and err.code is jp.ErrorCode.TARGET_IO and "history full" in err.message
+    s.close()
+    t = remote.targets["s1"]
+    assert block(t.path, 3) == bytes(BS) and t.records_applied == 0 and t.state.applied_seq == 0

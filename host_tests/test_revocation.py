@@ -154,3 +154,36 @@ def test_expiry_report_warns_thirty_days_ahead(own_pairing: Path) -> None:
     gone = expiry_report(files, end + datetime.timedelta(days=1))
     assert any(w.startswith("certificate expired") for w in gone["warnings"])
     assert expiry_report(files, datetime.datetime.now(datetime.UTC))["warnings"] == []
+
+
+def test_local_unit_without_remotes_runs_without_cryptography(tmp_path):
+    """A board's first boot (no remotes, no TLS files) must not need the `cryptography` package: the
+    guest image of the real-kernel gadget test has none, and `usbmirror local` must still serve and
+    answer `status`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    code = ("import sys; sys.modules['cryptography'] = None\n"
+            "from firmware import cli\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+    state = tmp_path / "state"
+    p = subprocess.Popen([sys.executable, "-c", code, "local", "--volume", str(tmp_path / "vol.img"),
+                          "--size", "1M", "--state-dir", str(state), "--usbip", "127.0.0.1:0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        st = None
+        while time.monotonic() < deadline and p.poll() is None:
+            r = subprocess.run([sys.executable, "-c", code, "status", "--state-dir", str(state), "--json"],
+                               capture_output=True, text=True, timeout=30)
+            if r.returncode == 0:
+                st = r.stdout
+                break
+            time.sleep(0.2)
+        assert st is not None, p.stderr.read() if p.poll() is not None else "no status within 30 s"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "ModuleNotFoundError" not in err

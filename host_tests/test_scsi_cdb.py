@@ -9,6 +9,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from firmware.logical_unit import Direction, Status
 from firmware.scsi import pages
 from firmware.scsi.cdb import (
     CDB_SIZE,
@@ -34,7 +35,6 @@ from firmware.scsi.cdb import (
 )
 from firmware.scsi.opcodes import Opcode
 from firmware.scsi.sense import CommandError, FieldPointer, Sense, SenseKey
-from gadget.logical_unit import Direction, Status
 from host_tests.scsi_support import make_target
 
 BIG = Limits(block_size=512, num_blocks=1 << 63, max_transfer_blocks=0xFFFFFFFF, max_write_same_blocks=0xFFFFFFFF)

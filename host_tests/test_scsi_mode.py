@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
+from firmware.logical_unit import CommandPlan, Direction
 from firmware.storage import WriteError
-from gadget.logical_unit import CommandPlan, Direction
 from host_tests.scsi_support import expect_check, expect_good, make_target
 
 ILLEGAL = 0x05

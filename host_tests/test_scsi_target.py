@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
+from firmware.logical_unit import CommandPlan, Direction, Status
 from firmware.scsi import ScsiTarget, naa_locally_assigned
 from firmware.scsi.sense import Sense
 from firmware.storage import NotReady, ReadError, SpaceExhausted, WriteError, WriteProtected
-from gadget.logical_unit import CommandPlan, Direction, Status
 from host_tests.scsi_fakes import FlakyError, MemoryBlockStore
 from host_tests.scsi_support import (
     NAA3_ID,
@@ -701,6 +701,47 @@ def test_unit_attention_after_reset_event() -> None:
     s = request_sense(t)  # REQUEST SENSE returns and clears it
     assert (s.key, s.asc) == (0x06, 0x29)
     expect_good(t, bytes(6))
+
+
+def test_repeated_resets_report_one_unit_attention_and_replace_older_ones() -> None:
+    t, store = make_target()
+    store.num_blocks = 4096
+    t.capacity_changed()
+    t.reset_event()
+    t.reset_event()
+    expect_check(t, bytes(6), 0x06, 0x29)  # the reset supersedes the capacity change
+    expect_good(t, bytes(6))
+
+
+def test_capacity_change_reports_2a_09_and_the_new_capacity() -> None:
+    t, store = make_target(num_blocks=2048)
+    expect_good(t, bytes(6))
+    store.num_blocks = 4096
+    t.capacity_changed()
+    t.capacity_changed()  # no change since: nothing more queued
+    expect_good(t, bytes([0x12, 0, 0, 0, 36, 0]))  # INQUIRY is served, the UA stays pending
+    expect_check(t, rw10(READ10, 3000, 1), 0x06, 0x2A, 0x09)  # REQUEST SENSE returns that one
+    last, block = struct.unpack(">II", expect_good(t, bytes([0x25]) + bytes(9)))
+    assert (last + 1, block) == (4096, 512)
+    expect_good(t, rw10(READ10, 3000, 1))  # the new blocks are addressable
+    store.num_blocks = 1024  # shrinking too
+    t.capacity_changed()
+    t.reset_event()  # a reset replaces the queued capacity UA (the host re-reads all after it)
+    expect_check(t, bytes(6), 0x06, 0x29)
+    expect_check(t, rw10(READ10, 1500, 1), ILLEGAL, 0x21)  # past the new end
+
+
+def test_unit_attentions_queue_and_each_is_reported_once() -> None:
+    t, store = make_target()
+    t.reset_event()
+    store.num_blocks = 3000
+    t.capacity_changed()
+    assert [(u.asc, u.ascq) for u in t.unit_attentions] == [(0x29, 0x00), (0x2A, 0x09)]
+    s = request_sense(t)  # no CHECK CONDITION pending: REQUEST SENSE takes the oldest
+    assert (s.key, s.asc, s.ascq) == (0x06, 0x29, 0x00)
+    expect_check(t, bytes(6), 0x06, 0x2A, 0x09)
+    expect_good(t, bytes(6))
+    assert t.unit_attentions == ()
 
 
 def test_status_counters() -> None:

@@ -27,7 +27,7 @@ from gadget.usbip_protocol import (
     UrbDirection,
 )
 from gadget.usbip_server import UsbipServer
-from host_tests.usbip_support import CSW, RamDisk, UsbipClient, pack_cbw
+from host_tests.usbip_support import CSW, UA_RESET, RamDisk, UsbipClient, pack_cbw
 
 IDENT = DeviceIdentity(serial="0123456789ABCDEF", vendor_id=0x1209, product_id=0x0001)
 TIMEOUT = 20.0
@@ -46,11 +46,14 @@ def client(srv: UsbipServer) -> UsbipClient:
     return UsbipClient("127.0.0.1", srv.port, timeout=TIMEOUT)
 
 
-def attached(srv: UsbipServer) -> UsbipClient:
+def attached(srv: UsbipServer, *, scsi_target: bool = True) -> UsbipClient:
+    """Import, enumerate and bring the disk up as a host does. The SCSI target reports the
+    configuration as a reset: the first TEST UNIT READY gets UNIT ATTENTION 29h/00."""
     c = client(srv)
     reply = c.import_device("1-1")
     assert reply.status == 0, reply
     c.enumerate()
+    assert c.until_ready() == ([UA_RESET] if scsi_target else [])
     return c
 
 
@@ -200,7 +203,7 @@ def test_pending_bulk_in_is_answered_when_the_command_arrives(server: UsbipServe
 
 def test_stop_disconnects_an_attached_client() -> None:
     srv = UsbipServer.for_logical_unit(RamDisk(), IDENT).start()
-    c = attached(srv)
+    c = attached(srv, scsi_target=False)
     srv.stop()
     assert c.closed_by_server()
     c.close()
@@ -244,6 +247,11 @@ def test_pypi_usbip_client_lists_and_uses_the_disk(server: UsbipServer) -> None:
         assert (msc.ep_in, msc.ep_out) == (0x81, 0x01)
         assert msc.max_lun() == 0
         assert msc.inquiry()[0] == 0x00  # direct-access block device
+        # the configuration was a reset: TEST UNIT READY fails once with the unit attention
+        assert msc.command_in([0x00] * 6, 0)[1] == 1
+        sense, status = msc.command_in([0x03, 0, 0, 0, 18, 0], 18)
+        assert status == 0 and (sense[2] & 0x0F, sense[12], sense[13]) == UA_RESET
+        assert msc.command_in([0x00] * 6, 0)[1] == 0
         blocks, block_size = msc.read_capacity()
         assert block_size == 512 and blocks >= 256
         data = bytes(range(256)) * 16

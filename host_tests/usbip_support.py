@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from types import TracebackType
 
-from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
+from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
 from gadget.usbip_protocol import (
     EPIPE,
     DevlistReply,
@@ -207,6 +207,23 @@ class UsbipClient:
             raise ClientError(f"bad CSW {ret.data.hex()}")
         return ScsiOutcome(data, status, residue, tag)
 
+    def request_sense(self) -> tuple[int, int, int]:
+        """REQUEST SENSE: (sense key, ASC, ASCQ) of fixed-format sense data."""
+        out = self.scsi(bytes([0x03, 0, 0, 0, 18, 0]), data_in=18)
+        if out.csw_status or len(out.data) < 14:
+            raise ClientError(f"REQUEST SENSE failed csw_status={out.csw_status} length={len(out.data)}")
+        return out.data[2] & 0x0F, out.data[12], out.data[13]
+
+    def until_ready(self, attempts: int = 4) -> list[tuple[int, int, int]]:
+        """TEST UNIT READY until it passes, fetching the sense of each failure with REQUEST SENSE,
+        as Linux does after attaching a disk. Returns the (key, ASC, ASCQ) of each failure."""
+        seen: list[tuple[int, int, int]] = []
+        for _ in range(attempts):
+            if self.scsi(bytes(6)).csw_status == 0:
+                return seen
+            seen.append(self.request_sense())
+        raise ClientError(f"unit never became ready: {seen}")
+
     def write10(self, lba: int, data: bytes, block_size: int = 512) -> int:
         cdb = struct.pack(">BBIBHB", 0x2A, 0, lba, 0, len(data) // block_size, 0)
         return self.scsi(cdb, data_out=data).csw_status
@@ -223,7 +240,11 @@ class UsbipClient:
         return last + 1, block
 
 
-__all__ = ["CBW", "CSW", "ClientError", "ProtocolError", "RamDisk", "ScsiOutcome", "UsbipClient", "pack_cbw"]
+#: (sense key, ASC, ASCQ) of UNIT ATTENTION, POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
+UA_RESET = (0x6, 0x29, 0x00)
+
+__all__ = ["CBW", "CSW", "UA_RESET", "ClientError", "ProtocolError", "RamDisk", "ScsiOutcome", "UsbipClient",
+           "pack_cbw"]
 
 
 class RamDisk:
@@ -234,6 +255,7 @@ class RamDisk:
         self.blocks = blocks
         self.data = bytearray(blocks * block_size)
         self.executed: list[int] = []
+        self.resets = 0  # reset_event() calls (it raises no unit attention: not what is tested here)
 
     def _rw(self, cdb: bytes) -> tuple[int, int]:
         lba, count = struct.unpack_from(">IxH", cdb, 2)
@@ -253,6 +275,9 @@ class RamDisk:
         if op == 0x03:
             return CommandPlan(Direction.IN, min(18, cdb[4]))
         return CommandPlan(Direction.NONE, 0)
+
+    def reset_event(self) -> None:
+        self.resets += 1
 
     def execute(self, cdb: bytes, data_out: bytes = b"") -> CommandResult:
         op = cdb[0]

@@ -153,6 +153,8 @@ class Meta:
     base_seq: int = 0
     base_time_ns: int = 0
     created_ns: int = 0
+    size_cap: int = 0  # the retention the writer runs with (readers report it); 0 = not known
+    age_s: float = 0.0
     version: int = META_VERSION
 
     def encode(self) -> bytes:

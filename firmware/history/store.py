@@ -256,6 +256,9 @@ class HistoryWriter:
             write_atomically(root / META, meta.encode())
             fsync_dir(root.parent)
         self.meta = _read_meta(root)
+        if (self.meta.size_cap, self.meta.age_s) != (size_cap, age_s):
+            self.meta.size_cap, self.meta.age_s = size_cap, age_s
+            write_atomically(root / META, self.meta.encode())
         self._lockf = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.segs = _Segments(root, writable=True)
         self.segs.drop_below(self.meta.tail_pos)

@@ -43,8 +43,8 @@ from firmware.iscsi.pdu import (
     build_text,
     parse_text,
 )
+from firmware.logical_unit import CommandPlan, Direction
 from firmware.scsi.sense import Sense
-from gadget.logical_unit import CommandPlan, Direction
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ _STATUS_CHECK_CONDITION = 0x02
 _STATUS_TASK_ABORTED = 0x40
 _LUN_NOT_SUPPORTED = Sense(0x05, 0x25, 0x00).to_fixed()  # ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED
 _INVALID_FIELD_IN_CDB = Sense(0x05, 0x24, 0x00).to_fixed()
+_DATA_SEQUENCE_ERROR = Sense(0x0B, 0x4B, 0x00).to_fixed()  # ABORTED COMMAND, DATA PHASE ERROR
 
 
 class Phase(enum.Enum):
@@ -142,6 +143,8 @@ class _Task:
     solicited: int = 0  # buffer offset up to which R2Ts were sent
     r2ts: dict[int, int] = field(default_factory=dict)  # TTT -> end offset of that R2T
     r2tsn: int = 0
+    datasn: dict[int, int] = field(default_factory=dict)  # TTT (or the reserved tag) -> next DataSN
+    data_error: bool = False  # a Data-Out arrived out of DataSN sequence: fail, do not run
     executing: bool = False
     aborted: bool = False
 
@@ -180,8 +183,10 @@ class Connection:
         random: Callable[[int], bytes],
         peer: str = "",
         strict: bool = False,
+        block_size: int = 512,
     ) -> None:
         self.config = config
+        self._block_size = block_size
         self._plan = planner
         self._random = random
         self.peer = peer
@@ -602,8 +607,13 @@ class Connection:
             at += 4 + ((length - 1 + 3) & ~3 if length else 0)
         lun_ok = _lun_is_zero(pdu.lun)
         plan = self._plan(cdb) if lun_ok else CommandPlan(Direction.NONE, 0)
+        run_cdb = cdb
+        if plan.direction is Direction.OUT and edtl < plan.length and cdb[0] in _WRITE_LENGTH_FIELD:
+            # RFC 7143 / SAM-5: the initiator will send only EDTL bytes; write the whole blocks of
+            # those and report the rest as residual overflow, never blocks it did not send
+            run_cdb = _with_transfer_length(cdb, edtl // self._block_size)
         task = _Task(
-            task_id=self._next_task_id, itt=itt, lun=pdu.lun, cdb=cdb, cmdsn=pdu.u32(24), edtl=edtl,
+            task_id=self._next_task_id, itt=itt, lun=pdu.lun, cdb=run_cdb, cmdsn=pdu.u32(24), edtl=edtl,
             read=read, write=write, plan=plan, lun_ok=lun_ok,
         )
         self._next_task_id += 1
@@ -612,8 +622,11 @@ class Connection:
         if bidi or (read and write):
             self._finish_local(task, _STATUS_CHECK_CONDITION, _INVALID_FIELD_IN_CDB)
             return
+        if run_cdb is not cdb:
+            task.need = edtl // self._block_size * self._block_size
         if write and edtl:
-            task.need = min(edtl, plan.length) if plan.direction is Direction.OUT else 0
+            if run_cdb is cdb:
+                task.need = min(edtl, plan.length) if plan.direction is Direction.OUT else 0
             task.buf = bytearray(task.need)
             if pdu.data:
                 if not self.params.immediate_data or len(pdu.data) > min(edtl, self.params.first_burst):
@@ -654,6 +667,9 @@ class Connection:
             if not task.lun_ok:
                 self._finish_local(task, _STATUS_CHECK_CONDITION, _LUN_NOT_SUPPORTED)
                 return
+            if task.data_error:
+                self._finish_local(task, _STATUS_CHECK_CONDITION, _DATA_SEQUENCE_ERROR)
+                return
             data = bytes(task.buf) if task.plan.direction is Direction.OUT else b""
             self._ready.append(ScsiTask(task.task_id, task.cdb, data, task.lun_ok))
             return
@@ -691,6 +707,13 @@ class Connection:
                 raise _ProtocolViolation(f"data-out for unknown TTT 0x{ttt:08x}")
             elif pdu.u32(40) + len(pdu.data) > task.r2ts[ttt]:
                 raise _ProtocolViolation("data-out beyond its R2T")
+            expected = task.datasn.get(ttt, 0)
+            if pdu.u32(36) != expected and not task.data_error:
+                # the data is still taken by offset; the command fails instead of running
+                log.warning("data-out out of sequence peer=%s itt=0x%08x datasn=%d expected=%d",
+                            self.peer, task.itt, pdu.u32(36), expected)
+                task.data_error = True
+            task.datasn[ttt] = pdu.u32(36) + 1
             self._take_data(task, pdu.u32(40), pdu.data)
         except _ProtocolViolation as exc:
             self._reject(RejectReason.PROTOCOL_ERROR, bytes(pdu.bhs))
@@ -895,6 +918,18 @@ class Connection:
 
 class _ProtocolViolation(Exception):
     pass
+
+
+# opcode -> (offset, size) of the TRANSFER LENGTH field of the WRITE commands (SBC-3)
+# (not WRITE(6): there a length of 0 means 256 blocks)
+_WRITE_LENGTH_FIELD = {0x2A: (7, 2), 0xAA: (6, 4), 0x8A: (10, 4)}
+
+
+def _with_transfer_length(cdb: bytes, blocks: int) -> bytes:
+    at, size = _WRITE_LENGTH_FIELD[cdb[0]]
+    out = bytearray(cdb)
+    out[at : at + size] = blocks.to_bytes(size, "big")
+    return bytes(out)
 
 
 def _chap_binary(value: str) -> bytes | None:

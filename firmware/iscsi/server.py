@@ -19,14 +19,19 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
 from types import TracebackType
 from typing import Protocol
 
+from firmware.identity import UnitIdentity
 from firmware.iscsi.connection import Connection, Phase, ScsiTask, TargetConfig
+from firmware.logical_unit import CommandPlan, CommandResult, Status
 from firmware.scsi.sense import Sense
-from gadget.logical_unit import CommandPlan, CommandResult, Status
+from firmware.storage import BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,9 @@ class SenseUnit(Protocol):
 
     @property
     def sense(self) -> Sense: ...
+
+    @property
+    def block_size(self) -> int: ...
 
     def status(self) -> dict[str, object]: ...
 
@@ -88,6 +96,10 @@ class IscsiServer:
         self._accept_thread.start()
         log.info("iscsi target listening host=%s port=%d target=%s", host, self.port, config.target_name)
 
+    @property
+    def target_name(self) -> str:
+        return self._config.target_name
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> IscsiServer:
@@ -130,8 +142,15 @@ class IscsiServer:
             }
             for p in peers
         ]
+        commands: dict[str, int] = {}
+        for unit in self._all_units:
+            counts = unit.status().get("commands")
+            if isinstance(counts, dict):
+                for name, n in counts.items():
+                    commands[name] = commands.get(name, 0) + int(n)
         return {
             "target": self._config.target_name,
+            "commands": dict(sorted(commands.items())),
             "portal": f"{self.host}:{self.port}",
             "chap": self._config.chap is not None,
             "sessions": sessions,
@@ -154,7 +173,11 @@ class IscsiServer:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             planner = self._factory()
-            conn = Connection(self._config, planner.plan, random=os.urandom, peer=f"{addr[0]}:{addr[1]}")
+            here = sock.getsockname()
+            # SendTargets names the address this initiator reached, even when listening on 0.0.0.0
+            config = replace(self._config, portal=f"[{here[0]}]:{here[1]}" if ":" in here[0] else f"{here[0]}:{here[1]}")
+            conn = Connection(config, planner.plan, random=os.urandom, peer=f"{addr[0]}:{addr[1]}",
+                              block_size=planner.block_size)
             peer = _Peer(sock, conn)
             peer.thread = threading.Thread(target=self._serve, args=(peer,), name=f"iscsi-{addr[1]}", daemon=True)
             with self._peers_lock:
@@ -223,6 +246,50 @@ class IscsiServer:
         with peer.lock:
             peer.conn.task_done(task.task_id, int(result.status), result.data, sense)
             self._flush(peer)
+
+
+IQN_PREFIX = "iqn.2026-01.net.usbmirror"
+
+
+def unit_iqn(unit_uuid: uuid.UUID) -> str:
+    """The target name of a unit: stable for its identity (RFC 3720 3.2.6.3.1 iqn. format)."""
+    return f"{IQN_PREFIX}:{unit_uuid.hex}"
+
+
+@contextmanager
+def serve_unit(
+    store: BlockStore,
+    ident: UnitIdentity,
+    *,
+    host: str,
+    port: int,
+    chap: tuple[str, str] | None = None,
+    initiators: tuple[str, ...] = (),
+) -> Iterator[IscsiServer]:
+    """Serve `store` (the local unit) as the unit's iSCSI target, with the same SCSI identity
+    (serial, VPD 0x83 designator) the USB transports show, so a host sees one disk either way."""
+    from firmware.scsi import naa_locally_assigned
+    from firmware.scsi.lba_status import LbaStatusTarget
+
+    device_id = naa_locally_assigned(ident.unit_uuid.bytes)
+    config = TargetConfig(
+        target_name=unit_iqn(ident.unit_uuid),
+        portal=f"{host}:{port}",
+        alias=f"usbmirror {ident.serial}",
+        chap=chap,
+        allowed_initiators=frozenset(initiators) if initiators else None,
+    )
+    with IscsiServer(
+        # max_unmap_blocks: 1 Mi blocks per UNMAP, the ceiling initiators such as libiscsi's suite expect.
+        # max_write_same_blocks below 64 Ki: some initiators (libiscsi's suite among them) size a plain
+        # WRITE by MAXIMUM WRITE SAME LENGTH, which must then not exceed what one command may carry.
+        config,
+        lambda: LbaStatusTarget(store, serial=ident.serial, device_id=device_id, max_unmap_blocks=1 << 20,
+                                max_write_same_blocks=0xFFFF),
+        host=host,
+        port=port,
+    ) as server:
+        yield server
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -48,7 +48,7 @@ Checkpoint slot (4096 bytes; the valid slot with the highest generation wins):
 Record (`RECORD_HEADER`, 64 bytes, then the payload, then zero padding to the alignment):
 
     0   4  magic  b"UJR1"
-    4   1  kind (RecordKind, or WRAP_KIND for the wrap marker)
+    4   1  kind (RecordKind: 1 WRITE, 2 UNMAP, 3 FLUSH, 4 MARK; or WRAP_KIND for the wrap marker)
     5   1  flags (0)
     6   2  header length (64)
     8   4  format epoch
@@ -122,6 +122,10 @@ class RecordKind(enum.IntEnum):
     WRITE = 1  # payload = count blocks of data at lba
     UNMAP = 2  # blocks lba..lba+count read back as zeros; no payload
     FLUSH = 3  # consistency point: the host sent SYNCHRONIZE CACHE or a FUA write; no payload
+    MARK = 4  # a named restore point (`usbmirror mark`): payload = the name (UTF-8), lba = count = 0
+
+
+MAX_MARK_NAME = 200  # bytes of a mark's name
 
 
 class JournalError(Exception):
@@ -326,7 +330,7 @@ def decode_header(data: bytes | bytearray | memoryview, at: int = 0) -> RecordHe
         return None
     if hcrc != google_crc32c.value(bytes(data[at: at + _HEADER_BODY])):
         return None
-    if kind not in (1, 2, 3, WRAP_KIND):
+    if kind not in (1, 2, 3, 4, WRAP_KIND):
         return None
     return RecordHeader(kind=kind, epoch=epoch, incarnation=inc, seq=seq, durable_before=dbefore, lba=lba,
                         count=count, payload_len=plen, timestamp_ns=ts, payload_crc=pcrc)

@@ -42,6 +42,7 @@ from firmware.journal.format import (
     HEADER_SIZE,
     MAX_CONSUMER_NAME,
     MAX_CONSUMERS,
+    MAX_MARK_NAME,
     MIN_RING,
     RECORD_HEADER,
     RECORD_MAGIC,
@@ -295,6 +296,9 @@ class Journal:
         if h.kind == RecordKind.WRITE:
             if h.payload_len != h.count * self._sb.block_size or h.count == 0:
                 return "payload length does not match block count"
+        elif h.kind == RecordKind.MARK:
+            if h.count or h.lba or h.payload_len > MAX_MARK_NAME:
+                return "mark record with blocks or an overlong name"
         elif h.payload_len != 0:
             return "payload on a record kind that has none"
         if off + h.record_len > self._ring:
@@ -438,6 +442,11 @@ class Journal:
         return self._sb
 
     @property
+    def generation(self) -> int:
+        """Bumps when the journal restarts from scratch (a new format epoch starts seqs again)."""
+        return int(self._sb.epoch)
+
+    @property
     def capacity_bytes(self) -> int:
         return self._ring
 
@@ -499,6 +508,9 @@ class Journal:
             if count <= 0 or plen != count * self._sb.block_size:
                 raise ValueError(f"WRITE of {count} blocks needs {count * self._sb.block_size} payload bytes, "
                                  f"got {plen}")
+        elif kind is RecordKind.MARK:
+            if count or lba or not 0 < plen <= MAX_MARK_NAME:
+                raise ValueError(f"a MARK record names 1..{MAX_MARK_NAME} bytes and no blocks")
         elif plen:
             raise ValueError(f"{kind.name} records carry no payload")
         if lba < 0 or count < 0:

@@ -31,6 +31,9 @@ from typing import Protocol, TypeAlias
 import google_crc32c
 import lz4.block
 
+from firmware.journal.format import MAX_MARK_NAME
+from firmware.journal.format import RecordKind as RecordKind  # one definition: the journal's
+
 MAGIC = b"UJ"
 VERSION = 1
 DEFAULT_MAX_PAYLOAD = 32 << 20  # bytes; a batch or a region never exceeds this
@@ -47,6 +50,7 @@ _HELLO = struct.Struct(">HH16sQIQQIBB")
 _HELLO_REPLY = struct.Struct(">16sQQIBB")
 _BATCH = struct.Struct(">QIIB")
 _RECORD = struct.Struct(">QBQIQI")
+RECORD_HEADER_SIZE = _RECORD.size  # bytes each record adds to a BATCH body besides its payload
 _U64 = struct.Struct(">Q")
 _ERROR = struct.Struct(">HH")
 _RESYNC_BEGIN = struct.Struct(">QIQ")
@@ -105,14 +109,6 @@ class ReplyFlag(enum.IntFlag):
     NONE = 0
     RESYNC_IN_PROGRESS = 1  # the target is mid-resync: only a completed resync makes it consistent
     NEW_TARGET = 2  # no state for this volume yet: the target's content is unknown
-
-
-class RecordKind(enum.IntEnum):
-    """Same numbers as the journal's RecordKind."""
-
-    WRITE = 1
-    UNMAP = 2
-    FLUSH = 3  # consistency point
 
 
 class ProtocolError(Exception):
@@ -241,6 +237,7 @@ class _NeedData:
 
 
 NEED_DATA = _NeedData()
+NeedData = _NeedData  # the type of NEED_DATA
 
 
 class Role(enum.IntEnum):
@@ -353,7 +350,10 @@ def decode_records(raw: bytes, n: int, prev_seq: int) -> tuple[Record, ...]:
             raise ProtocolError(f"record seq={seq} has unknown kind {kind}") from None
         if rkind is RecordKind.WRITE and (count == 0 or plen % count):
             raise ProtocolError(f"write record seq={seq}: {plen} bytes for {count} blocks")
-        if rkind is not RecordKind.WRITE and plen:
+        if rkind is RecordKind.MARK:
+            if count or lba or not 0 < plen <= MAX_MARK_NAME:
+                raise ProtocolError(f"MARK record seq={seq}: blocks {lba}+{count}, name of {plen} bytes")
+        elif rkind is not RecordKind.WRITE and plen:
             raise ProtocolError(f"{rkind.name} record seq={seq} carries a payload")
         out.append(Record(seq, rkind, lba, count, ts, bytes(mv[off : off + plen])))
         off += plen

@@ -5,10 +5,23 @@ one place (`firmware.scsi.cdb.check_command`), calls the store, and returns stat
 bytes. It never raises: a bad CDB, a store failure or a bug in this module becomes CHECK CONDITION
 with sense data kept for REQUEST SENSE.
 
-Durability (DESIGN.md): WRITE with FUA calls `store.write(fua=True)`; SYNCHRONIZE CACHE calls
+Durability (docs/ARCHITECTURE.md, "Contracts"): WRITE with FUA calls `store.write(fua=True)`; SYNCHRONIZE CACHE calls
 `store.flush()` and returns only after it, even with IMMED set (returning later than the host
 allowed is always permitted, returning before the data is durable never is). The caching mode page
 reports `store.write_cache` as it is at that moment: the host is told the truth about WCE.
+
+Unit attention (SPC-4 5.14, SAM-5 5.14): conditions wait in a small queue and each is reported
+once, as CHECK CONDITION of the next command other than INQUIRY, REPORT LUNS and REQUEST SENSE, or
+by a REQUEST SENSE that has no other sense to return. `reset_event()` (the transport saw a USB
+reset, a new configuration, the host re-enumerating) queues POWER ON, RESET, OR BUS DEVICE RESET
+OCCURRED (29h/00) in place of anything queued before it; `capacity_changed()` (the store's size
+changed) takes the new size and queues CAPACITY DATA HAS CHANGED (2Ah/09). Construction raises
+none: the transport reports the power-on with its first `reset_event()`, when the host configures
+the device.
+
+Threads: `plan()` may run on the transport's receiving thread while `execute()` of an earlier,
+abandoned command still runs on its executor; `plan()` only reads fixed state and publishes its
+decoding with one assignment, which `execute()` uses only for the very same CDB bytes.
 
 What it does not do: USB (stalls, residues, phase errors are the transport's), journaling or
 replication (the store's), task management (BOT has none beyond reset).
@@ -19,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
 from firmware.scsi import pages
 from firmware.scsi.cdb import (
     Command,
@@ -53,7 +67,6 @@ from firmware.scsi.sense import (
     invalid_field_in_parameter_list,
 )
 from firmware.storage import BlockStore, StorageError
-from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +91,8 @@ _WRITE_PROTECTED = Sense.of(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
 _INTERNAL_FAILURE = Sense.of(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
 _DATA_PHASE_ERROR = Sense.of(SenseKey.ABORTED_COMMAND, Asc.DATA_PHASE_ERROR)
 _LBA_OUT_OF_RANGE = Sense.of(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_BLOCK_ADDRESS_OUT_OF_RANGE)
+_RESET_OCCURRED = Sense.of(SenseKey.UNIT_ATTENTION, Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED)
+_CAPACITY_CHANGED = Sense.of(SenseKey.UNIT_ATTENTION, Asc.CAPACITY_DATA_HAS_CHANGED)
 
 
 def _size_bucket(nbytes: int) -> int:
@@ -86,7 +101,7 @@ def _size_bucket(nbytes: int) -> int:
 
 
 class ScsiTarget:
-    """One SCSI direct-access logical unit (LUN 0) implementing `gadget.logical_unit.LogicalUnit`."""
+    """One SCSI direct-access logical unit (LUN 0) implementing `firmware.logical_unit.LogicalUnit`."""
 
     def __init__(
         self,
@@ -133,7 +148,7 @@ class ScsiTarget:
         self._read_only = bool(getattr(store, "read_only", False)) if read_only is None else read_only
         self._default_wce = bool(store.write_cache)
         self._sense: Sense = NO_SENSE
-        self._unit_attention: Sense | None = None
+        self._unit_attentions: list[Sense] = []  # queued, oldest first (module docstring)
         self._planned: tuple[bytes, Command] | None = None  # the CDB plan() decoded last
         # counters for status() / the install self-test
         self._commands: Counter[str] = Counter()
@@ -176,9 +191,8 @@ class ScsiTarget:
         if not isinstance(data_out, bytes):  # a transport handing over a bytearray/memoryview
             data_out = bytes(data_out)
         try:
-            if self._unit_attention is not None and (not cdb or cdb[0] not in _UA_EXEMPT):
-                sense, self._unit_attention = self._unit_attention, None
-                raise CommandError(sense)
+            if self._unit_attentions and (not cdb or cdb[0] not in _UA_EXEMPT):
+                raise CommandError(self._unit_attentions.pop(0))
             planned = self._planned
             cmd = planned[1] if planned is not None and planned[0] == cdb else check_command(cdb, self._limits)
             data = self._run(cmd, data_out)
@@ -199,8 +213,31 @@ class ScsiTarget:
     def reset_event(self) -> None:
         """A power-on or reset the host should hear about: the next command other than INQUIRY,
         REPORT LUNS or REQUEST SENSE gets UNIT ATTENTION, POWER ON, RESET, OR BUS DEVICE RESET
-        OCCURRED (0x29/0x00). Not raised at construction, so a first probe sees no unit attention."""
-        self._unit_attention = Sense.of(SenseKey.UNIT_ATTENTION, Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED)
+        OCCURRED (29h/00). It replaces the conditions queued before it (after a reset the host
+        re-reads everything anyway) and so is reported once however many resets came."""
+        self._unit_attentions = [_RESET_OCCURRED]
+
+    def capacity_changed(self) -> None:
+        """The store's size changed: READ CAPACITY and the range checks use `store.num_blocks`
+        from now on, and the next command gets UNIT ATTENTION, CAPACITY DATA HAS CHANGED (2Ah/09)
+        so the host re-reads the capacity. Call it between commands (the store owner's thread);
+        the new limits are published with one assignment."""
+        num_blocks = self._store.num_blocks
+        if not 1 <= num_blocks < 1 << 64:
+            raise ValueError(f"number of blocks out of range: {num_blocks}")
+        old = self._limits
+        if num_blocks == old.num_blocks:
+            return
+        self._limits = Limits(old.block_size, num_blocks, old.max_transfer_blocks, old.max_write_same_blocks)
+        self._planned = None
+        if _CAPACITY_CHANGED not in self._unit_attentions:
+            self._unit_attentions = [*self._unit_attentions, _CAPACITY_CHANGED]
+        log.info("capacity changed blocks=%d->%d", old.num_blocks, num_blocks)
+
+    @property
+    def unit_attentions(self) -> tuple[Sense, ...]:
+        """The unit attention conditions not yet reported, oldest first."""
+        return tuple(self._unit_attentions)
 
     @property
     def sense(self) -> Sense:
@@ -298,9 +335,11 @@ class ScsiTarget:
         if isinstance(cmd, ReadWrite):
             return self._write(cmd, data_out) if cmd.is_write else self._read(cmd)
         if isinstance(cmd, RequestSense):
+            # The sense of the last CHECK CONDITION first (autosense of a command that reported a
+            # unit attention gets that one), else the oldest queued unit attention (SPC-4 5.14).
             sense = self._sense
-            if self._unit_attention is not None:
-                sense, self._unit_attention = self._unit_attention, None
+            if sense == NO_SENSE and self._unit_attentions:
+                sense = self._unit_attentions.pop(0)
             self._sense = NO_SENSE
             return sense.to_fixed()[: cmd.alloc]
         if isinstance(cmd, SynchronizeCache):

@@ -22,17 +22,18 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 with atheris.instrument_imports():
+    from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
     from gadget.bot import (
         CSW_LENGTH,
         EP_IN,
         EP_OUT,
         STALL,
+        BotCommand,
         BulkOnlyTransport,
         Cbw,
         Csw,
         Stage,
     )
-    from gadget.logical_unit import CommandPlan, CommandResult, Direction, Status
 
 _MAX_LENGTH = 1 << 17
 
@@ -66,6 +67,9 @@ class FuzzUnit:
             data = bytes([padded[3]]) * ((plan.length * padded[3]) // 128)
         return CommandResult(status, data)
 
+    def reset_event(self) -> None:
+        pass
+
 
 def _cbw(fdp: atheris.FuzzedDataProvider) -> bytes:
     cdb = fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 16)) or b"\0"
@@ -91,13 +95,16 @@ def _cbw(fdp: atheris.FuzzedDataProvider) -> bytes:
 
 def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
+    deferred = fdp.ConsumeBool()
     bot = BulkOnlyTransport(FuzzUnit(), max_lun=fdp.ConsumeIntInRange(0, 1),
-                            max_packet=fdp.ConsumeIntInRange(1, 1024), stall_short_in=fdp.ConsumeBool())
+                            max_packet=fdp.ConsumeIntInRange(1, 1024), stall_short_in=fdp.ConsumeBool(),
+                            deferred=deferred)
     last_tag: int | None = None
+    executor: list[BotCommand] = []  # commands taken and not yet completed, in arrival order
     for _ in range(fdp.ConsumeIntInRange(0, 64)):
         if fdp.remaining_bytes() == 0:
             break
-        op = fdp.ConsumeIntInRange(0, 8)
+        op = fdp.ConsumeIntInRange(0, 10)
         stage = bot.stage
         if op == 0:
             raw = _cbw(fdp)
@@ -135,6 +142,16 @@ def TestOneInput(data: bytes) -> None:
         elif op == 6:
             bot.reset()
             assert bot.stage is Stage.COMMAND and not bot.in_halted and not bot.out_halted
+        elif op == 9:
+            bot.bus_reset()
+            assert bot.stage is Stage.COMMAND and not bot.in_halted and not bot.out_halted
+        elif op == 10:
+            if executor:  # the executor finishes the oldest command
+                command = executor.pop(0)
+                current = not executor and bot.stage is Stage.EXECUTING
+                assert isinstance(bot.complete(command, bot.run(command)), bool)
+                if not current:
+                    assert bot.stage is not Stage.EXECUTING or executor
         elif op == 7:
             value = fdp.ConsumeIntInRange(-1, 2048)
             try:
@@ -144,7 +161,14 @@ def TestOneInput(data: bytes) -> None:
         else:
             assert bot.get_max_lun() in (0, 1)
             assert isinstance(bot.status(), dict)
-        if stage is Stage.NEED_RESET and op != 6:
+        taken = bot.take_command()
+        assert taken is None or deferred
+        if taken is not None:
+            assert bot.stage is Stage.EXECUTING
+            executor.append(taken)
+        if not deferred:
+            assert bot.stage is not Stage.EXECUTING
+        if stage is Stage.NEED_RESET and op not in (6, 9):
             # BOT 6.6.1: only reset recovery leaves this state
             assert bot.stage is Stage.NEED_RESET and bot.in_halted and bot.out_halted
 

@@ -21,11 +21,11 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 with atheris.instrument_imports():
+    from firmware.logical_unit import Direction, Status
     from firmware.scsi import ScsiTarget
     from firmware.scsi.cdb import CDB_SIZE
     from firmware.scsi.sense import Sense, SenseKey
     from firmware.storage import ReadError
-    from gadget.logical_unit import Direction, Status
     from host_tests.scsi_fakes import MemoryBlockStore
 
 _OPCODES = sorted(CDB_SIZE)

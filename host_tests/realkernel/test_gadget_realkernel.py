@@ -163,8 +163,22 @@ mark replug=ok
 
 step acm_console
 python3 - <<'EOF' || fwdie acm_console
-import serial, sys
-with serial.Serial("/dev/ttyACM0", 115200, timeout=10) as port:
+import serial, sys, time
+# Right after a re-enumeration cdc_acm can fail the first open with EIO (its port activation races the
+# new configuration); a host's terminal program simply opens again. Up to 10 s, and the count is shown.
+deadline, retries = time.monotonic() + 10, 0
+while True:
+    try:
+        port = serial.Serial("/dev/ttyACM0", 115200, timeout=10)
+        break
+    except serial.SerialException as exc:
+        if time.monotonic() > deadline:
+            raise
+        retries += 1
+        print("acm open retry", retries, exc)
+        time.sleep(0.2)
+print("@@USBMIRROR acm_open_retries=%d" % retries)
+with port:
     port.write(b"anything typed is ignored\\r\\n")
     text = b""
     while text.count(b"--- end ---") < 2:

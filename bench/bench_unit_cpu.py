@@ -1,0 +1,159 @@
+"""Unit CPU per command and durable rates, measured the way a host drives the unit.
+
+A real `usbmirror local` process (write cache off, journal on) serves a sparse image over USB/IP on
+loopback; this process is the host: it imports the device with host_tests.usbip_support.UsbipClient
+and issues 4 KiB random writes, 120 KiB sequential writes and 120 KiB sequential reads. For each
+workload it reads the unit process's own CPU time (utime + stime from /proc/PID/stat) before and
+after, and prints CPU per command beside its target, and the durable rate beside raw
+pwrite+fdatasync on the same disk in the same run (as a ratio).
+
+Scaling: the same workloads on a 64 MiB and a 64 GiB sparse volume (CPU per command should stay
+within 20%).
+
+With one async remote (a `usbmirror remote` process on loopback, paired with `usbmirror pair`):
+CPU per command as a ratio of the unit alone (target <= 1.3) and the rate as a ratio of alone
+(target >= 0.8).
+
+Not measured here yet: an empty versus a nearly full journal.
+
+CPU time comes in clock ticks (10 ms on most kernels), so the per-command figure has a resolution
+of 10 ms / --ops (10 µs at the default 1000).
+
+Run: .venv/bin/python bench/bench_unit_cpu.py [--ops 1000] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from host_tests.units import Units, streaming
+from host_tests.usbip_support import UsbipClient
+
+SEQ = 120 * 1024
+SMALL = 4096
+BLOCK = 512
+TICK = os.sysconf("SC_CLK_TCK")
+TARGET_US = {"rand_write": 130.0, "seq_write": 200.0, "seq_read": 100.0}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat (fields 14 and 15)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def raw_rates(path: Path, ops: int, span: int) -> dict[str, float]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, span)
+        rng = random.Random(7)
+        small, chunk = os.urandom(SMALL), os.urandom(SEQ)
+        t0 = time.perf_counter()
+        for _ in range(ops):
+            os.pwrite(fd, small, rng.randrange(span // SMALL) * SMALL)
+            os.fdatasync(fd)
+        t1 = time.perf_counter()
+        for i in range(ops):
+            os.pwrite(fd, chunk, (i * SEQ) % (span - SEQ))
+            os.fdatasync(fd)
+        t2 = time.perf_counter()
+    finally:
+        os.close(fd)
+    return {"rand_write": ops / (t1 - t0), "seq_write": ops / (t2 - t1)}
+
+
+def drive(client: UsbipClient, pid: int, ops: int, span: int) -> dict[str, tuple[float, float]]:
+    """{workload: (unit CPU µs per command, commands per second)}."""
+    rng = random.Random(11)
+    small, chunk = os.urandom(SMALL), os.urandom(SEQ)
+    per = SEQ // BLOCK
+    seq_span = min(span, ops * SEQ) // SEQ
+    out: dict[str, tuple[float, float]] = {}
+
+    def run(name: str, one: object) -> None:
+        assert callable(one)
+        c0, t0 = cpu_seconds(pid), time.perf_counter()
+        for i in range(ops):
+            one(i)
+        t1, c1 = time.perf_counter(), cpu_seconds(pid)
+        out[name] = ((c1 - c0) / ops * 1e6, ops / (t1 - t0))
+
+    def rand_write(i: int) -> None:
+        if client.write10(rng.randrange(span // SMALL) * (SMALL // BLOCK), small) != 0:
+            raise RuntimeError("WRITE(10) failed")
+
+    def seq_write(i: int) -> None:
+        if client.write10((i % seq_span) * per, chunk) != 0:
+            raise RuntimeError("WRITE(10) failed")
+
+    def seq_read(i: int) -> None:
+        if client.read10((i % seq_span) * per, per) != chunk:
+            raise RuntimeError("read-back mismatch: the unit did not return what it stored")
+
+    run("rand_write", rand_write)
+    run("seq_write", seq_write)
+    run("seq_read", seq_read)
+    return out
+
+
+def one_unit(work: Path, size: str, ops: int, span: int, *, remote: bool = False) -> dict[str, tuple[float, float]]:
+    with Units(work) as units:
+        if remote:
+            tls = units.pair("dr1", ["server1"])
+            r = units.start_remote("dr1", targets={"server1": work / "target.img"}, tls_dir=tls)
+            u = units.start_local(volume=work / "volume.img", size=size, journal_size="256M", source_id="server1",
+                                  tls_dir=tls, remotes=[r.address])
+            u.wait_status(streaming(), timeout=120, what="the remote streaming")
+        else:
+            u = units.start_local(volume=work / "volume.img", size=size, journal_size="256M")
+        with UsbipClient("127.0.0.1", u.port) as client:
+            if client.import_device("1-1").status != 0:
+                raise SystemExit("import refused")
+            client.enumerate()
+            client.scsi(bytes(6))  # TEST UNIT READY: clears the power-on unit attention
+            return drive(client, u.pid, ops, span)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", type=int, default=1000, help="commands per workload")
+    ap.add_argument("--dir", default=None, help="directory for the images and journal (default: a temp dir)")
+    args = ap.parse_args(argv)
+    span = 64 << 20
+    with tempfile.TemporaryDirectory(prefix="bench-unit-", dir=args.dir) as tmp:
+        raw = raw_rates(Path(tmp) / "raw.img", args.ops, span)
+        small = one_unit(Path(tmp) / "u64m", "64M", args.ops, span)
+        big = one_unit(Path(tmp) / "u64g", "64G", args.ops, span)
+        rem = one_unit(Path(tmp) / "urem", "64M", args.ops, span, remote=True)
+    print(f"bench_unit_cpu: `usbmirror local` over USB/IP, write cache off, journal on, {args.ops} commands "
+          f"per workload, in {args.dir or tempfile.gettempdir()}")
+    print(f"{'workload (64 MiB volume)':30} {'unit CPU/cmd':>13} {'target':>8} {'rate/raw':>9} {'target':>7}")
+    labels = {"rand_write": "4 KiB random write", "seq_write": "120 KiB sequential write",
+              "seq_read": "120 KiB sequential read"}
+    for key, label in labels.items():
+        cpu, rate = small[key]
+        ratio = f"{rate / raw[key]:9.2f}" if key in raw else f"{'-':>9}"
+        tgt = f"{'>=0.50':>7}" if key in raw else f"{'':>7}"
+        print(f"{label:30} {cpu:10.0f} µs {'<=' + format(TARGET_US[key], '.0f'):>8} {ratio} {tgt}")
+    print(f"{'with one async remote':30} {'CPU/cmd':>13} {'vs alone':>9} {'target':>7} {'rate/alone':>11} {'target':>7}")
+    for key, label in labels.items():
+        a, b = small[key], rem[key]
+        print(f"{label:30} {b[0]:10.0f} µs {b[0] / a[0]:9.2f} {'<=1.30':>7} {b[1] / a[1]:11.2f} {'>=0.80':>7}")
+    print(f"{'scaling 64 MiB -> 64 GiB':30} {'CPU/cmd 64G/64M':>16} {'target':>8}")
+    for key, label in labels.items():
+        us_small, us_big = small[key][0], big[key][0]
+        print(f"{label:30} {us_big / us_small:16.2f} {'<=1.20':>8}   ({us_small:.0f} -> {us_big:.0f} µs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

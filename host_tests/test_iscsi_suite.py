@@ -1,0 +1,115 @@
+"""libiscsi's compliance suite (`iscsi-test-cu`, destructive tests allowed) against `usbmirror local
+--iscsi` (the local unit, its journal and the SCSI target the USB transports use) and against Debian's
+`tgt` on a file-backed LUN, in the same run; both counts are printed.
+
+Every case must pass (or be listed in KNOWN_GAPS with the reason); the skip counts are printed beside
+tgt's, not asserted: our target still implements fewer optional commands (docs/ISCSI.md).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from host_tests.units import Units, free_port, usbmirror
+
+pytestmark = pytest.mark.slow
+
+# suite.case -> why it fails today (none at the moment; a case listed here must say why)
+KNOWN_GAPS: dict[str, str] = {}
+
+
+def _summary(text: str) -> tuple[int, int, int]:
+    m = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", text)
+    assert m, f"no run summary in the suite's output:\n{text[-3000:]}"
+    return int(m.group(2)), int(m.group(3)), int(m.group(4))
+
+
+def _failed_cases(text: str) -> list[str]:
+    """suite.case of every failed case, once per run of it (ALL runs some suites more than once). A case
+    fails when its result is FAILED; "[FAILED] ..." lines are log lines (also printed when a command
+    fails as the case expects)."""
+    suite, case, failed = "", "", []
+    for line in text.splitlines():
+        if m := re.match(r"\s*Suite: (\S+)", line):
+            suite = m.group(1)
+        if m := re.search(r"Test: (\S+)", line):
+            case = m.group(1)
+        if line.strip() == "FAILED" or line.rstrip().endswith("...FAILED"):
+            failed.append(f"{suite}.{case}")
+    return failed
+
+
+def _run_suite(url: str, timeout: float) -> str:
+    done = subprocess.run(["iscsi-test-cu", "-d", url], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return done.stdout + done.stderr
+
+
+def test_libiscsi_suite_against_our_target_and_tgt(tmp_path: Path) -> None:
+    if shutil.which("iscsi-test-cu") is None:
+        pytest.fail("iscsi-test-cu missing: `make setup` installs Debian's libiscsi-bin")
+    port = free_port()
+    with Units(tmp_path) as units:
+        state = tmp_path / "state"
+        argv = ["local", "--volume", str(tmp_path / "vol.img"), "--size", "64M", "--iscsi", f"127.0.0.1:{port}",
+                "--state-dir", str(state), "--journal", str(tmp_path / "journal"), "--journal-size", "64M"]
+        unit = units.start_argv("local", argv, state, port)
+        st = unit.status()
+        iqn = st["iscsi"]["target"]
+        t0 = time.monotonic()
+        ours = _run_suite(f"iscsi://127.0.0.1:{port}/{iqn}/0", 400)
+        ours_s = time.monotonic() - t0
+        assert unit.running, units.describe()
+        assert usbmirror("status", "--state-dir", str(state)).returncode == 0
+    ran, passed, failed = _summary(ours)
+    ours_skips = ours.count("[SKIPPED]")
+    print(f"usbmirror: {ran} cases, {passed} passed, {failed} failed, {ours_skips} skipped checks, {ours_s:.0f} s")
+    tgt = _tgt_counts(tmp_path)
+    print(tgt)
+    cases = _failed_cases(ours)
+    print("usbmirror failing cases:", sorted(set(cases)))
+    assert len(cases) == failed, f"parsed {cases} but the summary counts {failed} failed cases"
+    unexpected = set(cases) - set(KNOWN_GAPS)
+    assert not unexpected, f"cases failing beyond the known gaps: {sorted(unexpected)}"
+
+
+def _tgt_counts(tmp_path: Path) -> str:
+    if shutil.which("tgtd") is None:
+        return "tgt: not installed (make setup installs it)"
+    lun = tmp_path / "tgt.img"
+    lun.write_bytes(b"")
+    subprocess.run(["truncate", "-s", "64M", str(lun)], check=True)
+    port, ctl = free_port(), 100 + free_port() % 8000  # the control port names a local socket: small numbers
+    tgtd = subprocess.Popen(["tgtd", "-f", "--control-port", str(ctl), "--iscsi", f"portal=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        iqn = "iqn.2026-01.net.usbmirror:tgt-reference"
+        for args in (["--op", "new", "--mode", "target", "--tid", "1", "-T", iqn],
+                     ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(lun)],
+                     ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
+            for _ in range(50):
+                r = subprocess.run(["tgtadm", "-C", str(ctl), "--lld", "iscsi", *args], capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                return f"tgt: could not be configured here: {r.stderr.strip()}"
+        t0 = time.monotonic()
+        out = _run_suite(f"iscsi://127.0.0.1:{port}/{iqn}/1", 400)
+        ran, passed, failed = _summary(out)
+        return (f"tgt: {ran} cases, {passed} passed, {failed} failed, {out.count('[SKIPPED]')} skipped checks, "
+                f"{time.monotonic() - t0:.0f} s")
+    finally:
+        # tgtd ignores SIGTERM while it serves targets: it is told to shut down, then killed
+        subprocess.run(["tgtadm", "-C", str(ctl), "--op", "delete", "--mode", "system"], capture_output=True)
+        try:
+            tgtd.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            tgtd.kill()
+            tgtd.wait(timeout=30)
