@@ -1,6 +1,6 @@
 """What the operator-facing parts (metrics, the systemd watchdog) learn from the command path.
 
-`CommandMonitor` wraps a `gadget.logical_unit.LogicalUnit` (the SCSI target) for a transport: it
+`CommandMonitor` wraps a `firmware.logical_unit.LogicalUnit` (the SCSI target) for a transport: it
 times every `execute()` into a latency histogram per opcode and keeps the start of every command
 still running, so the watchdog can tell a unit that is idle from one whose command loop is stuck.
 It costs two clock reads, a dict store and delete and one locked histogram update per command
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from firmware.scsi.opcodes import Opcode
-from gadget.logical_unit import CommandPlan, CommandResult, LogicalUnit
+from firmware.logical_unit import CommandPlan, CommandResult, LogicalUnit
 
 # upper bounds of the latency buckets, seconds (Prometheus `le`); the last bucket is +Inf
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,

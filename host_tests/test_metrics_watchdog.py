@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from firmware.metrics import StatusCollector, parse_listen
 from firmware.monitor import CommandMonitor
 from firmware.watchdog import LinkProgress, Watchdog, command_probe
-from gadget.logical_unit import CommandPlan, CommandResult, Status
+from firmware.logical_unit import CommandPlan, CommandResult, Status
 from host_tests.linkkit import wait_until
 from host_tests.test_cli_units import attach, write_random
 from host_tests.units import Units, drained, free_port, streaming
