@@ -14,7 +14,7 @@ help:
 	@echo "make test    every host test, the real-kernel tests in QEMU included"
 	@echo "make bench   throughput and latency figures, each beside the raw rate of the same disk"
 	@echo "make fuzz    a short atheris campaign over the BOT, SCSI, USB/IP, journal and journey parsers"
-	@echo "make lint    ruff + mypy --strict"
+	@echo "make lint    ruff + mypy --strict + import-linter (the layers in .importlinter)"
 	@echo "make flash BOARD=<profile> TARGET=<user@host|mounted root>   install onto a board"
 
 setup: $(STAMP)
@@ -49,6 +49,8 @@ fuzz: setup
 lint: setup
 	$(VENV)/bin/ruff check gadget firmware hw bench host_tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy host_tests/test_conformance_*.py
+	$(VENV)/bin/lint-imports --no-cache
 
 -include hw/flash/flash.mk
 

@@ -5,7 +5,7 @@ UDC/host-controller pairs) connects the gadget side to the guest's own usb-stora
 speed (dummy_hcd loaded with and without ``is_super_speed=1``, reloaded between the two phases of the
 same boot) two devices are attached side by side:
 
-1. usbmirror on ``dummy_udc.0``: ``python3 -m gadget.functionfs`` (the firmware's BOT core and SCSI
+1. usbmirror on ``dummy_udc.0``: ``python3 -m firmware.gadget_main`` (the firmware's BOT core and SCSI
    target through configfs + FunctionFS; no journal, no remotes; write cache off, so every WRITE is
    followed by an fdatasync before its status);
 2. the kernel's own ``f_mass_storage`` on ``dummy_udc.1`` (configfs function ``mass_storage.0``,
@@ -98,7 +98,7 @@ load_speed() {{  # two UDC/HCD pairs: dummy_udc.0 for usbmirror, dummy_udc.1 for
 }}
 start_usbmirror() {{
     dd if=/dev/zero of=/tmp/ffs.img bs=1M count={size_mib} 2>/dev/null || die ffs_image
-    (cd /opt/usbmirror && exec python3 -m gadget.functionfs --volume /tmp/ffs.img --udc dummy_udc.0 \\
+    (cd /opt/usbmirror && exec python3 -m firmware.gadget_main --volume /tmp/ffs.img --udc dummy_udc.0 \\
         --speeds full,high,super) > /tmp/fw.log 2>&1 &
     FW=$!
 }}

@@ -4,7 +4,9 @@
    durable rate (write cache off, 1 MiB writes), replicated over TLS to a remote unit on this machine.
    Prints the local write rate, the replication rate and lag samples (records, bytes, seconds): the lag
    must stay bounded while the writer runs, and drain to zero after.
-2. WAN: 100 Mbit/s with an 80 ms round trip, shaped two ways (there is no netem here): a userspace
+2. Sync: one 4 KiB WRITE at a time with a `sync` remote on loopback (each waits for the remote's
+   durable ACK): the time per WRITE (median, p90, p99) as a ratio of the same WRITE with no remote.
+3. WAN: 100 Mbit/s with an 80 ms round trip, shaped two ways (there is no netem here): a userspace
    proxy (token bucket plus delay line; the rate counts TCP payload bytes), and, as root, kernel TBF
    on a veth into a network namespace holding the remote (the rate counts whole packets, so TCP/IP
    headers take ~4% of it) plus the proxy as a delay-only line. A raw TCP stream over the same path
@@ -260,9 +262,9 @@ class Site:
         self.unit = LocalUnit(self.vol, self.journal, bitmap_path=str(tmp / "dirty"))
         self.rep: Replicator | None = None
 
-    def start_rep(self, port: int, tuning: ReplicatorTuning | None = None) -> Replicator:
+    def start_rep(self, port: int, tuning: ReplicatorTuning | None = None, mode: str = "async") -> Replicator:
         self.rep = Replicator(self.unit, self.journal, source_id="lmu",
-                              remotes=[RemoteSpec(("127.0.0.1", port), "async", "r1")],
+                              remotes=[RemoteSpec(("127.0.0.1", port), mode, "r1")],
                               tls=TlsFiles.for_source(self.tmp / "tls", "lmu"), tuning=tuning)
         self.rep.start()
         return self.rep
@@ -371,6 +373,44 @@ def loopback(tmp: Path, seconds: float, tuning: ReplicatorTuning | None = None) 
         site.close()
 
 
+def sync_latency(tmp: Path, writes: int) -> None:
+    """One 4 KiB WRITE at a time (write cache off) with a `sync` remote on loopback: each returns once
+    the remote has it durable, so the time per WRITE is the whole path of one WRITE, thread hand-offs
+    included. The raw limit is the same WRITE with no remote (the local journal's durable append)."""
+    print("\n== sync remote on loopback: one 4 KiB WRITE at a time, the remote's durable ACK each ==")
+    site = Site(tmp, vol_size=64 * MiB, journal_size=64 * MiB)
+    try:
+        rng = random.Random(2)
+        block = incompressible(BS, rng)
+        nblocks = site.unit.num_blocks
+
+        def timed(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                lba = rng.randrange(nblocks)
+                t0 = time.perf_counter()
+                site.unit.write(lba, block)
+                out.append(time.perf_counter() - t0)
+            return sorted(out)
+
+        timed(max(1, writes // 10))  # warm up
+        alone = timed(writes)
+        site.start_rep(site.remote.port, mode="sync")
+        site.wait_streaming()
+        timed(max(1, writes // 10))
+        synced = timed(writes)
+
+        def pct(xs: list[float], q: float) -> float:
+            return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+        for name, q in (("median", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            a, b = pct(alone, q), pct(synced, q)
+            print(f"{name:6} per WRITE: {b * 1e3:7.3f} ms with the sync remote, {a * 1e3:7.3f} ms with no remote "
+                  f"(ratio {b / a:.2f}) over {writes} writes")
+    finally:
+        site.close()
+
+
 def wan(tmp: Path, megabytes: int, shaper: str) -> None:
     ns: TbfNamespace | None = None
     if shaper == "tbf":
@@ -438,7 +478,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="shorter runs")
     ap.add_argument("--seconds", type=float, default=None, help="loopback writer duration")
     ap.add_argument("--wan-mib", type=int, default=None, help="MiB shipped per WAN run")
-    ap.add_argument("--only", choices=["loopback", "wan"], default=None)
+    ap.add_argument("--only", choices=["loopback", "sync", "wan"], default=None)
     ap.add_argument("--shaper", choices=["userspace", "tbf", "both"], default="both",
                     help="WAN rate limit: userspace token bucket, kernel TBF in a netns (root), or both")
     args = ap.parse_args()
@@ -448,6 +488,9 @@ def main() -> int:
     if args.only in (None, "loopback"):
         with tempfile.TemporaryDirectory(prefix="bench_link_", dir="/var/tmp") as d:
             loopback(Path(d) / "loop", seconds)
+    if args.only in (None, "sync"):
+        with tempfile.TemporaryDirectory(prefix="bench_link_", dir="/var/tmp") as d:
+            sync_latency(Path(d) / "sync", 200 if args.quick else 1000)
     if args.only in (None, "wan"):
         shapers = ["userspace", "tbf"] if args.shaper == "both" else [args.shaper]
         for sh in shapers:

@@ -6,37 +6,39 @@ local journal and prints its seq. Remotes receive it in journal order.
 
 `usbmirror history --state-dir DIR --source ID [--json]` reads the history files a remote unit
 keeps in DIR for one source (also while that remote is running) and lists the points, newest first.
+
+`usbmirror restore --state-dir DIR --source ID (--mark NAME | --at TIME | --seq N) --to PATH`
+writes the image of one point to a new file or a block device (never the live target), with a
+progress bar, while the remote keeps applying.
+
+`usbmirror expose --state-dir DIR --source ID (--mark|--at|--seq) --usbip HOST:PORT [--writable]`
+serves the image of one point at once as a USB disk over USB/IP (no copy first), read-only or
+with a scratch overlay that is thrown away when it stops (SIGINT or SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import hashlib
 import json
+import os
+import stat
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from firmware.config import DEFAULT_STATE_DIR, parse_hostport
 from firmware.control import ControlError, request
-from firmware.history import HistoryError, HistoryReader, history_dir, summary
-
-DEFAULT_STATE_DIR = "/var/lib/usbmirror"
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
-
-def parse_duration(text: str) -> float:
-    """`90`, `90s`, `15m`, `24h`, `30d`, `2w` as seconds."""
-    t = text.strip().lower()
-    unit = _UNITS.get(t[-1:])
-    num = t[:-1] if unit is not None else t
-    try:
-        v = float(num) * (unit or 1.0)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration (like 90s, 15m, 24h, 30d)") from None
-    if v <= 0:
-        raise ValueError(f"{text!r}: a duration is more than zero")
-    return v
+from firmware.history import HistoryError, HistoryReader, ImageView, history_dir, resolve, restore, summary
+from firmware.history.format import Meta
+from firmware.history.image_store import ImageStore
+from firmware.history.view import RESTORE_CHUNK
+from firmware.volume import parse_size
 
 
 def cmd_mark(args: argparse.Namespace) -> int:
@@ -122,6 +124,246 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- restore ----------------------------------------------------------------------------------------
+
+def _sysfs_block(st: os.stat_result) -> str | None:
+    """/sys path of a block device (a partition's path lies under its disk's)."""
+    try:
+        return os.path.realpath(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
+    except OSError:
+        return None
+
+
+def _same_storage(a: os.stat_result, b: os.stat_result) -> bool:
+    """`a` and `b` are the same file, the same block device, or a disk and one of its partitions."""
+    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
+        if a.st_rdev == b.st_rdev:
+            return True
+        pa, pb = _sysfs_block(a), _sysfs_block(b)
+        return bool(pa and pb and (pa.startswith(pb + "/") or pb.startswith(pa + "/")))
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _mounted(st: os.stat_result) -> str | None:
+    """Where the block device `st` (or a partition of it) is mounted, if it is."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for ln in lines:
+        parts = ln.split()
+        if len(parts) < 2 or not parts[0].startswith("/dev/"):
+            continue
+        try:
+            mst = os.stat(parts[0])
+        except OSError:
+            continue
+        if stat.S_ISBLK(mst.st_mode) and _same_storage(mst, st):
+            return parts[1]
+    return None
+
+
+def check_destination(state_dir: str, to: str) -> None:
+    """Refuse a `--to` that is a live target of this remote (any source), or a mounted disk."""
+    try:
+        dst = os.stat(to)
+    except FileNotFoundError:
+        return  # a new file: restore creates it
+    except OSError as exc:
+        raise HistoryError(f"cannot use {to}: {exc.strerror}") from None
+    for sid in _sources(state_dir):
+        try:
+            target = Meta.decode((history_dir(state_dir, sid) / "meta.json").read_bytes()).target
+            tst = os.stat(target)
+        except (HistoryError, OSError):
+            continue
+        if _same_storage(dst, tst):
+            raise HistoryError(f"{to} is the live target of source {sid!r} ({target}): restore never "
+                               "overwrites a target; give a new file or another disk")
+    if stat.S_ISBLK(dst.st_mode):
+        where = _mounted(dst)
+        if where is not None:
+            raise HistoryError(f"{to} is mounted on {where}: unmount it first")
+    elif not stat.S_ISREG(dst.st_mode):
+        raise HistoryError(f"{to} is neither a block device nor a new file")
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    source: str
+    what: str
+    seq: int
+    to: str
+    bytes: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.bytes / max(self.seconds, 1e-6)
+        return (f"restored source {self.source} at {self.what} to {self.to}: {_size(self.bytes)} in "
+                f"{self.seconds:.1f} s ({_size(int(rate))}/s)")
+
+
+def run_restore(state_dir: str, source: str, to: str, *, mark: str | None = None, at: str | None = None,
+                seq: int | None = None, progress: Callable[[int, int], None] | None = None,
+                chunk_bytes: int = RESTORE_CHUNK) -> RestoreResult:
+    """Write the image of one point of `source`'s history to `to`; HistoryError says what is wrong
+    (and then nothing was changed, except a block device `to` partly written on a write error)."""
+    check_destination(state_dir, to)
+    t0 = time.monotonic()
+    with open_history(state_dir, source) as rd:
+        res = resolve(rd.index, mark=mark, at=at, seq=seq)
+        with ImageView(rd, res.start_id) as view:
+            n = restore(view, to, progress=progress, chunk_bytes=chunk_bytes)
+    return RestoreResult(source, res.what, res.seq, to, n, time.monotonic() - t0)
+
+
+class _Bar:
+    """A `rich` progress bar on stderr (nothing when stderr is not a terminal)."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self._p: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                               TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                               transient=True)
+            self._p.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._p is None:
+            return
+        if self._task is None:
+            self._task = self._p.add_task(self.label, total=total)
+        self._p.update(self._task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    try:
+        with _Bar(f"restore {args.source}", sys.stderr.isatty() and not args.json) as bar:
+            r = run_restore(args.state_dir, args.source, args.to, mark=args.mark, at=args.at, seq=args.seq,
+                            progress=bar)
+    except (HistoryError, OSError) as exc:
+        print(f"usbmirror restore: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"source": r.source, "point": r.what, "seq": r.seq, "to": r.to, "bytes": r.bytes,
+                          "seconds": round(r.seconds, 3)}))
+    else:
+        print(r.line())
+    return 0
+
+
+# -- expose -----------------------------------------------------------------------------------------
+
+DEFAULT_SCRATCH = 1 << 30
+
+
+@dataclass
+class Exposure:
+    """An image of one point served over USB/IP (see `exposed`)."""
+
+    source: str
+    what: str
+    seq: int
+    address: tuple[str, int]
+    busid: str
+    store: ImageStore
+    server: Any
+
+    def line(self) -> str:
+        mode = (f"writable, scratch overlay of {_size(self.store.scratch_cap)} thrown away at the end"
+                if not self.store.read_only else "read-only")
+        return (f"exposing source {self.source} at {self.what} over USB/IP on {self.address[0]}:{self.address[1]} "
+                f"busid {self.busid} ({mode})")
+
+    def end_line(self) -> str:
+        extra = "" if self.store.read_only else f", {_size(self.store.scratch_used)} of scratch thrown away"
+        return (f"exposure of source {self.source} at {self.what} ended: {self.store.reads} reads, "
+                f"{self.store.writes} writes{extra}; the target and the history are unchanged")
+
+
+@contextlib.contextmanager
+def exposed(state_dir: str, source: str, usbip: tuple[str, int], *, mark: str | None = None,
+            at: str | None = None, seq: int | None = None, writable: bool = False,
+            scratch_cap: int = DEFAULT_SCRATCH, busid: str = "1-1") -> Iterator[Exposure]:
+    """Serve the image of one point of `source`'s history over USB/IP until the block ends. The
+    view pins its point (trimming stops short of it) and follows the remote's applies, so the image
+    stays fixed while replication goes on; with `writable`, writes go to a scratch overlay in
+    `state_dir` (unlinked at once) and vanish at the end."""
+    from firmware.scsi import ScsiTarget, naa_locally_assigned
+    from gadget.descriptors import DeviceIdentity
+    from gadget.usbip_server import UsbipServer
+
+    with contextlib.ExitStack() as stack:
+        rd = stack.enter_context(open_history(state_dir, source))
+        res = resolve(rd.index, mark=mark, at=at, seq=seq)
+        view = stack.enter_context(ImageView(rd, res.start_id))
+        store = stack.enter_context(ImageStore(view, scratch_dir=state_dir if writable else None,
+                                               scratch_cap=scratch_cap))
+        m = rd.meta
+        digest = hashlib.sha256(f"{m.volume_uuid}:{m.generation}:{res.seq}:{os.getpid()}".encode()).digest()
+        serial = digest[:6].hex().upper()
+        lu = ScsiTarget(store, product="usbmirror image", serial=serial, device_id=naa_locally_assigned(digest[:8]),
+                        read_only=not writable)
+        try:
+            server = stack.enter_context(
+                UsbipServer.for_logical_unit(lu, DeviceIdentity(serial=serial, product="usbmirror image"),
+                                             host=usbip[0], port=usbip[1], busid=busid))
+        except OSError as exc:
+            raise HistoryError(f"cannot listen on {usbip[0]}:{usbip[1]}: {exc.strerror}") from None
+        yield Exposure(source, res.what, res.seq, (usbip[0], server.port), busid, store, server)
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    from firmware.stop_signals import install_stop_signals
+
+    try:
+        addr = parse_hostport(args.usbip)
+        cap = parse_size(args.scratch_size)
+    except ValueError as exc:
+        print(f"usbmirror expose: {exc}", file=sys.stderr)
+        return 2
+    stop = install_stop_signals()
+    try:
+        with exposed(args.state_dir, args.source, addr, mark=args.mark, at=args.at, seq=args.seq,
+                     writable=args.writable, scratch_cap=cap, busid=args.usbip_busid) as ex:
+            print(ex.line(), flush=True)
+            stop.wait()
+            end = ex.end_line()
+    except (HistoryError, OSError) as exc:
+        print(f"usbmirror expose: {exc}", file=sys.stderr)
+        return 1
+    print(end, flush=True)
+    return 0
+
+
+def _add_point_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--mark", metavar="NAME", help="the image at the newest mark of that name")
+    g.add_argument("--at", metavar="TIME", help="every write the local unit acknowledged up to TIME and none "
+                   "after (ISO 8601, UTC without a zone, or seconds since the epoch)")
+    g.add_argument("--seq", type=int, metavar="N", help="the image just after journal record N")
+
+
 def register(sub: Any, commands: dict[str, Any]) -> None:
     """Add the commands to the `usbmirror` subparsers and the dispatch table."""
     mp = sub.add_parser("mark", help="put a named restore point into a local unit's journal",
@@ -141,3 +383,32 @@ def register(sub: Any, commands: dict[str, Any]) -> None:
     hp.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
     hp.add_argument("--json", action="store_true", help="machine-readable output")
     commands["history"] = cmd_history
+    rp = sub.add_parser("restore", help="write a source's disk as it was at a point of its history",
+                        description="On a remote unit, write the image of one point of a source's history "
+                        "(--mark, --at or --seq) to a new file or a block device. The remote may keep applying "
+                        "meanwhile: the image written is the one of that point. The live target is never "
+                        "overwritten, nor a mounted disk; on a failure (a full disk) a new file is removed.")
+    rp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
+    rp.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
+    _add_point_args(rp)
+    rp.add_argument("--to", required=True, metavar="PATH", help="a new file, or a block device at least as large")
+    rp.add_argument("--json", action="store_true", help="machine-readable summary")
+    commands["restore"] = cmd_restore
+    ep = sub.add_parser("expose", help="serve a source's disk as it was at a point, at once, over USB/IP",
+                        description="On a remote unit, serve the image of one point of a source's history "
+                        "(--mark, --at or --seq) as a USB disk over USB/IP for a second host, without copying "
+                        "anything first: reads come from the history where it holds an older block, else from "
+                        "the target. The image stays fixed while replication goes on. --writable is a test "
+                        "failover: writes go to a scratch overlay with its own cap and are thrown away when "
+                        "expose stops (SIGINT or SIGTERM); the target and the history are never written.")
+    ep.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
+    ep.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
+    _add_point_args(ep)
+    ep.add_argument("--usbip", required=True, metavar="HOST:PORT", help="where to serve USB/IP "
+                    "(no authentication: bind to 127.0.0.1 or a trusted network)")
+    ep.add_argument("--usbip-busid", default="1-1", metavar="BUSID", help="the exported bus id (default 1-1)")
+    ep.add_argument("--writable", action="store_true", help="accept writes into a scratch overlay, thrown away "
+                    "at the end")
+    ep.add_argument("--scratch-size", default="1G", metavar="SIZE", help="cap of the scratch overlay (default 1G); "
+                    "a write past it fails with DATA PROTECT, SPACE ALLOCATION FAILED")
+    commands["expose"] = cmd_expose

@@ -4,9 +4,6 @@ The USB serial number, the SCSI unit serial (VPD 0x80) and device identifier (VP
 identifier made by `firmware.scsi.naa_locally_assigned` in `firmware.local_main`) are all derived
 from it, so a host sees the same disk across restarts and reflashes of the firmware (as long as the
 state directory survives).
-
-Also the project's crash-safe file writing, used for every small state file: `write_atomically`
-(temporary file, fsync, rename, fsync of the directory) and `fsync_dir`.
 """
 
 from __future__ import annotations
@@ -16,6 +13,8 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from firmware.atomic import write_atomically
 
 IDENTITY_FILE = "identity.json"
 
@@ -28,31 +27,6 @@ class UnitIdentity:
     def serial(self) -> str:
         """USB/SCSI serial: 24 upper-case hex digits (BOT 4.1.1 asks for at least 12 of 0-9A-F)."""
         return self.unit_uuid.hex[:24].upper()
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `path` so that a crash leaves either the old or the new content: tmp, fsync, rename,
-    fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the directory's entries (a file created, renamed or removed in it) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_or_create(state_dir: str | os.PathLike[str]) -> UnitIdentity:

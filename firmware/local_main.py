@@ -1,4 +1,4 @@
-"""Assemble and run a local unit: volume, journal, SCSI target, USB transports, replication, control.
+"""Bring up and run a local unit: volume, journal, SCSI target, USB transports, replication, control.
 
 This is the only place that knows how the parts fit together; each part is a context manager and
 is torn down in reverse order on SIGINT/SIGTERM, so the journal is checkpointed and the volume is
@@ -12,51 +12,16 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from firmware.cli import RemoteEntry
+from firmware.config import LocalOptions, UsageError
+from firmware.status_text import render_status
 
 log = logging.getLogger("usbmirror.local")
 
 
-@dataclass
-class LocalOptions:
-    """Everything `usbmirror local` was given; the defaults live in one place, `firmware.cli.LOCAL_OPTS`."""
-
-    volume: str
-    size: int | None
-    block_size: int
-    journal: str | None
-    journal_size: int
-    write_cache: bool
-    throttle_start: float
-    throttle_max_delay_ms: float
-    throttle_resume: float
-    journal_salvage: bool
-    usbip: tuple[str, int] | None
-    usbip_busid: str
-    gadget: str | None
-    vendor_id: int
-    product_id: int
-    acm_console: bool
-    source_id: str | None
-    remotes: list[RemoteEntry]
-    tls_dir: str | None
-    bandwidth_limit: int | None
-    state_dir: str
-    sync_timeout: float
-    progress: bool
-    metrics: tuple[str, int] | None = None
-    iscsi: tuple[str, int] | None = None
-    iscsi_chap: tuple[str, str] | None = None
-    iscsi_initiators: tuple[str, ...] = ()
-
-
 def run_local(opts: LocalOptions, stop: threading.Event) -> int:
-    from firmware.cli import UsageError
     from firmware.control import ControlError, ControlServer
     from firmware.identity import load_or_create
     from firmware.pairing import TlsFiles, add_expiry_status
@@ -119,9 +84,14 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
         from firmware.monitor import CommandMonitor
         from firmware.scsi import ScsiTarget, naa_locally_assigned
+        from firmware.watchdog import Watchdog
 
-        target = CommandMonitor(  # latency per opcode, and what the watchdog needs to see a wedge
-            ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes)))
+        watchdog = Watchdog({})  # enabled only under systemd (NOTIFY_SOCKET); probes are added below
+        target: Any = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
+        monitor: CommandMonitor | None = None
+        if opts.metrics is not None or watchdog.enabled:
+            # latency per opcode, and the running command the watchdog needs to see a wedge
+            target = monitor = CommandMonitor(target)
 
         replicator: Any = None
         if opts.remotes:
@@ -213,18 +183,19 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         control.register("status", status_fn)
         control.register("verify", verify_fn)
         control.register("mark", mark_fn)
-        from firmware.watchdog import LinkProgress, Watchdog, command_probe
+        from firmware.watchdog import LinkProgress, command_probe
 
-        links = LinkProgress()
-        watchdog = stack.enter_context(Watchdog(
-            {"commands": command_probe(target),
-             "links": lambda: links.check(time.monotonic(), status_fn().get("remotes", []))},
-            status=lambda: _short_status(status_fn())))
+        if monitor is not None:
+            links = LinkProgress()
+            watchdog.probes["commands"] = command_probe(monitor)
+            watchdog.probes["links"] = lambda: links.check(time.monotonic(), status_fn().get("remotes", []))
+        watchdog.status_text = lambda: _short_status(status_fn())
+        stack.enter_context(watchdog)
         if opts.metrics is not None:
             from firmware.metrics import MetricsServer, StatusCollector
 
             try:
-                stack.enter_context(MetricsServer(opts.metrics, StatusCollector(status_fn, target)))
+                stack.enter_context(MetricsServer(opts.metrics, StatusCollector(status_fn, monitor)))
             except OSError as exc:
                 raise UsageError(f"--metrics {opts.metrics[0]}:{opts.metrics[1]}: {exc.strerror}") from None
         log.info("local unit running unit=%s serial=%s volume=%s journal=%s", ident.unit_uuid, ident.serial,
@@ -250,8 +221,6 @@ def _short_status(st: dict[str, Any]) -> str:
 
 
 def _status_text(fn: Any) -> str:
-    from firmware.cli import render_status
-
     try:
         return render_status(fn())
     except Exception as exc:

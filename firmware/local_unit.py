@@ -98,7 +98,9 @@ class ThrottlePolicy:
 
 
 @dataclass(slots=True)
-class _Pending:
+class _UnappliedRecord:
+    """A record in the journal whose data is not yet applied to the local volume."""
+
     seq: int
     kind: RecordKind
     lba: int
@@ -139,7 +141,7 @@ class LocalUnit:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._vsync_lock = threading.Lock()
-        self._pending: list[_Pending] = []
+        self._pending: list[_UnappliedRecord] = []
         self._pending_bytes = 0
         self._applied_unsynced = journal.applied_seq
         self._unsynced_bytes = 0
@@ -204,7 +206,7 @@ class LocalUnit:
                 break
             for r in recs:
                 try:
-                    self._apply(_Pending(r.seq, r.kind, r.lba, r.count, r.payload))
+                    self._apply(_UnappliedRecord(r.seq, r.kind, r.lba, r.count, r.payload))
                 except SpaceExhausted as exc:
                     raise SpaceExhausted(f"cannot replay journal record seq={r.seq} onto the volume ({exc}): "
                                          "free space on the volume's file system and start again") from exc
@@ -226,6 +228,11 @@ class LocalUnit:
     @property
     def num_blocks(self) -> int:
         return self._nblocks
+
+    @property
+    def read_only(self) -> bool:
+        """A local unit takes writes (the BlockStore contract's `read_only`)."""
+        return False
 
     @property
     def write_cache(self) -> bool:
@@ -393,7 +400,7 @@ class LocalUnit:
         except JournalError as exc:
             self._failed = exc
             raise WriteError(f"journal unusable: {exc}") from exc
-        self._pending.append(_Pending(seq, kind, lba, count, payload))
+        self._pending.append(_UnappliedRecord(seq, kind, lba, count, payload))
         self._pending_bytes += len(payload) + 64
         return seq
 
@@ -445,7 +452,7 @@ class LocalUnit:
         log.warning("volume has space again: writes resumed after %.1f s", self._clock() - (self._space_since or 0.0))
         self._space_since = None
 
-    def _apply(self, p: _Pending) -> None:
+    def _apply(self, p: _UnappliedRecord) -> None:
         if p.kind is RecordKind.WRITE:
             self._volume.write_nosync(p.lba, p.payload)
         elif p.kind is RecordKind.UNMAP:

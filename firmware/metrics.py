@@ -198,13 +198,6 @@ class StatusCollector(Collector):
         yield h
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9373")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 class MetricsServer:
     """`with MetricsServer(("127.0.0.1", 9373), collector) as m: m.port` serves GET /metrics."""
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from firmware.identity import write_atomically
+from firmware.atomic import write_atomically
 
 if TYPE_CHECKING:
     from cryptography import x509

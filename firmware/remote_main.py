@@ -1,4 +1,4 @@
-"""Assemble and run a remote unit: the TLS journey server and its control socket."""
+"""Bring up and run a remote unit: the TLS journey server and its control socket."""
 
 from __future__ import annotations
 
@@ -9,25 +9,25 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from firmware.config import RemoteOptions, UsageError
+
 log = logging.getLogger("usbmirror.remote")
 
 
-def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], tls_dir: str,
-               state_dir: str, stop: threading.Event, history_size: int | None = None,
-               history_age_s: float = 86400.0,
-               metrics: tuple[str, int] | None = None) -> int:
-    from firmware.cli import UsageError
+def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
     from firmware.control import ControlError, ControlServer
     from firmware.pairing import PairingError, TlsFiles, add_expiry_status
     from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
 
-    sd = Path(state_dir)
+    sd = Path(opts.state_dir)
     try:
         sd.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create state dir {sd}: {exc.strerror}") from None
-    cfg = RemoteUnitConfig(listen=listen, name=name, targets=targets, tls_dir=tls_dir, state_dir=state_dir,
-                           history_size=history_size, history_age_s=history_age_s)
+    targets, tls_dir, name = opts.targets, opts.tls_dir, opts.name
+    cfg = RemoteUnitConfig(listen=opts.listen, name=name, targets=targets, tls_dir=tls_dir,
+                           state_dir=opts.state_dir, history_size=opts.history_size,
+                           history_age_s=opts.history_age_s)
     control = ControlServer(sd)
     try:
         control.start()
@@ -68,13 +68,13 @@ def run_remote(*, listen: tuple[str, int], name: str, targets: dict[str, str], t
                                      for s in status({}).get("sources", [])) or "no sources"
 
                 watchdog = stack.enter_context(Watchdog({"accept": accepting}, status=status_line))
-                if metrics is not None:
+                if opts.metrics is not None:
                     from firmware.metrics import MetricsServer, StatusCollector
 
                     try:
-                        stack.enter_context(MetricsServer(metrics, StatusCollector(lambda: status({}))))
+                        stack.enter_context(MetricsServer(opts.metrics, StatusCollector(lambda: status({}))))
                     except OSError as exc:
-                        raise UsageError(f"--metrics {metrics[0]}:{metrics[1]}: {exc.strerror}") from None
+                        raise UsageError(f"--metrics {opts.metrics[0]}:{opts.metrics[1]}: {exc.strerror}") from None
                 watchdog.ready(status_line())
                 unit.serve_forever(stop)
             log.info("stopping remote unit")

@@ -33,7 +33,6 @@ to a further remote.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -42,7 +41,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -50,7 +49,9 @@ from typing import Any
 
 from firmware.failover.state import open_roles
 from firmware.history import DEFAULT_AGE_S, HistoryWriter, history_dir
+from firmware.history import status_keys as history_status_keys
 from firmware.link import protocol as jp
+from firmware.link_driver import LinkDriver, Waker
 from firmware.link_transport import LinkTransport
 from firmware.pairing import TlsFiles, peer_identity, server_context
 from firmware.replication.target import (
@@ -118,6 +119,11 @@ class SourceTarget:
         self.last_ack_time: float | None = None
         self._rate: list[tuple[float, int]] = []  # (monotonic, bytes_applied) samples at ACK time
         self.history: HistoryWriter | None = None
+        if unit.cfg.history_size is not None:
+            self.history = HistoryWriter.reopen(history_dir(unit.cfg.state_dir, source_id),
+                                                size_cap=unit.cfg.history_size, age_s=unit.cfg.history_age_s)
+            if self.history is not None:
+                self.store.add_hook(self.history)
 
     def open_history(self, hello: jp.Hello) -> None:
         """Keep point-in-time history for the volume this source sends (docs/HISTORY.md): a hook that
@@ -209,6 +215,8 @@ class SourceTarget:
             "applied_record_age_s": (None if not ses.last_record_ts_ns
                                      else max(0.0, time.time() - ses.last_record_ts_ns / 1e9)),
             **self.roles.state.status(),
+            **(self.history.status_keys() if self.history is not None else
+               history_status_keys(None, self.unit.cfg.history_size, self.unit.cfg.history_age_s, time.time_ns())),
         }
 
     def close(self) -> None:
@@ -221,7 +229,7 @@ class SourceTarget:
 
 class _Flusher:
     """Carries out MakeDurable off the receive path (group commit): sync the target, store the
-    position, then a byte on `wake_w` so the connection thread reports `durable(seq)` and ACKs."""
+    position, then `waker.wake()` so the connection's driver reports `durable(seq)` and ACKs."""
 
     def __init__(self, target: SourceTarget) -> None:
         self.target = target
@@ -231,7 +239,7 @@ class _Flusher:
         self.busy = False
         self.error: BaseException | None = None
         self._stop = False
-        self.wake_r, self.wake_w = socket.socketpair()
+        self.waker = Waker()
         self.thread = threading.Thread(target=self._run, name="remote-flusher", daemon=True)
         self.thread.start()
 
@@ -245,11 +253,6 @@ class _Flusher:
         with self.cond:
             while self.busy:
                 self.cond.wait(0.5)
-
-    def drain_wake(self) -> None:
-        self.wake_r.setblocking(False)
-        with contextlib.suppress(OSError):
-            self.wake_r.recv(4096)
 
     def _run(self) -> None:
         while True:
@@ -268,8 +271,7 @@ class _Flusher:
             with self.cond:
                 self.busy = False
                 self.cond.notify_all()
-            with contextlib.suppress(OSError):
-                self.wake_w.send(b"x")
+            self.waker.wake()
 
     def stop(self) -> None:
         with self.cond:
@@ -278,8 +280,7 @@ class _Flusher:
             self._stop = True
             self.cond.notify_all()
         self.thread.join(timeout=10)
-        self.wake_r.close()
-        self.wake_w.close()
+        self.waker.close()
 
 
 class _Connection:
@@ -353,22 +354,27 @@ class _Connection:
 
     # -- the loop -------------------------------------------------------------------------------
     def _serve(self) -> None:
-        """Receive and apply in this thread; make durable in the flusher thread (group commit), so
-        the link keeps flowing while the target syncs. Only this thread touches the socket."""
+        """Receive and apply in this thread (the `LinkDriver`); make durable in the flusher thread
+        (group commit), so the link keeps flowing while the target syncs. Only this thread touches
+        the socket."""
         timeout = self.unit.cfg.heartbeat_timeout_s
+        driver = LinkDriver(self.link, self)
         while not self.closing:
-            extra = [self.flusher.wake_r] if self.flusher is not None else []
-            link_ready, woken = self.link.wait(timeout, extra)
-            if not link_ready and not woken:
+            if self.flusher is not None and not driver.wakers:
+                driver.wakers.append(self.flusher.waker)
+            if not driver.pump(timeout):
                 raise TimeoutError(f"nothing heard for {timeout} s")
-            if woken:
-                self._flush_done()
-            if link_ready:
-                for ev in self.link.read_events():
-                    self._event(ev)
-                    if self.closing:
-                        return
-                self._maybe_flush()
+
+    # -- the driver's channel -------------------------------------------------------------------
+    def on_wake(self, waker: Waker) -> None:
+        self._flush_done()
+
+    def on_events(self, events: Sequence[jp.Event]) -> None:
+        for ev in events:
+            self._event(ev)
+            if self.closing:
+                return
+        self._maybe_flush()
 
     def _event(self, ev: jp.Event) -> None:
         if isinstance(ev, jp.Hello):
@@ -482,7 +488,7 @@ class _Connection:
         """The flusher made a position durable: the session acknowledges it (and finishes a resync at Q)."""
         f, t = self.flusher, self.target
         assert f is not None and t is not None
-        f.drain_wake()
+        f.waker.clear()
         err = f.error
         if err is not None:
             f.error = None
@@ -517,6 +523,7 @@ class RemoteUnit:
             self._ctx = server_context(TlsFiles.for_remote(cfg.tls_dir, cfg.name))
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
+        self._accept_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._conns: set[_Connection] = set()
         self._mutex = threading.Lock()
@@ -535,7 +542,7 @@ class RemoteUnit:
         self._listener = ls
         t = threading.Thread(target=self._accept_loop, name="remote-accept", daemon=True)
         t.start()
-        self._threads.append(t)
+        self._accept_thread = t
         log.info("remote unit listening name=%s address=%s:%d targets=%s tls=%s", self.cfg.name, host, self.port,
                  ",".join(self.targets), self._ctx is not None)
 
@@ -546,12 +553,17 @@ class RemoteUnit:
             self._stop.wait(0.5)
 
     def stop(self) -> None:
+        """Stop accepting first (a source that reconnects at once must not get a connection that
+        outlives the stop), then end every connection."""
         self._stop.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=10)
         with self._mutex:
             conns = list(self._conns)
+            threads = list(self._threads)
         for c in conns:
             c.kill()
-        for t in self._threads:
+        for t in threads:
             t.join(timeout=10)
         if self._listener is not None:
             self._listener.close()
@@ -583,10 +595,14 @@ class RemoteUnit:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     time.sleep(0.1)
                 continue
+            if self._stop.is_set():
+                sock.close()
+                return
             th = threading.Thread(target=self._serve_conn, args=(sock, f"{addr[0]}:{addr[1]}"),
                                   name=f"remote-conn-{addr[1]}", daemon=True)
+            with self._mutex:
+                self._threads = [t for t in self._threads if t.is_alive()] + [th]
             th.start()
-            self._threads = [t for t in self._threads if t.is_alive()] + [th]
 
     def _serve_conn(self, raw: socket.socket, peer: str) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -602,6 +618,9 @@ class RemoteUnit:
                 return
         c = _Connection(self, sock, peer)
         with self._mutex:
+            if self._stop.is_set():  # stop() has already ended the connections it knew of
+                c.link.close()
+                return
             self._conns.add(c)
         try:
             c.run()
@@ -617,5 +636,7 @@ class RemoteUnit:
             "tls": self._ctx is not None,
             "uptime_s": time.monotonic() - self.started,
             "refused_connections": self.refused,
-            "sources": [t.status() for t in self.targets.values()],
+            "sources": (sources := [t.status() for t in self.targets.values()]),
+            "warnings": [f"source {s['source_id']}: {s['history_warning']}" for s in sources
+                         if s.get("history_warning")],
         }

@@ -27,7 +27,6 @@ What it does not do: journaling (`firmware.journal`), the CLI or the status sock
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
@@ -46,6 +45,7 @@ from typing import Any, Protocol
 from firmware.journal import RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
 from firmware.link import protocol as jp
+from firmware.link_driver import LinkDriver, Waker
 from firmware.link_transport import LinkTransport, PeerClosed
 from firmware.pairing import TlsFiles, client_context, peer_identity
 from firmware.replication.source import (
@@ -415,8 +415,8 @@ class _SourceConnection:
     """One connection, driven by the link thread alone (the TLS socket is never shared between threads):
     the driver of the link's `SourceSession` on a `LinkTransport`.
 
-    A small watcher thread turns `journal.wait_for_records` into a byte on a socketpair, so the
-    connection can select() on the link and the journal together.
+    Its `LinkDriver` waits on the link and on a `Waker` that the journal's durable listener wakes,
+    so the connection selects on the link and the journal together.
     """
 
     def __init__(self, link: RemoteLink, transport: LinkTransport, session: SourceSession) -> None:
@@ -427,6 +427,7 @@ class _SourceConnection:
         self.digests: deque[jp.RegionDigests] = deque()
         self.echoes: set[int] = set()
         self.bucket = _TokenBucket(link.spec.bandwidth_limit_bps) if link.spec.bandwidth_limit_bps else None
+        self.driver = LinkDriver(transport, self)
         session.connection_made(time.monotonic())
 
     def _send(self, ev: jp.Event) -> None:
@@ -435,19 +436,22 @@ class _SourceConnection:
             self.bucket.spend(n)
         self.session.frame_sent(time.monotonic())
 
-    def pump(self, timeout: float, extra: Sequence[socket.socket] = ()) -> list[Any]:
-        """Wait up to `timeout` for input; handle every event that arrived. Returns the ready extras."""
-        link_ready, ready = self.transport.wait(timeout, extra)
-        if link_ready:
-            events = self.transport.read_events()
-            self.session.data_received(time.monotonic())
-            for ev in events:
-                self._event(ev)
+    def pump(self, timeout: float) -> None:
+        """Wait up to `timeout` for input or a journal wake-up; handle every event that arrived."""
+        self.driver.pump(timeout)
         for action in self.session.tick(time.monotonic()):
             if isinstance(action, LinkDead):
                 raise LinkFailure(action.reason)
             self._send(jp.Heartbeat(action.token))
-        return ready
+
+    # -- the driver's channel -------------------------------------------------------------------
+    def on_events(self, events: Sequence[jp.Event]) -> None:
+        self.session.data_received(time.monotonic())
+        for ev in events:
+            self._event(ev)
+
+    def on_wake(self, waker: Waker) -> None:
+        pass  # new durable records: the stream loop reads them next
 
     def _event(self, ev: jp.Event) -> None:
         if isinstance(ev, jp.Ack):
@@ -583,39 +587,23 @@ class _SourceConnection:
 
     # -- streaming ------------------------------------------------------------------------------
     def stream(self) -> None:
-        link, rep = self.link, self.link.rep
+        """Send records as the journal makes them durable: the committing thread wakes this driver
+        through a `Waker` (a journal durable listener), so no thread stands between them."""
+        rep = self.link.rep
         j = rep.journal
-        wake_r, wake_w = socket.socketpair()
-        want = threading.Event()
-        alive = threading.Event()
-        alive.set()
-
-        def watcher() -> None:
-            while alive.is_set():
-                if not want.wait(0.5):
-                    continue
-                if j.wait_for_records(self.session.sent_seq, 0.5):
-                    want.clear()
-                    with contextlib.suppress(OSError):
-                        wake_w.send(b"x")
-
-        wt = threading.Thread(target=watcher, name=f"link-watch-{link.spec.label}", daemon=True)
-        wt.start()
+        waker = Waker()
+        self.driver.wakers.append(waker)
+        j.add_durable_listener(waker.wake)
         try:
             while not rep.stop_event.is_set():
-                wait = self._send_batches(want)
-                ready = self.pump(min(wait, self.tuning.heartbeat_interval_s / 2), [wake_r])
-                if wake_r in ready:
-                    with contextlib.suppress(OSError):
-                        wake_r.recv(4096)
+                wait = self._send_batches()
+                self.pump(min(wait, self.tuning.heartbeat_interval_s / 2))
         finally:
-            alive.clear()
-            want.set()
-            wt.join(timeout=2)
-            wake_r.close()
-            wake_w.close()
+            j.remove_durable_listener(waker.wake)
+            self.driver.wakers.remove(waker)
+            waker.close()
 
-    def _send_batches(self, want: threading.Event) -> float:
+    def _send_batches(self) -> float:
         """Send what the window and the bandwidth cap allow. Returns how long to wait for input."""
         link, rep, ses = self.link, self.link.rep, self.session
         while ses.window_open:
@@ -641,7 +629,6 @@ class _SourceConnection:
                         if not final:  # rounds during an overflow: spaced out, they read whole regions
                             link.next_dirty_check = time.monotonic() + self.tuning.overflow_round_interval_s
                         continue
-                want.set()
                 return 0.5
             self._send(ses.batch(records))
             self.pump(0)

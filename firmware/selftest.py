@@ -33,7 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from firmware.identity import write_atomically
+from firmware.atomic import write_atomically
 
 HOST_PROFILE = "host-profile.json"
 MIN_SYNC_RATE = 50.0  # fdatasync/s below which a journal device makes every host write slow

@@ -19,7 +19,6 @@ is another (`TargetStore.add_hook`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -34,11 +33,11 @@ from typing import Any, Protocol
 
 import google_crc32c
 
-from firmware.identity import fsync_dir, write_atomically
+from firmware.atomic import fsync_dir, write_atomically
 from firmware.journal.format import RecordKind
 from firmware.link import protocol as jp
 from firmware.replication.target import TargetState
-from firmware.storage import SpaceExhausted, StorageError, WriteError
+from firmware.storage import WriteError, storage_error
 from firmware.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -60,12 +59,6 @@ class ApplyHook(Protocol):
 
 def save_json_durably(path: Path, data: dict[str, Any]) -> None:
     write_atomically(path, json.dumps(data, sort_keys=True).encode())
-
-
-def storage_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SpaceExhausted(f"{what}: {exc.strerror}")
-    return WriteError(f"{what}: {exc.strerror}")
 
 
 def target_fingerprint(path: str) -> str:

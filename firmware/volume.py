@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from firmware.storage import ReadError, SpaceExhausted, StorageError, WriteError, WriteProtected
+from firmware.storage import ReadError, WriteProtected, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,6 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return value * units[unit]
-
-
-def _map_oserror(exc: OSError, what: str) -> StorageError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        err: StorageError = SpaceExhausted(f"{what}: {exc.strerror}")
-    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        err = WriteProtected(f"{what}: {exc.strerror}")
-    elif what.startswith("read"):
-        err = ReadError(f"{what}: {exc.strerror}")
-    else:
-        err = WriteError(f"{what}: {exc.strerror}")
-    return err
 
 
 class Volume:
@@ -177,7 +165,7 @@ class Volume:
         try:
             data = os.pread(self._fd, want, lba * self._block_size)
         except OSError as exc:
-            raise _map_oserror(exc, f"read lba={lba} count={count}") from exc
+            raise storage_error(exc, f"read lba={lba} count={count}") from exc
         if len(data) < want:  # a block device shorter than promised, or a truncated file
             raise ReadError(f"short read at lba={lba}: {len(data)} of {want} bytes")
         return data
@@ -190,7 +178,7 @@ class Volume:
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:
-                raise _map_oserror(exc, f"write lba={lba} count={len(data) // self._block_size}") from exc
+                raise storage_error(exc, f"write lba={lba} count={len(data) // self._block_size}") from exc
 
     def write_nosync(self, lba: int, data: bytes) -> None:
         """Write without any sync, for callers that order durability themselves (the journal
@@ -207,7 +195,7 @@ class Volume:
                 view = view[n:]
                 off += n
         except OSError as exc:
-            raise _map_oserror(exc, f"write lba={lba} count={count}") from exc
+            raise storage_error(exc, f"write lba={lba} count={count}") from exc
 
     def flush(self) -> None:
         if self.read_only:
@@ -215,7 +203,7 @@ class Volume:
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
-            raise _map_oserror(exc, "flush") from exc
+            raise storage_error(exc, "flush") from exc
 
     def unmap(self, lba: int, count: int) -> None:
         self._check(lba, count)
@@ -240,7 +228,7 @@ class Volume:
             if not self._write_cache:
                 os.fdatasync(self._fd)
         except OSError as exc:
-            raise _map_oserror(exc, f"unmap lba={lba} count={count}") from exc
+            raise storage_error(exc, f"unmap lba={lba} count={count}") from exc
 
     def fileno(self) -> int:
         return self._fd

@@ -23,8 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-import sdnotify
-
 from firmware.monitor import CommandMonitor
 
 log = logging.getLogger(__name__)
@@ -37,6 +35,8 @@ COMMAND_DEADLINE_S = 45.0
 # A streaming link whose remote acknowledges nothing for this long while records wait is stuck
 # (its own dead-peer detection would have cut the session well before).
 LINK_DEADLINE_S = 120.0
+# longest wait to hand one message to systemd; a message that cannot go is dropped (and logged)
+SEND_TIMEOUT_S = 1.0
 
 
 def command_probe(monitor: CommandMonitor, deadline_s: float = COMMAND_DEADLINE_S) -> Probe:
@@ -92,12 +92,20 @@ class Watchdog:
             except ValueError:
                 log.warning("WATCHDOG_USEC=%r is not a number: no watchdog", usec)
         self.interval_s = self.watchdog_s / 2 if self.watchdog_s else 5.0
-        self._notifier: sdnotify.SystemdNotifier | None = None
+        self._notifier: Any = None
+        if self.enabled:
+            try:
+                import sdnotify  # only under systemd: the unit needs it nowhere else
+            except ImportError:
+                log.warning("NOTIFY_SOCKET is set but the sdnotify package is missing: no readiness or watchdog")
+                self.enabled = False
         if self.enabled:
             old = os.environ.get("NOTIFY_SOCKET")
             try:
                 os.environ["NOTIFY_SOCKET"] = env["NOTIFY_SOCKET"]  # sdnotify reads the process environment
                 self._notifier = sdnotify.SystemdNotifier(debug=True)
+                # a datagram to a reader that lags blocks once its queue is full: never wait long on it
+                self._notifier.socket.settimeout(SEND_TIMEOUT_S)
             except OSError as exc:
                 log.warning("cannot reach the systemd notify socket %s: %s", env["NOTIFY_SOCKET"], exc)
                 self.enabled = False

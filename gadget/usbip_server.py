@@ -167,7 +167,7 @@ class UsbipServer:
         self._threads: list[threading.Thread] = []
         self._accept_thread: threading.Thread | None = None
         # The command executor's queue: (session, device, command) in arrival order; None stops it.
-        self._commands: queue.SimpleQueue[tuple[_Session, UsbipDevice, BotCommand] | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[_UsbipSession, UsbipDevice, BotCommand] | None] = queue.SimpleQueue()
         self._executor: threading.Thread | None = None
         self._closing = False
         self._stopped = threading.Event()
@@ -218,7 +218,7 @@ class UsbipServer:
             session, device, command = item
             session.finish(device, command, device.run(command))
 
-    def submit_command(self, session: _Session, device: UsbipDevice, command: BotCommand) -> None:
+    def submit_command(self, session: _UsbipSession, device: UsbipDevice, command: BotCommand) -> None:
         """Queue a command that a transfer of `session` made ready on `device` (under its lock).
         Every queued command runs, even if the importer leaves before it starts."""
         if self._executor is None:  # serve_forever() called directly, without start()
@@ -309,7 +309,7 @@ class UsbipServer:
         conn = UsbipConnection(Role.SERVER, max_transfer=self.max_transfer)
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
-        session = _Session(self, sock, peer)
+        session = _UsbipSession(self, sock, peer)
         log.debug("usbip connection peer=%s", peer)
         try:
             while True:
@@ -365,7 +365,7 @@ class UsbipServer:
                     self._attached = None
 
 
-class _Session:
+class _UsbipSession:
     """State of one connection: which device it imported, if any.
 
     `lock` serialises the connection thread and the executor: every call into the device and every

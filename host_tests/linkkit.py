@@ -32,6 +32,7 @@ class FakeJournal:
         self.cond = threading.Condition()
         self.consumers_: dict[str, int] = {}
         self.confirm_calls: list[tuple[str, int]] = []
+        self.listeners: list[Callable[[], None]] = []
 
     @property
     def head_seq(self) -> int:
@@ -46,6 +47,8 @@ class FakeJournal:
             rec = JournalRecord(self.head_seq + 1, kind, lba, count, time.time_ns(), payload)
             self.records.append(rec)
             self.cond.notify_all()
+            for listener in self.listeners:
+                listener()
             return rec.seq
 
     def register_consumer(self, name: str) -> int:
@@ -82,6 +85,15 @@ class FakeJournal:
                 out.append(r)
                 size += len(r.payload) + 40
             return out
+
+    def add_durable_listener(self, listener: Callable[[], None]) -> None:
+        with self.cond:
+            self.listeners.append(listener)
+
+    def remove_durable_listener(self, listener: Callable[[], None]) -> None:
+        with self.cond:
+            if listener in self.listeners:
+                self.listeners.remove(listener)
 
     def wait_for_records(self, after_seq: int, timeout: float) -> bool:
         with self.cond:

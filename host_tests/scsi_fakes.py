@@ -1,29 +1,24 @@
-"""An in-memory `BlockStore` for the SCSI target tests: sparse (so a >2 TiB disk costs nothing),
-with a model of what is durable, a log of calls, and injectable failures."""
+"""An in-memory `BlockStore` for the SCSI target tests: the firmware's sparse `MemoryStore` (so a
+>2 TiB disk costs nothing, with a model of what is durable) plus a log of calls and injectable
+failures."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
 
+from firmware.memory_store import MemoryStore
 from firmware.storage import StorageError
 
 
 @dataclass
-class MemoryBlockStore:
-    """Implements `firmware.storage.BlockStore`.
+class MemoryBlockStore(MemoryStore):
+    """`firmware.memory_store.MemoryStore` with a log of calls and injectable failures.
 
     `visible` is what reads return; `durable` is what would survive a power cut. A write reaches
     `durable` at once when the write cache is off, or with `fua=True`, or at the next `flush()`.
     """
 
-    block_size: int = 512
-    num_blocks: int = 2048
-    write_cache: bool = False
-    read_only: bool = False
-    visible: dict[int, bytes] = field(default_factory=dict)
-    durable: dict[int, bytes] = field(default_factory=dict)
-    dirty: set[int] = field(default_factory=set)
     calls: list[tuple[object, ...]] = field(default_factory=list)
     fail: dict[str, BaseException] = field(default_factory=dict)  # method name -> exception to raise
 
@@ -35,53 +30,27 @@ class MemoryBlockStore:
     def set_write_cache(self, enabled: bool) -> None:
         self.calls.append(("set_write_cache", enabled))
         self._maybe_fail("set_write_cache")
-        if not enabled:
-            self._persist()
-        self.write_cache = enabled
+        super().set_write_cache(enabled)
 
     def read(self, lba: int, count: int) -> bytes:
         self.calls.append(("read", lba, count))
         self._maybe_fail("read")
-        assert lba >= 0 and lba + count <= self.num_blocks, "target passed an unchecked range"
-        zero = bytes(self.block_size)
-        return b"".join(self.visible.get(b, zero) for b in range(lba, lba + count))
+        return super().read(lba, count)
 
     def write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
         self.calls.append(("write", lba, len(data) // self.block_size, fua))
         self._maybe_fail("write")
-        assert len(data) % self.block_size == 0
-        count = len(data) // self.block_size
-        assert lba >= 0 and lba + count <= self.num_blocks, "target passed an unchecked range"
-        bs = self.block_size
-        for i in range(count):
-            self.visible[lba + i] = data[i * bs : (i + 1) * bs]
-            self.dirty.add(lba + i)
-        if fua or not self.write_cache:
-            self._persist()
+        super().write(lba, data, fua=fua)
 
     def flush(self) -> None:
         self.calls.append(("flush",))
         self._maybe_fail("flush")
-        self._persist()
+        super().flush()
 
     def unmap(self, lba: int, count: int) -> None:
         self.calls.append(("unmap", lba, count))
         self._maybe_fail("unmap")
-        assert lba >= 0 and count > 0 and lba + count <= self.num_blocks, "target passed an unchecked range"
-        for b in list(self.visible):
-            if lba <= b < lba + count:
-                del self.visible[b]
-                self.dirty.add(b)
-        if not self.write_cache:
-            self._persist()
-
-    def _persist(self) -> None:
-        for b in self.dirty:
-            if b in self.visible:
-                self.durable[b] = self.visible[b]
-            else:
-                self.durable.pop(b, None)
-        self.dirty.clear()
+        super().unmap(lba, count)
 
     def calls_named(self, name: str) -> list[tuple[object, ...]]:
         return [c for c in self.calls if c[0] == name]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from firmware import cli
+from firmware import cli, config, status_text
 from firmware.control import ControlError, ControlServer, request
 from host_tests.units import Units
 from host_tests.units import usbmirror as run_cli
@@ -42,13 +42,13 @@ def test_config_values_and_command_line_precedence(tmp_path: Path) -> None:
     )
     p = cli.build_parser()
     ns = p.parse_args(["local", "--config", str(cfg), "--size", "128M"])
-    o = cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config))
+    o = config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config))
     assert o["volume"] == "/srv/disk.img"
     assert o["size"] == 128 << 20  # command line wins
     assert o["write_cache"] == "on"
     assert o["journal_size"] == 32 << 20
     assert o["block_size"] == 512  # default
-    r = cli.parse_remote(o["remote"][0])
+    r = config.parse_remote(o["remote"][0])
     assert (r.address, r.mode, r.name) == (("192.0.2.1", 7373), "sync", "dr1")
 
 
@@ -60,8 +60,8 @@ def test_remote_from_config_string_or_tables_and_command_line_wins(tmp_path: Pat
 
     def remotes(*argv: str) -> list[tuple[tuple[str, int], str]]:
         ns = cli.build_parser().parse_args(["local", *argv])
-        o = cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config))
-        return [(r.address, r.mode) for r in cli.remote_entries(o)]
+        o = config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config))
+        return [(r.address, r.mode) for r in config.remote_entries(o)]
 
     assert remotes("--config", str(one)) == [(("192.0.2.9", 7373), "sync")]
     assert remotes("--config", str(tables)) == [(("192.0.2.1", 7373), "async"), (("192.0.2.2", 7373), "async")]
@@ -73,24 +73,24 @@ def test_unknown_config_key_is_refused(tmp_path: Path) -> None:
     cfg = tmp_path / "local.toml"
     cfg.write_text('volume = "x"\nvolumme = "typo"\n')
     ns = cli.build_parser().parse_args(["local", "--config", str(cfg)])
-    with pytest.raises(cli.UsageError, match="volumme"):
-        cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config))
+    with pytest.raises(config.UsageError, match="volumme"):
+        config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config))
 
 
 def test_invalid_toml_is_a_clear_error(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("volume = \n")
-    with pytest.raises(cli.UsageError, match="not valid TOML"):
-        cli._load_config(str(cfg))
+    with pytest.raises(config.UsageError, match="not valid TOML"):
+        config.load_config(str(cfg))
 
 
 def test_remote_spec_forms() -> None:
-    assert cli.parse_remote("10.1.2.3:7000").mode == "async"
-    r = cli.parse_remote("[::1]:7000,mode=sync,name=b")
+    assert config.parse_remote("10.1.2.3:7000").mode == "async"
+    r = config.parse_remote("[::1]:7000,mode=sync,name=b")
     assert (r.address, r.mode, r.name) == (("::1", 7000), "sync", "b")
     for bad in ("nohost", "h:99999", "h:1,mode=fast", "h:1,garbage"):
-        with pytest.raises(cli.UsageError):
-            cli.parse_remote(bad)
+        with pytest.raises(config.UsageError):
+            config.parse_remote(bad)
 
 
 def test_status_without_a_running_unit(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_identity_is_stable(tmp_path: Path) -> None:
 
 
 def test_render_status_text() -> None:
-    text = cli.render_status({
+    text = status_text.render_status({
         "role": "local", "unit_uuid": "u", "pid": 1, "uptime_s": 3.0,
         "journal": {"capacity_bytes": 1 << 20, "used_bytes": 1 << 19, "head_seq": 9, "tail_seq": 2,
                     "durable_seq": 9, "write_cache": "off", "overflow": False,
@@ -154,13 +154,13 @@ def test_render_status_text() -> None:
 
 
 def test_remote_spec_bandwidth_limit_and_unknown_keys() -> None:
-    r = cli.parse_remote({"address": "h:1", "bandwidth-limit": "10M"})
+    r = config.parse_remote({"address": "h:1", "bandwidth-limit": "10M"})
     assert r.extra["bandwidth_limit"] == 10 << 20
-    assert cli.parse_remote("h:1,bandwidth_limit=1M").extra["bandwidth_limit"] == 1 << 20
-    with pytest.raises(cli.UsageError, match="unknown setting"):
-        cli.parse_remote({"address": "h:1", "bandwith": "1M"})
-    with pytest.raises(cli.UsageError, match="bandwidth_limit"):
-        cli.parse_remote("h:1,bandwidth_limit=fast")
+    assert config.parse_remote("h:1,bandwidth_limit=1M").extra["bandwidth_limit"] == 1 << 20
+    with pytest.raises(config.UsageError, match="unknown setting"):
+        config.parse_remote({"address": "h:1", "bandwith": "1M"})
+    with pytest.raises(config.UsageError, match="bandwidth_limit"):
+        config.parse_remote("h:1,bandwidth_limit=fast")
 
 
 def test_rollback_through_a_running_remote(tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ def test_rollback_through_a_running_remote(tmp_path: Path) -> None:
 
 
 def test_render_status_shows_a_degraded_sync_remote() -> None:
-    text = cli.render_status({"role": "local", "remotes": [
+    text = status_text.render_status({"role": "local", "remotes": [
         {"address": "h:1", "state": "connecting", "mode": "sync", "acked_seq": 3, "lag_bytes": 0,
          "degraded": True}]})
     assert "DEGRADED" in text

@@ -87,7 +87,7 @@ def test_history_survives_a_restart_and_a_resync_keeps_the_image_before_it(tmp_p
 def test_remote_history_options() -> None:
     import pytest
 
-    from firmware.history_cli import parse_duration
+    from firmware.config import parse_duration
     assert parse_duration("24h") == 86400 and parse_duration("90") == 90 and parse_duration("15m") == 900
     for bad in ("", "soon", "-1h", "0"):
         with pytest.raises(ValueError):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from firmware import cli
+from firmware import cli, config
 from firmware.identity import UnitIdentity
 from firmware.iscsi.pdu import Framer, Opcode, Pdu
 from firmware.iscsi.server import serve_unit, unit_iqn
@@ -132,26 +132,26 @@ def test_chap_refuses_a_login_without_credentials(tmp_path: Path) -> None:
 
 def _local_opts(*argv: str) -> dict[str, object]:
     ns = cli.build_parser().parse_args(["local", "--volume", "/srv/x.img", *argv])
-    return cli._merge(ns, cli.LOCAL_OPTS, {})
+    return config.merge_options(ns, config.LOCAL_OPTS, {})
 
 
 def test_iscsi_beside_usb_is_refused_unless_asked_for() -> None:
-    with pytest.raises(cli.UsageError, match="iscsi-with-usb"):
-        cli._iscsi_options(_local_opts("--iscsi", "127.0.0.1:3260", "--usbip", "127.0.0.1:3240"))
-    got = cli._iscsi_options(_local_opts("--iscsi", "127.0.0.1:3260", "--usbip", "127.0.0.1:3240",
+    with pytest.raises(config.UsageError, match="iscsi-with-usb"):
+        config.iscsi_options(_local_opts("--iscsi", "127.0.0.1:3260", "--usbip", "127.0.0.1:3240"))
+    got = config.iscsi_options(_local_opts("--iscsi", "127.0.0.1:3260", "--usbip", "127.0.0.1:3240",
                                          "--iscsi-with-usb", "on"))
     assert got["iscsi"] == ("127.0.0.1", 3260)
 
 
 def test_iscsi_chap_and_acl_options(tmp_path: Path) -> None:
-    with pytest.raises(cli.UsageError, match="12 to 255"):
-        cli._iscsi_options(_local_opts("--iscsi", "h:3260", "--iscsi-chap", "alice:short"))
-    with pytest.raises(cli.UsageError, match="need --iscsi"):
-        cli._iscsi_options(_local_opts("--iscsi-chap", "alice:s3cret-s3cret"))
+    with pytest.raises(config.UsageError, match="12 to 255"):
+        config.iscsi_options(_local_opts("--iscsi", "h:3260", "--iscsi-chap", "alice:short"))
+    with pytest.raises(config.UsageError, match="need --iscsi"):
+        config.iscsi_options(_local_opts("--iscsi-chap", "alice:s3cret-s3cret"))
     cfg = tmp_path / "local.toml"
     cfg.write_text('volume = "/srv/x.img"\niscsi = "0.0.0.0:3260"\niscsi_chap = "alice:s3cret-s3cret"\n'
                    'iscsi_initiator = ["iqn.2000-01.a:one", "iqn.2000-01.b:two"]\n')
     ns = cli.build_parser().parse_args(["local", "--config", str(cfg)])
-    got = cli._iscsi_options(cli._merge(ns, cli.LOCAL_OPTS, cli._load_config(ns.config)))
+    got = config.iscsi_options(config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config)))
     assert got == {"iscsi": ("0.0.0.0", 3260), "iscsi_chap": ("alice", "s3cret-s3cret"),
                    "iscsi_initiators": ("iqn.2000-01.a:one", "iqn.2000-01.b:two")}

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from firmware.metrics import StatusCollector, parse_listen
+from firmware.config import UsageError, metrics_listen
+from firmware.logical_unit import CommandPlan, CommandResult, Status
+from firmware.metrics import StatusCollector
 from firmware.monitor import CommandMonitor
 from firmware.watchdog import LinkProgress, Watchdog, command_probe
-from firmware.logical_unit import CommandPlan, CommandResult, Status
 from host_tests.linkkit import wait_until
 from host_tests.test_cli_units import attach, write_random
 from host_tests.units import Units, drained, free_port, streaming
@@ -36,14 +37,15 @@ class NotifySocket:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
+        self.sock.setblocking(False)
         self.messages: list[str] = []
 
     def drain(self) -> list[str]:
+        """Every message queued so far (never waits: a sender faster than any wait would keep it here)."""
         while True:
             try:
                 self.messages.append(self.sock.recv(4096).decode())
-            except TimeoutError:
+            except BlockingIOError:
                 return self.messages
 
     def wait_for(self, pred: object, what: str, start: int = 0) -> int:
@@ -115,7 +117,8 @@ def test_metrics_and_notify_of_running_units(units: Units, tmp_path: Path, monke
                 written = write_random(c, rng, 80)
         finally:
             load_done.set()
-            th.join()
+            th.join(timeout=60)
+        assert not th.is_alive(), "a scrape never returned"
         assert scrapes, "no scrape completed during the load"
         local.wait_status(drained, what="the remote to acknowledge every record", timeout=120)
         m = scrape(lmetrics)
@@ -184,9 +187,11 @@ def test_watchdog_pings_stop_while_a_command_is_wedged(tmp_path: Path) -> None:
             assert not [m for m in ns.messages[stalled:after + 1] if m.startswith("WATCHDOG=1")]
             lu.release.set()
             worker.join(10)
+            assert not worker.is_alive()
             ns.wait_for(lambda m: m.startswith("WATCHDOG=1"), what="pings to resume", start=after)
             assert mon.latency()["WRITE_10"][0][-1] + sum(mon.latency()["WRITE_10"][0][:-1]) == 1
     finally:
+        lu.release.set()  # never leave the worker blocked, whatever failed
         ns.close()
 
 
@@ -215,7 +220,8 @@ def test_collector_survives_a_failing_status_and_parses_listen() -> None:
 
     fams = list(StatusCollector(broken).collect())
     assert [(f.name, f.samples[0].value) for f in fams] == [("usbmirror_up", 0.0)]
-    assert parse_listen("127.0.0.1:9373") == ("127.0.0.1", 9373)
-    assert parse_listen(":9373") == ("0.0.0.0", 9373)
-    with pytest.raises(ValueError, match="HOST:PORT"):
-        parse_listen("9373x")
+    assert metrics_listen("127.0.0.1:9373") == ("127.0.0.1", 9373)
+    assert metrics_listen(":9373") == ("0.0.0.0", 9373)
+    assert metrics_listen(None) is None
+    with pytest.raises(UsageError, match="HOST:PORT"):
+        metrics_listen("9373x")

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from firmware.journal.format import RecordKind
 from firmware.link import protocol as jp
 from firmware.replication.source import (
+    RECORD_OVERHEAD,
     Confirm,
     LinkDead,
     Resume,
@@ -239,7 +240,7 @@ def test_records_sent_again_after_a_drop_are_skipped_not_reapplied() -> None:
 
 
 def test_window_full_then_reopened_by_acks() -> None:
-    p = new_pair(window=3 * (BS + 33))
+    p = new_pair(window=3 * (BS + RECORD_OVERHEAD))
     p.handshake(JOURNAL)
     p.ship(JOURNAL[:2])
     assert p.source.window_open
@@ -255,7 +256,7 @@ def test_duplicate_and_out_of_order_acks_change_nothing() -> None:
     s.connection_made(0.0)
     s.batch(JOURNAL[:5])
     s.batch(JOURNAL[5:10])
-    assert s.ack(5, 1.0) == (5 * (BS + 33), [Confirm(5)])
+    assert s.ack(5, 1.0) == (5 * (BS + RECORD_OVERHEAD), [Confirm(5)])
     assert s.ack(5, 2.0) == (0, [])  # the same again
     assert s.ack(3, 3.0) == (0, [])  # an older one after a newer one
     assert s.acked_seq == 5
@@ -436,7 +437,7 @@ def test_random_target_event_sequences_are_handled_or_refused(events: list[objec
                               st.tuples(st.just("drop"), st.just(0)),
                               st.tuples(st.just("tick"), st.integers(0, 30))), max_size=40))
 def test_random_source_event_sequences_are_handled_or_refused(ops: list[tuple[str, int]]) -> None:
-    s = SourceSession(ME, acked_seq=0, window_bytes=8 * (BS + 33), heartbeat_interval_s=5, dead_after_s=20)
+    s = SourceSession(ME, acked_seq=0, window_bytes=8 * (BS + RECORD_OVERHEAD), heartbeat_interval_s=5, dead_after_s=20)
     now = 0.0
     s.connection_made(now)
     journal = [rec(i, i % BLOCKS, i % 256) for i in range(1, 200)]

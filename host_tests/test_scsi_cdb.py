@@ -251,7 +251,7 @@ def test_caching_page_parse_build_round_trip(v: dict[str, int]) -> None:
 
 @given(
     st.builds(
-        pages.UnitIdentity,
+        pages.InquiryIdentity,
         st.text("ABCZ 09", max_size=8),
         st.text("abc xyz", max_size=16),
         st.text("0123.", max_size=4),
@@ -259,7 +259,7 @@ def test_caching_page_parse_build_round_trip(v: dict[str, int]) -> None:
         st.binary(min_size=8, max_size=8) | st.binary(min_size=16, max_size=16),
     )
 )
-def test_identification_pages_parse_back(ident: pages.UnitIdentity) -> None:
+def test_identification_pages_parse_back(ident: pages.InquiryIdentity) -> None:
     std = pages.STANDARD_INQUIRY.parse(pages.standard_inquiry(ident))
     assert (std.vendor, std.product, std.revision) == (
         ident.vendor.rstrip(),

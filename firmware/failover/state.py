@@ -31,8 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from firmware.atomic import write_atomically
 from firmware.failover.generations import DataGeneration, History, Keep, Resolution
-from firmware.identity import write_atomically
 from firmware.journal.bitmap import DirtyBitmap
 
 log = logging.getLogger(__name__)

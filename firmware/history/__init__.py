@@ -13,6 +13,7 @@ from firmware.history.store import (
     HistoryReader,
     HistoryWriter,
     history_dir,
+    status_keys,
     summary,
 )
 from firmware.history.view import ImageView, Resolved, parse_time, resolve, restore
@@ -33,5 +34,6 @@ __all__ = [
     "parse_time",
     "resolve",
     "restore",
+    "status_keys",
     "summary",
 ]

@@ -234,6 +234,26 @@ class Index:
                 s = w.end_seq
         return s
 
+    def oldest_time_ns(self) -> int | None:
+        """The oldest local time a restore by time can place: the oldest restorable image's time
+        (for a history started without one, the time of the oldest record kept, since the image at
+        the base is known to hold only from then on). None when no time is known yet."""
+        oldest = self.oldest_restorable()
+        if oldest is None:
+            return None
+        if oldest == self.base_seq:
+            if self.base_time_ns:
+                return self.base_time_ns
+            for i in range(self.first_id - self._off, len(self._time)):
+                k = self._kind[i]
+                if k == Kind.UNDO or k & 0xFF == Kind.POINT:
+                    return self._time[i]
+            return None
+        for p in self.live_points():
+            if p.seq >= oldest:
+                return p.time_ns
+        return None
+
     def live_points(self) -> list[Point]:
         return [p for p in self.points if p.id >= self.first_id]
 

@@ -25,12 +25,14 @@ import itertools
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from firmware.atomic import fsync_dir, write_atomically
 from firmware.history.format import (
     HEADER_SIZE,
     RESYNC_BEGIN,
@@ -47,7 +49,6 @@ from firmware.history.format import (
     scan,
 )
 from firmware.history.index import Index
-from firmware.identity import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ class HistoryWriter:
             self.meta.size_cap, self.meta.age_s = size_cap, age_s
             write_atomically(root / META, self.meta.encode())
         self._lockf = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._mu = threading.Lock()  # the index changes under the applying thread; status reads it
         self.segs = _Segments(root, writable=True)
         self.segs.drop_below(self.meta.tail_pos)
         self.index, torn = _build(self.segs, self.meta, tolerate_torn=True)
@@ -292,6 +294,19 @@ class HistoryWriter:
                 _wipe(root)
         return cls(root, meta, **kw)  # type: ignore[arg-type]
 
+    @classmethod
+    def reopen(cls, root: Path, **kw: object) -> HistoryWriter | None:
+        """The history already in `root` (a remote unit starting: it keeps trimming by age and
+        reports it before its source reconnects), or None when there is none or it cannot be
+        read (logged; the source's next connection starts a new one)."""
+        if not (root / META).exists():
+            return None
+        try:
+            return cls(root, _read_meta(root), **kw)  # type: ignore[arg-type]
+        except (HistoryError, OSError) as exc:
+            log.warning("history: cannot reopen dir=%s error=%s", root, exc)
+            return None
+
     # -- appending -----------------------------------------------------------------------------
     def _append(self, chunks: Sequence[bytes]) -> None:
         if not chunks:
@@ -315,8 +330,9 @@ class HistoryWriter:
         recs, used = scan(data, head, verify=False)
         if used != len(data):
             raise HistoryCorrupt("history: a record just written does not parse")
-        for r in recs:
-            self.index.add(r.pos, r.header, r.name)
+        with self._mu:
+            for r in recs:
+                self.index.add(r.pos, r.header, r.name)
 
     def before_apply(self, records: Sequence[RecordLike], read: Callable[[int, int], bytes]) -> None:
         """Save what `records` (in order, about to be applied) will overwrite, and their points,
@@ -436,7 +452,8 @@ class HistoryWriter:
                     log.warning("history over its cap while an image view is open dir=%s size=%d cap=%d",
                                 self.root, idx.size, self.size_cap)
                 return
-            idx.trim_to(keep)
+            with self._mu:
+                idx.trim_to(keep)
             self.meta.tail_pos = idx.tail_pos
             self.meta.base_seq = idx.base_seq
             self.meta.base_time_ns = idx.base_time_ns
@@ -444,7 +461,13 @@ class HistoryWriter:
         self.segs.drop_below(idx.tail_pos)
 
     def status(self) -> dict[str, object]:
-        return summary(self.index, self.size_cap, self.age_ns / 1e9, self.now())
+        with self._mu:
+            return summary(self.index, self.size_cap, self.age_ns / 1e9, self.now())
+
+    def status_keys(self) -> dict[str, object]:
+        """The `history_*` keys of a source in the remote unit's status (cheap: no point list)."""
+        with self._mu:
+            return status_keys(self.index, self.size_cap, self.age_ns / 1e9, self.now())
 
     def close(self) -> None:
         self.segs.close()
@@ -479,14 +502,8 @@ def summary(idx: Index, size_cap: int | None, age_s: float | None, now_ns: int) 
     """What `usbmirror history` and status report about one history."""
     pts = idx.live_points()
     oldest = idx.oldest_restorable()
-    oldest_time = None
-    if oldest is not None:
-        oldest_time = idx.base_time_ns / 1e9 if oldest == idx.base_seq else None
-        if oldest_time is None:
-            for p in pts:
-                if p.seq >= oldest:
-                    oldest_time = p.time_ns / 1e9
-                    break
+    ot = idx.oldest_time_ns()
+    oldest_time = None if ot is None else ot / 1e9
     newest = pts[-1] if pts else None
     out: dict[str, object] = {
         "points": [p.as_dict() for p in reversed(pts)],
@@ -500,14 +517,40 @@ def summary(idx: Index, size_cap: int | None, age_s: float | None, now_ns: int) 
         "newest_point_age_s": None if newest is None else max(0.0, now_ns / 1e9 - newest.time_ns / 1e9),
         "resync_in_progress": bool(idx.windows and idx.windows[-1].end_seq is None),
     }
-    covered = None if oldest_time is None or not oldest_time else now_ns / 1e9 - oldest_time
-    out["covers_s"] = covered
-    out["warning"] = ""
-    if age_s is not None and covered is not None and idx.base_seq > 0 and covered < age_s \
-            and size_cap is not None and idx.size >= size_cap * 0.9:
-        out["warning"] = (f"history covers {covered:.0f} s, less than the {age_s:.0f} s asked: the size cap "
-                          f"({size_cap} bytes) ends it first")
+    keys = status_keys(idx, size_cap, age_s, now_ns)
+    out["covers_s"] = keys["history_covers_s"]
+    out["warning"] = keys["history_warning"]
     return out
+
+
+def status_keys(idx: Index | None, size_cap: int | None, age_s: float | None, now_ns: int) -> dict[str, object]:
+    """Per source in a remote unit's status: the history's size and cap, the oldest restorable
+    time, the newest restore point and its age (the recovery point objective now), how long the
+    history reaches back and a warning when the size cap makes that less than the age asked.
+    `idx` None: no history open for the source (all values None, no warning)."""
+    if idx is None:
+        return {"history_size_bytes": None, "history_cap_bytes": size_cap, "history_age_cap_s": age_s,
+                "history_oldest_seq": None, "history_oldest_time": None, "history_newest_point": None,
+                "history_newest_point_age_s": None, "history_covers_s": None, "history_warning": ""}
+    newest = next((p for p in reversed(idx.points) if p.id >= idx.first_id), None)
+    ot = idx.oldest_time_ns()
+    covers = None if ot is None else max(0.0, (now_ns - ot) / 1e9)
+    warning = ""
+    if age_s is not None and covers is not None and idx.base_seq > 0 and covers < age_s \
+            and size_cap is not None and idx.size >= size_cap * 0.9:
+        warning = (f"history covers {covers:.0f} s, less than the {age_s:.0f} s asked: the size cap "
+                   f"({size_cap} bytes) ends it first")
+    return {
+        "history_size_bytes": idx.size,
+        "history_cap_bytes": size_cap,
+        "history_age_cap_s": age_s,
+        "history_oldest_seq": idx.oldest_restorable(),
+        "history_oldest_time": None if ot is None else ot / 1e9,
+        "history_newest_point": None if newest is None else newest.as_dict(),
+        "history_newest_point_age_s": None if newest is None else max(0.0, (now_ns - newest.time_ns) / 1e9),
+        "history_covers_s": covers,
+        "history_warning": warning,
+    }
 
 
 class HistoryReader:

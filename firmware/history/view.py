@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from firmware.atomic import fsync_dir
 from firmware.history.format import HistoryError
 from firmware.history.index import Index
 from firmware.history.store import HistoryReader
@@ -55,12 +56,7 @@ def describe_oldest(idx: Index) -> str:
     oldest = idx.oldest_restorable()
     if oldest is None:
         return "no point can be restored while the resync that is running has not finished"
-    t = idx.base_time_ns if oldest == idx.base_seq else None
-    if t is None:
-        for p in idx.live_points():
-            if p.seq >= oldest:
-                t = p.time_ns
-                break
+    t = idx.oldest_time_ns()
     when = f" ({_fmt_time(t / 1e9)})" if t else ""
     return f"the oldest point available is seq {oldest}{when}"
 
@@ -81,7 +77,8 @@ def resolve(idx: Index, *, mark: str | None = None, at: str | float | None = Non
     elif at is not None:
         t = parse_time(at) if isinstance(at, str) else float(at)
         t_ns = int(t * 1e9)
-        if t_ns < idx.base_time_ns or (idx.base_time_ns == 0 and idx.base_seq > 0 and not _kept_before(idx, t_ns)):
+        oldest_t = idx.oldest_time_ns()
+        if oldest_t is None or t_ns < oldest_t:
             raise HistoryError(f"time {_fmt_time(t)} is before the history: {describe_oldest(idx)}")
         s = idx.seq_at_time(t_ns)
         what = f"time {_fmt_time(t)} (seq {s})"
@@ -100,12 +97,6 @@ def resolve(idx: Index, *, mark: str | None = None, at: str | float | None = Non
                            f"{'' if w.end_seq is None else f', before seq {w.end_seq}'}): the target never "
                            "held that image")
     return Resolved(s, idx.start_id_after_seq(s), what)
-
-
-def _kept_before(idx: Index, t_ns: int) -> bool:
-    """Some record kept is at or before `t_ns` (history with no base time: it started at base_seq,
-    whose time is unknown; times before its first record cannot be placed)."""
-    return idx.next_id > idx.first_id and idx.time_ns(idx.first_id) <= t_ns
 
 
 class ImageView:
@@ -173,7 +164,7 @@ RESTORE_CHUNK = 1 << 20
 
 
 def restore(view: ImageView, to: str | os.PathLike[str], *,
-            progress: Callable[[int, int], None] | None = None) -> int:
+            progress: Callable[[int, int], None] | None = None, chunk_bytes: int = RESTORE_CHUNK) -> int:
     """Copy the view to `to` (a new file, or a block device at least as large); returns bytes written.
 
     A file is written as `<to>.partial` and renamed when complete and synced: a failure (a full
@@ -192,7 +183,7 @@ def restore(view: ImageView, to: str | os.PathLike[str], *,
     try:
         if is_dev and os.lseek(fd, 0, os.SEEK_END) < total:
             raise HistoryError(f"{dest} holds fewer than the image's {total} bytes")
-        step = max(1, RESTORE_CHUNK // view.block_size)
+        step = max(1, chunk_bytes // view.block_size)
         zero = bytes(step * view.block_size)
         lba = 0
         while lba < view.num_blocks:
@@ -223,9 +214,5 @@ def restore(view: ImageView, to: str | os.PathLike[str], *,
     os.close(fd)
     if not is_dev:
         os.rename(tmp, dest)
-        dfd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(dest.parent)
     return done

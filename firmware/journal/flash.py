@@ -4,8 +4,8 @@
 `firmware.journal.sim.SimulatedFlash` the power-cut simulator used by the tests.
 
 Why pre-written: overwriting blocks of a file that already exist on disk needs no metadata update, so
-fdatasync after an overwrite is about twice as fast as after an append (measured on the CI machine,
-see REALHOST.md). A new journal file is therefore filled with zeros and synced once, up front.
+fdatasync after an overwrite is about twice as fast as after an append (measured on the CI machine
+with ext4 on a virtual disk). A new journal file is therefore filled with zeros and synced once, up front.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from firmware.identity import fsync_dir
+from firmware.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 

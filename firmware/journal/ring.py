@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -92,7 +92,9 @@ class RecoveryReport:
 
 
 @dataclass(slots=True)
-class _Pending:
+class _QueuedRecord:
+    """A record appended to the ring but not yet written to flash (the write-behind queue)."""
+
     pos: int
     buf: bytearray
     kind: int
@@ -119,6 +121,7 @@ class Journal:
         self._closed = False
         self._failed: BaseException | None = None
         self._writer_busy = False
+        self._durable_listeners: list[Callable[[], None]] = []
         self._track_applied = track_applied
         self._incarnation = ckpt.incarnation
         self._ckpt_gen = ckpt.generation
@@ -134,7 +137,7 @@ class Journal:
         self._durable_pos = self._head_pos
         self._applied_seq = ckpt.applied_seq
         self._consumers: dict[str, int] = dict(ckpt.consumers)
-        self._queue: list[_Pending] = []
+        self._queue: list[_QueuedRecord] = []
         # index of retained records: position, length and timestamp of seq idx_seq0 + i - idx_start
         self._idx_seq0 = ckpt.tail_seq
         self._idx_start = 0
@@ -530,9 +533,9 @@ class Journal:
                                   f"used, record needs {rlen + waste}")
             seq = self._head_seq + 1
             if waste:
-                self._queue.append(_Pending(pos, bytearray(HEADER_SIZE), WRAP_KIND, seq, 0, 0, 0, now_ns, 0))
+                self._queue.append(_QueuedRecord(pos, bytearray(HEADER_SIZE), WRAP_KIND, seq, 0, 0, 0, now_ns, 0))
                 pos += waste
-            self._queue.append(_Pending(pos, buf, int(kind), seq, lba, count, plen, now_ns, pcrc))
+            self._queue.append(_QueuedRecord(pos, buf, int(kind), seq, lba, count, plen, now_ns, pcrc))
             self._idx_pos.append(pos)
             self._idx_len.append(rlen)
             self._idx_ts.append(now_ns)
@@ -617,6 +620,8 @@ class Journal:
         self._durable_pos = end_pos
         self._bytes_since_ckpt += size
         self._cond.notify_all()
+        for listener in self._durable_listeners:
+            listener()
         if self._bytes_since_ckpt >= self._ring // 8:
             # persist confirmations and the tail now and then, even if nobody asks
             st = self._checkpoint_state()
@@ -834,6 +839,17 @@ class Journal:
         if self._closed:
             raise JournalError("journal is closed")
 
+    def add_durable_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` each time records become durable, and at close, from the thread that made
+        them so, under the journal's lock: it must not block or call the journal (a `Waker.wake`)."""
+        with self._lock:
+            self._durable_listeners.append(listener)
+
+    def remove_durable_listener(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            if listener in self._durable_listeners:
+                self._durable_listeners.remove(listener)
+
     def wait_for_records(self, after_seq: int, timeout: float) -> bool:
         """Block until a durable record with seq > after_seq exists (True) or `timeout` seconds
         pass or the journal closes (False)."""
@@ -868,6 +884,8 @@ class Journal:
             with self._lock:
                 self._closed = True
                 self._cond.notify_all()
+                for listener in self._durable_listeners:
+                    listener()
             self._flash.close()
 
     def __enter__(self) -> Journal:

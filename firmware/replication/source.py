@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +42,8 @@ class SourceJournal(Protocol):
     def confirm(self, name: str, seq: int) -> None: ...
     def read_records(self, after_seq: int, max_bytes: int) -> Sequence[jp.RecordLike]: ...
     def wait_for_records(self, after_seq: int, timeout: float) -> bool: ...
+    def add_durable_listener(self, listener: Callable[[], None]) -> None: ...
+    def remove_durable_listener(self, listener: Callable[[], None]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,7 +193,7 @@ PROVISIONING_TYPE_THIN = 2
 
 
 @dataclass(frozen=True, slots=True)
-class UnitIdentity:
+class InquiryIdentity:
     """What the unit says about itself in INQUIRY and the identification VPD pages."""
 
     vendor: str  # 8 ASCII
@@ -225,7 +225,7 @@ class BlockLimits:
 
 
 @functools.lru_cache(maxsize=16)
-def standard_inquiry(ident: UnitIdentity) -> bytes:
+def standard_inquiry(ident: InquiryIdentity) -> bytes:
     return bytes(
         STANDARD_INQUIRY.build(
             {
@@ -284,7 +284,7 @@ def _designator(code_set: int, dtype: int, value: bytes) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=64)
-def vpd_page(page: int, ident: UnitIdentity, limits: BlockLimits) -> bytes:
+def vpd_page(page: int, ident: InquiryIdentity, limits: BlockLimits) -> bytes:
     """One VPD page, or CommandError INVALID FIELD IN CDB (byte 2) for a page not served."""
     if page == VpdPage.SUPPORTED_VPD_PAGES:
         return _vpd(page, bytes(sorted(VpdPage)))

@@ -135,7 +135,7 @@ class ScsiTarget:
             if not 1 <= value <= 0xFFFFFFFF:
                 raise ValueError(f"{name} must be 1..0xFFFFFFFF, not {value}")
         self._store = store
-        self._identity = pages.UnitIdentity(vendor, product, revision, serial, bytes(device_id))
+        self._identity = pages.InquiryIdentity(vendor, product, revision, serial, bytes(device_id))
         self._identity.validate()
         self._limits = Limits(block_size, num_blocks, max_transfer_blocks, max_write_same_blocks)
         self._block_limits = pages.BlockLimits(
@@ -145,7 +145,7 @@ class ScsiTarget:
             max_unmap_descriptors=max_unmap_descriptors,
             max_write_same_blocks=max_write_same_blocks,
         )
-        self._read_only = bool(getattr(store, "read_only", False)) if read_only is None else read_only
+        self._read_only = bool(store.read_only) if read_only is None else read_only
         self._default_wce = bool(store.write_cache)
         self._sense: Sense = NO_SENSE
         self._unit_attentions: list[Sense] = []  # queued, oldest first (module docstring)

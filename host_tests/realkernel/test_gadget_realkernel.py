@@ -1,6 +1,6 @@
 """The board's gadget path in a real kernel: configfs + FunctionFS + dummy_hcd, all inside the QEMU guest.
 
-Debian's stock kernel boots with Python; the firmware (`python3 -m gadget.functionfs`, the same BOT
+Debian's stock kernel boots with Python; the firmware (`python3 -m firmware.gadget_main`, the same BOT
 core and SCSI target as every other transport) composes a libcomposite gadget, serves the mass-storage
 function through FunctionFS and binds to `dummy_udc.0`. The guest's own usb-storage/sd drivers attach it
 as /dev/sdX, exactly as a server would over a cable. Per speed (high, super) the guest runs:
@@ -50,7 +50,7 @@ def _script(speed: str) -> str:
 set -u
 load_gadget_stack {dummy_params}
 start_fw() {{
-    (cd /opt/usbmirror && exec python3 -m gadget.functionfs --volume /tmp/disk.img --size 64M \\
+    (cd /opt/usbmirror && exec python3 -m firmware.gadget_main --volume /tmp/disk.img --size 64M \\
         --udc dummy_udc.0 --acm --serial {SERIAL}) >> /tmp/fw.log 2>&1 &
     FW=$!
 }}
@@ -223,7 +223,7 @@ kill -TERM $FW; wait $FW; mark fw_exit=$?
 gone $d || fwdie disk_still_there_after_stop
 mark gadget_left=$(ls /sys/kernel/config/usb_gadget/ | wc -l)
 mark tracebacks=$(grep -c Traceback /tmp/fw.log)
-{_cli_steps() if speed == "super" else _never_configured_steps()}
+{_cli_steps() + _held_write_steps() if speed == "super" else _never_configured_steps()}
 mark done=1
 """
 
@@ -282,6 +282,85 @@ kill -TERM $UNIT; wait $UNIT; mark cli_exit=$?
 """
 
 
+def _held_write_steps() -> str:
+    """ep0 while a WRITE waits: the journal's file system is frozen, so the host's WRITE is held in the
+    firmware. usb-storage is then unbound (its command fails on the host side; the firmware still
+    holds it) and the class requests go straight to the device from user space: GET_DESCRIPTOR,
+    GET_MAX_LUN and the Bulk-Only class reset must all be answered while the command still waits (a
+    host gives a control request 5 s, then resets the port). After the thaw the held command ends
+    without a CSW, its data is on the disk exactly as written, and a later WRITE to the same blocks is
+    not overwritten by a replay."""
+    return r"""
+step held_write
+gone $d || die held_old_disk_stays
+mkdir -p /tmp/jfs /tmp/state2
+dd if=/dev/zero of=/tmp/jfs.img bs=1M count=48 2>/dev/null
+mkfs.ext4 -q -F /tmp/jfs.img > /dev/null 2>&1 || die held_mkfs
+mount -o loop /tmp/jfs.img /tmp/jfs || die held_mount
+(cd /opt/usbmirror && exec python3 -m firmware.cli local --volume /tmp/disk.img --gadget dummy_udc.0 \
+    --state-dir /tmp/state2 --journal /tmp/jfs/journal --journal-size 16M) > /tmp/unit2.log 2>&1 &
+UNIT=$!
+d=$(wait_disk 60) || { tail -40 /tmp/unit2.log; die held_no_disk; }
+n=0; while [ ! -b /dev/${d}3 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+python3 - "$d" <<'PY' || { tail -30 /tmp/unit2.log; dmesg | tail -30; die held_write; }
+import fcntl, glob, os, subprocess, sys, time
+import usb.backend.libusb1, usb.core, usb.util
+backend = usb.backend.libusb1.get_backend(find_library=lambda _: sorted(glob.glob("/usr/lib/*/libusb-1.0.so.0"))[0])
+FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
+disk = sys.argv[1]
+with open("/tmp/pattern", "wb") as f:
+    f.write(bytes(range(256)) * 256)
+dev_dir = next(p for p in glob.glob("/sys/bus/usb/devices/*") if os.path.exists(p + "/idVendor")
+               and open(p + "/idVendor").read().strip() == "1209")
+intf = os.path.basename(dev_dir) + ":1.0"
+fs = os.open("/tmp/jfs", os.O_RDONLY)
+fcntl.ioctl(fs, FIFREEZE, 0)
+w = subprocess.Popen(["dd", "if=/tmp/pattern", f"of=/dev/{disk}3", "bs=65536", "count=1", "seek=10",
+                      "oflag=direct"], stderr=subprocess.DEVNULL)
+time.sleep(1.5)
+assert w.poll() is None, "the WRITE was not held by the frozen journal"
+with open("/sys/bus/usb/drivers/usb-storage/unbind", "w") as f:
+    f.write(intf)
+w.wait(timeout=30)
+dev = usb.core.find(idVendor=0x1209, backend=backend)
+assert dev is not None
+usb.util.claim_interface(dev, 0)
+t = time.monotonic()
+desc = dev.ctrl_transfer(0x80, 6, 0x0100, 0, 18, timeout=5000)
+t_desc = time.monotonic() - t
+t = time.monotonic()
+maxlun = dev.ctrl_transfer(0xA1, 0xFE, 0, 0, 1, timeout=5000)
+t_lun = time.monotonic() - t
+t = time.monotonic()
+dev.ctrl_transfer(0x21, 0xFF, 0, 0, None, timeout=5000)
+t_reset = time.monotonic() - t
+still_held = "command finished after a reset" not in open("/tmp/unit2.log").read()
+print(f"@@USBMIRROR held_ep0=desc:{len(desc)}:{t_desc * 1000:.1f}ms,maxlun:{list(maxlun)}:{t_lun * 1000:.1f}ms,"
+      f"reset:{t_reset * 1000:.1f}ms")
+print(f"@@USBMIRROR held_during_ep0={int(still_held)}")
+fcntl.ioctl(fs, FITHAW, 0)
+for _ in range(100):
+    if "command finished after a reset, no CSW sent" in open("/tmp/unit2.log").read():
+        break
+    time.sleep(0.1)
+usb.util.release_interface(dev, 0)
+usb.util.dispose_resources(dev)
+with open("/sys/bus/usb/drivers/usb-storage/bind", "w") as f:
+    f.write(intf)
+PY
+d=$(wait_disk 60) || { tail -40 /tmp/unit2.log; die held_no_disk_after; }
+n=0; while [ ! -b /dev/${d}3 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+dd if=/dev/${d}3 bs=65536 skip=10 count=1 iflag=direct 2>/dev/null | cmp - /tmp/pattern && mark held_data=ok
+dd if=/dev/urandom of=/tmp/pattern2 bs=65536 count=1 2>/dev/null
+dd if=/tmp/pattern2 of=/dev/${d}3 bs=65536 seek=10 oflag=direct conv=fsync 2>/dev/null || die held_second_write
+sleep 1
+dd if=/dev/${d}3 bs=65536 skip=10 count=1 iflag=direct 2>/dev/null | cmp - /tmp/pattern2 && mark held_no_replay=ok
+mark held_no_csw=$(grep -c 'command finished after a reset, no CSW sent' /tmp/unit2.log)
+kill -TERM $UNIT; wait $UNIT; mark held_exit=$?
+umount /tmp/jfs
+"""
+
+
 @dataclass(frozen=True)
 class GadgetGuest:
     image: GuestImage
@@ -328,6 +407,16 @@ def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, speed: st
     assert m["fw_exit"] == "0", result.describe()
     assert m["gadget_left"] == "0", "clean stop must remove the gadget from configfs"
     assert m["tracebacks"] == "0", result.describe()
+    if speed == "super":
+        # GET_DESCRIPTOR, GET_MAX_LUN and the class reset were answered while a WRITE waited for a
+        # frozen journal; the held command then ended without a CSW and its data landed exactly once
+        assert m.get("held_during_ep0") == "1", result.describe()
+        ep0 = m.get("held_ep0", "")
+        assert ep0.startswith("desc:18:") and ",maxlun:[0]:" in ep0 and ",reset:" in ep0, result.describe()
+        assert m.get("held_no_csw") == "1", result.describe()
+        assert m.get("held_data") == "ok" and m.get("held_no_replay") == "ok", result.describe()
+        assert m.get("held_exit") == "0", result.describe()
+        print(f"ep0 while a WRITE waits for the journal: {ep0}")
     if speed == "high":
         assert m["unconfigured_exit"] == "0", "SIGTERM while never configured: " + result.describe()
         assert m["unconfigured_left"] == "0", result.describe()

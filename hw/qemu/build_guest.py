@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from firmware.identity import write_atomically
+from firmware.atomic import write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -75,7 +75,7 @@ def test_rpi4_into_a_mounted_root_lands_everything_and_is_idempotent(tmp_path: P
 
     cfg = tomllib.loads((root / "etc/usbmirror/local.toml").read_text())
     assert cfg["gadget"] == "fe980000.usb" and cfg["acm-console"] == "on"
-    from firmware.cli import LOCAL_OPTS
+    from firmware.config import LOCAL_OPTS
 
     known = {o.key for o in LOCAL_OPTS}
     assert {k.replace("-", "_") for k in cfg} <= known  # the template is a config the CLI accepts
