@@ -145,8 +145,13 @@ class StatusCollector(Collector):
                                 "host time of the newest applied record, as an age", labels=lab)
         tput = GaugeMetricFamily(P + "source_throughput_bytes_per_second", "bytes per second applied", labels=lab)
         resync = GaugeMetricFamily(P + "source_resync_percent", "resync progress", labels=lab)
-        hist_cov = GaugeMetricFamily(P + "history_covers_seconds", "how far back the history reaches", labels=lab)
-        hist_cap = GaugeMetricFamily(P + "history_age_cap_seconds", "the history age asked for", labels=lab)
+        hist = {key: GaugeMetricFamily(P + name, doc, labels=lab) for key, name, doc in (
+            ("history_covers_s", "history_covers_seconds", "how far back the point-in-time history reaches"),
+            ("history_age_cap_s", "history_age_seconds", "the history age asked for (--history-age)"),
+            ("history_size_bytes", "history_size_bytes", "bytes the history holds"),
+            ("history_cap_bytes", "history_size_cap_bytes", "the history size cap (--history-size)"),
+            ("history_newest_point_age_s", "history_newest_point_age_seconds",
+             "age of the newest restore point (the recovery point objective now)"))}
         for s in sources:
             sid = str(s.get("source_id"))
             applied.add_metric([sid], float(s.get("applied_seq") or 0))
@@ -158,13 +163,11 @@ class StatusCollector(Collector):
                 v = _num(s.get(key))
                 if v is not None:
                     fam.add_metric([sid], v)
-            h = s.get("history")
-            if isinstance(h, dict):
-                for fam, key in ((hist_cov, "covers_s"), (hist_cap, "age_cap_s")):
-                    v = _num(h.get(key))
-                    if v is not None:
-                        fam.add_metric([sid], v)
-        yield from (applied, records, nbytes, conn, consistent, age, tput, resync, hist_cov, hist_cap)
+            for key, fam in hist.items():
+                v = _num(s.get(key))
+                if v is not None:
+                    fam.add_metric([sid], v)
+        yield from (applied, records, nbytes, conn, consistent, age, tput, resync, *hist.values())
 
     def _scsi(self, scsi: dict[str, Any]) -> Iterator[Metric]:
         if not scsi:

@@ -142,6 +142,10 @@ def test_metrics_and_notify_of_running_units(units: Units, tmp_path: Path, monke
         assert one(r, "usbmirror_source_connected", source="server1") == 1
         assert one(r, "usbmirror_source_applied_records_total", source="server1") >= 80
         assert one(r, "usbmirror_refused_connections_total") == 0
+        assert one(r, "usbmirror_source_consistent", source="server1") == 1
+        assert one(r, "usbmirror_history_age_seconds", source="server1") == 86400  # --history-age default
+        assert one(r, "usbmirror_history_size_cap_bytes", source="server1") == 1 << 30
+        assert one(r, "usbmirror_history_covers_seconds", source="server1") >= 0
         assert local.stop() == 0 and remote.stop() == 0, units.describe()
         assert any(msg.startswith("STOPPING=1") for msg in lsock.drain())
     finally:
