@@ -16,8 +16,9 @@ log = logging.getLogger("usbmirror.remote")
 
 def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
     from firmware.control import ControlError, ControlServer
+    from firmware.failover_serve import PromotionServers
     from firmware.pairing import PairingError, TlsFiles, add_expiry_status
-    from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
+    from firmware.remote_unit import PromoteError, RemoteUnit, RemoteUnitConfig
 
     sd = Path(opts.state_dir)
     try:
@@ -25,6 +26,13 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
     except OSError as exc:
         raise UsageError(f"cannot create state dir {sd}: {exc.strerror}") from None
     targets, tls_dir, name = opts.targets, opts.tls_dir, opts.name
+    from firmware.resources import FDS_PER_SOURCE, raise_fd_limit
+
+    wanted = 64 + FDS_PER_SOURCE * len(targets)
+    soft, hard = raise_fd_limit(wanted)
+    if soft < wanted:
+        log.warning("open file limit too low for every source at once soft=%d hard=%d wanted=%d "
+                    "(raise LimitNOFILE or ulimit -Hn)", soft, hard, wanted)
     cfg = RemoteUnitConfig(listen=opts.listen, name=name, targets=targets, tls_dir=tls_dir,
                            state_dir=opts.state_dir, history_size=opts.history_size,
                            history_age_s=opts.history_age_s)
@@ -38,7 +46,7 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
             unit = RemoteUnit(cfg)
         except (PairingError, OSError, ValueError) as exc:
             raise UsageError(f"cannot start remote unit: {exc}") from None
-        with unit:
+        with unit, PromotionServers(unit) as promoted:
 
             def status(req: dict[str, Any]) -> dict[str, Any]:
                 st = unit.status()
@@ -54,8 +62,32 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
                 log.warning("rollback requested source=%s restored=%s", sid, done)
                 return {"source": sid, "rolled_back": done}
 
+            def promote(req: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return promoted.promote(req)
+                except PromoteError as exc:
+                    log.warning("promote refused source=%s reason=%s", req.get("source"), exc)
+                    return {"ok": False, "error": str(exc)}
+
+            def failback(req: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return promoted.failback(req)
+                except PromoteError as exc:
+                    log.warning("failback refused source=%s reason=%s", req.get("source"), exc)
+                    return {"ok": False, "error": str(exc)}
+
+            def resolve(req: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return promoted.resolve(req)
+                except PromoteError as exc:
+                    return {"ok": False, "error": str(exc)}
+
+            promoted.resume_all()
             control.register("status", status)
             control.register("rollback", rollback)
+            control.register("promote", promote)
+            control.register("failback", failback)
+            control.register("resolve", resolve)
             with contextlib.ExitStack() as stack:
                 from firmware.watchdog import Watchdog
 

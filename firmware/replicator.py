@@ -38,9 +38,9 @@ import time
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from firmware.journal import RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
@@ -61,7 +61,7 @@ from firmware.replication.source import (
 from firmware.replication.spec import DEFAULT_PORT, RemoteSpec
 
 __all__ = ["DEFAULT_PORT", "OPEN_END", "Progress", "RemoteLink", "RemoteSpec", "RemoteState", "Replicator",
-           "ReplicatorTuning", "RichProgress"]
+           "ReplicatorTuning"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class RemoteState(enum.IntEnum):
 
 
 PERMANENT_ERRORS = frozenset({jp.ErrorCode.UNKNOWN_SOURCE, jp.ErrorCode.PERMISSION_DENIED, jp.ErrorCode.VERSION,
-                              jp.ErrorCode.VOLUME_MISMATCH})
+                              jp.ErrorCode.VOLUME_MISMATCH, jp.ErrorCode.PRIMARY})
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class Progress:
     bytes_copied: int
 
 
+@runtime_checkable
 class ReplicatedJournal(SourceJournal, Protocol):
     """The local unit's journal as the replicator uses it."""
 
@@ -120,6 +121,7 @@ class ReplicatedJournal(SourceJournal, Protocol):
     def timestamp_of(self, seq: int) -> int | None: ...
 
 
+@runtime_checkable
 class ReplicatedUnit(Protocol):
     """The local unit as the replicator uses it: reads of the newest data, the dirty regions a journal
     overflow left, and the sync gates a `sync` remote holds the host's writes with."""
@@ -190,6 +192,7 @@ class RemoteLink:
         self.degraded = False
         self.throughput_bps = 0.0
         self._tp_window: deque[tuple[float, int]] = deque()
+        self._tp_window_bytes = 0  # sum of the window's byte counts, kept as acks come and go
         self.last_ack_time = time.monotonic()
         self.resync: dict[str, Any] = {"active": False, "percent": None, "rate_bps": None, "regions_done": 0,
                                        "regions_total": 0, "bytes_copied": 0, "reason": ""}
@@ -198,6 +201,7 @@ class RemoteLink:
         self.next_dirty_check = 0.0
         self.resync_end: int | None = None
         self._transport: LinkTransport | None = None
+        self.peer_generations: jp.Generations | None = None  # a promoted remote's, from its last refusal
         self._handshaken = False
         self._thread = threading.Thread(target=self._run, name=f"link-{spec.label}", daemon=True)
 
@@ -240,6 +244,11 @@ class RemoteLink:
                 self._fail(str(exc), exc.state)
                 if exc.code in PERMANENT_ERRORS:
                     backoff = self.tuning.backoff_max_s
+                if exc.code is jp.ErrorCode.PRIMARY and self.rep.on_remote_primary is not None:
+                    try:
+                        self.rep.on_remote_primary(self, self.peer_generations, str(exc))
+                    except Exception:
+                        log.exception("handling a promoted remote failed remote=%s", self.spec.label)
             except PeerClosed:
                 self._fail("remote closed the connection", RemoteState.DISCONNECTED)
             except (OSError, ssl.SSLError, TimeoutError) as exc:
@@ -289,6 +298,7 @@ class RemoteLink:
                 if ident is None or ident[0] != "remote" or (self.spec.name and ident[1] != self.spec.name):
                     raise LinkFailure(f"remote certificate names {ident!r}, expected remote {self.spec.name or '*'}",
                                       RemoteState.REFUSED, jp.ErrorCode.PERMISSION_DENIED)
+                self.remote_name = ident[1]  # known before HELLO_REPLY (a refusal names the remote by it)
         except BaseException:
             sock.close()
             raise
@@ -301,6 +311,8 @@ class RemoteLink:
         conn = _SourceConnection(self, self._transport, self.session)
         reply = conn.handshake(jp.Purpose.REPLICATE)
         self._handshaken = True
+        if self.rep.on_link_up is not None:
+            self.rep.on_link_up(self)
         self.remote_name = reply.remote_name
         self.connects += 1
         self.connected_since = time.monotonic()
@@ -332,11 +344,15 @@ class RemoteLink:
     def on_ack(self, seq: int) -> None:
         now = time.monotonic()
         acked_bytes, confirms = self.session.ack(seq, now)
-        self._tp_window.append((now, acked_bytes))
-        while self._tp_window and now - self._tp_window[0][0] > 5.0:
-            self._tp_window.popleft()
-        span = max(1e-3, now - self._tp_window[0][0]) if len(self._tp_window) > 1 else 1.0
-        self.throughput_bps = sum(b for _, b in self._tp_window) / span
+        window = self._tp_window
+        window.append((now, acked_bytes))
+        self._tp_window_bytes += acked_bytes
+        while window and now - window[0][0] > 5.0:
+            self._tp_window_bytes -= window.popleft()[1]
+        span = max(1e-3, now - window[0][0]) if len(window) > 1 else 1.0
+        # a running sum: summing the window on every ack cost O(acks in 5 s), most of the
+        # replicator's CPU at a few thousand commands per second
+        self.throughput_bps = self._tp_window_bytes / span
         for c in confirms:
             self.last_ack_time = now
             self.rep.confirm(self, c.seq)
@@ -426,6 +442,9 @@ class _SourceConnection:
         self.session = session
         self.digests: deque[jp.RegionDigests] = deque()
         self.echoes: set[int] = set()
+        self.fetching = False  # a failback's FETCH connection: region data and ACKs are its own
+        self.fetched: deque[jp.RegionData] = deque()
+        self.fetch_acks: deque[int] = deque()
         self.bucket = _TokenBucket(link.spec.bandwidth_limit_bps) if link.spec.bandwidth_limit_bps else None
         self.driver = LinkDriver(transport, self)
         session.connection_made(time.monotonic())
@@ -454,7 +473,11 @@ class _SourceConnection:
         pass  # new durable records: the stream loop reads them next
 
     def _event(self, ev: jp.Event) -> None:
-        if isinstance(ev, jp.Ack):
+        if self.fetching and isinstance(ev, jp.Ack):
+            self.fetch_acks.append(ev.seq)
+        elif self.fetching and isinstance(ev, jp.RegionData):
+            self.fetched.append(ev)
+        elif isinstance(ev, jp.Ack):
             self.link.on_ack(ev.seq)
         elif isinstance(ev, jp.Heartbeat):
             self.echoes.add(ev.token)
@@ -477,7 +500,15 @@ class _SourceConnection:
         self.echoes.discard(token)
 
     def handshake(self, purpose: jp.Purpose) -> jp.HelloReply:
-        self._send(self.session.hello(purpose))
+        hello = self.session.hello(purpose)
+        rep = self.link.rep
+        gens = rep.generations() if rep.generations is not None and purpose is jp.Purpose.REPLICATE else None
+        if gens is not None:
+            hello = replace(hello, features=hello.features | jp.Feature.GENERATIONS)
+        self._send(hello)
+        if gens is not None:
+            self._send(gens)
+        self.link.peer_generations = None
         deadline = time.monotonic() + self.tuning.connect_timeout_s
         while time.monotonic() < deadline:
             link_ready, _ = self.transport.wait(deadline - time.monotonic())
@@ -487,6 +518,9 @@ class _SourceConnection:
                 events = self.transport.read_events()
             except PeerClosed:
                 raise LinkFailure("remote closed the connection during HELLO") from None
+            while events and isinstance(first := events[0], jp.Generations):
+                self.link.peer_generations = first  # a promoted remote's, before its refusal
+                events = events[1:]
             if not events:
                 continue
             ev = events[0]
@@ -666,10 +700,18 @@ class Replicator:
         tuning: ReplicatorTuning | None = None,
         progress: Callable[[Progress], None] | None = None,
         plaintext: bool = False,
+        generations: Callable[[], jp.Generations] | None = None,
+        on_remote_primary: Callable[[RemoteLink, jp.Generations | None, str], None] | None = None,
+        on_link_up: Callable[[RemoteLink], None] | None = None,
     ) -> None:
         self.local_unit = local_unit
         self.journal = journal
         self.source_id = source_id
+        # roles (docs/FAILOVER.md): this unit's data generations, sent after each HELLO, and what to
+        # do when a remote answers that it was promoted (its GENERATIONS, if sent, and the message)
+        self.generations = generations
+        self.on_remote_primary = on_remote_primary
+        self.on_link_up = on_link_up
         self.tuning = tuning or ReplicatorTuning()
         self.state_dir = state_dir
         if tls is None and tls_dir:
@@ -821,6 +863,61 @@ class Replicator:
             out.append(entry)
         return {"remotes": out, "match": bool(out) and all(e["match"] for e in out)}
 
+    def fetch_back(self, link: RemoteLink, take_over: Callable[[dict[str, Any]], jp.Generations], *,
+                   pull: bool = True) -> dict[str, Any]:
+        """Failback from a promoted remote that hands the source back (docs/FAILOVER.md): on a FETCH
+        connection of its own, compare every region's digest and pull only the regions that differ
+        into the local volume (the local unit is a replica: `LocalUnit.install`), make them durable,
+        then `take_over(report)` (which records this unit's new generation and returns it) is sent
+        and acknowledged by the remote, which becomes the replica. Returns the report (`bytes_moved`,
+        `seconds`, `regions_copied`, `regions_compared`). `pull=False` only repeats the take-over (a
+        crash came between the two sides recording it)."""
+        t0 = time.monotonic()
+        transport = link.connect()
+        try:
+            session = SourceSession(self.identity, acked_seq=link.acked_seq, window_bytes=self.tuning.window_bytes,
+                                    heartbeat_interval_s=self.tuning.heartbeat_interval_s,
+                                    dead_after_s=self.tuning.dead_after_s, compression=self.tuning.compression)
+            conn = _SourceConnection(link, transport, session)
+            conn.fetching = True
+            conn.handshake(jp.Purpose.FETCH)
+            rb = self.region_blocks
+            diffs: list[int] = []
+            moved = 0
+            if pull:
+                def on_region(idx: int, differs: bool) -> None:
+                    if differs:
+                        diffs.append(idx)
+
+                conn.compare_regions(range(self.total_regions), rb, on_region, "failback")
+                for idx in diffs:
+                    lba = idx * rb
+                    n = min(rb, self.num_blocks - lba)
+                    conn._send(jp.RegionRead(lba, n))
+                    while not conn.fetched:
+                        if link.stopping():
+                            raise LinkFailure("stopping")
+                        conn.pump(0.5)
+                    got = conn.fetched.popleft()
+                    if got.lba != lba or len(got.data) != n * self.block_size:
+                        raise jp.ProtocolError(f"REGION_DATA for {got.lba}+{len(got.data)} bytes, asked "
+                                               f"{lba}+{n} blocks")
+                    self.local_unit.install(lba, got.data)  # type: ignore[attr-defined]
+                    moved += len(got.data)
+                self.local_unit.install_done()  # type: ignore[attr-defined]
+            report = {"bytes_moved": moved, "seconds": round(time.monotonic() - t0, 3), "regions_copied": len(diffs),
+                      "regions_compared": self.total_regions if pull else 0,
+                      "from": link.remote_name or link.spec.label}
+            gens = take_over(report)
+            conn._send(gens)
+            while not conn.fetch_acks:
+                if link.stopping():
+                    raise LinkFailure("stopping")
+                conn.pump(0.5)
+            return report
+        finally:
+            transport.close()
+
     def _verify_one(self, link: RemoteLink, regions: list[int]) -> list[int]:
         transport = link.connect()
         try:
@@ -840,30 +937,3 @@ class Replicator:
             return diffs
         finally:
             transport.close()
-
-
-@dataclass
-class RichProgress:
-    """A progress callback that draws one `rich` bar per remote and phase (for the CLI)."""
-
-    bars: dict[tuple[str, str], Any] = field(default_factory=dict)
-    _progress: Any = None
-
-    def __enter__(self) -> RichProgress:
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                                  TextColumn("{task.fields[copied]}"), TimeRemainingColumn())
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def __call__(self, p: Progress) -> None:
-        key = (p.remote, p.phase)
-        if key not in self.bars:
-            self.bars[key] = self._progress.add_task(f"{p.phase} {p.remote}", total=p.total, copied="")
-        self._progress.update(self.bars[key], completed=p.done, total=p.total,
-                              copied=f"{p.bytes_copied / 1e6:.1f} MB copied")

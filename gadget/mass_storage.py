@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from firmware.logical_unit import CommandResult, LogicalUnit
-from gadget.bot import BotCommand, BulkOnlyTransport, ClassRequest
+from gadget.bot import BotCommand, BulkOnlyTransport, ClassRequest, Stall
 from gadget.descriptors import (
     EP_IN,
     EP_OUT,
@@ -71,7 +71,7 @@ class Request(enum.IntEnum):
     SET_ISOCH_DELAY = 0x31
 
 
-class Feature(enum.IntEnum):
+class FeatureSelector(enum.IntEnum):
     ENDPOINT_HALT = 0
     DEVICE_REMOTE_WAKEUP = 1
     TEST_MODE = 2
@@ -170,6 +170,8 @@ class MassStorageDevice:
         self.stats["bulk_out"] += 1
         if not self.bot.bulk_out(data):
             return [Completion(tag, -EPIPE, 0), *self._retry_pending()]
+        if not self._pending_in:  # the usual case: nothing waits on bulk IN
+            return [Completion(tag, 0, len(data))]
         return [Completion(tag, 0, len(data)), *self._retry_pending()]
 
     def take_command(self) -> BotCommand | None:
@@ -217,10 +219,10 @@ class MassStorageDevice:
             if result is None:
                 break
             self._pending_in.popleft()
-            if isinstance(result, bytes | bytearray):
-                done.append(Completion(item.tag, 0, len(result), bytes(result)))
-            else:  # gadget.bot.STALL: the IN endpoint is halted
+            if isinstance(result, Stall):  # gadget.bot.STALL: the IN endpoint is halted
                 done.append(Completion(item.tag, -EPIPE, 0))
+            else:
+                done.append(Completion(item.tag, 0, len(result), bytes(result)))
         return done
 
     # -- ep0 -------------------------------------------------------------------------------------
@@ -350,7 +352,7 @@ class MassStorageDevice:
         raise _Stalled(f"no endpoint 0x{address:02x}")
 
     def _feature(self, set_it: bool, recipient: int, feature: int, index: int) -> None:
-        if recipient == Recipient.ENDPOINT and feature == Feature.ENDPOINT_HALT:
+        if recipient == Recipient.ENDPOINT and feature == FeatureSelector.ENDPOINT_HALT:
             address = index & 0xFF
             self._endpoint_halted(address)  # stalls for an endpoint that does not exist
             if address in (EP_IN, EP_OUT):
@@ -361,9 +363,10 @@ class MassStorageDevice:
                     self.bot.clear_halt(address)
                 log.debug("%s ENDPOINT_HALT ep=0x%02x", "set" if set_it else "clear", address)
             return
-        if recipient == Recipient.DEVICE and feature == Feature.DEVICE_REMOTE_WAKEUP and not set_it:
+        if recipient == Recipient.DEVICE and feature == FeatureSelector.DEVICE_REMOTE_WAKEUP and not set_it:
             return  # we never wake the host; clearing the permission is harmless
-        if recipient == Recipient.DEVICE and feature in (Feature.U1_ENABLE, Feature.U2_ENABLE, Feature.LTM_ENABLE):
+        if recipient == Recipient.DEVICE and feature in (FeatureSelector.U1_ENABLE, FeatureSelector.U2_ENABLE,
+                                                         FeatureSelector.LTM_ENABLE):
             if self.speed != Speed.SUPER:
                 raise _Stalled("link power features on a non-SuperSpeed device")
             return  # no link to manage behind a virtual host controller

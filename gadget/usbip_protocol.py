@@ -30,7 +30,7 @@ URB phase (after a successful import; 48-byte header = 20-byte basic header + 28
     RET_UNLINK 4: 0x14 status (-ECONNRESET when the URB was unlinked, 0 when it had completed)
 
 What this module does not do: isochronous transfers (a mass-storage device has no isochronous
-endpoint, so a SUBMIT announcing ISO packets is a `ProtocolError`), deciding which device a
+endpoint, so a SUBMIT announcing ISO packets is a `UsbipProtocolError`), deciding which device a
 busid names, or checking devids (the server does both).
 """
 
@@ -103,14 +103,14 @@ class WireSpeed(enum.IntEnum):
     SUPER_PLUS = 6
 
 
-class Role(enum.IntEnum):
+class UsbipRole(enum.IntEnum):
     """Which end of the connection this object plays."""
 
     SERVER = 0  # exports the device: receives requests/commands, sends replies/returns
     CLIENT = 1  # imports it (vhci-hcd, `usbip attach`, the tests' client)
 
 
-class ProtocolError(Exception):
+class UsbipProtocolError(Exception):
     """The peer sent something this protocol cannot accept; the connection must be closed."""
 
 
@@ -274,11 +274,11 @@ def _encode_str(text: str, size: int, what: str) -> bytes:
 def _decode_str(raw: bytes, what: str) -> str:
     end = raw.find(b"\0")
     if end < 0:
-        raise ProtocolError(f"{what} is not NUL-terminated")
+        raise UsbipProtocolError(f"{what} is not NUL-terminated")
     try:
         return raw[:end].decode("ascii")
     except UnicodeDecodeError:
-        raise ProtocolError(f"{what} is not ASCII") from None
+        raise UsbipProtocolError(f"{what} is not ASCII") from None
 
 
 def _u32(value: int, what: str) -> int:
@@ -311,7 +311,7 @@ def _unpack_device(buf: bytes | bytearray | memoryview, offset: int) -> UsbDevic
         buf, offset
     )
     if nif > MAX_INTERFACES:
-        raise ProtocolError(f"device claims {nif} interfaces (at most {MAX_INTERFACES})")
+        raise UsbipProtocolError(f"device claims {nif} interfaces (at most {MAX_INTERFACES})")
     return UsbDeviceInfo(
         _decode_str(path, "path"), _decode_str(busid, "busid"), busnum, devnum, speed,
         vid, pid, bcd, dcls, dsub, dproto, cfg, ncfg, nif,
@@ -372,6 +372,17 @@ def encode(event: Event) -> bytes:
     raise TypeError(f"not a USB/IP message: {event!r}")
 
 
+def ret_submit_header(seqnum: int, status: int, actual_length: int) -> bytes:
+    """The 48-byte header of the RET_SUBMIT a server sends (devid, direction, ep and the ISO fields
+    zero, as `encode(SubmitReturn(seqnum, status, actual_length))` makes it). The server's hot path
+    sends it and the IN data as two buffers of one `sendmsg`, so the payload is never copied to
+    join them."""
+    return _RET_SUBMIT.pack(UrbCommand.RET_SUBMIT, seqnum, 0, 0, 0, status, actual_length, 0, 0, 0)
+
+
+_DIRECTIONS: Final = (UrbDirection.OUT, UrbDirection.IN)
+
+
 def _consume_urb(buf: bytearray, total: int) -> bytes:
     """Remove one URB (header and `total - URB_HEADER_SIZE` data bytes) from the front of `buf`
     and return its data. Copied once through a view: `bytes(buf[a:b])` would copy a megabyte twice."""
@@ -391,7 +402,7 @@ def _signed(n: int) -> int:
 class _Phase(enum.IntEnum):
     OP = 0  # op_common requests/replies
     URB = 1  # after a successful import
-    CLOSED = 2  # after a ProtocolError
+    CLOSED = 2  # after a UsbipProtocolError
 
 
 class UsbipConnection:
@@ -402,15 +413,15 @@ class UsbipConnection:
     phase to the URB phase happens when the import succeeds: for a server when it *sends* an
     ImportReply with status 0, for a client when it *receives* one.
 
-    After a `ProtocolError` the connection is closed: every later call raises it again.
+    After a `UsbipProtocolError` the connection is closed: every later call raises it again.
     """
 
-    def __init__(self, role: Role, *, max_transfer: int = DEFAULT_MAX_TRANSFER) -> None:
+    def __init__(self, role: UsbipRole, *, max_transfer: int = DEFAULT_MAX_TRANSFER) -> None:
         self.role = role
         self.max_transfer = max_transfer
         self._buf = bytearray()
         self._phase = _Phase.OP
-        self._error: ProtocolError | None = None
+        self._error: UsbipProtocolError | None = None
         self._awaiting_import_reply = False  # server: an import was asked and is not answered
         # client: direction of every submitted and not yet returned URB, and unlink -> target
         self._in_flight: dict[int, UrbDirection] = {}
@@ -441,14 +452,14 @@ class UsbipConnection:
         try:
             if self._phase == _Phase.URB:
                 return self._next_urb()
-            if self.role == Role.SERVER and self._awaiting_import_reply:
+            if self.role == UsbipRole.SERVER and self._awaiting_import_reply:
                 return NEED_DATA  # the phase of what follows depends on our answer
             return self._next_op()
-        except ProtocolError as exc:
+        except UsbipProtocolError as exc:
             self._fail(exc)
             raise
         except struct.error as exc:  # cannot happen with the length checks; never escape as such
-            err = ProtocolError(f"malformed message: {exc}")
+            err = UsbipProtocolError(f"malformed message: {exc}")
             self._fail(err)
             raise err from exc
 
@@ -457,7 +468,7 @@ class UsbipConnection:
         if self._error is not None:
             raise self._error
         data = encode(event)
-        if self.role == Role.SERVER:
+        if self.role == UsbipRole.SERVER:
             if isinstance(event, ImportReply):
                 self._awaiting_import_reply = False
                 if event.status == 0:
@@ -470,7 +481,7 @@ class UsbipConnection:
             self._unlinks[event.seqnum] = event.unlink_seqnum
         return data
 
-    def _fail(self, exc: ProtocolError) -> None:
+    def _fail(self, exc: UsbipProtocolError) -> None:
         self._error = exc
         self._phase = _Phase.CLOSED
         self._buf.clear()
@@ -482,8 +493,8 @@ class UsbipConnection:
             return NEED_DATA
         version, code, status = _OP_HEADER.unpack_from(buf, 0)
         if version != USBIP_VERSION:
-            raise ProtocolError(f"USB/IP version 0x{version:04x} is not 0x{USBIP_VERSION:04x}")
-        if self.role == Role.SERVER:
+            raise UsbipProtocolError(f"USB/IP version 0x{version:04x} is not 0x{USBIP_VERSION:04x}")
+        if self.role == UsbipRole.SERVER:
             if code == OpCode.REQ_DEVLIST:
                 del buf[:OP_HEADER_SIZE]
                 return DevlistRequest()
@@ -494,7 +505,7 @@ class UsbipConnection:
                 del buf[:40]
                 self._awaiting_import_reply = True
                 return ImportRequest(busid)
-            raise ProtocolError(f"unknown operation code 0x{code:04x}")
+            raise UsbipProtocolError(f"unknown operation code 0x{code:04x}")
         if code == OpCode.REP_IMPORT:
             if status != 0:
                 del buf[:OP_HEADER_SIZE]
@@ -507,7 +518,7 @@ class UsbipConnection:
             return ImportReply(0, info)
         if code == OpCode.REP_DEVLIST:
             return self._next_devlist(status)
-        raise ProtocolError(f"unknown operation reply code 0x{code:04x}")
+        raise UsbipProtocolError(f"unknown operation reply code 0x{code:04x}")
 
     def _next_devlist(self, status: int) -> Event | NeedData:
         buf = self._buf
@@ -516,7 +527,7 @@ class UsbipConnection:
             return NEED_DATA
         (ndev,) = _U32.unpack_from(buf, pos)
         if ndev > MAX_DEVICES:
-            raise ProtocolError(f"devlist claims {ndev} devices (at most {MAX_DEVICES})")
+            raise UsbipProtocolError(f"devlist claims {ndev} devices (at most {MAX_DEVICES})")
         pos += 4
         devices = []
         for _ in range(ndev):
@@ -538,44 +549,48 @@ class UsbipConnection:
         buf = self._buf
         if len(buf) < URB_HEADER_SIZE:
             return NEED_DATA
+        server = self.role == UsbipRole.SERVER
+        if server and buf[3] == UrbCommand.CMD_SUBMIT and not buf[0] | buf[1] | buf[2]:
+            # The hot path (every transfer of every command): one unpack of the whole header.
+            (_c, seqnum, devid, direction, ep, flags, length, start, npkts, interval, setup) = _SUBMIT.unpack_from(buf)
+            if direction > 1:
+                raise UsbipProtocolError(f"direction {direction} is neither 0 (out) nor 1 (in)")
+            if ep > 15:
+                raise UsbipProtocolError(f"endpoint number {ep} is above 15")
+            npkts &= 0xFFFFFFFF
+            if npkts not in _NOT_ISO:
+                raise UsbipProtocolError(f"isochronous URB ({npkts} packets) is not supported")
+            if not 0 <= length <= self.max_transfer:
+                raise UsbipProtocolError(f"transfer length {length} outside 0..{self.max_transfer}")
+            total = URB_HEADER_SIZE if direction else URB_HEADER_SIZE + length
+            if len(buf) < total:
+                return NEED_DATA
+            data = _consume_urb(buf, total)
+            return SubmitCommand(seqnum, devid, _DIRECTIONS[direction], ep, flags, length, setup, data, interval,
+                                 start, npkts)
         command, seqnum, devid, direction, ep = _BASIC.unpack_from(buf, 0)
-        expected = (
-            (UrbCommand.CMD_SUBMIT, UrbCommand.CMD_UNLINK)
-            if self.role == Role.SERVER
-            else (UrbCommand.RET_SUBMIT, UrbCommand.RET_UNLINK)
-        )
+        expected = (UrbCommand.CMD_SUBMIT, UrbCommand.CMD_UNLINK) if server else (UrbCommand.RET_SUBMIT,
+                                                                                   UrbCommand.RET_UNLINK)
         if command not in expected:
-            raise ProtocolError(f"unknown USB/IP command {command}")
+            raise UsbipProtocolError(f"unknown USB/IP command {command}")
         if direction > 1:
-            raise ProtocolError(f"direction {direction} is neither 0 (out) nor 1 (in)")
+            raise UsbipProtocolError(f"direction {direction} is neither 0 (out) nor 1 (in)")
         if ep > 15:
-            raise ProtocolError(f"endpoint number {ep} is above 15")
+            raise UsbipProtocolError(f"endpoint number {ep} is above 15")
         udir = UrbDirection(direction)
-        if self.role == Role.SERVER:
-            if command == UrbCommand.CMD_SUBMIT:
-                (_c, _s, _d, _dir, _ep, flags, length, start, npkts, interval, setup) = _SUBMIT.unpack_from(buf, 0)
-                npkts &= 0xFFFFFFFF
-                if npkts not in _NOT_ISO:
-                    raise ProtocolError(f"isochronous URB ({npkts} packets) is not supported")
-                self._check_length(length)
-                data_len = length if udir == UrbDirection.OUT else 0
-                total = URB_HEADER_SIZE + data_len
-                if len(buf) < total:
-                    return NEED_DATA
-                data = _consume_urb(buf, total)
-                return SubmitCommand(seqnum, devid, udir, ep, flags, length, setup, data, interval, start, npkts)
+        if server:
             if command == UrbCommand.CMD_UNLINK:
                 (_c, _s, _d, _dir, _ep, unlink_seqnum) = _UNLINK.unpack_from(buf, 0)
                 del buf[:URB_HEADER_SIZE]
                 return UnlinkCommand(seqnum, devid, unlink_seqnum, udir, ep)
-            raise ProtocolError(f"unknown USB/IP command {command}")
+            raise UsbipProtocolError(f"unknown USB/IP command {command}")
         if command == UrbCommand.RET_SUBMIT:
             (_c, _s, _d, _dir, _ep, status, actual, start, npkts, errors) = _RET_SUBMIT.unpack_from(buf, 0)
             if npkts & 0xFFFFFFFF not in _NOT_ISO:
-                raise ProtocolError(f"isochronous URB ({npkts} packets) is not supported")
+                raise UsbipProtocolError(f"isochronous URB ({npkts} packets) is not supported")
             sent_dir = self._in_flight.get(seqnum)
             if sent_dir is None:
-                raise ProtocolError(f"RET_SUBMIT for seqnum {seqnum}, which is not in flight")
+                raise UsbipProtocolError(f"RET_SUBMIT for seqnum {seqnum}, which is not in flight")
             self._check_length(actual)
             # The header of a RET_SUBMIT does not say whether data follows (the server sends
             # direction 0); the direction of the URB we submitted does.
@@ -590,13 +605,13 @@ class UsbipConnection:
             (_c, _s, _d, _dir, _ep, status) = _RET_UNLINK.unpack_from(buf, 0)
             target = self._unlinks.pop(seqnum, None)
             if target is None:
-                raise ProtocolError(f"RET_UNLINK for seqnum {seqnum}, which is not an unlink we sent")
+                raise UsbipProtocolError(f"RET_UNLINK for seqnum {seqnum}, which is not an unlink we sent")
             if status == -ECONNRESET:  # unlinked before completion: no RET_SUBMIT will follow
                 self._in_flight.pop(target, None)
             del buf[:URB_HEADER_SIZE]
             return UnlinkReturn(seqnum, status, devid, udir, ep)
-        raise ProtocolError(f"unknown USB/IP command {command}")
+        raise UsbipProtocolError(f"unknown USB/IP command {command}")
 
     def _check_length(self, length: int) -> None:
         if not 0 <= length <= self.max_transfer:
-            raise ProtocolError(f"transfer length {length} outside 0..{self.max_transfer}")
+            raise UsbipProtocolError(f"transfer length {length} outside 0..{self.max_transfer}")

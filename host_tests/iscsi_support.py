@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass, field
 
 from firmware.iscsi.connection import Connection, TargetConfig
-from firmware.iscsi.pdu import Framer, Opcode, Pdu, build_text, parse_text
+from firmware.iscsi.pdu import Framer, Pdu, PduOpcode, build_text, parse_text
 from firmware.logical_unit import Status
 from firmware.scsi import ScsiTarget
 from host_tests.scsi_fakes import MemoryBlockStore
@@ -20,7 +20,7 @@ INITIATOR = "iqn.2026-01.org.example:host1"
 def login_pdu(keys: list[tuple[str, str]], *, csg: int, nsg: int, transit: bool = True, cmdsn: int = 1,
               itt: int = 0x1000, tsih: int = 0, cont: bool = False) -> Pdu:
     flags = (0x80 if transit else 0) | (0x40 if cont else 0) | (csg << 2) | (nsg if transit else 0)
-    pdu = Pdu.new(Opcode.LOGIN_REQUEST, flags=flags, immediate=True)
+    pdu = Pdu.new(PduOpcode.LOGIN_REQUEST, flags=flags, immediate=True)
     pdu.bhs[8:14] = b"\x80\x12\x34\x56\x78\x9a"
     pdu.bhs[14:16] = tsih.to_bytes(2, "big")
     pdu.set_u32(16, itt)
@@ -33,7 +33,7 @@ def login_pdu(keys: list[tuple[str, str]], *, csg: int, nsg: int, transit: bool 
 def scsi_pdu(cdb: bytes, *, itt: int, cmdsn: int, edtl: int = 0, read: bool = False, write: bool = False,
              data: bytes = b"", final: bool = True, lun: int = 0, immediate: bool = False) -> Pdu:
     flags = (0x80 if final else 0) | (0x40 if read else 0) | (0x20 if write else 0) | 0x01  # SIMPLE
-    pdu = Pdu.new(Opcode.SCSI_COMMAND, flags=flags, immediate=immediate)
+    pdu = Pdu.new(PduOpcode.SCSI_COMMAND, flags=flags, immediate=immediate)
     pdu.bhs[8:10] = lun.to_bytes(2, "big")
     pdu.set_u32(16, itt)
     pdu.set_u32(20, edtl)
@@ -44,7 +44,7 @@ def scsi_pdu(cdb: bytes, *, itt: int, cmdsn: int, edtl: int = 0, read: bool = Fa
 
 
 def data_out_pdu(*, itt: int, ttt: int, offset: int, data: bytes, final: bool = True, datasn: int = 0) -> Pdu:
-    pdu = Pdu.new(Opcode.DATA_OUT, flags=0x80 if final else 0)
+    pdu = Pdu.new(PduOpcode.DATA_OUT, flags=0x80 if final else 0)
     pdu.set_u32(16, itt)
     pdu.set_u32(20, ttt)
     pdu.set_u32(36, datasn)
@@ -105,7 +105,7 @@ class Harness:
                 return out
             assert isinstance(item, Pdu), "target sent a PDU with a bad data digest"
             out.append(item)
-            if item.opcode == Opcode.LOGIN_RESPONSE and item.flags & 0x83 == 0x83:
+            if item.opcode == PduOpcode.LOGIN_RESPONSE and item.flags & 0x83 == 0x83:
                 self.framer.header_digest = self.header_digest
                 self.framer.data_digest = self.data_digest
 
@@ -114,7 +114,7 @@ class Harness:
                 ("HeaderDigest", "CRC32C" if self.header_digest else "None"),
                 ("DataDigest", "CRC32C" if self.data_digest else "None")] + (extra or [])
         (rsp,) = self.send(login_pdu(keys, csg=1, nsg=3))
-        assert rsp.opcode == Opcode.LOGIN_RESPONSE
+        assert rsp.opcode == PduOpcode.LOGIN_RESPONSE
         assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0), parse_text(rsp.data)
         return rsp
 

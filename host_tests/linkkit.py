@@ -18,6 +18,7 @@ from typing import Any
 
 from firmware.journal import JournalRecord, RecordKind, RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
+from firmware.replication.source import RECORD_OVERHEAD
 from firmware.volume import Volume
 
 
@@ -52,8 +53,9 @@ class FakeJournal:
             return rec.seq
 
     def register_consumer(self, name: str) -> int:
+        """A known consumer's confirmed position; a new one starts at the head (like the ring)."""
         with self.cond:
-            return self.consumers_.setdefault(name, 0)
+            return self.consumers_.setdefault(name, self.head_seq)
 
     def unregister_consumer(self, name: str) -> None:
         self.consumers_.pop(name, None)
@@ -63,8 +65,20 @@ class FakeJournal:
 
     def confirm(self, name: str, seq: int) -> None:
         with self.cond:
+            if name not in self.consumers_:
+                raise KeyError(f"unknown journal consumer {name!r}")
+            if seq > self.durable_seq:
+                raise ValueError(f"consumer {name!r} confirms seq {seq} beyond durable seq {self.durable_seq}")
             self.confirm_calls.append((name, seq))
-            self.consumers_[name] = max(self.consumers_.get(name, 0), seq)
+            self.consumers_[name] = max(self.consumers_[name], seq)
+
+    def release_through(self, seq: int) -> None:
+        """The producer no longer needs records up to `seq`: drop what every consumer confirmed
+        (the ring's `set_applied`)."""
+        with self.cond:
+            limit = min([seq, self.head_seq, *self.consumers_.values()])
+            if limit + 1 > self.tail_seq:
+                self.drop_before(limit + 1)
 
     def drop_before(self, seq: int) -> None:
         """Forget records below seq (what an overflow does to a lagging consumer)."""
@@ -80,10 +94,10 @@ class FakeJournal:
             size = 0
             start = after_seq + 1 - self.tail_seq
             for r in self.records[max(0, start):]:
-                if out and size + len(r.payload) > max_bytes:
+                if out and size + len(r.payload) + RECORD_OVERHEAD > max_bytes:
                     break
                 out.append(r)
-                size += len(r.payload) + 40
+                size += len(r.payload) + RECORD_OVERHEAD
             return out
 
     def add_durable_listener(self, listener: Callable[[], None]) -> None:
@@ -172,7 +186,8 @@ class FakeLocalUnit:
         self.gates.append(gate)
 
     def remove_sync_gate(self, gate: Callable[[int], None]) -> None:
-        self.gates.remove(gate)
+        if gate in self.gates:
+            self.gates.remove(gate)
 
     def dirty_snapshot(self) -> DirtySnapshot:
         with self.lock:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware.iscsi.connection import TargetConfig
-from firmware.iscsi.pdu import RESERVED_TAG, Framer, Opcode, Pdu, build_text, crc32c, parse_text
+from firmware.iscsi.pdu import RESERVED_TAG, Framer, Pdu, PduOpcode, build_text, crc32c, parse_text
 from host_tests.iscsi_support import (
     INITIATOR,
     TARGET,
@@ -41,7 +41,7 @@ def status_sn(rsp: Pdu) -> int:
 
 
 def test_pdu_roundtrip_with_digests_and_padding() -> None:
-    pdu = Pdu.new(Opcode.NOP_OUT, flags=0x80)
+    pdu = Pdu.new(PduOpcode.NOP_OUT, flags=0x80)
     pdu.set_u32(16, 7)
     pdu.data = b"abcde"
     raw = pdu.encode(header_digest=True, data_digest=True)
@@ -158,13 +158,13 @@ def test_discovery_send_targets() -> None:
     h = Harness()
     (rsp,) = h.send(login_pdu([("InitiatorName", INITIATOR), ("SessionType", "Discovery")], csg=1, nsg=3))
     assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0)
-    text = Pdu.new(Opcode.TEXT_REQUEST, flags=0x80)
+    text = Pdu.new(PduOpcode.TEXT_REQUEST, flags=0x80)
     text.set_u32(16, 5)
     text.set_u32(20, RESERVED_TAG)
     text.set_u32(24, 1)
     text.data = build_text([("SendTargets", "All")])
     (rsp,) = h.send(text)
-    assert rsp.opcode == Opcode.TEXT_RESPONSE
+    assert rsp.opcode == PduOpcode.TEXT_RESPONSE
     assert parse_text(rsp.data) == [("TargetName", TARGET), ("TargetAddress", "127.0.0.1:3260,1")]
     # a discovery session carries no SCSI
     h.send(scsi_pdu(TUR, itt=6, cmdsn=2))
@@ -178,7 +178,7 @@ def test_inquiry_returns_data_in_with_status_and_underflow() -> None:
     h = Harness()
     h.login()
     (din,) = h.send(scsi_pdu(INQUIRY, itt=1, cmdsn=1, edtl=255, read=True))
-    assert din.opcode == Opcode.DATA_IN and din.flags & 0x81 == 0x81  # F and S
+    assert din.opcode == PduOpcode.DATA_IN and din.flags & 0x81 == 0x81  # F and S
     assert din.flags & 0x02 and din.u32(44) == 255 - len(din.data)  # residual underflow
     assert din.data[8:16] == b"USBMIRR "
     assert status_sn(din) == 101
@@ -191,12 +191,12 @@ def test_write_immediate_and_r2t_then_read_back() -> None:
     payload = bytes(range(256)) * 8  # 4 blocks
     out = h.send(scsi_pdu(write10(10, 4), itt=2, cmdsn=1, edtl=2048, write=True, data=payload[:512]))
     (r2t,) = out
-    assert r2t.opcode == Opcode.R2T and r2t.u32(40) == 512 and r2t.u32(44) == 1024
+    assert r2t.opcode == PduOpcode.R2T and r2t.u32(40) == 512 and r2t.u32(44) == 1024
     assert h.store.read(10, 1) == bytes(512)  # nothing is written before all the data is there
     (r2t2,) = h.send(data_out_pdu(itt=2, ttt=r2t.u32(20), offset=512, data=payload[512:1536]))
     assert (r2t2.u32(40), r2t2.u32(44), r2t2.u32(36)) == (1536, 512, 1)
     (rsp,) = h.send(data_out_pdu(itt=2, ttt=r2t2.u32(20), offset=1536, data=payload[1536:]))
-    assert rsp.opcode == Opcode.SCSI_RESPONSE and rsp.bhs[3] == 0 and rsp.u32(44) == 0
+    assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.bhs[3] == 0 and rsp.u32(44) == 0
     assert h.store.read(10, 4) == payload
 
 
@@ -207,7 +207,7 @@ def test_write_unsolicited_data_out_and_multiple_r2ts() -> None:
     payload = bytes((i * 7) & 0xFF for i in range(4096))
     assert h.send(scsi_pdu(write10(0, 8), itt=3, cmdsn=1, edtl=4096, write=True, final=False)) == []
     out = h.send(data_out_pdu(itt=3, ttt=RESERVED_TAG, offset=0, data=payload[:1024]))
-    r2ts = [p for p in out if p.opcode == Opcode.R2T]
+    r2ts = [p for p in out if p.opcode == PduOpcode.R2T]
     assert [(p.u32(40), p.u32(44)) for p in r2ts] == [(1024, 1024), (2048, 1024)]
     assert [p.u32(36) for p in r2ts] == [0, 1]  # R2TSN
     out = h.send(data_out_pdu(itt=3, ttt=r2ts[0].u32(20), offset=1024, data=payload[1024:2048]))
@@ -215,7 +215,7 @@ def test_write_unsolicited_data_out_and_multiple_r2ts() -> None:
     assert (r2t3.u32(40), r2t3.u32(44)) == (3072, 1024)
     h.send(data_out_pdu(itt=3, ttt=r2ts[1].u32(20), offset=2048, data=payload[2048:3072]))
     (rsp,) = h.send(data_out_pdu(itt=3, ttt=r2t3.u32(20), offset=3072, data=payload[3072:]))
-    assert rsp.opcode == Opcode.SCSI_RESPONSE and rsp.bhs[3] == 0
+    assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.bhs[3] == 0
     assert h.store.read(0, 8) == payload
     dins = h.send(scsi_pdu(read10(0, 8), itt=4, cmdsn=2, edtl=4096, read=True))
     assert [bool(p.flags & 0x80) for p in dins] == [True] * 4  # each MaxBurstLength sequence ends with F
@@ -237,7 +237,7 @@ def test_check_condition_carries_sense() -> None:
     h = Harness()
     h.login()
     (rsp,) = h.send(scsi_pdu(read10(5000, 1), itt=1, cmdsn=1, edtl=512, read=True))
-    assert rsp.opcode == Opcode.SCSI_RESPONSE and rsp.bhs[3] == 0x02
+    assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.bhs[3] == 0x02
     sense = sense_of(rsp)
     assert sense[2] & 0x0F == 0x05 and sense[12] == 0x21  # ILLEGAL REQUEST, LBA OUT OF RANGE
 
@@ -285,17 +285,17 @@ def test_cmdsn_behind_the_window_is_ignored() -> None:
 def test_nop_out_ping() -> None:
     h = Harness()
     h.login()
-    nop = Pdu.new(Opcode.NOP_OUT, flags=0x80, immediate=True)
+    nop = Pdu.new(PduOpcode.NOP_OUT, flags=0x80, immediate=True)
     nop.set_u32(16, 77)
     nop.set_u32(20, RESERVED_TAG)
     nop.set_u32(24, 1)
     nop.data = b"ping"
     (rsp,) = h.send(nop)
-    assert rsp.opcode == Opcode.NOP_IN and rsp.itt == 77 and rsp.data == b"ping"
+    assert rsp.opcode == PduOpcode.NOP_IN and rsp.itt == 77 and rsp.data == b"ping"
 
 
 def _tmf(function: int, *, itt: int, ref: int, cmdsn: int) -> Pdu:
-    pdu = Pdu.new(Opcode.TASK_MGMT_REQUEST, flags=0x80 | function, immediate=True)
+    pdu = Pdu.new(PduOpcode.TASK_MGMT_REQUEST, flags=0x80 | function, immediate=True)
     pdu.set_u32(16, itt)
     pdu.set_u32(20, ref)
     pdu.set_u32(24, cmdsn)
@@ -307,7 +307,7 @@ def test_abort_task_waiting_for_data_and_running() -> None:
     h.login([("InitialR2T", "Yes")])
     h.send(scsi_pdu(write10(0, 1), itt=1, cmdsn=1, edtl=512, write=True))  # waits for data
     (rsp,) = h.send(_tmf(1, itt=50, ref=1, cmdsn=2))
-    assert rsp.opcode == Opcode.TASK_MGMT_RESPONSE and rsp.bhs[2] == 0
+    assert rsp.opcode == PduOpcode.TASK_MGMT_RESPONSE and rsp.bhs[2] == 0
     (rsp,) = h.send(_tmf(1, itt=51, ref=1, cmdsn=2))
     assert rsp.bhs[2] == 1  # task does not exist any more
     # a running task: the TMF response waits for it, its own response is never sent
@@ -319,7 +319,7 @@ def test_abort_task_waiting_for_data_and_running() -> None:
     framer = Framer()
     framer.feed(h.conn.take_output())
     only = framer.next()
-    assert isinstance(only, Pdu) and only.opcode == Opcode.TASK_MGMT_RESPONSE and framer.next() is None
+    assert isinstance(only, Pdu) and only.opcode == PduOpcode.TASK_MGMT_RESPONSE and framer.next() is None
 
 
 def test_lun_reset_aborts_everything() -> None:
@@ -334,11 +334,11 @@ def test_lun_reset_aborts_everything() -> None:
 def test_logout() -> None:
     h = Harness()
     h.login()
-    pdu = Pdu.new(Opcode.LOGOUT_REQUEST, flags=0x80, immediate=True)
+    pdu = Pdu.new(PduOpcode.LOGOUT_REQUEST, flags=0x80, immediate=True)
     pdu.set_u32(16, 9)
     pdu.set_u32(24, 1)
     (rsp,) = h.send(pdu)
-    assert rsp.opcode == Opcode.LOGOUT_RESPONSE and rsp.bhs[2] == 0
+    assert rsp.opcode == PduOpcode.LOGOUT_RESPONSE and rsp.bhs[2] == 0
     assert h.conn.closed
 
 
@@ -361,7 +361,7 @@ def test_bad_data_digest_is_rejected() -> None:
                     .encode(data_digest=True))
     raw[-1] ^= 0xFF
     out = h.send_raw(bytes(raw))
-    assert [p.opcode for p in out] == [Opcode.REJECT] and out[0].bhs[2] == 0x02
+    assert [p.opcode for p in out] == [PduOpcode.REJECT] and out[0].bhs[2] == 0x02
     assert h.conn.closed
     assert h.store.read(0, 1) == bytes(512)
 
@@ -372,7 +372,7 @@ def test_oversized_pdu_is_rejected_before_its_data_arrives() -> None:
     header = bytearray(scsi_pdu(TUR, itt=1, cmdsn=1).encode())
     header[5:8] = (1 << 24 - 1).to_bytes(3, "big")
     out = h.send_raw(bytes(header))
-    assert [p.opcode for p in out] == [Opcode.REJECT]
+    assert [p.opcode for p in out] == [PduOpcode.REJECT]
     assert h.conn.closed
 
 
@@ -381,7 +381,7 @@ def test_data_out_at_a_wrong_offset_is_a_protocol_error() -> None:
     h.login([("InitialR2T", "Yes")])
     (r2t,) = h.send(scsi_pdu(write10(0, 2), itt=1, cmdsn=1, edtl=1024, write=True))
     out = h.send(data_out_pdu(itt=1, ttt=r2t.u32(20), offset=512, data=bytes(512)))
-    assert [p.opcode for p in out] == [Opcode.REJECT]
+    assert [p.opcode for p in out] == [PduOpcode.REJECT]
     assert h.conn.closed
 
 
@@ -389,7 +389,7 @@ def test_login_pdu_in_full_feature_phase_is_rejected() -> None:
     h = Harness()
     h.login()
     out = h.send(login_pdu([("InitiatorName", INITIATOR)], csg=1, nsg=3))
-    assert [p.opcode for p in out] == [Opcode.REJECT]
+    assert [p.opcode for p in out] == [PduOpcode.REJECT]
     assert h.conn.closed
 
 
@@ -423,7 +423,7 @@ def test_data_out_out_of_datasn_sequence_fails_the_command_unwritten() -> None:
     (r2t,) = h.send(scsi_pdu(write10(0, 2), itt=1, cmdsn=1, edtl=1024, write=True))
     h.send(data_out_pdu(itt=1, ttt=r2t.u32(20), offset=0, data=b"x" * 512, final=False, datasn=0))
     (rsp,) = h.send(data_out_pdu(itt=1, ttt=r2t.u32(20), offset=512, data=b"x" * 512, datasn=0))
-    assert rsp.opcode == Opcode.SCSI_RESPONSE and rsp.bhs[3] == 0x02
+    assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.bhs[3] == 0x02
     assert sense_of(rsp)[2] & 0x0F == 0x0B and sense_of(rsp)[12] == 0x4B
     assert h.store.read(0, 2) == bytes(1024) and not h.conn.closed
 

@@ -13,7 +13,7 @@ import pytest
 
 from firmware import cli, config
 from firmware.identity import UnitIdentity
-from firmware.iscsi.pdu import Framer, Opcode, Pdu
+from firmware.iscsi.pdu import Framer, Pdu, PduOpcode
 from firmware.iscsi.server import serve_unit, unit_iqn
 from firmware.journal import Journal
 from firmware.journal.format import RING_OFFSET
@@ -99,7 +99,7 @@ def test_writes_in_flight_from_two_connections_share_one_journal_sync(tmp_path: 
         assert j.head_seq >= 4
         flash.release.set()
         got = [a.recv(), a.recv(), b.recv(), b.recv()]
-        assert all(p.opcode == Opcode.SCSI_RESPONSE and p.bhs[3] == 0 for p in got)
+        assert all(p.opcode == PduOpcode.SCSI_RESPONSE and p.bhs[3] == 0 for p in got)
         # the held sync, then one more that the three waiting writes share
         assert flash.syncs - before == 2
         assert unit.read(0, 4) == b"\x01" * BS + b"\x02" * BS + b"\x03" * BS + b"\x04" * BS

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from firmware.pairing import TlsFiles, pair
+from firmware.progress_bars import RichProgress
 from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
 from firmware.replicator import (
     Progress,
     RemoteSpec,
     Replicator,
     ReplicatorTuning,
-    RichProgress,
     _TokenBucket,
 )
 from firmware.volume import Volume

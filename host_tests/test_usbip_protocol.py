@@ -1,5 +1,5 @@
 """The USB/IP wire format: what vhci-hcd and `usbip` send parses, what we send is what they expect,
-and hostile bytes end in ProtocolError (never another exception, never a huge allocation)."""
+and hostile bytes end in UsbipProtocolError (never another exception, never a huge allocation)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from gadget.usbip_protocol import (
     InterfaceTriple,
     NeedData,
     OpStatus,
-    ProtocolError,
-    Role,
     SubmitCommand,
     SubmitReturn,
     UnlinkCommand,
@@ -31,6 +29,8 @@ from gadget.usbip_protocol import (
     UrbDirection,
     UsbDeviceInfo,
     UsbipConnection,
+    UsbipProtocolError,
+    UsbipRole,
     encode,
 )
 
@@ -88,7 +88,7 @@ def feed(conn: UsbipConnection, data: bytes, *, bytewise: bool) -> list[Event]:
 
 
 def imported_server() -> UsbipConnection:
-    conn = UsbipConnection(Role.SERVER)
+    conn = UsbipConnection(UsbipRole.SERVER)
     assert feed(conn, encode(ImportRequest("1-1")), bytewise=False) == [ImportRequest("1-1")]
     conn.send(ImportReply(0, INFO))
     assert conn.imported
@@ -96,7 +96,7 @@ def imported_server() -> UsbipConnection:
 
 
 def imported_client() -> UsbipConnection:
-    conn = UsbipConnection(Role.CLIENT)
+    conn = UsbipConnection(UsbipRole.CLIENT)
     conn.send(ImportRequest("1-1"))
     assert feed(conn, encode(ImportReply(0, INFO)), bytewise=False) == [ImportReply(0, INFO)]
     assert conn.imported
@@ -145,7 +145,7 @@ def test_commands_round_trip_whole_and_bytewise(cmds: list[SubmitCommand], bytew
 @settings(max_examples=40, deadline=None)
 def test_devlist_reply_round_trips(devices: list[ExportedDevice], status: int, bytewise: bool) -> None:
     reply = DevlistReply(tuple(devices), status)
-    conn = UsbipConnection(Role.CLIENT)
+    conn = UsbipConnection(UsbipRole.CLIENT)
     assert feed(conn, encode(reply), bytewise=bytewise) == [reply]
     assert not conn.imported
 
@@ -153,7 +153,7 @@ def test_devlist_reply_round_trips(devices: list[ExportedDevice], status: int, b
 @given(device_infos(), st.booleans())
 @settings(max_examples=40, deadline=None)
 def test_import_reply_round_trips_and_enters_urb_phase(info: UsbDeviceInfo, bytewise: bool) -> None:
-    conn = UsbipConnection(Role.CLIENT)
+    conn = UsbipConnection(UsbipRole.CLIENT)
     assert feed(conn, encode(ImportReply(0, info)), bytewise=bytewise) == [ImportReply(0, info)]
     assert conn.imported
 
@@ -175,12 +175,12 @@ def test_unlink_return_of_a_pending_urb_forgets_it() -> None:
     client.send(SubmitCommand(5, 1, UrbDirection.IN, 1, 0, 13))
     client.send(UnlinkCommand(6, 1, 5))
     assert feed(client, encode(UnlinkReturn(6, -ECONNRESET)), bytewise=True) == [UnlinkReturn(6, -ECONNRESET)]
-    with pytest.raises(ProtocolError, match="not in flight"):  # no RET_SUBMIT may follow
+    with pytest.raises(UsbipProtocolError, match="not in flight"):  # no RET_SUBMIT may follow
         feed(client, encode(SubmitReturn(5, 0, 13, bytes(13))), bytewise=False)
 
 
 def test_server_waits_for_its_own_import_answer_before_parsing_urbs() -> None:
-    conn = UsbipConnection(Role.SERVER)
+    conn = UsbipConnection(UsbipRole.SERVER)
     cmd = SubmitCommand(1, 0x10002, UrbDirection.IN, 0, 0, 18, bytes.fromhex("8006000100001200"))
     assert feed(conn, encode(ImportRequest("1-1")) + encode(cmd), bytewise=False) == [ImportRequest("1-1")]
     conn.send(ImportReply(0, INFO))
@@ -188,7 +188,7 @@ def test_server_waits_for_its_own_import_answer_before_parsing_urbs() -> None:
 
 
 def test_refused_import_stays_in_operation_phase() -> None:
-    conn = UsbipConnection(Role.SERVER)
+    conn = UsbipConnection(UsbipRole.SERVER)
     feed(conn, encode(ImportRequest("9-9")), bytewise=False)
     conn.send(ImportReply(OpStatus.NODEV))
     assert not conn.imported
@@ -216,10 +216,10 @@ def urb_header(command: int = 1, *, direction: int = 0, ep: int = 1, length: int
 )
 def test_bad_urb_headers_raise_protocol_error(raw: bytes, message: str) -> None:
     conn = imported_server()
-    with pytest.raises(ProtocolError, match=message):
+    with pytest.raises(UsbipProtocolError, match=message):
         feed(conn, raw, bytewise=False)
     assert conn.closed and conn.buffered == 0
-    with pytest.raises(ProtocolError):  # and it stays closed
+    with pytest.raises(UsbipProtocolError):  # and it stays closed
         conn.next_event()
 
 
@@ -235,20 +235,20 @@ def test_bad_urb_headers_raise_protocol_error(raw: bytes, message: str) -> None:
     ],
 )
 def test_bad_operation_headers_raise_protocol_error(raw: bytes, message: str) -> None:
-    with pytest.raises(ProtocolError, match=message):
-        feed(UsbipConnection(Role.SERVER), raw, bytewise=True)
+    with pytest.raises(UsbipProtocolError, match=message):
+        feed(UsbipConnection(UsbipRole.SERVER), raw, bytewise=True)
 
 
 def test_hostile_counts_in_replies_are_bounded() -> None:
     huge = struct.pack(">HHII", USBIP_VERSION, 0x0005, 0, 0xFFFFFFFF)
-    with pytest.raises(ProtocolError, match="devices"):
-        feed(UsbipConnection(Role.CLIENT), huge, bytewise=False)
+    with pytest.raises(UsbipProtocolError, match="devices"):
+        feed(UsbipConnection(UsbipRole.CLIENT), huge, bytewise=False)
     many_ifaces = encode(ImportReply(0, INFO))[:-1] + b"\xff"
-    with pytest.raises(ProtocolError, match="interfaces"):
-        feed(UsbipConnection(Role.CLIENT), many_ifaces, bytewise=False)
+    with pytest.raises(UsbipProtocolError, match="interfaces"):
+        feed(UsbipConnection(UsbipRole.CLIENT), many_ifaces, bytewise=False)
     client = imported_client()
     client.send(SubmitCommand(1, 1, UrbDirection.IN, 1, 0, 64))
-    with pytest.raises(ProtocolError, match="transfer length"):
+    with pytest.raises(UsbipProtocolError, match="transfer length"):
         feed(client, struct.pack(">IIIIIiiiii8x", 3, 1, 0, 0, 0, 0, 0x7FFFFFFF, 0, 0, 0), bytewise=False)
 
 
@@ -264,7 +264,7 @@ def test_truncated_messages_only_ask_for_more_data() -> None:
 
 
 def parse_all(conn: UsbipConnection, data: bytes, *, bytewise: bool) -> tuple[list[Event], bool]:
-    """The events `data` yields and whether it ended in ProtocolError; after one the connection must
+    """The events `data` yields and whether it ended in UsbipProtocolError; after one the connection must
     be closed, hold nothing and refuse every later call."""
     events: list[Event] = []
     chunks = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
@@ -273,11 +273,11 @@ def parse_all(conn: UsbipConnection, data: bytes, *, bytewise: bool) -> tuple[li
             conn.receive_data(chunk)
             while not isinstance(ev := conn.next_event(), NeedData):
                 events.append(ev)
-    except ProtocolError:
+    except UsbipProtocolError:
         assert conn.closed and conn.buffered == 0
-        with pytest.raises(ProtocolError):
+        with pytest.raises(UsbipProtocolError):
             conn.receive_data(b"x")
-        with pytest.raises(ProtocolError):
+        with pytest.raises(UsbipProtocolError):
             conn.next_event()
         return events, True
     assert not conn.closed
@@ -285,7 +285,7 @@ def parse_all(conn: UsbipConnection, data: bytes, *, bytewise: bool) -> tuple[li
 
 
 def fresh(kind: str) -> UsbipConnection:
-    return {"server": lambda: UsbipConnection(Role.SERVER), "imported-server": imported_server,
+    return {"server": lambda: UsbipConnection(UsbipRole.SERVER), "imported-server": imported_server,
             "imported-client": imported_client}[kind]()  # fmt: skip
 
 

@@ -22,14 +22,14 @@ from gadget.usbip_protocol import (
     ImportReply,
     ImportRequest,
     NeedData,
-    ProtocolError,
-    Role,
     SubmitCommand,
     SubmitReturn,
     UnlinkCommand,
     UnlinkReturn,
     UrbDirection,
     UsbipConnection,
+    UsbipProtocolError,
+    UsbipRole,
 )
 
 CBW = struct.Struct("<4sIIBBB16s")
@@ -59,7 +59,7 @@ class UsbipClient:
     def __init__(self, host: str, port: int, *, timeout: float = 20.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn = UsbipConnection(Role.CLIENT)
+        self.conn = UsbipConnection(UsbipRole.CLIENT)
         self.devid = 0
         self._seq = 0
         self._tag = 0
@@ -243,8 +243,17 @@ class UsbipClient:
 #: (sense key, ASC, ASCQ) of UNIT ATTENTION, POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
 UA_RESET = (0x6, 0x29, 0x00)
 
-__all__ = ["CBW", "CSW", "UA_RESET", "ClientError", "ProtocolError", "RamDisk", "ScsiOutcome", "UsbipClient",
-           "pack_cbw"]
+__all__ = [
+    "CBW",
+    "CSW",
+    "UA_RESET",
+    "ClientError",
+    "RamDisk",
+    "ScsiOutcome",
+    "UsbipClient",
+    "UsbipProtocolError",
+    "pack_cbw",
+]
 
 
 class RamDisk:

@@ -88,6 +88,20 @@ class History:
     def current(self) -> DataGeneration | None:
         return self.generations[-1] if self.generations else None
 
+    def as_tuples(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(id, counter, started_ns, fork_seq) per generation: the GENERATIONS frame's form."""
+        return tuple((g.gen_id, g.counter, g.started_ns, g.fork_seq) for g in self.generations)
+
+    @classmethod
+    def from_tuples(cls, gens: Iterable[tuple[int, int, int, int]]) -> History:
+        """The inverse of `as_tuples`; ValueError when the generations do not make a history."""
+        return cls(tuple(DataGeneration(*g) for g in gens))
+
+    def descends_from(self, other: History) -> bool:
+        """This history holds `other`'s current generation (or `other` has none): it is `other`'s
+        history or one that moved on from it."""
+        return self.holds(other.current)
+
     def holds(self, gen: DataGeneration | None) -> bool:
         """True when `gen` is in this history; the empty generation (None) is in every history."""
         return gen is None or gen in self.generations
@@ -233,6 +247,11 @@ def decide(local: SideView, remote: SideView) -> Decision:
     return Decision(Outcome.SPLIT_BRAIN, why, common)
 
 
+def mib(nbytes: int) -> str:
+    """How messages say an amount of data: MiB with 4 significant digits and the exact bytes."""
+    return f"{nbytes / (1 << 20):.4g} MiB ({nbytes} bytes)"
+
+
 def _label(g: DataGeneration | None) -> str:
     return g.label if g is not None else "none"
 
@@ -282,7 +301,7 @@ def divergence(unshipped: Iterable[WriteInfo], promoted: DataGeneration) -> Dive
 
 # -- the resync plan ----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class ResyncPlan:
+class RegionResyncPlan:
     """Regions (of `region_blocks` blocks) that must be compared, then copied where they differ,
     from the newer side to the older. `regions` is sorted; `copy` is filled by `after_digests`."""
 
@@ -291,7 +310,7 @@ class ResyncPlan:
     copy: tuple[int, ...] | None = None
     skipped: tuple[int, ...] = field(default=())
 
-    def after_digests(self, newer: Mapping[int, bytes], older: Mapping[int, bytes]) -> ResyncPlan:
+    def after_digests(self, newer: Mapping[int, bytes], older: Mapping[int, bytes]) -> RegionResyncPlan:
         """Drop the regions whose digests already match on both sides. A region missing from
         either mapping is copied (never assume equality)."""
         copy: list[int] = []
@@ -302,7 +321,7 @@ class ResyncPlan:
                 skipped.append(r)
             else:
                 copy.append(r)
-        return ResyncPlan(self.region_blocks, self.regions, tuple(copy), tuple(skipped))
+        return RegionResyncPlan(self.region_blocks, self.regions, tuple(copy), tuple(skipped))
 
     def runs(self, num_blocks: int) -> tuple[tuple[int, int], ...]:
         """The regions to copy (all of them before digests are known) as (lba, count) runs."""
@@ -320,7 +339,7 @@ class ResyncPlan:
         return tuple(out)
 
 
-def resync_plan(local_regions: Iterable[int], remote_regions: Iterable[int], *, region_blocks: int) -> ResyncPlan:
+def resync_plan(local_regions: Iterable[int], remote_regions: Iterable[int], *, region_blocks: int) -> RegionResyncPlan:
     """The union of both sides' dirty regions: everything either side wrote since they last agreed
     must be made equal to the newer side, whichever side wrote it."""
     if region_blocks <= 0:
@@ -328,7 +347,7 @@ def resync_plan(local_regions: Iterable[int], remote_regions: Iterable[int], *, 
     regions = set(local_regions) | set(remote_regions)
     if any(r < 0 for r in regions):
         raise ValueError("region indices must not be negative")
-    return ResyncPlan(region_blocks, tuple(sorted(regions)))
+    return RegionResyncPlan(region_blocks, tuple(sorted(regions)))
 
 
 def regions_of_extents(extents: Sequence[tuple[int, int]], *, region_blocks: int) -> set[int]:

@@ -30,25 +30,26 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 from firmware.atomic import fsync_dir, write_atomically
 from firmware.history.format import (
     HEADER_SIZE,
     RESYNC_BEGIN,
     RESYNC_END,
+    Encoded,
     HistoryCorrupt,
     HistoryError,
     Kind,
     Meta,
     PointKind,
     decode_header,
-    encode,
-    encode_point,
-    encode_undo,
+    encode_record,
+    point_record,
     scan,
+    undo_record,
 )
 from firmware.history.index import Index
+from firmware.link.protocol import RecordKind, RecordLike
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +61,7 @@ META = "meta.json"
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.log$")
 _pin_counter = itertools.count()
 
-# journal record kinds (firmware.journal.format.RecordKind numbers)
-WRITE, UNMAP, FLUSH, MARK = 1, 2, 3, 4
-
-
-class RecordLike(Protocol):
-    @property
-    def seq(self) -> int: ...
-    @property
-    def kind(self) -> int: ...
-    @property
-    def lba(self) -> int: ...
-    @property
-    def count(self) -> int: ...
-    @property
-    def timestamp_ns(self) -> int: ...
-    @property
-    def payload(self) -> bytes: ...
+_OVERLAY_SHIFT = 7  # blocks per bucket of a batch's overlay lookup (1 << 7)
 
 
 def history_dir(state_dir: str | os.PathLike[str], source_id: str) -> Path:
@@ -308,10 +293,15 @@ class HistoryWriter:
             return None
 
     # -- appending -----------------------------------------------------------------------------
-    def _append(self, chunks: Sequence[bytes]) -> None:
-        if not chunks:
+    def _append(self, records: Sequence[Encoded]) -> None:
+        """Write `records` at the head in one write and make them durable, then index them."""
+        if not records:
             return
-        data = b"".join(chunks)
+        parts: list[bytes] = []
+        for e in records:
+            parts.append(e.head)
+            parts.append(e.payload)
+        data = b"".join(parts)
         head = self.index.head_pos
         s = self.segs.seg_of(head) if self.segs.starts else None
         if s is None or (head - s >= self.segment_bytes and head > s):
@@ -321,18 +311,17 @@ class HistoryWriter:
         try:
             at = 0
             while at < len(data):
-                at += os.pwrite(fd, data[at:], head - s + at)
+                at += os.pwrite(fd, data[at:] if at else data, head - s + at)
             os.fdatasync(fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, head - s)
             raise HistoryError(f"history {self.root}: {exc.strerror}") from exc
-        recs, used = scan(data, head, verify=False)
-        if used != len(data):
-            raise HistoryCorrupt("history: a record just written does not parse")
         with self._mu:
-            for r in recs:
-                self.index.add(r.pos, r.header, r.name)
+            pos = head
+            for e in records:
+                self.index.add(pos, e.header, e.name)
+                pos += HEADER_SIZE + len(e.payload)
 
     def before_apply(self, records: Sequence[RecordLike], read: Callable[[int, int], bytes]) -> None:
         """Save what `records` (in order, about to be applied) will overwrite, and their points,
@@ -340,8 +329,11 @@ class HistoryWriter:
         (seq at or below the newest one kept: sent again after a restart) are skipped, since their
         before-images were saved the first time and the target may already hold them."""
         bs = self.meta.block_size
-        chunks: list[bytes] = []
-        overlay: list[tuple[int, int, bytes | None]] = []  # earlier records of this batch
+        out: list[Encoded] = []
+        # earlier records of this batch that change blocks, (lba, count, data or None for an unmap),
+        # found through the 64 KiB buckets they touch
+        overlay: list[tuple[int, int, bytes | None]] = []
+        touched: dict[int, list[int]] = {}
         last = self.index.last_seq
         in_resync = bool(self.index.windows and self.index.windows[-1].end_seq is None)
         for r in records:
@@ -349,23 +341,36 @@ class HistoryWriter:
             if r.seq <= last:
                 continue
             last = r.seq
-            if kind in (WRITE, UNMAP) and r.count > 0:
-                before = bytearray(read(r.lba, r.count))
-                end = r.lba + r.count
-                for (a, n, data) in overlay:
-                    lo, hi = max(a, r.lba), min(a + n, end)
-                    if lo < hi:
-                        before[(lo - r.lba) * bs:(hi - r.lba) * bs] = (
-                            data[(lo - a) * bs:(hi - a) * bs] if data is not None else bytes((hi - lo) * bs))
-                chunks.append(encode_undo(r.seq, r.timestamp_ns, r.lba, bytes(before), bs))
-                overlay.append((r.lba, r.count, r.payload if kind == WRITE else None))
-            elif kind == FLUSH and not in_resync:
-                chunks.append(encode_point(r.seq, r.timestamp_ns, PointKind.FLUSH))
-            elif kind == MARK and not in_resync:
-                chunks.append(encode_point(r.seq, r.timestamp_ns, PointKind.MARK,
-                                           bytes(r.payload).decode(errors="replace")[:100]))
-        self._append(chunks)
-        if chunks:
+            if kind in (RecordKind.WRITE, RecordKind.UNMAP) and r.count > 0:
+                lba, end = r.lba, r.lba + r.count
+                buckets = range(lba >> _OVERLAY_SHIFT, ((end - 1) >> _OVERLAY_SHIFT) + 1)
+                earlier: set[int] = set()
+                for b in buckets:
+                    hit = touched.get(b)
+                    if hit is not None:
+                        earlier.update(hit)
+                before = read(lba, r.count)
+                if earlier:
+                    buf = bytearray(before)
+                    for i in sorted(earlier):  # in batch order: the newest wins
+                        a, n, data = overlay[i]
+                        lo, hi = max(a, lba), min(a + n, end)
+                        if lo < hi:
+                            buf[(lo - lba) * bs:(hi - lba) * bs] = (
+                                data[(lo - a) * bs:(hi - a) * bs] if data is not None else bytes((hi - lo) * bs))
+                    before = bytes(buf)
+                out.append(undo_record(r.seq, r.timestamp_ns, lba, before, bs))
+                i = len(overlay)
+                overlay.append((lba, r.count, r.payload if kind == RecordKind.WRITE else None))
+                for b in buckets:
+                    touched.setdefault(b, []).append(i)
+            elif kind == RecordKind.FLUSH and not in_resync:
+                out.append(point_record(r.seq, r.timestamp_ns, PointKind.FLUSH))
+            elif kind == RecordKind.MARK and not in_resync:
+                out.append(point_record(r.seq, r.timestamp_ns, PointKind.MARK,
+                                        bytes(r.payload).decode(errors="replace")[:100]))
+        self._append(out)
+        if out:
             self.trim()
 
     def resync_begin(self, base_seq: int, time_ns: int) -> None:
@@ -373,7 +378,7 @@ class HistoryWriter:
         copies overwrite the target; images between it and the resync's end are not whole."""
         if self.index.windows and self.index.windows[-1].end_seq is None:
             return  # a resync restarted: the same window goes on
-        self._append([encode(Kind.RESYNC, seq=base_seq, time_ns=time_ns, flags=RESYNC_BEGIN)])
+        self._append([encode_record(Kind.RESYNC, seq=base_seq, time_ns=time_ns, flags=RESYNC_BEGIN)])
         self._region_saved.clear()
 
     def before_region(self, lba: int, count: int, read: Callable[[int, int], bytes]) -> None:
@@ -382,7 +387,7 @@ class HistoryWriter:
             raise HistoryError("region copy outside a resync")
         w = self.index.windows[-1]
         c = self._region_chunk
-        chunks = []
+        chunks: list[Encoded] = []
         t = self.index.time_ns(self.index.next_id - 1) if self.index.next_id > self.index.first_id else 0
         for k in range(lba // c, (lba + count - 1) // c + 1):
             if k in self._region_saved:
@@ -391,7 +396,7 @@ class HistoryWriter:
             n = min(c, self.meta.num_blocks - a)
             if n <= 0:
                 continue
-            chunks.append(encode_undo(w.begin_seq + 1, t, a, read(a, n), self.meta.block_size, region=True))
+            chunks.append(undo_record(w.begin_seq + 1, t, a, read(a, n), self.meta.block_size, region=True))
             self._region_saved.add(k)
         self._append(chunks)
         if chunks:
@@ -400,7 +405,7 @@ class HistoryWriter:
     def resync_end(self, end_seq: int, time_ns: int) -> None:
         """Records up to `end_seq` are applied: the target is whole again."""
         if self.index.windows and self.index.windows[-1].end_seq is None:
-            self._append([encode(Kind.RESYNC, seq=end_seq, time_ns=time_ns, flags=RESYNC_END)])
+            self._append([encode_record(Kind.RESYNC, seq=end_seq, time_ns=time_ns, flags=RESYNC_END)])
             self._region_saved.clear()
 
     def _reload_region_saved(self) -> None:
@@ -483,10 +488,56 @@ class HistoryWriter:
 
 
 def _wipe(root: Path) -> None:
+    """Remove a history: meta.json first (durably), so a cut midway leaves no history at all rather
+    than a meta whose records are partly gone."""
+    (root / META).unlink(missing_ok=True)
+    fsync_dir(root)
     for p in root.iterdir():
         if p.is_file():
             p.unlink()
     fsync_dir(root)
+
+
+class DiscardOnChange:
+    """An apply hook for a source whose history is kept no more (a remote started without
+    `--history-size`): the history on disk matches the target until the target first changes;
+    just before that change it is removed, durably, so that `history`, `restore` and `expose`
+    never offer an image the target no longer backs. A view open on it meanwhile (a `restore`, an
+    `expose`) fails with "no history" at its next read rather than serve a wrong block."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done = False
+
+    def _discard(self, why: str) -> None:
+        if self.done:
+            return
+        if (self.root / META).exists():
+            log.warning("history: removing the history of a source kept without history now, %s dir=%s",
+                        why, self.root)
+            with _flocked_path(self.root / "lock"):
+                _wipe(self.root)
+        self.done = True
+
+    def before_apply(self, records: Sequence[RecordLike], read: Callable[[int, int], bytes]) -> None:
+        if any(int(r.kind) in (RecordKind.WRITE, RecordKind.UNMAP) and r.count > 0 for r in records):
+            self._discard("as the target changes")
+
+    def before_region(self, lba: int, count: int, read: Callable[[int, int], bytes]) -> None:
+        self._discard("as a resync changes the target")
+
+    def resync_begin(self, base_seq: int, time_ns: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _flocked_path(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        with _flocked(fd):
+            yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -35,9 +35,9 @@ from firmware.iscsi.pdu import (
     RESERVED_TAG,
     DataDigestError,
     Framer,
-    Opcode,
     Pdu,
     PduError,
+    PduOpcode,
     RejectReason,
     TextError,
     build_text,
@@ -294,45 +294,45 @@ class Connection:
     def _dispatch(self, pdu: Pdu) -> None:
         op = pdu.opcode
         if self.phase is Phase.LOGIN:
-            if op != Opcode.LOGIN_REQUEST:
+            if op != PduOpcode.LOGIN_REQUEST:
                 self._close(f"opcode 0x{op:02x} before login completed")
                 return
             self._login(pdu)
             return
-        if op == Opcode.LOGIN_REQUEST:
+        if op == PduOpcode.LOGIN_REQUEST:
             self._reject(RejectReason.PROTOCOL_ERROR, bytes(pdu.bhs))
             self._close("login request in full feature phase")
             return
-        if op == Opcode.DATA_OUT:
+        if op == PduOpcode.DATA_OUT:
             self._data_out(pdu)
             return
-        if op == Opcode.SNACK_REQUEST:
+        if op == PduOpcode.SNACK_REQUEST:
             self._reject(RejectReason.COMMAND_NOT_SUPPORTED, bytes(pdu.bhs))  # ERL 0
             return
         if op not in (
-            Opcode.NOP_OUT,
-            Opcode.SCSI_COMMAND,
-            Opcode.TASK_MGMT_REQUEST,
-            Opcode.TEXT_REQUEST,
-            Opcode.LOGOUT_REQUEST,
+            PduOpcode.NOP_OUT,
+            PduOpcode.SCSI_COMMAND,
+            PduOpcode.TASK_MGMT_REQUEST,
+            PduOpcode.TEXT_REQUEST,
+            PduOpcode.LOGOUT_REQUEST,
         ):
             self._reject(RejectReason.COMMAND_NOT_SUPPORTED, bytes(pdu.bhs))
             return
         if not self._accept_cmdsn(pdu):
             return
-        if op == Opcode.NOP_OUT:
+        if op == PduOpcode.NOP_OUT:
             self._nop_out(pdu)
-        elif op == Opcode.SCSI_COMMAND:
+        elif op == PduOpcode.SCSI_COMMAND:
             self._scsi_command(pdu)
-        elif op == Opcode.TASK_MGMT_REQUEST:
+        elif op == PduOpcode.TASK_MGMT_REQUEST:
             self._task_mgmt(pdu)
-        elif op == Opcode.TEXT_REQUEST:
+        elif op == PduOpcode.TEXT_REQUEST:
             self._text(pdu)
         else:
             self._logout(pdu)
 
     def _accept_cmdsn(self, pdu: Pdu) -> bool:
-        if pdu.opcode == Opcode.NOP_OUT and pdu.itt == RESERVED_TAG:
+        if pdu.opcode == PduOpcode.NOP_OUT and pdu.itt == RESERVED_TAG:
             return True  # an answer to our NOP-In: no CmdSN semantics
         cmdsn = pdu.u32(24)
         if pdu.immediate:
@@ -380,7 +380,7 @@ class Connection:
     def _reject(self, reason: RejectReason, header: bytes) -> None:
         self.counters["rejects"] += 1
         log.warning("reject peer=%s reason=%s opcode=0x%02x", self.peer, reason.name, header[0] & 0x3F if header else 0)
-        pdu = Pdu.new(Opcode.REJECT, flags=0x80)
+        pdu = Pdu.new(PduOpcode.REJECT, flags=0x80)
         pdu.bhs[2] = int(reason)
         pdu.set_u32(16, RESERVED_TAG)
         pdu.data = header[:48]
@@ -545,7 +545,7 @@ class Connection:
         status: LoginStatus = LoginStatus.SUCCESS,
     ) -> None:
         flags = (0x80 if transit else 0) | (0x40 if cont else 0) | (csg << 2) | (nsg if transit else 0)
-        pdu = Pdu.new(Opcode.LOGIN_RESPONSE, flags=flags)
+        pdu = Pdu.new(PduOpcode.LOGIN_RESPONSE, flags=flags)
         pdu.bhs[2] = 0  # Version-max
         pdu.bhs[3] = 0  # Version-active
         pdu.bhs[8:14] = self.isid.ljust(6, b"\0")
@@ -573,7 +573,7 @@ class Connection:
     def _nop_out(self, pdu: Pdu) -> None:
         if pdu.itt == RESERVED_TAG:
             return  # an answer to a NOP-In ping (or a one-way ping): nothing to send
-        rsp = Pdu.new(Opcode.NOP_IN, flags=0x80)
+        rsp = Pdu.new(PduOpcode.NOP_IN, flags=0x80)
         rsp.set_lun(pdu.lun)
         rsp.set_u32(16, pdu.itt)
         rsp.set_u32(20, RESERVED_TAG)
@@ -680,7 +680,7 @@ class Connection:
             ttt = self._next_ttt
             self._next_ttt = self._next_ttt % 0xFFFFFFFE + 1
             task.r2ts[ttt] = task.solicited + length
-            r2t = Pdu.new(Opcode.R2T, flags=0x80)
+            r2t = Pdu.new(PduOpcode.R2T, flags=0x80)
             r2t.set_lun(task.lun)
             r2t.set_u32(16, task.itt)
             r2t.set_u32(20, ttt)
@@ -761,7 +761,7 @@ class Connection:
             while off < len(sent):
                 n = min(chunk, len(sent) - off, burst - off % burst)
                 last = off + n >= len(sent)
-                pdu = Pdu.new(Opcode.DATA_IN)
+                pdu = Pdu.new(PduOpcode.DATA_IN)
                 f = 0x80 if last or (off + n) % burst == 0 else 0
                 with_status = last and status == _STATUS_GOOD
                 if with_status:
@@ -780,7 +780,7 @@ class Connection:
                 off += n
             if status == _STATUS_GOOD:
                 return
-        rsp = Pdu.new(Opcode.SCSI_RESPONSE, flags=flags)
+        rsp = Pdu.new(PduOpcode.SCSI_RESPONSE, flags=flags)
         rsp.bhs[2] = 0  # command completed at target
         rsp.bhs[3] = status
         rsp.set_u32(16, task.itt)
@@ -799,7 +799,7 @@ class Connection:
 
         def respond(code: TmfResponse) -> Callable[[], None]:
             def send() -> None:
-                rsp = Pdu.new(Opcode.TASK_MGMT_RESPONSE, flags=0x80)
+                rsp = Pdu.new(PduOpcode.TASK_MGMT_RESPONSE, flags=0x80)
                 rsp.bhs[2] = int(code)
                 rsp.set_u32(16, itt)
                 self._send(rsp)
@@ -867,7 +867,7 @@ class Connection:
             self._close("text request too long")
             return
         self._text_buf += pdu.data
-        rsp = Pdu.new(Opcode.TEXT_RESPONSE, flags=0x80)
+        rsp = Pdu.new(PduOpcode.TEXT_RESPONSE, flags=0x80)
         rsp.set_u32(16, pdu.itt)
         rsp.set_u32(20, RESERVED_TAG)
         if pdu.flags & 0x40:  # continued: answer empty, with a TTT so the initiator goes on
@@ -898,7 +898,7 @@ class Connection:
 
         def respond(code: int) -> Callable[[], None]:
             def send() -> None:
-                rsp = Pdu.new(Opcode.LOGOUT_RESPONSE, flags=0x80)
+                rsp = Pdu.new(PduOpcode.LOGOUT_RESPONSE, flags=0x80)
                 rsp.bhs[2] = code
                 rsp.set_u32(16, itt)
                 self._send(rsp)

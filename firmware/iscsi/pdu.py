@@ -23,7 +23,7 @@ RESERVED_TAG = 0xFFFFFFFF
 MAX_DATA_SEGMENT = (1 << 24) - 1
 
 
-class Opcode(enum.IntEnum):
+class PduOpcode(enum.IntEnum):
     """RFC 7143 11.2.1.2."""
 
     NOP_OUT = 0x00
@@ -95,7 +95,7 @@ class Pdu:
     data: bytes = b""
 
     @classmethod
-    def new(cls, opcode: Opcode, *, flags: int = 0, immediate: bool = False) -> Pdu:
+    def new(cls, opcode: PduOpcode, *, flags: int = 0, immediate: bool = False) -> Pdu:
         bhs = bytearray(BHS_LENGTH)
         bhs[0] = int(opcode) | (0x40 if immediate else 0)
         bhs[1] = flags

@@ -17,7 +17,7 @@ import stat
 import struct
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from firmware.atomic import fsync_dir
 
@@ -27,23 +27,29 @@ _BLKGETSIZE64 = 0x80081272  # linux/fs.h: _IOR(0x12, 114, size_t)
 _PREWRITE_CHUNK = 1 << 20
 
 
+@runtime_checkable
 class Flash(Protocol):
     """Byte-addressed storage with an explicit durability point."""
 
     @property
     def size(self) -> int: ...
 
-    def pread(self, length: int, offset: int) -> bytes: ...
+    def pread(self, length: int, offset: int) -> bytes:
+        """Exactly `length` bytes at `offset`, or OSError (outside the device, a short read, closed)."""
+        ...
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        """Write all of `data`; it is durable only after the next `sync()`."""
+        """Write all of `data`; it is durable only after the next `sync()`. Bytes outside the device
+        are refused with OSError before anything is written (a file never grows)."""
         ...
 
     def sync(self) -> None:
         """Make every write before it durable (fdatasync)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the device; every later pread, pwrite or sync raises OSError; closing twice is harmless."""
+        ...
 
 
 class FileFlash:
@@ -97,20 +103,31 @@ class FileFlash:
     def size(self) -> int:
         return self._size
 
+    def _check(self, offset: int, length: int, what: str, code: int) -> None:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, f"{self.path}: {what} on a closed journal device")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise OSError(code, f"{self.path}: {what} beyond the device: {offset}+{length} > {self._size}")
+
     def pread(self, length: int, offset: int) -> bytes:
+        self._check(offset, length, "read", errno.EIO)
         data = os.pread(self._fd, length, offset)
         if len(data) < length:
             raise OSError(errno.EIO, f"short read at offset {offset}: {len(data)} of {length} bytes")
         return data
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view), "write", errno.ENOSPC)
         while view:
             n = os.pwrite(self._fd, view, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{self.path}: write at offset {offset} made no progress")
             view = view[n:]
             offset += n
 
     def sync(self) -> None:
+        self._check(0, 0, "sync", errno.EIO)
         os.fdatasync(self._fd)
 
     def fileno(self) -> int:

@@ -71,6 +71,9 @@ from firmware.journal.format import (
 log = logging.getLogger(__name__)
 
 _SCAN_CHUNK = 8 << 20
+# the scan's fast path compares plain ints: a WRITE carries its blocks, UNMAP and FLUSH nothing
+_WRITE = int(RecordKind.WRITE)
+_BARE_KINDS = (int(RecordKind.UNMAP), int(RecordKind.FLUSH))
 
 
 @dataclass
@@ -338,7 +341,7 @@ class Journal:
              hcrc) = unpack_header(buf, at)
             if (magic == RECORD_MAGIC and seq == expected and epoch == self._epoch and flags == 0
                     and hlen == HEADER_SIZE and min_inc <= inc <= max_inc and dbefore < seq
-                    and (plen == count * bs and count > 0 if kind == 1 else (plen == 0 and kind in (2, 3)))
+                    and (plen == count * bs and count > 0 if kind == _WRITE else (plen == 0 and kind in _BARE_KINDS))
                     and hcrc == crc_value(buf[at: at + HEADER_BODY])):
                 rlen = (HEADER_SIZE + plen + ALIGN - 1) // ALIGN * ALIGN
                 if off + rlen <= ring and pos - ck.tail_pos + rlen <= ring:
@@ -505,7 +508,8 @@ class Journal:
     def append(self, kind: RecordKind, lba: int, count: int, payload: bytes, now_ns: int) -> int:
         """Queue a record in RAM and return its seq; it is durable after the next `sync()`.
         Raises JournalFull when the ring has no room until the tail advances."""
-        kind = RecordKind(kind)
+        if type(kind) is not RecordKind:  # an int from a caller: checked and converted once
+            kind = RecordKind(kind)
         plen = len(payload)
         if kind is RecordKind.WRITE:
             if count <= 0 or plen != count * self._sb.block_size:

@@ -21,6 +21,7 @@ Nothing here is used by the firmware at run time.
 from __future__ import annotations
 
 import enum
+import errno
 import random
 from dataclasses import dataclass, field
 
@@ -80,14 +81,20 @@ class SimulatedFlash:
     def size(self) -> int:
         return self._size
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise OSError(errno.EBADF, "simulated flash is closed")
+
     def pread(self, length: int, offset: int) -> bytes:
         if self.rail.cut:
             raise PowerCut("power is off")
+        self._check_open()
         if offset < 0 or offset + length > self._size:
             raise OSError(5, f"read beyond device: {offset}+{length} > {self._size}")
         return bytes(self.current[offset: offset + length])
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        self._check_open()
         self.rail.tick()
         b = bytes(data)
         if offset < 0 or offset + len(b) > self._size:
@@ -97,6 +104,7 @@ class SimulatedFlash:
         self.writes += 1
 
     def sync(self) -> None:
+        self._check_open()
         self.rail.tick()
         self.durable[:] = self.current
         self.unsynced.clear()

@@ -21,7 +21,7 @@ import enum
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from firmware.link import protocol as jp
 
@@ -29,6 +29,7 @@ OPEN_END = (1 << 64) - 1  # RESYNC_END position meaning "not final yet"
 RECORD_OVERHEAD = jp.RECORD_HEADER_SIZE  # bytes a record header adds on the wire
 
 
+@runtime_checkable
 class SourceJournal(Protocol):
     """What a source needs of its journal (the local unit's ring; a relay's received stream later)."""
 

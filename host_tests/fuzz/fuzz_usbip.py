@@ -1,7 +1,7 @@
 """Fuzz the USB/IP parser (gadget/usbip_protocol.py) on both roles and in both phases.
 
 Invariant: any byte stream, fed whole or one byte at a time, either parses into events or raises
-`ProtocolError`; never any other exception, never a hang, and both feeds give the same events.
+`UsbipProtocolError`; never any other exception, never a hang, and both feeds give the same events.
 
 Run: python host_tests/fuzz/fuzz_usbip.py -atheris_runs=100000   (or -max_total_time=60)
 """
@@ -20,13 +20,13 @@ with atheris.instrument_imports():
         NEED_DATA,
         ImportReply,
         ImportRequest,
-        ProtocolError,
-        Role,
         SubmitCommand,
         UnlinkCommand,
         UrbDirection,
         UsbDeviceInfo,
         UsbipConnection,
+        UsbipProtocolError,
+        UsbipRole,
         encode,
     )
 
@@ -35,16 +35,16 @@ _INFO = UsbDeviceInfo("/p", "1-1", 1, 2, 3, 0x1209, 1, 0x100, 0, 0, 0, 0, 1, 1)
 
 def _connection(mode: int) -> UsbipConnection:
     if mode == 0:
-        return UsbipConnection(Role.SERVER, max_transfer=1 << 16)
+        return UsbipConnection(UsbipRole.SERVER, max_transfer=1 << 16)
     if mode == 1:  # server after a successful import: URB commands
-        conn = UsbipConnection(Role.SERVER, max_transfer=1 << 16)
+        conn = UsbipConnection(UsbipRole.SERVER, max_transfer=1 << 16)
         conn.receive_data(encode(ImportRequest("1-1")))
         conn.next_event()
         conn.send(ImportReply(0, _INFO))
         return conn
     if mode == 2:
-        return UsbipConnection(Role.CLIENT, max_transfer=1 << 16)
-    conn = UsbipConnection(Role.CLIENT, max_transfer=1 << 16)  # client with URBs in flight
+        return UsbipConnection(UsbipRole.CLIENT, max_transfer=1 << 16)
+    conn = UsbipConnection(UsbipRole.CLIENT, max_transfer=1 << 16)  # client with URBs in flight
     conn.receive_data(encode(ImportReply(0, _INFO)))
     conn.next_event()
     for seq in range(4):
@@ -61,7 +61,7 @@ def _run(conn: UsbipConnection, chunks: list[bytes]) -> tuple[list[object], bool
             conn.receive_data(chunk)
             while (ev := conn.next_event()) is not NEED_DATA:
                 events.append(ev)
-    except ProtocolError:
+    except UsbipProtocolError:
         return events, True
     return events, False
 
