@@ -3,10 +3,13 @@
 Run: `.venv/bin/python bench/bench_history.py [--size 1G] [--seconds S] [--dir DIR] [--json]`
 
 In one run, on one target file:
-  raw    4 KiB pwrite + fdatasync per second (the bound of a local unit's durable rate at QD1);
+  raw    4 KiB pwrite + fdatasync per second on that target (the bound of a local unit's durable
+         rate at QD1);
   apply  4 KiB random writes through the remote's TargetStore in batches of 64, synced once per
-         batch as the remote does per acknowledged position: records/s with history off, then on
-         (target: on >= 0.5 x off, and on >= the raw durable rate, so replication keeps up);
+         batch as the remote does per acknowledged position: records/s with history off and on, on
+         the same (fully written) target, in alternating quarter-second slices so that both meet the
+         same disk and neighbours (target: on >= 0.5 x off, and on >= the raw durable rate, so
+         replication keeps up);
 then a target of --size with as much history behind it (64 KiB random writes):
   expose time from `expose` (history opened, point resolved, view pinned, USB/IP listening) to the
          first READ(10) answered to a client that imports the disk, against the same for the plain
@@ -60,40 +63,54 @@ def raw_durable_rate(path: Path, seconds: float) -> float:
     return n / (time.monotonic() - t0)
 
 
-def apply_rate(state: Path, target: Path, size: int, seconds: float, *, history: bool) -> float:
-    """4 KiB random writes through TargetStore.apply, one sync per batch, as the remote applies."""
+def apply_rates(state: Path, target: Path, size: int, seconds: float, *, slice_s: float = 0.25) -> tuple[float, float]:
+    """4 KiB random writes through TargetStore.apply, one sync per batch, as the remote applies:
+    records/s with history off and on, on the same target, in alternating slices of `slice_s` (the
+    history hook is attached for the "on" slices), so that both see the same disk and the same
+    neighbours on a shared machine."""
     store = TargetStore("s1", str(target), str(state))
     vol = store.open(size, BS)
-    w = None
-    if history:
-        w = HistoryWriter.open(history_dir(state, "s1"), block_size=BS, num_blocks=size // BS, volume_uuid="00" * 16,
-                               generation=1, target=str(target), base_seq=0, size_cap=1 << 30, age_s=86400.0)
-        store.add_hook(w)
+    w = HistoryWriter.open(history_dir(state, "s1"), block_size=BS, num_blocks=size // BS, volume_uuid="00" * 16,
+                           generation=1, target=str(target), base_seq=0, size_cap=1 << 30, age_s=86400.0)
     payload = os.urandom(4 * KIB)
     nb = size // (4 * KIB)
-    seq, t0 = 0, time.monotonic()
+    seq = 0
+    done = {False: 0, True: 0}
+    spent = {False: 0.0, True: 0.0}
     try:
-        while time.monotonic() - t0 < seconds:
-            recs = []
-            for _ in range(BATCH):
-                seq += 1
-                recs.append(jp.Record(seq, jp.RecordKind.WRITE, random.randrange(nb) * 8, 8, time.time_ns(), payload))
-            store.apply(recs)
-            vol.flush()
-        return seq / (time.monotonic() - t0)
+        while spent[True] < seconds:
+            for history in (False, True):
+                store.hooks = [w] if history else []
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < slice_s:
+                    recs = []
+                    for _ in range(BATCH):
+                        seq += 1
+                        recs.append(jp.Record(seq, jp.RecordKind.WRITE, random.randrange(nb) * 8, 8, time.time_ns(),
+                                              payload))
+                    store.apply(recs)
+                    vol.flush()
+                    done[history] += BATCH
+                spent[history] += time.monotonic() - t0
+        return done[False] / spent[False], done[True] / spent[True]
     finally:
-        if w is not None:
-            w.close()
+        store.hooks = []
+        w.close()
         store.close()
 
 
-def build_history(state: Path, target: Path, size: int) -> int:
-    """Fill the target with data, then 64 KiB random writes until the history holds `size` bytes."""
-    with open(target, "wb") as f:
+def fill(path: Path, size: int) -> None:
+    """A target as a remote holds one after its first sync: every block written."""
+    with open(path, "wb") as f:
         for _ in range(size // MIB):
             f.write(os.urandom(MIB))
         f.flush()
         os.fsync(f.fileno())
+
+
+def build_history(state: Path, target: Path, size: int) -> int:
+    """Fill the target with data, then 64 KiB random writes until the history holds `size` bytes."""
+    fill(target, size)
     store = TargetStore("s1", str(target), str(state))
     vol = store.open(size, BS)
     w = HistoryWriter.open(history_dir(state, "s1"), block_size=BS, num_blocks=size // BS, volume_uuid="11" * 16,
@@ -174,15 +191,12 @@ def main() -> int:
     try:
         small = 256 * MIB
         t = root / "apply.img"
-        with open(t, "wb") as f:
-            f.truncate(small)
+        fill(t, small)
         out["raw_durable_4k_per_s"] = raw_durable_rate(t, a.seconds)
-        (root / "off").mkdir()
-        (root / "on").mkdir()
-        out["apply_off_per_s"] = apply_rate(root / "off", t, small, a.seconds, history=False)
-        out["apply_on_per_s"] = apply_rate(root / "on", t, small, a.seconds, history=True)
+        (root / "apply").mkdir()
+        out["apply_off_per_s"], out["apply_on_per_s"] = apply_rates(root / "apply", t, small, a.seconds)
         t.unlink()
-        shutil.rmtree(root / "on")
+        shutil.rmtree(root / "apply")
 
         state = root / "state"
         state.mkdir()

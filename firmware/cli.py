@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from firmware import __version__, history_cli
+from firmware import __version__, failover_cli, history_cli
 from firmware.config import (
     DEFAULT_STATE_DIR,
     LOCAL_OPTS,
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--json", action="store_true", help="machine-readable output")
     add_opts(tp, SELFTEST_OPTS)
     history_cli.register(sub, COMMANDS)
+    failover_cli.register(sub, COMMANDS)
     return p
 
 

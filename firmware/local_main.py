@@ -76,11 +76,16 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         from firmware.failover.state import RoleStore, open_roles
 
         roles: RoleStore | None = None
+        local_roles: Any = None
         if opts.source_id:
             try:
                 roles = stack.enter_context(open_roles(state_dir, opts.source_id, primary=True))
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
+            from firmware.local_roles import LocalRoles
+
+            local_roles = LocalRoles(roles, unit, journal)
+            local_roles.at_start()  # a replica refuses host writes from the first command on
 
         from firmware.scsi import ScsiTarget, naa_locally_assigned
 
@@ -96,10 +101,15 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                                 bandwidth_limit_bps=r.extra.get("bandwidth_limit", opts.bandwidth_limit))
                      for r in opts.remotes]
             progress = stack.enter_context(RichProgress()) if opts.progress else None
+            role_hooks: dict[str, Any] = {}
+            if local_roles is not None:
+                role_hooks = {"generations": local_roles.generations,
+                              "on_remote_primary": local_roles.on_remote_primary}
             replicator = stack.enter_context(
                 Replicator(unit, journal, source_id=opts.source_id or "", remotes=specs,
                            tls_dir=opts.tls_dir or "", state_dir=str(state_dir),
-                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout), progress=progress)
+                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout), progress=progress,
+                           **role_hooks)
             )
 
         from gadget.descriptors import DeviceIdentity
@@ -151,7 +161,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                 "transports": transports,
             }
             st.update(unit.status())
-            st.update(roles.state.status() if roles is not None else {"primary": True, "split_brain": False})
+            st.update(local_roles.status() if local_roles is not None else
+                      {"primary": True, "split_brain": False, "host_writes": "accepted", "host_writes_reason": None})
             st["scsi"] = target.status()
             usb: list[dict[str, Any]] = []
             for s in usb_status:

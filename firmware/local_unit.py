@@ -46,7 +46,7 @@ from firmware.journal import Journal, JournalCorrupt, JournalError, JournalFull,
 from firmware.journal.bitmap import DirtyBitmap, DirtySnapshot
 from firmware.journal.flash import Flash
 from firmware.journal.format import MAX_MARK_NAME
-from firmware.storage import SpaceExhausted, StorageError, WriteError
+from firmware.storage import SpaceExhausted, StorageError, WriteError, WriteProtected
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class LocalUnit:
         self._space_exhausted: SpaceExhausted | None = None  # the volume's file system is full
         self._space_events = 0
         self._space_since: float | None = None
+        self._write_refusal: str | None = None  # a replica (docs/FAILOVER.md): why host writes are refused
         # the unit orders the volume's durability itself (fdatasync before the journal forgets)
         volume.set_write_cache(True)
         if region_blocks is None:
@@ -231,8 +232,21 @@ class LocalUnit:
 
     @property
     def read_only(self) -> bool:
-        """A local unit takes writes (the BlockStore contract's `read_only`)."""
-        return False
+        """A local unit takes writes (the BlockStore contract's `read_only`), except as a replica of
+        a promoted remote (`refuse_writes`)."""
+        return self._write_refusal is not None
+
+    @property
+    def write_refusal(self) -> str | None:
+        """Why host writes are refused (this unit is a replica), or None."""
+        return self._write_refusal
+
+    def refuse_writes(self, reason: str | None) -> None:
+        """From now on every write and unmap gets WriteProtected (DATA PROTECT, WRITE PROTECTED)
+        saying `reason`; None takes writes again."""
+        self._write_refusal = reason
+        if reason is not None:
+            log.warning("host writes refused reason=%s", reason)
 
     @property
     def write_cache(self) -> bool:
@@ -255,6 +269,8 @@ class LocalUnit:
             raise StorageError("local unit is closed")
         if writing and self._failed is not None:
             raise WriteError(f"local unit failed earlier: {self._failed}")
+        if writing and self._write_refusal is not None:
+            raise WriteProtected(self._write_refusal)
 
     def read(self, lba: int, count: int) -> bytes:
         self._check(lba, count, writing=False)  # after a write failure, what was acknowledged is readable
@@ -293,6 +309,25 @@ class LocalUnit:
         if count == 0:
             return
         self._submit(RecordKind.UNMAP, lba, count, b"", fua=False)
+
+    def install(self, lba: int, data: bytes) -> None:
+        """Failback: blocks pulled from a promoted remote, written straight to the volume (not
+        journaled: they are the source's data already, and the remote holds them). Only a replica
+        (`refuse_writes`) installs; every journal record is first applied, so none is replayed over
+        the installed blocks after a restart. Durable after `install_done()`."""
+        if self._write_refusal is None:
+            raise StorageError("only a replica installs blocks from a promoted remote")
+        if len(data) % self._bs:
+            raise ValueError("data is not a whole number of blocks")
+        self._check(lba, len(data) // self._bs, writing=False)
+        with self._lock:
+            self._reclaim_locked()
+            self._guard(lambda: self._volume.write_nosync(lba, data))
+
+    def install_done(self) -> None:
+        """The installed blocks are durable on the volume."""
+        with self._lock:
+            self._guard(self._volume.flush)
 
     def flush(self) -> None:
         """SYNCHRONIZE CACHE: a consistency point; returns once everything before it is durable

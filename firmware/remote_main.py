@@ -15,8 +15,9 @@ log = logging.getLogger("usbmirror.remote")
 
 def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
     from firmware.control import ControlError, ControlServer
+    from firmware.failover_serve import PromotionServers
     from firmware.pairing import PairingError, TlsFiles, add_expiry_status
-    from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
+    from firmware.remote_unit import PromoteError, RemoteUnit, RemoteUnitConfig
 
     sd = Path(opts.state_dir)
     try:
@@ -37,7 +38,7 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
             unit = RemoteUnit(cfg)
         except (PairingError, OSError, ValueError) as exc:
             raise UsageError(f"cannot start remote unit: {exc}") from None
-        with unit:
+        with unit, PromotionServers(unit) as promoted:
 
             def status(req: dict[str, Any]) -> dict[str, Any]:
                 st = unit.status()
@@ -53,8 +54,25 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
                 log.warning("rollback requested source=%s restored=%s", sid, done)
                 return {"source": sid, "rolled_back": done}
 
+            def promote(req: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return promoted.promote(req)
+                except PromoteError as exc:
+                    log.warning("promote refused source=%s reason=%s", req.get("source"), exc)
+                    return {"ok": False, "error": str(exc)}
+
+            def failback(req: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return promoted.failback(req)
+                except PromoteError as exc:
+                    log.warning("failback refused source=%s reason=%s", req.get("source"), exc)
+                    return {"ok": False, "error": str(exc)}
+
+            promoted.resume_all()
             control.register("status", status)
             control.register("rollback", rollback)
+            control.register("promote", promote)
+            control.register("failback", failback)
             unit.serve_forever(stop)
             log.info("stopping remote unit")
     finally:

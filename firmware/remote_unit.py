@@ -27,8 +27,12 @@ sync, state file, undo log, with the `ApplyHook` point before blocks are overwri
 `firmware.link_transport.LinkTransport` carries frames; this module accepts connections and drives a
 session per connection with the actions it returns.
 
-What it does not do: decide when to resync (the source does), keep point-in-time history or forward
-to a further remote.
+Roles (docs/FAILOVER.md): the source's HELLO may be followed by its data generations, which a
+replica adopts; `promote()` makes this copy primary (a new generation, recorded before anything is
+served, an optional rollback to a point of the history, then a `PromotedStore` the bring-up serves to
+a standby host); from then on the source's HELLO is answered with GENERATIONS and ERROR PRIMARY.
+
+What it does not do: decide when to resync (the source does) or forward to a further remote.
 """
 
 from __future__ import annotations
@@ -37,23 +41,27 @@ import dataclasses
 import errno
 import logging
 import os
+import shutil
 import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from firmware.failover.state import open_roles
-from firmware.history import DEFAULT_AGE_S, HistoryWriter, history_dir
+from firmware.failover.generations import History
+from firmware.failover.state import fresh_generation_id, open_roles
+from firmware.history import DEFAULT_AGE_S, HistoryError, HistoryWriter, history_dir, resolve
 from firmware.history import status_keys as history_status_keys
 from firmware.link import protocol as jp
 from firmware.link_driver import LinkDriver, Waker
 from firmware.link_transport import LinkTransport
 from firmware.pairing import TlsFiles, peer_identity, server_context
+from firmware.promotion import PromotedStore, rollback_to_point
 from firmware.replication.target import (
     ApplyRecords,
     Close,
@@ -74,10 +82,16 @@ from firmware.storage import SpaceExhausted, StorageError
 from firmware.target_store import TargetStore, UndoLog, save_json_durably, target_fingerprint
 from firmware.volume import Volume, VolumeError
 
-__all__ = ["RemoteUnit", "RemoteUnitConfig", "SourceTarget", "TargetState", "UndoLog", "save_json_durably",
-           "target_fingerprint"]
+__all__ = ["PromoteError", "RemoteUnit", "RemoteUnitConfig", "SourceTarget", "TargetState", "UndoLog",
+           "save_json_durably", "target_fingerprint"]
 
 log = logging.getLogger(__name__)
+
+HEALTHY_WITHIN_S = 10.0  # a connected source heard from this recently is healthy: promote refuses
+
+
+class PromoteError(Exception):
+    """`promote` refused or failed; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,9 @@ class SourceTarget:
         self.connections = 0
         self.peer = ""
         self.last_ack_time: float | None = None
+        self.last_heard: float | None = None  # monotonic: the replicating connection's last frame
+        self.promoted: PromotedStore | None = None  # served to a standby host while this copy is primary
+        self.promotion_error = ""
         self._rate: list[tuple[float, int]] = []  # (monotonic, bytes_applied) samples at ACK time
         self.history: HistoryWriter | None = None
         if unit.cfg.history_size is not None:
@@ -178,15 +195,253 @@ class SourceTarget:
 
     def rollback_resync(self) -> bool:
         """Restore the image from before an incomplete resync. True if one was restored."""
+        if self.promoted is not None:
+            return False
         with self.lock:
-            if not self.session.rollback_possible() or not self.store.rollback(self.state):
-                return False
-            self.session.rolled_back()
-            self.store.save_state(self.state)
-            self.store.undo_discard()
-            log.warning("rolled back incomplete resync source=%s applied_seq=%d", self.source_id,
-                        self.state.applied_seq)
-            return True
+            return self._rollback_resync_locked()
+
+    def _rollback_resync_locked(self) -> bool:
+        if not self.session.rollback_possible() or not self.store.rollback(self.state):
+            return False
+        self.session.rolled_back()
+        self.store.save_state(self.state)
+        self.store.undo_discard()
+        log.warning("rolled back incomplete resync source=%s applied_seq=%d", self.source_id,
+                    self.state.applied_seq)
+        return True
+
+    # -- roles ----------------------------------------------------------------------------------
+    def adopt_history(self, gens: jp.Generations) -> None:
+        """The source's generations, sent after its HELLO: a replica takes them over when they
+        descend from its own (the source's copy is the one it follows)."""
+        try:
+            theirs = History.from_tuples(gens.generations)
+        except ValueError as exc:
+            raise jp.ProtocolError(f"GENERATIONS: {exc}") from None
+        st = self.roles.state
+        if st.primary or theirs == st.history:
+            return
+        if not theirs.descends_from(st.history):
+            log.warning("source generations do not descend from this copy's source=%s own=%s source_current=%s",
+                        self.source_id, st.history.current and st.history.current.label,
+                        theirs.current and theirs.current.label)
+            return
+        self.roles.update(history=theirs)
+        log.info("adopted the source's data generation source=%s generation=%s", self.source_id,
+                 theirs.current and theirs.current.label)
+
+    def behind(self) -> dict[str, Any]:
+        """How far this copy is behind the source, as far as it knows: what a promotion puts at stake."""
+        st, ses = self.state, self.session
+        ts = ses.last_record_ts_ns
+        if not ts and self.history is not None and self.history.index.next_id > self.history.index.first_id:
+            idx = self.history.index
+            ts = idx.time_ns(idx.next_id - 1)
+        now = time.monotonic()
+        return {
+            "applied_seq": st.applied_seq,
+            "applied_record_time": ts / 1e9 if ts else None,
+            "applied_record_age_s": round(max(0.0, time.time() - ts / 1e9), 3) if ts else None,
+            "seconds_since_source": None if self.last_heard is None else round(now - self.last_heard, 3),
+        }
+
+    def promote(self, *, usbip: str, busid: str = "1-1", mark: str | None = None, at: str | None = None,
+                seq: int | None = None, force: bool = False) -> dict[str, Any]:
+        """Make this copy primary (docs/FAILOVER.md): refused while the source is connected and
+        healthy. A new generation is recorded durably first; then the optional rollback to a point of
+        the history; then the copy is opened read-write (`self.promoted`). Returns what happened and
+        the warning saying what is at stake."""
+        if self.roles.state.primary:
+            raise PromoteError(f"source {self.source_id} is already primary on this remote"
+                               f" ({self._serving_text()})")
+        st = self.state
+        if not st.volume_uuid or not st.num_blocks or not st.block_size:
+            raise PromoteError(f"this remote holds no copy of source {self.source_id} yet (it never connected)")
+        conn = self.active
+        now = time.monotonic()
+        if conn is not None:
+            heard = None if self.last_heard is None else now - self.last_heard
+            if heard is not None and heard < HEALTHY_WITHIN_S:
+                raise PromoteError(f"source {self.source_id} is connected and healthy (last heard {heard:.1f} s ago "
+                                   f"from {self.peer}): stop it or cut it off first; promoting now would fork its "
+                                   "data")
+            log.warning("promote: ending a silent connection source=%s peer=%s", self.source_id, self.peer)
+            conn.kill()
+        if not self.lock.acquire(timeout=max(5.0, self.unit.cfg.heartbeat_timeout_s)):
+            raise PromoteError(f"a connection of source {self.source_id} still holds its target; try again")
+        try:
+            return self._promote_locked(usbip=usbip, busid=busid, mark=mark, at=at, seq=seq, force=force)
+        except BaseException as exc:
+            if self.roles.state.primary and self.promoted is None:
+                self.promotion_error = str(exc)
+            if self.promoted is None:
+                self.lock.release()
+            raise
+
+    def _promote_locked(self, *, usbip: str, busid: str, mark: str | None, at: str | None, seq: int | None,
+                        force: bool) -> dict[str, Any]:
+        st = self.state
+        rolled_resync = False
+        if st.resync_active:
+            if not self.session.rollback_possible():
+                raise PromoteError(f"the copy of source {self.source_id} is in the middle of a first full copy: "
+                                   "it never held a whole image and cannot be promoted")
+            if not force:
+                raise PromoteError(f"a resync of source {self.source_id} is incomplete: the target is not a whole "
+                                   f"image; --force rolls it back to the image from before the resync (seq "
+                                   f"{st.resync_base_seq}) and promotes that")
+            rolled_resync = self._rollback_resync_locked()
+        behind = self.behind()
+        point_seq: int | None = None
+        what = f"the newest image (seq {st.applied_seq})"
+        if mark is not None or at is not None or seq is not None:
+            if self.history is None:
+                raise PromoteError(f"source {self.source_id} has no history on this remote (--history-size): "
+                                   "it can only be promoted at its newest image")
+            try:
+                res = resolve(self.history.index, mark=mark, at=at, seq=seq)
+            except HistoryError as exc:
+                raise PromoteError(str(exc)) from None
+            point_seq, what = res.seq, res.what
+        fork = point_seq if point_seq is not None else st.applied_seq
+        now_ns = time.time_ns()
+        roles = self.roles.state
+        hist = roles.history.promote(gen_id=fresh_generation_id(), now_ns=now_ns, fork_seq=fork)
+        cur = hist.current
+        assert cur is not None
+        warning = (f"source {self.source_id} is promoted while its local unit is "
+                   f"{'silent' if self.active is not None else 'not connected'}: this copy has applied up to "
+                   f"seq {behind['applied_seq']}"
+                   + (f", written by the local unit at {_iso(behind['applied_record_time'])} "
+                      f"({behind['applied_record_age_s']:.0f} s ago)" if behind["applied_record_time"] else "")
+                   + (f", last heard {behind['seconds_since_source']:.0f} s ago" if behind["seconds_since_source"]
+                      is not None else "")
+                   + "; whatever the local unit acknowledged after that is not in this copy (the failover's loss)"
+                   + (f"; the target is rolled back to {what}, discarding the writes after it" if point_seq is not None
+                      and point_seq < st.applied_seq else ""))
+        promotion = {"usbip": usbip, "busid": busid, "point": what, "fork_seq": fork, "promoted_ns": now_ns,
+                     "rollback_to_seq": point_seq if point_seq is not None and point_seq < st.applied_seq else None,
+                     "behind": behind, "resync_rolled_back": rolled_resync}
+        self.roles.update(primary=True, history=hist, promotion=promotion, split_brain=None, resolution=None)
+        log.warning("promoted source=%s generation=%s fork_seq=%d point=%s warning=%s", self.source_id, cur.label,
+                    fork, what, warning)
+        self._open_promoted()
+        return {"source": self.source_id, "generation": cur.label, "fork_seq": fork, "point": what,
+                "warning": warning, "behind": behind, "usbip": usbip, "busid": busid}
+
+    def resume_promotion(self) -> PromotedStore | None:
+        """A remote that starts with this copy primary: finish what the promotion left undone and
+        open the copy again (None when it is a replica). Raises PromoteError (also kept in status)."""
+        if not self.roles.state.primary or self.promoted is not None:
+            return self.promoted
+        if (self.roles.state.promotion or {}).get("handover"):
+            return None  # a failback is under way: the copy is no longer served
+        if not self.lock.acquire(timeout=5.0):
+            raise PromoteError(f"the target of source {self.source_id} is busy")
+        try:
+            self._open_promoted()
+        except BaseException as exc:
+            self.promotion_error = str(exc)
+            self.lock.release()
+            raise
+        return self.promoted
+
+    def _open_promoted(self) -> None:
+        """With `lock` held and the role state primary: the pending rollback, then the store."""
+        st = self.state
+        bs, n = st.block_size, st.num_blocks
+        try:
+            self.store.open(n * bs, bs)
+        except (VolumeError, StorageError) as exc:
+            raise PromoteError(f"cannot open the target {self.path}: {exc}") from None
+        last = self.history.index.last_seq if self.history is not None else 0
+        next_seq = max(st.applied_seq, last) + 1
+        pending = (self.roles.state.promotion or {}).get("rollback_to_seq")
+        if isinstance(pending, int):
+            try:
+                blocks, next_seq = rollback_to_point(self.store, self.unit.cfg.state_dir, self.source_id,
+                                                     os.path.realpath(self.path), seq=pending, next_seq=next_seq,
+                                                     num_blocks=n)
+            except (HistoryError, OSError, StorageError) as exc:
+                raise PromoteError(f"rolling the target of source {self.source_id} back to seq {pending} "
+                                   f"failed: {exc}") from None
+            promo = dict(self.roles.state.promotion or {})
+            promo["rollback_to_seq"] = None
+            promo["rolled_back_blocks"] = blocks
+            self.roles.update(promotion=promo)
+            log.warning("rolled the promoted target back source=%s seq=%d blocks=%d", self.source_id, pending,
+                        blocks)
+        bitmap = self.roles.bitmap(self.source_id, num_blocks=n, region_blocks=max(1, (1 << 20) // bs),
+                                   volume_uuid=uuid.UUID(hex=st.volume_uuid))
+        self.promoted = PromotedStore(self.store, bitmap, num_blocks=n, block_size=bs, next_seq=next_seq)
+        self.promotion_error = ""
+
+    def end_promotion_io(self) -> None:
+        """The remote stops: the promoted copy takes no more I/O and the target lock is released
+        (the role state stays primary)."""
+        p, self.promoted = self.promoted, None
+        if p is not None:
+            p.close()
+            self.lock.release()
+
+    def begin_failback(self) -> dict[str, Any]:
+        """`usbmirror failback`: the copy is no longer served (the caller stopped its server) and takes
+        no more writes; the role state says a handover is under way, so the old local unit (a
+        replica) pulls what changed, takes the source back in a new generation, and this copy
+        becomes its replica (`handed_back`)."""
+        st = self.roles.state
+        if not st.primary:
+            raise PromoteError(f"source {self.source_id} is not primary on this remote: nothing to fail back")
+        written = self.promoted.status() if self.promoted is not None else {}
+        self.end_promotion_io()
+        promo = dict(st.promotion or {})
+        if not promo.get("handover"):
+            promo["handover"] = True
+            promo["handover_ns"] = time.time_ns()
+            self.roles.update(promotion=promo)
+            log.warning("failback: the promoted copy is no longer served source=%s writes=%s", self.source_id,
+                        written.get("writes"))
+        return {"source": self.source_id, "generation": st.history.current.label if st.history.current else None,
+                "promoted_io": written}
+
+    def handed_back(self, gens: jp.Generations) -> int:
+        """A FETCH connection's GENERATIONS: the local unit pulled what changed and is primary again
+        in the generation after ours. This copy becomes its replica at that generation's fork
+        position (stored first, so the source never ships the writes it lost on top of it). Returns
+        the position to acknowledge."""
+        try:
+            theirs = History.from_tuples(gens.generations)
+        except ValueError as exc:
+            raise jp.ProtocolError(f"GENERATIONS: {exc}") from None
+        st = self.roles.state
+        cur, new = st.history.current, theirs.current
+        if not st.primary or not (st.promotion or {}).get("handover"):
+            raise Refused(jp.ErrorCode.SEQUENCE, f"no failback of source {self.source_id} is under way")
+        if new is None or cur is None or theirs.successor(cur) != new:
+            raise Refused(jp.ErrorCode.SEQUENCE, f"generation {new and new.label} does not follow this copy's "
+                          f"{cur and cur.label}")
+        ts = self.session.state
+        ts.applied_seq = new.fork_seq
+        self.session.forget_unsynced()
+        self.store.sync()
+        self.store.save_state(ts)
+        if self.history is not None:  # its seqs are the promoted copy's, not the source's: start anew
+            if self.history in self.store.hooks:
+                self.store.hooks.remove(self.history)
+            self.history.close()
+            self.history = None
+            shutil.rmtree(history_dir(self.unit.cfg.state_dir, self.source_id), ignore_errors=True)
+        self.roles.drop_bitmap(self.source_id)
+        self.roles.update(primary=False, history=theirs, promotion=None, split_brain=None, resolution=None,
+                          last_resync={"failback_ns": time.time_ns(), "to": self.peer or "the local unit",
+                                       "fork_seq": new.fork_seq})
+        log.warning("failback complete: the local unit is primary again source=%s generation=%s applied_seq=%d",
+                    self.source_id, new.label, new.fork_seq)
+        return new.fork_seq
+
+    def _serving_text(self) -> str:
+        promo = self.roles.state.promotion or {}
+        return f"served over USB/IP on {promo.get('usbip')}" if promo.get("usbip") else "not served"
 
     def status(self) -> dict[str, Any]:
         st, ses = self.state, self.session
@@ -196,7 +451,8 @@ class SourceTarget:
         return {
             "source_id": self.source_id,
             "target": self.path,
-            "state": ("resyncing" if st.resync_active else "connected") if self.active else
+            "state": "primary" if self.roles.state.primary else
+                     ("resyncing" if st.resync_active else "connected") if self.active else
                      ("error" if self.last_error else "idle"),
             "consistent": not st.resync_active,
             "rollback_available": st.resync_active and st.resync_undo,
@@ -215,16 +471,25 @@ class SourceTarget:
             "applied_record_age_s": (None if not ses.last_record_ts_ns
                                      else max(0.0, time.time() - ses.last_record_ts_ns / 1e9)),
             **self.roles.state.status(),
+            **({"promoted_io": self.promoted.status()} if self.promoted is not None else {}),
+            **({"promotion_error": self.promotion_error} if self.promotion_error else {}),
             **(self.history.status_keys() if self.history is not None else
                history_status_keys(None, self.unit.cfg.history_size, self.unit.cfg.history_age_s, time.time_ns())),
         }
 
     def close(self) -> None:
+        self.end_promotion_io()
         self.roles.close()
         self.store.close()
         if self.history is not None:
             self.history.close()
             self.history = None
+
+
+def _iso(t: float | None) -> str:
+    if t is None:
+        return "an unknown time"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class _Flusher:
@@ -296,6 +561,7 @@ class _Connection:
         self.target: SourceTarget | None = None
         self.session: TargetSession | None = None  # the target's, or a verify connection's own
         self.replicating = False
+        self.fetching = False  # a failback's FETCH connection: holds the target's lock
         self.closing = False
         self.flusher: _Flusher | None = None
 
@@ -339,6 +605,10 @@ class _Connection:
 
     def _release(self) -> None:
         t = self.target
+        if t is not None and self.fetching:
+            self.fetching = False
+            t.lock.release()
+            return
         if t is None or not self.replicating or t.active is not self:
             return
         t.active = None
@@ -370,6 +640,8 @@ class _Connection:
         self._flush_done()
 
     def on_events(self, events: Sequence[jp.Event]) -> None:
+        if self.replicating and self.target is not None:
+            self.target.last_heard = time.monotonic()
         for ev in events:
             self._event(ev)
             if self.closing:
@@ -383,6 +655,21 @@ class _Connection:
         t, ses = self.target, self.session
         if t is None or ses is None:
             raise jp.ProtocolError(f"{type(ev).__name__} before HELLO")
+        if isinstance(ev, jp.Generations):
+            if self.replicating:
+                t.adopt_history(ev)
+            elif self.fetching:
+                self.link.send(jp.Ack(t.handed_back(ev)))
+            return
+        if isinstance(ev, jp.RegionRead):
+            if not self.fetching:
+                raise jp.ProtocolError("REGION_READ outside a failback")
+            ses._check_range(ev.lba, ev.count)
+            vol = t.store.volume
+            if vol is None:
+                raise Refused(jp.ErrorCode.TARGET_IO, "the target is not open")
+            self.link.send(jp.RegionData(ev.lba, vol.read(ev.lba, ev.count)))
+            return
         if isinstance(ev, jp.ResyncBegin | jp.ResyncEnd):
             self._quiesce()
         self._do(t, ses, ses.event(ev))
@@ -439,7 +726,33 @@ class _Connection:
                           f"certificate names {ident and ':'.join(ident)!r}, not source {hello.source_id!r}")
         if t is None:
             raise Refused(jp.ErrorCode.UNKNOWN_SOURCE, f"no target for source {hello.source_id!r}")
-        if hello.purpose is jp.Purpose.REPLICATE:
+        roles = t.roles.state
+        handover = bool((roles.promotion or {}).get("handover"))
+        if hello.purpose is jp.Purpose.FETCH:
+            if not roles.primary or not handover:
+                raise Refused(jp.ErrorCode.SEQUENCE, f"no failback of source {hello.source_id} is under way on "
+                              f"remote {self.unit.cfg.name} (`usbmirror failback` starts one)")
+            if not t.lock.acquire(timeout=max(5.0, self.unit.cfg.heartbeat_timeout_s)):
+                raise Refused(jp.ErrorCode.BUSY, "another connection holds this source's target")
+            self.target = t
+            self.fetching = True
+            t.peer = self.peer
+            session = TargetSession(dataclasses.replace(t.state), remote_name=self.unit.cfg.name)
+        elif roles.primary:
+            cur = roles.history.current
+            if jp.Feature.GENERATIONS in hello.features:
+                flags = jp.GenerationsFlag.PRIMARY
+                if t.promoted is not None and t.promoted.status()["dirty_regions"]:
+                    flags |= jp.GenerationsFlag.DIRTY
+                if handover:
+                    flags |= jp.GenerationsFlag.HANDOVER
+                self.link.send(jp.Generations(roles.history.as_tuples(), flags))
+            raise Refused(jp.ErrorCode.PRIMARY,
+                          f"remote {self.unit.cfg.name} is primary for source {hello.source_id} now (promoted in "
+                          f"generation {cur.label if cur else '?'} at seq "
+                          f"{(roles.promotion or {}).get('fork_seq', '?')}): it takes no writes from this unit; "
+                          "this unit must become its replica (docs/FAILOVER.md)")
+        elif hello.purpose is jp.Purpose.REPLICATE:
             old = t.active
             if old is not None:
                 log.info("new connection supersedes the old one source=%s", t.source_id)
@@ -568,6 +881,7 @@ class RemoteUnit:
         if self._listener is not None:
             self._listener.close()
         for tgt in self.targets.values():
+            tgt.end_promotion_io()
             if tgt.lock.acquire(timeout=5):
                 tgt.close()
                 tgt.lock.release()
@@ -581,6 +895,13 @@ class RemoteUnit:
 
     def rollback_resync(self, source_id: str) -> bool:
         return self.targets[source_id].rollback_resync()
+
+    def promote(self, source_id: str, **kw: Any) -> dict[str, Any]:
+        """`usbmirror promote` (see `SourceTarget.promote`); PromoteError says why not."""
+        t = self.targets.get(source_id)
+        if t is None:
+            raise PromoteError(f"unknown source {source_id!r}; this remote serves {', '.join(sorted(self.targets))}")
+        return t.promote(**kw)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None

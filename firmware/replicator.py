@@ -38,7 +38,7 @@ import time
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,7 +77,7 @@ class RemoteState(enum.IntEnum):
 
 
 PERMANENT_ERRORS = frozenset({jp.ErrorCode.UNKNOWN_SOURCE, jp.ErrorCode.PERMISSION_DENIED, jp.ErrorCode.VERSION,
-                              jp.ErrorCode.VOLUME_MISMATCH})
+                              jp.ErrorCode.VOLUME_MISMATCH, jp.ErrorCode.PRIMARY})
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,7 @@ class RemoteLink:
         self.next_dirty_check = 0.0
         self.resync_end: int | None = None
         self._transport: LinkTransport | None = None
+        self.peer_generations: jp.Generations | None = None  # a promoted remote's, from its last refusal
         self._handshaken = False
         self._thread = threading.Thread(target=self._run, name=f"link-{spec.label}", daemon=True)
 
@@ -242,6 +243,11 @@ class RemoteLink:
                 self._fail(str(exc), exc.state)
                 if exc.code in PERMANENT_ERRORS:
                     backoff = self.tuning.backoff_max_s
+                if exc.code is jp.ErrorCode.PRIMARY and self.rep.on_remote_primary is not None:
+                    try:
+                        self.rep.on_remote_primary(self, self.peer_generations, str(exc))
+                    except Exception:
+                        log.exception("handling a promoted remote failed remote=%s", self.spec.label)
             except PeerClosed:
                 self._fail("remote closed the connection", RemoteState.DISCONNECTED)
             except (OSError, ssl.SSLError, TimeoutError) as exc:
@@ -291,6 +297,7 @@ class RemoteLink:
                 if ident is None or ident[0] != "remote" or (self.spec.name and ident[1] != self.spec.name):
                     raise LinkFailure(f"remote certificate names {ident!r}, expected remote {self.spec.name or '*'}",
                                       RemoteState.REFUSED, jp.ErrorCode.PERMISSION_DENIED)
+                self.remote_name = ident[1]  # known before HELLO_REPLY (a refusal names the remote by it)
         except BaseException:
             sock.close()
             raise
@@ -428,6 +435,9 @@ class _SourceConnection:
         self.session = session
         self.digests: deque[jp.RegionDigests] = deque()
         self.echoes: set[int] = set()
+        self.fetching = False  # a failback's FETCH connection: region data and ACKs are its own
+        self.fetched: deque[jp.RegionData] = deque()
+        self.fetch_acks: deque[int] = deque()
         self.bucket = _TokenBucket(link.spec.bandwidth_limit_bps) if link.spec.bandwidth_limit_bps else None
         self.driver = LinkDriver(transport, self)
         session.connection_made(time.monotonic())
@@ -456,7 +466,11 @@ class _SourceConnection:
         pass  # new durable records: the stream loop reads them next
 
     def _event(self, ev: jp.Event) -> None:
-        if isinstance(ev, jp.Ack):
+        if self.fetching and isinstance(ev, jp.Ack):
+            self.fetch_acks.append(ev.seq)
+        elif self.fetching and isinstance(ev, jp.RegionData):
+            self.fetched.append(ev)
+        elif isinstance(ev, jp.Ack):
             self.link.on_ack(ev.seq)
         elif isinstance(ev, jp.Heartbeat):
             self.echoes.add(ev.token)
@@ -479,7 +493,15 @@ class _SourceConnection:
         self.echoes.discard(token)
 
     def handshake(self, purpose: jp.Purpose) -> jp.HelloReply:
-        self._send(self.session.hello(purpose))
+        hello = self.session.hello(purpose)
+        rep = self.link.rep
+        gens = rep.generations() if rep.generations is not None and purpose is jp.Purpose.REPLICATE else None
+        if gens is not None:
+            hello = replace(hello, features=hello.features | jp.Feature.GENERATIONS)
+        self._send(hello)
+        if gens is not None:
+            self._send(gens)
+        self.link.peer_generations = None
         deadline = time.monotonic() + self.tuning.connect_timeout_s
         while time.monotonic() < deadline:
             link_ready, _ = self.transport.wait(deadline - time.monotonic())
@@ -489,6 +511,9 @@ class _SourceConnection:
                 events = self.transport.read_events()
             except PeerClosed:
                 raise LinkFailure("remote closed the connection during HELLO") from None
+            while events and isinstance(first := events[0], jp.Generations):
+                self.link.peer_generations = first  # a promoted remote's, before its refusal
+                events = events[1:]
             if not events:
                 continue
             ev = events[0]
@@ -668,10 +693,16 @@ class Replicator:
         tuning: ReplicatorTuning | None = None,
         progress: Callable[[Progress], None] | None = None,
         plaintext: bool = False,
+        generations: Callable[[], jp.Generations] | None = None,
+        on_remote_primary: Callable[[RemoteLink, jp.Generations | None, str], None] | None = None,
     ) -> None:
         self.local_unit = local_unit
         self.journal = journal
         self.source_id = source_id
+        # roles (docs/FAILOVER.md): this unit's data generations, sent after each HELLO, and what to
+        # do when a remote answers that it was promoted (its GENERATIONS, if sent, and the message)
+        self.generations = generations
+        self.on_remote_primary = on_remote_primary
         self.tuning = tuning or ReplicatorTuning()
         self.state_dir = state_dir
         if tls is None and tls_dir:
@@ -822,6 +853,61 @@ class Replicator:
                 entry["error"] = str(exc)
             out.append(entry)
         return {"remotes": out, "match": bool(out) and all(e["match"] for e in out)}
+
+    def fetch_back(self, link: RemoteLink, take_over: Callable[[dict[str, Any]], jp.Generations], *,
+                   pull: bool = True) -> dict[str, Any]:
+        """Failback from a promoted remote that hands the source back (docs/FAILOVER.md): on a FETCH
+        connection of its own, compare every region's digest and pull only the regions that differ
+        into the local volume (the local unit is a replica: `LocalUnit.install`), make them durable,
+        then `take_over(report)` (which records this unit's new generation and returns it) is sent
+        and acknowledged by the remote, which becomes the replica. Returns the report (`bytes_moved`,
+        `seconds`, `regions_copied`, `regions_compared`). `pull=False` only repeats the take-over (a
+        crash came between the two sides recording it)."""
+        t0 = time.monotonic()
+        transport = link.connect()
+        try:
+            session = SourceSession(self.identity, acked_seq=link.acked_seq, window_bytes=self.tuning.window_bytes,
+                                    heartbeat_interval_s=self.tuning.heartbeat_interval_s,
+                                    dead_after_s=self.tuning.dead_after_s, compression=self.tuning.compression)
+            conn = _SourceConnection(link, transport, session)
+            conn.fetching = True
+            conn.handshake(jp.Purpose.FETCH)
+            rb = self.region_blocks
+            diffs: list[int] = []
+            moved = 0
+            if pull:
+                def on_region(idx: int, differs: bool) -> None:
+                    if differs:
+                        diffs.append(idx)
+
+                conn.compare_regions(range(self.total_regions), rb, on_region, "failback")
+                for idx in diffs:
+                    lba = idx * rb
+                    n = min(rb, self.num_blocks - lba)
+                    conn._send(jp.RegionRead(lba, n))
+                    while not conn.fetched:
+                        if link.stopping():
+                            raise LinkFailure("stopping")
+                        conn.pump(0.5)
+                    got = conn.fetched.popleft()
+                    if got.lba != lba or len(got.data) != n * self.block_size:
+                        raise jp.ProtocolError(f"REGION_DATA for {got.lba}+{len(got.data)} bytes, asked "
+                                               f"{lba}+{n} blocks")
+                    self.local_unit.install(lba, got.data)  # type: ignore[attr-defined]
+                    moved += len(got.data)
+                self.local_unit.install_done()  # type: ignore[attr-defined]
+            report = {"bytes_moved": moved, "seconds": round(time.monotonic() - t0, 3), "regions_copied": len(diffs),
+                      "regions_compared": self.total_regions if pull else 0,
+                      "from": link.remote_name or link.spec.label}
+            gens = take_over(report)
+            conn._send(gens)
+            while not conn.fetch_acks:
+                if link.stopping():
+                    raise LinkFailure("stopping")
+                conn.pump(0.5)
+            return report
+        finally:
+            transport.close()
 
     def _verify_one(self, link: RemoteLink, regions: list[int]) -> list[int]:
         transport = link.connect()

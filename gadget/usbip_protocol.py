@@ -372,6 +372,17 @@ def encode(event: Event) -> bytes:
     raise TypeError(f"not a USB/IP message: {event!r}")
 
 
+def ret_submit_header(seqnum: int, status: int, actual_length: int) -> bytes:
+    """The 48-byte header of the RET_SUBMIT a server sends (devid, direction, ep and the ISO fields
+    zero, as `encode(SubmitReturn(seqnum, status, actual_length))` makes it). The server's hot path
+    sends it and the IN data as two buffers of one `sendmsg`, so the payload is never copied to
+    join them."""
+    return _RET_SUBMIT.pack(UrbCommand.RET_SUBMIT, seqnum, 0, 0, 0, status, actual_length, 0, 0, 0)
+
+
+_DIRECTIONS: Final = (UrbDirection.OUT, UrbDirection.IN)
+
+
 def _consume_urb(buf: bytearray, total: int) -> bytes:
     """Remove one URB (header and `total - URB_HEADER_SIZE` data bytes) from the front of `buf`
     and return its data. Copied once through a view: `bytes(buf[a:b])` would copy a megabyte twice."""
@@ -538,12 +549,28 @@ class UsbipConnection:
         buf = self._buf
         if len(buf) < URB_HEADER_SIZE:
             return NEED_DATA
+        server = self.role == UsbipRole.SERVER
+        if server and buf[3] == UrbCommand.CMD_SUBMIT and not buf[0] | buf[1] | buf[2]:
+            # The hot path (every transfer of every command): one unpack of the whole header.
+            (_c, seqnum, devid, direction, ep, flags, length, start, npkts, interval, setup) = _SUBMIT.unpack_from(buf)
+            if direction > 1:
+                raise UsbipProtocolError(f"direction {direction} is neither 0 (out) nor 1 (in)")
+            if ep > 15:
+                raise UsbipProtocolError(f"endpoint number {ep} is above 15")
+            npkts &= 0xFFFFFFFF
+            if npkts not in _NOT_ISO:
+                raise UsbipProtocolError(f"isochronous URB ({npkts} packets) is not supported")
+            if not 0 <= length <= self.max_transfer:
+                raise UsbipProtocolError(f"transfer length {length} outside 0..{self.max_transfer}")
+            total = URB_HEADER_SIZE if direction else URB_HEADER_SIZE + length
+            if len(buf) < total:
+                return NEED_DATA
+            data = _consume_urb(buf, total)
+            return SubmitCommand(seqnum, devid, _DIRECTIONS[direction], ep, flags, length, setup, data, interval,
+                                 start, npkts)
         command, seqnum, devid, direction, ep = _BASIC.unpack_from(buf, 0)
-        expected = (
-            (UrbCommand.CMD_SUBMIT, UrbCommand.CMD_UNLINK)
-            if self.role == UsbipRole.SERVER
-            else (UrbCommand.RET_SUBMIT, UrbCommand.RET_UNLINK)
-        )
+        expected = (UrbCommand.CMD_SUBMIT, UrbCommand.CMD_UNLINK) if server else (UrbCommand.RET_SUBMIT,
+                                                                                   UrbCommand.RET_UNLINK)
         if command not in expected:
             raise UsbipProtocolError(f"unknown USB/IP command {command}")
         if direction > 1:
@@ -551,19 +578,7 @@ class UsbipConnection:
         if ep > 15:
             raise UsbipProtocolError(f"endpoint number {ep} is above 15")
         udir = UrbDirection(direction)
-        if self.role == UsbipRole.SERVER:
-            if command == UrbCommand.CMD_SUBMIT:
-                (_c, _s, _d, _dir, _ep, flags, length, start, npkts, interval, setup) = _SUBMIT.unpack_from(buf, 0)
-                npkts &= 0xFFFFFFFF
-                if npkts not in _NOT_ISO:
-                    raise UsbipProtocolError(f"isochronous URB ({npkts} packets) is not supported")
-                self._check_length(length)
-                data_len = length if udir == UrbDirection.OUT else 0
-                total = URB_HEADER_SIZE + data_len
-                if len(buf) < total:
-                    return NEED_DATA
-                data = _consume_urb(buf, total)
-                return SubmitCommand(seqnum, devid, udir, ep, flags, length, setup, data, interval, start, npkts)
+        if server:
             if command == UrbCommand.CMD_UNLINK:
                 (_c, _s, _d, _dir, _ep, unlink_seqnum) = _UNLINK.unpack_from(buf, 0)
                 del buf[:URB_HEADER_SIZE]

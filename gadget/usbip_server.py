@@ -69,6 +69,7 @@ from gadget.usbip_protocol import (
     UsbipConnection,
     UsbipProtocolError,
     UsbipRole,
+    ret_submit_header,
 )
 
 log = logging.getLogger(__name__)
@@ -365,6 +366,21 @@ class UsbipServer:
                     self._attached = None
 
 
+def _send_buffers(sock: socket.socket, buffers: list[bytes]) -> None:
+    """`sendall` of the concatenation of `buffers`, without concatenating them (one `sendmsg` when
+    the socket takes everything at once, as a blocking one does)."""
+    if len(buffers) == 1:
+        sock.sendall(buffers[0])
+        return
+    total = sum(len(b) for b in buffers)
+    sent = sock.sendmsg(buffers)
+    if sent == total:
+        return
+    # A partial send (a signal, a timeout): send the rest from where it stopped.
+    rest = memoryview(b"".join(buffers))[sent:]
+    sock.sendall(rest)
+
+
 class _UsbipSession:
     """State of one connection: which device it imported, if any.
 
@@ -456,8 +472,16 @@ class _UsbipSession:
                 log.info("usbip reply after a command failed peer=%s error=%s", self.peer, exc)
 
     def _complete(self, conn: UsbipConnection, done: list[Completion]) -> None:
-        replies = [conn.send(SubmitReturn(c.tag, c.status, c.actual_length, c.data)) for c in done]
-        self.sock.sendall(replies[0] if len(replies) == 1 else b"".join(replies))
+        """Send the RET_SUBMITs of `done`, in order, with one `sendmsg`: each header and its IN
+        data go as separate buffers, so no payload is copied to join them."""
+        buffers: list[bytes] = []
+        for c in done:
+            if c.data and len(c.data) != c.actual_length:
+                raise ValueError("IN data length must equal actual_length")
+            buffers.append(ret_submit_header(c.tag, c.status, c.actual_length))
+            if c.data:
+                buffers.append(c.data)
+        _send_buffers(self.sock, buffers)
 
     def _unlink(self, conn: UsbipConnection, cmd: UnlinkCommand) -> None:
         with self.lock:

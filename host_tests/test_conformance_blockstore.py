@@ -8,9 +8,10 @@ read-only store refuses writes with `WriteProtected` (DATA PROTECT) while still 
 
 Implementations: `Volume` on a file and on a block device (a loop device standing in for a partition,
 larger than the volume), the firmware's `MemoryStore`, the `LocalUnit` (journal first, then the
-volume) and the test doubles that stand in for a store. A new backend is added to `BACKENDS` and
-passes this suite before it is used. mypy checks that each one satisfies the Protocol (`make lint`
-type-checks the conformance suites), the test `test_satisfies_the_protocol` checks it at run time.
+volume), a remote's promoted copy (`PromotedStore`) and the test doubles that stand in for a store.
+A new backend is added to `BACKENDS` and passes this suite before it is used. mypy checks that each
+one satisfies the Protocol (`make lint` type-checks the conformance suites), the test
+`test_satisfies_the_protocol` checks it at run time.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from pathlib import Path
 import pytest
 
 from firmware.journal import Journal
+from firmware.journal.bitmap import DirtyBitmap
 from firmware.journal.format import RING_OFFSET
 from firmware.journal.sim import CrashMode, PowerRail, SimulatedFlash, SimulatedVolume
 from firmware.local_unit import LocalUnit
 from firmware.memory_store import MemoryStore
+from firmware.promotion import PromotedStore
 from firmware.storage import BlockStore, WriteProtected
+from firmware.target_store import TargetStore
 from firmware.volume import Volume
 from host_tests.scsi_fakes import HeldWriteStore, MemoryBlockStore
 
@@ -243,7 +247,35 @@ class LocalOnFiles(Backend):
         self.vol.close()
 
 
-BACKENDS: list[type[Backend]] = [FileVolume, BlockDeviceVolume, Memory, Local, LocalOnFiles, Fake, HeldFake]
+class Promoted(Backend):
+    """A remote's promoted copy (`usbmirror promote`): the target file behind its store, each write
+    marking the per-peer bitmap first; the power cut is a clean close and reopen."""
+
+    name = "promoted-copy"
+
+    def _open(self) -> BlockStore:
+        self.tstore = TargetStore("s1", str(self.tmp / "target.img"), str(self.tmp))
+        self.tstore.open(NBLOCKS * self.bs, self.bs)
+        self.bitmap = DirtyBitmap.open(self.tmp / "s1.bitmap", num_blocks=NBLOCKS, region_blocks=8, unit_uuid=UNIT)
+        self.store = PromotedStore(self.tstore, self.bitmap, num_blocks=NBLOCKS, block_size=self.bs, next_seq=1)
+        self.store.set_write_cache(self.write_cache)
+        return self.store
+
+    def make(self) -> BlockStore:
+        return self._open()
+
+    def after_power_cut(self, store: BlockStore) -> BlockStore:
+        self.close(store)
+        return self._open()
+
+    def close(self, store: BlockStore) -> None:
+        self.store.close()
+        self.bitmap.close()
+        self.tstore.close()
+
+
+BACKENDS: list[type[Backend]] = [FileVolume, BlockDeviceVolume, Memory, Local, LocalOnFiles, Fake, HeldFake,
+                                 Promoted]
 
 
 @dataclass

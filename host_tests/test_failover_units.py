@@ -8,7 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from host_tests.units import Units, streaming
+from host_tests.units import Units, drained, free_port, streaming, usbmirror
+from host_tests.usbip_support import UsbipClient
+
+BS = 512
+
+
+def attach(unit: object) -> UsbipClient:
+    c = UsbipClient("127.0.0.1", unit.port)  # type: ignore[attr-defined]
+    assert c.import_device("1-1").device is not None
+    c.enumerate()
+    c.until_ready()
+    return c
+
+
+def read_block(path: Path, lba: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(lba * BS)
+        return f.read(BS)
 
 
 @pytest.fixture
@@ -42,3 +59,153 @@ def test_local_unit_without_remotes_is_primary(units: Units, tmp_path: Path) -> 
     local = units.start_local(volume=tmp_path / "volume.img", size="16M")
     st = local.status()
     assert st["primary"] is True and st["split_brain"] is False
+
+
+def test_promote_on_a_running_remote_unit(units: Units, tmp_path: Path) -> None:
+    tls = units.pair("dr1", ["server1"])
+    remote = units.start_remote("dr1", targets={"server1": tmp_path / "target.img"}, tls_dir=tls)
+    local = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address])
+    with attach(local) as c:
+        assert c.write10(8, b"\x5a" * (4 * BS)) == 0
+    st = local.wait_status(drained, what="the remote to catch up")
+    (src,) = remote.status()["sources"]
+    assert src["data_generation"] == st["data_generation"]  # the replica follows the source's generation
+    port = free_port()
+    refused = usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
+                        f"127.0.0.1:{port}")
+    assert refused.returncode == 1 and "is connected and healthy" in refused.stderr
+    local.kill9()
+    remote.wait_status(lambda s: s["sources"][0]["state"] != "connected", what="the source to be gone")
+    r = usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
+                  f"127.0.0.1:{port}")
+    assert r.returncode == 0, r.stderr
+    assert "warning: source server1 is promoted while its local unit is" in r.stderr
+    assert f"served read-write over USB/IP on 127.0.0.1:{port}" in r.stdout
+    (src,) = remote.status()["sources"]
+    assert src["primary"] is True and src["state"] == "primary"
+    assert src["data_generation"].startswith("2:")
+    assert "promoted source=server1" in remote.log()
+    standby = UsbipClient("127.0.0.1", port)
+    assert standby.import_device("1-1").device is not None
+    standby.enumerate()
+    standby.until_ready()
+    with standby:
+        assert standby.read10(8, 4) == b"\x5a" * (4 * BS)
+        assert standby.write10(100, b"\x33" * BS) == 0
+    assert read_block(tmp_path / "target.img", 100) == b"\x33" * BS
+    # the old local unit comes back: the remote refuses its writes
+    again = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address], state_dir=local.state_dir)
+    st2 = again.wait_status(lambda s: "PRIMARY" in s["remotes"][0]["last_error"], what="the refusal")
+    assert st2["remotes"][0]["state"] == "refused"
+    assert "dr1 is primary for source server1 now" in st2["remotes"][0]["last_error"]
+    assert read_block(tmp_path / "target.img", 100) == b"\x33" * BS
+    # and it stays primary across a restart
+    remote.stop()
+    remote2 = units.start_remote("dr1", targets={"server1": tmp_path / "target.img"}, tls_dir=tls,
+                                 state_dir=remote.state_dir, port=remote.port)
+    assert remote2.status()["sources"][0]["primary"] is True
+    with UsbipClient("127.0.0.1", port) as c2:
+        assert c2.import_device("1-1").device is not None
+        c2.enumerate()
+        c2.until_ready()
+        assert c2.read10(100, 1) == b"\x33" * BS
+
+
+WRITE_PROTECTED = (0x7, 0x27, 0x00)
+
+
+def test_the_old_primary_comes_back_as_a_replica_and_reports_its_lost_writes(units: Units, tmp_path: Path) -> None:
+    tls = units.pair("dr1", ["server1"])
+    target = tmp_path / "target.img"
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
+    local = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address])
+    with attach(local) as c:
+        assert c.write10(8, b"\x5a" * (4 * BS)) == 0
+    local.wait_status(drained, what="the remote to catch up")
+    remote.stop()
+    with attach(local) as c:  # acknowledged, journaled, never shipped: the remote is down
+        for i in range(3):
+            assert c.write10(200 + 4 * i, bytes([0x60 + i]) * (2 * BS)) == 0
+    local.kill9()
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls, state_dir=remote.state_dir,
+                                port=remote.port)
+    standby_port = free_port()
+    r = usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
+                  f"127.0.0.1:{standby_port}")
+    assert r.returncode == 0, r.stderr
+    again = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address], state_dir=local.state_dir)
+    st = again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
+    assert st["primary"] is False and st["split_brain"] is False
+    loss = st["failover_loss"]
+    assert (loss["writes"], loss["bytes"], loss["peer"]) == (3, 3 * 2 * BS, "dr1")
+    assert loss["generation"] == remote.status()["sources"][0]["data_generation"]
+    assert "is a replica of dr1" in st["host_writes_reason"]
+    assert "failover's loss" in st["role_message"] and "lost_writes=3" in again.log()
+    with attach(again) as c:
+        assert c.write10(0, b"\x11" * BS) == 1
+        assert c.request_sense() == WRITE_PROTECTED
+        assert c.read10(8, 4) == b"\x5a" * (4 * BS)  # reads go on
+    # the lost writes never reached the promoted copy
+    assert read_block(target, 200) == bytes(BS) and read_block(target, 8) == b"\x5a" * BS
+    roles = json.loads((local.state_dir / "roles" / "server1.json").read_text())
+    assert roles["primary"] is False and roles["failover_loss"]["writes"] == 3
+    # a replica stays one across a restart: writes are refused from the first command on
+    again.stop()
+    third = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address], state_dir=local.state_dir)
+    st3 = third.status()
+    assert st3["host_writes"] == "refused" and st3["primary"] is False and st3["scsi"]["read_only"] is True
+    with attach(third) as c:
+        assert c.write10(0, b"\x11" * BS) == 1
+        assert c.request_sense() == WRITE_PROTECTED
+
+
+def test_planned_failback_moves_only_changed_regions_and_swaps_the_roles(units: Units, tmp_path: Path) -> None:
+    tls = units.pair("dr1", ["server1"])
+    target, volume = tmp_path / "target.img", tmp_path / "volume.img"
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
+    local = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address])
+    with attach(local) as c:
+        assert c.write10(8, b"\x5a" * (4 * BS)) == 0
+    local.wait_status(drained, what="the remote to catch up")
+    remote.stop()
+    with attach(local) as c:  # lost in the failover: acknowledged, never shipped
+        assert c.write10(300, b"\x61" * (2 * BS)) == 0
+    local.kill9()
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls, state_dir=remote.state_dir,
+                                port=remote.port)
+    standby_port = free_port()
+    assert usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
+                     f"127.0.0.1:{standby_port}").returncode == 0
+    with UsbipClient("127.0.0.1", standby_port) as standby:  # the standby host writes in regions 0 and 5
+        assert standby.import_device("1-1").device is not None
+        standby.enumerate()
+        standby.until_ready()
+        assert standby.write10(100, b"\x71" * BS) == 0
+        assert standby.write10(5 * 2048 + 7, b"\x72" * (3 * BS)) == 0
+    again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address],
+                              state_dir=local.state_dir)
+    again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
+    r = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
+                  timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "failed back source server1" in r.stdout
+    st = again.wait_status(lambda s: s["host_writes"] == "accepted", what="the unit to serve writes again")
+    assert st["primary"] is True and st["data_generation"].startswith("3:")
+    rs = st["last_resync"]
+    assert isinstance(rs["bytes_moved"], int) and rs["bytes_moved"] == 2 << 20  # regions 0 and 5 only
+    assert rs["regions_copied"] == 2 and rs["seconds"] >= 0
+    assert volume.read_bytes() == target.read_bytes()  # the lost write is gone, the standby's are here
+    assert read_block(volume, 300) == bytes(BS) and read_block(volume, 100) == b"\x71" * BS
+    (src,) = remote.status()["sources"]
+    assert src["primary"] is False and src["data_generation"] == st["data_generation"]
+    # replication resumes: a new write through the local unit reaches the remote
+    again.wait_status(streaming(), what="the link to resume")
+    with attach(again) as c:
+        assert c.write10(40, b"\x81" * (2 * BS)) == 0
+    again.wait_status(drained, what="the remote to take the new write")
+    assert volume.read_bytes() == target.read_bytes()

@@ -258,6 +258,8 @@ def test_state_table_every_sequence_valid_or_protocol_error(role: jp.Role, seq: 
         jp.FrameType.DIGEST_REQUEST: jp.DigestRequest(0, 1, 8),
         jp.FrameType.REGION_DIGESTS: jp.RegionDigests(0, 8, (bytes(16),)),
         jp.FrameType.REGION_DATA: jp.RegionData(0, bytes(512)), jp.FrameType.RESYNC_END: jp.ResyncEnd(2),
+        jp.FrameType.GENERATIONS: jp.Generations(((5, 1, 2, 3),), jp.GenerationsFlag.PRIMARY, 0),
+        jp.FrameType.REGION_READ: jp.RegionRead(8, 16),
     }
     peer_role = jp.Role.REMOTE if role is jp.Role.SOURCE else jp.Role.SOURCE
     me = jp.JourneyConnection(role)
@@ -272,3 +274,45 @@ def test_state_table_every_sequence_valid_or_protocol_error(role: jp.Role, seq: 
             assert me.state is jp.ConnState.CLOSED
             return
         assert ev == samples[ft]
+
+
+GENS = ((0xA1, 1, 100, 0), (0xB2, 2, 200, 41))
+
+
+def test_generations_round_trip_and_their_turns() -> None:
+    # the source offers the feature and sends its generations right after HELLO
+    src = jp.JourneyConnection(jp.Role.SOURCE)
+    rem = jp.JourneyConnection(jp.Role.REMOTE)
+    h = hello(jp.Feature.LZ4 | jp.Feature.GENERATIONS)
+    rem.receive_data(src.send(h) + src.send(jp.Generations(GENS, jp.GenerationsFlag.PRIMARY, 0)))
+    got = rem.next_event()
+    assert isinstance(got, jp.Hello) and jp.Feature.GENERATIONS in got.features
+    assert rem.next_event() == jp.Generations(GENS, jp.GenerationsFlag.PRIMARY, 0)
+    # a promoted remote answers with its own generations, then the refusal
+    src.receive_data(rem.send(jp.Generations(GENS, jp.GenerationsFlag.PRIMARY | jp.GenerationsFlag.DIRTY, 4096))
+                     + rem.send(jp.Error(jp.ErrorCode.PRIMARY, "primary now")))
+    assert src.next_event() == jp.Generations(GENS, jp.GenerationsFlag.PRIMARY | jp.GenerationsFlag.DIRTY, 4096)
+    assert src.next_event() == jp.Error(jp.ErrorCode.PRIMARY, "primary now")
+    # the source's generations may also arrive once the remote answered; the remote never sends them then
+    s2, r2 = open_pair()
+    r2.receive_data(s2.send(jp.Generations(GENS)))
+    assert r2.next_event() == jp.Generations(GENS)
+    with pytest.raises(ValueError, match="cannot send"):
+        r2.send(jp.Generations(GENS))
+
+
+@pytest.mark.parametrize(("gens", "flags", "message"), [
+    (((0, 1, 0, 0),), 0, "id or counter 0"),
+    (((5, 0, 0, 0),), 0, "id or counter 0"),
+    (((5, 2, 0, 0), (6, 2, 0, 0)), 0, "do not increase"),
+    (tuple((i + 1, i + 1, 0, 0) for i in range(33)), 0, "33 generations"),
+    (((5, 1, 0, 0),), 8, "flags 8"),
+])
+def test_bad_generations_are_protocol_errors(gens: tuple[tuple[int, int, int, int], ...], flags: int,
+                                             message: str) -> None:
+    _s, r = open_pair()
+    payload = struct.pack(">BQB", flags, 0, len(gens)) + b"".join(struct.pack(">QQQQ", *g) for g in gens)
+    r.receive_data(_frame(jp.FrameType.GENERATIONS, payload))
+    with pytest.raises(jp.ProtocolError, match=message):
+        r.next_event()
+    assert r.state is jp.ConnState.CLOSED

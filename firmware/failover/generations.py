@@ -88,6 +88,20 @@ class History:
     def current(self) -> DataGeneration | None:
         return self.generations[-1] if self.generations else None
 
+    def as_tuples(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(id, counter, started_ns, fork_seq) per generation: the GENERATIONS frame's form."""
+        return tuple((g.gen_id, g.counter, g.started_ns, g.fork_seq) for g in self.generations)
+
+    @classmethod
+    def from_tuples(cls, gens: Iterable[tuple[int, int, int, int]]) -> History:
+        """The inverse of `as_tuples`; ValueError when the generations do not make a history."""
+        return cls(tuple(DataGeneration(*g) for g in gens))
+
+    def descends_from(self, other: History) -> bool:
+        """This history holds `other`'s current generation (or `other` has none): it is `other`'s
+        history or one that moved on from it."""
+        return self.holds(other.current)
+
     def holds(self, gen: DataGeneration | None) -> bool:
         """True when `gen` is in this history; the empty generation (None) is in every history."""
         return gen is None or gen in self.generations

@@ -9,7 +9,9 @@ Layout (the same on a local unit and on a remote unit; `<source>` is the source 
 `<source>.json` holds: `version` (1), `source_id`, `primary`, `history` (the data generations, oldest
 first: `id` as 16 hex digits, `counter`, `started_ns`, `fork_seq`), `resolution` (an operator's
 `resolve` not yet carried out, or null), `split_brain` (the last split brain seen, or null),
-`last_resync` and `failover_loss` (reports, or null). The file is written with the project's atomic
+`last_resync` and `failover_loss` (reports, or null), and `promotion` (on a promoted remote: how it
+serves its standby host and the rollback it still has to finish, or null; absent in older files).
+The file is written with the project's atomic
 writer (temporary file, fsync, rename, fsync of the directory), so a power cut leaves the old or the
 new state, never a mix. A file that does not parse is an error naming the file: the unit refuses to
 guess a role.
@@ -31,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from firmware.atomic import write_atomically
+from firmware.atomic import fsync_dir, write_atomically
 from firmware.failover.generations import DataGeneration, History, Keep, Resolution
 from firmware.journal.bitmap import DirtyBitmap
 
@@ -64,6 +66,7 @@ class RoleState:
     split_brain: SplitBrain | None = None
     last_resync: dict[str, Any] | None = None
     failover_loss: dict[str, Any] | None = None
+    promotion: dict[str, Any] | None = None  # a promoted remote: serving address, pending rollback, ...
 
     def status(self) -> dict[str, Any]:
         """The keys both units show: `primary` and `split_brain` (booleans), and the details."""
@@ -85,6 +88,8 @@ class RoleState:
             out["last_resync"] = dict(self.last_resync)
         if self.failover_loss is not None:
             out["failover_loss"] = dict(self.failover_loss)
+        if self.promotion is not None:
+            out["promotion"] = dict(self.promotion)
         return out
 
 
@@ -140,6 +145,7 @@ def state_to_json(st: RoleState) -> dict[str, Any]:
             "detected_ns": sb.detected_ns},
         "last_resync": st.last_resync,
         "failover_loss": st.failover_loss,
+        "promotion": st.promotion,
     }
 
 
@@ -181,7 +187,7 @@ def state_from_json(raw: Any) -> RoleState:
                                _int(sb_raw["own_bytes"]), _int(sb_raw["peer_bytes"]), sb_raw["reason"],
                                _int(sb_raw["detected_ns"]))
         return RoleState(sid, primary, history, resolution, split, _dict_or_none(raw["last_resync"]),
-                         _dict_or_none(raw["failover_loss"]))
+                         _dict_or_none(raw["failover_loss"]), _dict_or_none(raw.get("promotion")))
     except KeyError as exc:
         raise ValueError(f"field {exc} is missing") from None
 
@@ -288,6 +294,16 @@ class RoleStore:
                                   unit_uuid=volume_uuid)
             self._bitmaps[peer] = bm
         return bm
+
+    def drop_bitmap(self, peer: str) -> None:
+        """The two sides agree again: forget the blocks written towards `peer` (the file goes)."""
+        bm = self._bitmaps.pop(peer, None)
+        if bm is not None:
+            bm.close()
+        path = self.bitmap_path(peer)
+        if path.exists():
+            path.unlink()
+            fsync_dir(self.dir)
 
     def peers_with_bitmaps(self) -> list[str]:
         prefix = self.source_id + "."

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from firmware.history.format import RESYNC_BEGIN, Header, HistoryError, Kind, PointKind
+from firmware.history.format import HEADER_SIZE, RESYNC_BEGIN, Header, HistoryError, Kind, PointKind
 
 BUCKET_BYTES = 64 << 10
 
@@ -76,33 +76,39 @@ class Index:
     # -- building ------------------------------------------------------------------------------
     def add(self, pos: int, h: Header, name: str = "") -> int:
         """Append the record at `pos` (the next one in log order); returns its id."""
-        if pos != self.head_pos and self.next_id > self.first_id:
-            raise HistoryError(f"history record at {pos} does not follow {self.head_pos}")
-        if self.next_id == self.first_id:
-            self.tail_pos = pos
         rid = self.next_id
-        self.next_id += 1
+        if pos != self.head_pos and rid > self.first_id:
+            raise HistoryError(f"history record at {pos} does not follow {self.head_pos}")
+        if rid == self.first_id:
+            self.tail_pos = pos
+        self.next_id = rid + 1
+        kind, flags, seq, lba, count, plen, t, _ = h
         self._pos.append(pos)
-        self._len.append(h.length)
-        self._seq.append(h.seq)
-        self._time.append(h.time_ns)
-        self._lba.append(h.lba)
-        self._count.append(h.count)
-        self._kind.append(int(h.kind) | (h.flags << 8))
-        self.head_pos = pos + h.length
-        if h.kind is Kind.UNDO:
+        self._len.append(HEADER_SIZE + plen)
+        self._seq.append(seq)
+        self._time.append(t)
+        self._lba.append(lba)
+        self._count.append(count)
+        self._kind.append(int(kind) | (flags << 8))
+        self.head_pos = pos + HEADER_SIZE + plen
+        if kind is Kind.UNDO:
             bb = self.bucket_blocks
-            for b in range(h.lba // bb, (h.lba + h.count - 1) // bb + 1):
-                self.buckets.setdefault(b, []).append(rid)
-            if not h.flags:
-                self.last_seq = max(self.last_seq, h.seq)
-        elif h.kind is Kind.POINT:
-            self.points.append(Point(h.seq, h.time_ns, PointKind(h.flags), name, rid))
-            self.last_seq = max(self.last_seq, h.seq)
-        elif h.flags == RESYNC_BEGIN:
-            self.windows.append(Window(h.seq, None))
+            buckets = self.buckets
+            for b in range(lba // bb, (lba + count - 1) // bb + 1):
+                ids = buckets.get(b)
+                if ids is None:
+                    buckets[b] = [rid]
+                else:
+                    ids.append(rid)
+            if not flags and seq > self.last_seq:
+                self.last_seq = seq
+        elif kind is Kind.POINT:
+            self.points.append(Point(seq, t, PointKind(flags), name, rid))
+            self.last_seq = max(self.last_seq, seq)
+        elif flags == RESYNC_BEGIN:
+            self.windows.append(Window(seq, None))
         elif self.windows and self.windows[-1].end_seq is None:
-            self.windows[-1] = Window(self.windows[-1].begin_seq, h.seq)
+            self.windows[-1] = Window(self.windows[-1].begin_seq, seq)
         return rid
 
     def start_empty_at(self, pos: int) -> None:

@@ -36,16 +36,17 @@ from firmware.history.format import (
     HEADER_SIZE,
     RESYNC_BEGIN,
     RESYNC_END,
+    Encoded,
     HistoryCorrupt,
     HistoryError,
     Kind,
     Meta,
     PointKind,
     decode_header,
-    encode,
-    encode_point,
-    encode_undo,
+    encode_record,
+    point_record,
     scan,
+    undo_record,
 )
 from firmware.history.index import Index
 from firmware.link.protocol import RecordKind, RecordLike
@@ -59,6 +60,9 @@ VERIFY_TAIL_BYTES = 64 << 20  # payload checksums are checked this far back from
 META = "meta.json"
 _SEG_RE = re.compile(r"^seg-([0-9a-f]{16})\.log$")
 _pin_counter = itertools.count()
+
+_OVERLAY_SHIFT = 7  # blocks per bucket of a batch's overlay lookup (1 << 7)
+
 
 def history_dir(state_dir: str | os.PathLike[str], source_id: str) -> Path:
     return Path(state_dir) / f"{source_id}.history"
@@ -289,10 +293,15 @@ class HistoryWriter:
             return None
 
     # -- appending -----------------------------------------------------------------------------
-    def _append(self, chunks: Sequence[bytes]) -> None:
-        if not chunks:
+    def _append(self, records: Sequence[Encoded]) -> None:
+        """Write `records` at the head in one write and make them durable, then index them."""
+        if not records:
             return
-        data = b"".join(chunks)
+        parts: list[bytes] = []
+        for e in records:
+            parts.append(e.head)
+            parts.append(e.payload)
+        data = b"".join(parts)
         head = self.index.head_pos
         s = self.segs.seg_of(head) if self.segs.starts else None
         if s is None or (head - s >= self.segment_bytes and head > s):
@@ -302,18 +311,17 @@ class HistoryWriter:
         try:
             at = 0
             while at < len(data):
-                at += os.pwrite(fd, data[at:], head - s + at)
+                at += os.pwrite(fd, data[at:] if at else data, head - s + at)
             os.fdatasync(fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, head - s)
             raise HistoryError(f"history {self.root}: {exc.strerror}") from exc
-        recs, used = scan(data, head, verify=False)
-        if used != len(data):
-            raise HistoryCorrupt("history: a record just written does not parse")
         with self._mu:
-            for r in recs:
-                self.index.add(r.pos, r.header, r.name)
+            pos = head
+            for e in records:
+                self.index.add(pos, e.header, e.name)
+                pos += HEADER_SIZE + len(e.payload)
 
     def before_apply(self, records: Sequence[RecordLike], read: Callable[[int, int], bytes]) -> None:
         """Save what `records` (in order, about to be applied) will overwrite, and their points,
@@ -321,8 +329,11 @@ class HistoryWriter:
         (seq at or below the newest one kept: sent again after a restart) are skipped, since their
         before-images were saved the first time and the target may already hold them."""
         bs = self.meta.block_size
-        chunks: list[bytes] = []
-        overlay: list[tuple[int, int, bytes | None]] = []  # earlier records of this batch
+        out: list[Encoded] = []
+        # earlier records of this batch that change blocks, (lba, count, data or None for an unmap),
+        # found through the 64 KiB buckets they touch
+        overlay: list[tuple[int, int, bytes | None]] = []
+        touched: dict[int, list[int]] = {}
         last = self.index.last_seq
         in_resync = bool(self.index.windows and self.index.windows[-1].end_seq is None)
         for r in records:
@@ -331,22 +342,35 @@ class HistoryWriter:
                 continue
             last = r.seq
             if kind in (RecordKind.WRITE, RecordKind.UNMAP) and r.count > 0:
-                before = bytearray(read(r.lba, r.count))
-                end = r.lba + r.count
-                for (a, n, data) in overlay:
-                    lo, hi = max(a, r.lba), min(a + n, end)
-                    if lo < hi:
-                        before[(lo - r.lba) * bs:(hi - r.lba) * bs] = (
-                            data[(lo - a) * bs:(hi - a) * bs] if data is not None else bytes((hi - lo) * bs))
-                chunks.append(encode_undo(r.seq, r.timestamp_ns, r.lba, bytes(before), bs))
-                overlay.append((r.lba, r.count, r.payload if kind == RecordKind.WRITE else None))
+                lba, end = r.lba, r.lba + r.count
+                buckets = range(lba >> _OVERLAY_SHIFT, ((end - 1) >> _OVERLAY_SHIFT) + 1)
+                earlier: set[int] = set()
+                for b in buckets:
+                    hit = touched.get(b)
+                    if hit is not None:
+                        earlier.update(hit)
+                before = read(lba, r.count)
+                if earlier:
+                    buf = bytearray(before)
+                    for i in sorted(earlier):  # in batch order: the newest wins
+                        a, n, data = overlay[i]
+                        lo, hi = max(a, lba), min(a + n, end)
+                        if lo < hi:
+                            buf[(lo - lba) * bs:(hi - lba) * bs] = (
+                                data[(lo - a) * bs:(hi - a) * bs] if data is not None else bytes((hi - lo) * bs))
+                    before = bytes(buf)
+                out.append(undo_record(r.seq, r.timestamp_ns, lba, before, bs))
+                i = len(overlay)
+                overlay.append((lba, r.count, r.payload if kind == RecordKind.WRITE else None))
+                for b in buckets:
+                    touched.setdefault(b, []).append(i)
             elif kind == RecordKind.FLUSH and not in_resync:
-                chunks.append(encode_point(r.seq, r.timestamp_ns, PointKind.FLUSH))
+                out.append(point_record(r.seq, r.timestamp_ns, PointKind.FLUSH))
             elif kind == RecordKind.MARK and not in_resync:
-                chunks.append(encode_point(r.seq, r.timestamp_ns, PointKind.MARK,
-                                           bytes(r.payload).decode(errors="replace")[:100]))
-        self._append(chunks)
-        if chunks:
+                out.append(point_record(r.seq, r.timestamp_ns, PointKind.MARK,
+                                        bytes(r.payload).decode(errors="replace")[:100]))
+        self._append(out)
+        if out:
             self.trim()
 
     def resync_begin(self, base_seq: int, time_ns: int) -> None:
@@ -354,7 +378,7 @@ class HistoryWriter:
         copies overwrite the target; images between it and the resync's end are not whole."""
         if self.index.windows and self.index.windows[-1].end_seq is None:
             return  # a resync restarted: the same window goes on
-        self._append([encode(Kind.RESYNC, seq=base_seq, time_ns=time_ns, flags=RESYNC_BEGIN)])
+        self._append([encode_record(Kind.RESYNC, seq=base_seq, time_ns=time_ns, flags=RESYNC_BEGIN)])
         self._region_saved.clear()
 
     def before_region(self, lba: int, count: int, read: Callable[[int, int], bytes]) -> None:
@@ -363,7 +387,7 @@ class HistoryWriter:
             raise HistoryError("region copy outside a resync")
         w = self.index.windows[-1]
         c = self._region_chunk
-        chunks = []
+        chunks: list[Encoded] = []
         t = self.index.time_ns(self.index.next_id - 1) if self.index.next_id > self.index.first_id else 0
         for k in range(lba // c, (lba + count - 1) // c + 1):
             if k in self._region_saved:
@@ -372,7 +396,7 @@ class HistoryWriter:
             n = min(c, self.meta.num_blocks - a)
             if n <= 0:
                 continue
-            chunks.append(encode_undo(w.begin_seq + 1, t, a, read(a, n), self.meta.block_size, region=True))
+            chunks.append(undo_record(w.begin_seq + 1, t, a, read(a, n), self.meta.block_size, region=True))
             self._region_saved.add(k)
         self._append(chunks)
         if chunks:
@@ -381,7 +405,7 @@ class HistoryWriter:
     def resync_end(self, end_seq: int, time_ns: int) -> None:
         """Records up to `end_seq` are applied: the target is whole again."""
         if self.index.windows and self.index.windows[-1].end_seq is None:
-            self._append([encode(Kind.RESYNC, seq=end_seq, time_ns=time_ns, flags=RESYNC_END)])
+            self._append([encode_record(Kind.RESYNC, seq=end_seq, time_ns=time_ns, flags=RESYNC_END)])
             self._region_saved.clear()
 
     def _reload_region_saved(self) -> None:

@@ -56,6 +56,11 @@ _ERROR = struct.Struct(">HH")
 _RESYNC_BEGIN = struct.Struct(">QIQ")
 _DIGEST_REQ = struct.Struct(">QII")
 _REGION_DATA = struct.Struct(">QIBI")
+_GENERATIONS = struct.Struct(">BQB")  # flags, dirty bytes, number of generations
+_GENERATION = struct.Struct(">QQQQ")  # id, counter, started_ns, fork_seq
+_REGION_READ = struct.Struct(">QI")  # lba, block count
+MAX_READ_BLOCKS = 1 << 16
+MAX_GENERATIONS = 32
 
 
 def region_digest(data: bytes) -> bytes:
@@ -75,6 +80,8 @@ class FrameType(enum.IntEnum):
     REGION_DIGESTS = 9
     REGION_DATA = 10
     RESYNC_END = 11
+    GENERATIONS = 12
+    REGION_READ = 13
 
 
 class ErrorCode(enum.IntEnum):
@@ -90,6 +97,7 @@ class ErrorCode(enum.IntEnum):
     SEQUENCE = 8  # a batch does not follow the remote's applied position
     BUSY = 9  # another connection already replicates this source
     INTERNAL = 10
+    PRIMARY = 11  # this remote's copy was promoted: it is primary now and takes no writes from the source
 
 
 TRANSIENT_ERRORS = frozenset({ErrorCode.TARGET_FULL, ErrorCode.TARGET_IO, ErrorCode.BUSY, ErrorCode.INTERNAL})
@@ -98,11 +106,16 @@ TRANSIENT_ERRORS = frozenset({ErrorCode.TARGET_FULL, ErrorCode.TARGET_IO, ErrorC
 class Feature(enum.IntFlag):
     NONE = 0
     LZ4 = 1
+    GENERATIONS = 2  # the source speaks GENERATIONS frames (docs/FAILOVER.md)
+
+
+_KNOWN_FEATURES = int(Feature.LZ4 | Feature.GENERATIONS)
 
 
 class Purpose(enum.IntEnum):
     REPLICATE = 1  # the one connection per source that applies records
     VERIFY = 2  # read-only: region digests for `usbmirror verify`
+    FETCH = 3  # failback: a replica pulls blocks from a promoted remote that hands the source back
 
 
 class ReplyFlag(enum.IntFlag):
@@ -225,9 +238,35 @@ class ResyncEnd:
     position: int  # Q: journal position when the copy finished
 
 
+class GenerationsFlag(enum.IntFlag):
+    NONE = 0
+    PRIMARY = 1  # the sender's copy is primary for the source
+    DIRTY = 2  # the sender wrote since the two sides last agreed
+    HANDOVER = 4  # a promoted remote stopped serving and hands the source back (`usbmirror failback`)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRead:
+    """Failback (a FETCH connection): ask the promoted remote for blocks; it answers REGION_DATA."""
+
+    lba: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Generations:
+    """A side's data generations for the source, oldest first, each (id, counter, started_ns,
+    fork_seq); sent by the source after HELLO when it offers Feature.GENERATIONS, and by a promoted
+    remote before the ERROR PRIMARY that refuses the source."""
+
+    generations: tuple[tuple[int, int, int, int], ...]
+    flags: GenerationsFlag = GenerationsFlag.NONE
+    dirty_bytes: int = 0
+
+
 Event: TypeAlias = (
     Hello | HelloReply | Batch | Ack | Heartbeat | Error | ResyncBegin | DigestRequest | RegionDigests
-    | RegionData | ResyncEnd
+    | RegionData | ResyncEnd | Generations | RegionRead
 )
 
 
@@ -264,14 +303,17 @@ _EVENT_TYPE: dict[type, FrameType] = {
     RegionDigests: FrameType.REGION_DIGESTS,
     RegionData: FrameType.REGION_DATA,
     ResyncEnd: FrameType.RESYNC_END,
+    Generations: FrameType.GENERATIONS,
+    RegionRead: FrameType.REGION_READ,
 }
 
 _SOURCE_SENDS = frozenset(
     {FrameType.HELLO, FrameType.BATCH, FrameType.HEARTBEAT, FrameType.ERROR, FrameType.RESYNC_BEGIN,
-     FrameType.DIGEST_REQUEST, FrameType.REGION_DATA, FrameType.RESYNC_END}
+     FrameType.DIGEST_REQUEST, FrameType.REGION_DATA, FrameType.RESYNC_END, FrameType.REGION_READ}
 )
 _REMOTE_SENDS = frozenset(
-    {FrameType.HELLO_REPLY, FrameType.ACK, FrameType.HEARTBEAT, FrameType.ERROR, FrameType.REGION_DIGESTS}
+    {FrameType.HELLO_REPLY, FrameType.ACK, FrameType.HEARTBEAT, FrameType.ERROR, FrameType.REGION_DIGESTS,
+     FrameType.REGION_DATA}  # REGION_DATA: the answer to a REGION_READ
 )
 
 # Everything that changes the connection state lives in this table:
@@ -283,6 +325,11 @@ _TRANSITIONS: dict[tuple[ConnState, Role, FrameType], ConnState] = {
     (ConnState.AWAIT_REPLY, Role.REMOTE, FrameType.HELLO_REPLY): ConnState.OPEN,
     (ConnState.AWAIT_REPLY, Role.REMOTE, FrameType.ERROR): ConnState.CLOSED,
     (ConnState.AWAIT_REPLY, Role.SOURCE, FrameType.ERROR): ConnState.CLOSED,
+    # GENERATIONS: the source's right after its HELLO (the remote may have answered already), a
+    # promoted remote's just before the ERROR that refuses the source
+    (ConnState.AWAIT_REPLY, Role.SOURCE, FrameType.GENERATIONS): ConnState.AWAIT_REPLY,
+    (ConnState.OPEN, Role.SOURCE, FrameType.GENERATIONS): ConnState.OPEN,
+    (ConnState.AWAIT_REPLY, Role.REMOTE, FrameType.GENERATIONS): ConnState.AWAIT_REPLY,
 }
 for _ft in _SOURCE_SENDS - {FrameType.HELLO, FrameType.ERROR}:
     _TRANSITIONS[(ConnState.OPEN, Role.SOURCE, _ft)] = ConnState.OPEN
@@ -486,6 +533,13 @@ class JourneyConnection:
             return _REGION_DATA.pack(ev.lba, 0, flags, len(raw)) + body
         if isinstance(ev, ResyncEnd):
             return _U64.pack(ev.position)
+        if isinstance(ev, RegionRead):
+            return _REGION_READ.pack(ev.lba, ev.count)
+        if isinstance(ev, Generations):
+            if len(ev.generations) > MAX_GENERATIONS:
+                raise ValueError(f"at most {MAX_GENERATIONS} generations")
+            return _GENERATIONS.pack(int(ev.flags), ev.dirty_bytes, len(ev.generations)) + b"".join(
+                _GENERATION.pack(*g) for g in ev.generations)
         raise TypeError(f"not a journey event: {ev!r}")
 
     # -- receiving -----------------------------------------------------------------------------
@@ -579,7 +633,7 @@ class JourneyConnection:
             except ValueError:
                 raise ProtocolError(f"HELLO purpose {purpose} unknown") from None
             sid = _text(p[_HELLO.size :], "source id")
-            feat = Feature(feats & int(Feature.LZ4))
+            feat = Feature(feats & _KNOWN_FEATURES)
             return Hello(sid, uuid, vsize, bs, gen, resume, feat, purp, vmin, vmax)
         if ftype is FrameType.HELLO_REPLY:
             _need(p, _HELLO_REPLY.size, "HELLO_REPLY", exact=False)
@@ -637,6 +691,25 @@ class JourneyConnection:
         if ftype is FrameType.RESYNC_END:
             _need(p, _U64.size, "RESYNC_END")
             return ResyncEnd(_U64.unpack(p)[0])
+        if ftype is FrameType.REGION_READ:
+            _need(p, _REGION_READ.size, "REGION_READ")
+            lba, count = _REGION_READ.unpack(p)
+            if not 0 < count <= MAX_READ_BLOCKS:
+                raise ProtocolError(f"REGION_READ of {count} blocks (1..{MAX_READ_BLOCKS})")
+            return RegionRead(lba, count)
+        if ftype is FrameType.GENERATIONS:
+            _need(p, _GENERATIONS.size, "GENERATIONS", exact=False)
+            flags, dirty, n = _GENERATIONS.unpack_from(p, 0)
+            if n > MAX_GENERATIONS or flags & ~7:
+                raise ProtocolError(f"GENERATIONS with {n} generations, flags {flags}")
+            _need(p, _GENERATIONS.size + n * _GENERATION.size, "GENERATIONS")
+            gens = tuple(_GENERATION.unpack_from(p, _GENERATIONS.size + i * _GENERATION.size) for i in range(n))
+            for gid, counter, _started, _fork in gens:
+                if gid == 0 or counter == 0:
+                    raise ProtocolError("GENERATIONS holds a generation with id or counter 0")
+            if any(gens[i + 1][1] <= gens[i][1] for i in range(len(gens) - 1)):
+                raise ProtocolError("GENERATIONS counters do not increase")
+            return Generations(gens, GenerationsFlag(flags), dirty)
         raise ProtocolError(f"unhandled frame type {ftype.name}")  # pragma: no cover
 
 

@@ -70,7 +70,8 @@ gone() { n=0; while [ -e /sys/block/$1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n
 """
 
 
-def _kernel_deb(builder: GuestBuilder) -> tuple[Path, str]:
+def kernel_deb(builder: GuestBuilder) -> tuple[Path, str]:
+    """The kernel package's .deb in the guest cache (downloaded by the base build) and its version."""
     kpkg = kernel_package()
     pkg = resolve_packages([kpkg])[kpkg]
     deb = builder.debdir / pkg.file_name
@@ -79,8 +80,10 @@ def _kernel_deb(builder: GuestBuilder) -> tuple[Path, str]:
     return deb, pkg.version
 
 
-def _extract_modules(deb: Path) -> dict[str, bytes]:
-    wanted = set(EXTRA_MODULES)
+def extract_modules(deb: Path, modules: tuple[str, ...]) -> dict[str, bytes]:
+    """The kernel modules `modules` (paths relative to lib/modules/<kver>/) from the kernel package,
+    keyed by their path in the guest (lib/modules/<kver>/...)."""
+    wanted = set(modules)
     tar_bytes = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
                                check=True).stdout
     found: dict[str, bytes] = {}
@@ -93,19 +96,19 @@ def _extract_modules(deb: Path) -> dict[str, bytes]:
                     f = tar.extractfile(member)
                     assert f is not None
                     found[f"lib/modules/{parts[3]}/{rel}"] = f.read()
-    if len(found) != len(EXTRA_MODULES):
-        raise BuildError(f"kernel package lacks some of {EXTRA_MODULES}: found {sorted(found)}")
+    if len(found) != len(wanted):
+        raise BuildError(f"kernel package lacks some of {sorted(wanted)}: found {sorted(found)}")
     return found
 
 
 def gadget_extra_files() -> dict[str, bytes]:
     """Extra guest files (absolute guest path -> content) for the gadget tests, cached on disk."""
     builder = GuestBuilder()
-    deb, version = _kernel_deb(builder)
+    deb, version = kernel_deb(builder)
     cache = cache_dir() / f"gadget-extra-{version}"
     if not cache.exists():
         tmp = cache.with_name(cache.name + ".tmp")
-        for rel, data in _extract_modules(deb).items():
+        for rel, data in extract_modules(deb, EXTRA_MODULES).items():
             out = tmp / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(data)
@@ -145,7 +148,8 @@ def gadget_extra_files() -> dict[str, bytes]:
     return files
 
 
-def _deb_member(builder: GuestBuilder, package: str, basename: str) -> bytes:
+def deb_member(builder: GuestBuilder, package: str, basename: str) -> bytes:
+    """The file named `basename` in Debian package `package` (downloaded into the guest cache), symlinks followed."""
     pkg = resolve_packages([package])[package]
     (deb,) = download([pkg], builder.debdir)
     tar_bytes = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
@@ -154,7 +158,7 @@ def _deb_member(builder: GuestBuilder, package: str, basename: str) -> bytes:
         for member in tar:
             if member.name.endswith("/" + basename):
                 if member.issym():
-                    return _deb_member(builder, package, Path(member.linkname).name)
+                    return deb_member(builder, package, Path(member.linkname).name)
                 f = tar.extractfile(member)
                 if f is not None:
                     return f.read()
@@ -165,8 +169,8 @@ def _libusb(builder: GuestBuilder) -> dict[str, bytes]:
     """libusb-1.0.so.0 and what it needs beyond the base layer (libudev is there; glibc's
     libpthread.so.0 stub is not, since nothing else in the guest links it)."""
     lib = "/usr/lib/x86_64-linux-gnu"
-    return {f"{lib}/libusb-1.0.so.0": _deb_member(builder, LIBUSB_PACKAGE, "libusb-1.0.so.0"),
-            f"{lib}/libpthread.so.0": _deb_member(builder, "libc6", "libpthread.so.0")}
+    return {f"{lib}/libusb-1.0.so.0": deb_member(builder, LIBUSB_PACKAGE, "libusb-1.0.so.0"),
+            f"{lib}/libpthread.so.0": deb_member(builder, "libc6", "libpthread.so.0")}
 
 
 def run_gadget_guest(script: str, *, timeout: float, memory: int = 640, image: GuestImage | None = None,

@@ -1,0 +1,100 @@
+"""The role commands of `usbmirror`: `promote` and `failback` (on a remote unit).
+
+`usbmirror promote --state-dir REMOTE_STATE --source ID --usbip HOST:PORT [--mark NAME | --at TIME |
+--seq N] [--force]` asks the remote unit running with REMOTE_STATE, over its control socket, to make
+its copy of source ID primary and serve it read-write to a standby host over USB/IP. It prints what is
+at stake (how far behind the copy was) and the address; docs/FAILOVER.md has the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from firmware.config import DEFAULT_STATE_DIR
+from firmware.control import ControlError, request
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"cmd": "promote", "source": args.source, "usbip": args.usbip, "busid": args.usbip_busid,
+                           "force": args.force}
+    for k in ("mark", "at", "seq"):
+        if getattr(args, k) is not None:
+            req[k] = getattr(args, k)
+    try:
+        ans = request(args.state_dir, req, timeout=3600.0)
+    except ControlError as exc:
+        print(f"usbmirror promote: {exc}", file=sys.stderr)
+        return 1
+    if not ans.get("ok"):
+        print(f"usbmirror promote: {ans.get('error')}", file=sys.stderr)
+        return 1
+    ans.pop("ok", None)
+    if args.json:
+        print(json.dumps(ans, indent=2, sort_keys=True))
+        return 0
+    print(f"warning: {ans['warning']}", file=sys.stderr)
+    print(f"promoted source {ans['source']} at {ans['point']}: primary in generation {ans['generation']}, "
+          f"served read-write over USB/IP on {ans['usbip']} busid {ans['busid']}; this remote refuses the old "
+          "local unit's writes from now on")
+    return 0
+
+
+def cmd_failback(args: argparse.Namespace) -> int:
+    req = {"cmd": "failback", "source": args.source, "timeout": args.timeout}
+    try:
+        ans = request(args.state_dir, req, timeout=args.timeout + 30.0)
+    except ControlError as exc:
+        print(f"usbmirror failback: {exc}", file=sys.stderr)
+        return 1
+    if not ans.get("ok"):
+        print(f"usbmirror failback: {ans.get('error')}", file=sys.stderr)
+        return 1
+    ans.pop("ok", None)
+    if args.json:
+        print(json.dumps(ans, indent=2, sort_keys=True))
+        return 0 if ans.get("done") else 1
+    if not ans.get("done"):
+        print(f"usbmirror failback: source {ans['source']} is no longer served here; the local unit has not "
+              f"taken it back within {args.timeout:.0f} s (it does when it next reaches this remote; see status)",
+              file=sys.stderr)
+        return 1
+    print(f"failed back source {ans['source']}: the local unit is primary again and this remote is its replica")
+    return 0
+
+
+def register(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    pp = sub.add_parser("promote", help="on a remote unit, make its copy of a source primary and serve it",
+                        description="Switchover: the running remote unit makes its copy of a source primary (a new "
+                        "data generation, recorded before anything is served) and serves it read-write to a "
+                        "standby host over USB/IP. Refused while the source is connected and healthy. With "
+                        "--mark, --at or --seq the copy is first rolled back to that point of its history. From "
+                        "then on the remote refuses the old local unit's writes, also after a restart.")
+    pp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
+    pp.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
+    pp.add_argument("--usbip", required=True, metavar="HOST:PORT", help="where to serve USB/IP "
+                    "(no authentication: bind to 127.0.0.1 or a trusted network)")
+    pp.add_argument("--usbip-busid", default="1-1", metavar="BUSID", help="the exported bus id (default 1-1)")
+    g = pp.add_mutually_exclusive_group()
+    g.add_argument("--mark", metavar="NAME", help="roll back to the newest mark of that name first")
+    g.add_argument("--at", metavar="TIME", help="roll back to every write the local unit acknowledged up to TIME "
+                   "and none after (ISO 8601, UTC without a zone, or seconds since the epoch)")
+    g.add_argument("--seq", type=int, metavar="N", help="roll back to the image just after record N")
+    pp.add_argument("--force", action="store_true", help="also when a resync is incomplete: roll it back to the "
+                    "image from before it and promote that")
+    pp.add_argument("--json", action="store_true", help="machine-readable output")
+    commands["promote"] = cmd_promote
+    fp = sub.add_parser("failback", help="on a remote unit, hand a promoted source back to its local unit",
+                        description="Planned failback: the remote stops serving its promoted copy to the standby "
+                        "host, the old local unit (a replica) pulls the blocks that differ, becomes primary again "
+                        "in a new data generation and serves its host, and replication to this remote resumes. "
+                        "Waits until the local unit took over (or --timeout).")
+    fp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
+    fp.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
+    fp.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds to wait for the local "
+                    "unit (default 600)")
+    fp.add_argument("--json", action="store_true", help="machine-readable output")
+    commands["failback"] = cmd_failback

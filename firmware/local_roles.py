@@ -1,0 +1,156 @@
+"""A local unit's role towards its remotes (docs/FAILOVER.md): the adapter between the role state in
+its state directory, the replicator's links and the local unit.
+
+- `generations()` is what the replicator sends after each HELLO: this unit's data generations, so a
+  replica follows the generation whose writes it applies.
+- `on_remote_primary()` runs when a remote refuses this unit because it was promoted: the journal
+  records the promoted copy never received are read (times and sizes), `old_primary_returns()`
+  decides, the new role state is saved, and as a replica the local unit refuses host writes (DATA
+  PROTECT, WRITE PROTECTED); the writes it had acknowledged but never shipped are the failover's
+  loss, reported in status (`failover_loss`) and the log, and never shipped.
+- `at_start()`: a unit that was a replica when it stopped refuses host writes from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from firmware.failover.generations import History, WriteInfo
+from firmware.failover.returning import old_primary_returns
+from firmware.failover.state import RoleStore, fresh_generation_id
+from firmware.journal import RecordsGone
+from firmware.journal.format import RecordKind
+
+if TYPE_CHECKING:  # the link protocol (and lz4) is imported only by a unit that has remotes
+    from firmware.link import protocol as jp
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 4 << 20
+
+
+class LocalRoles:
+    """The role state of one local unit's source, as its replicator and status see it."""
+
+    def __init__(self, roles: RoleStore, unit: Any, journal: Any) -> None:
+        self.roles = roles
+        self.unit = unit
+        self.journal = journal
+        self.last_message = ""
+
+    def generations(self) -> jp.Generations:
+        from firmware.link import protocol as jp
+
+        st = self.roles.state
+        return jp.Generations(st.history.as_tuples(),
+                              jp.GenerationsFlag.PRIMARY if st.primary else jp.GenerationsFlag.NONE)
+
+    def replica_reason(self) -> str | None:
+        st = self.roles.state
+        if st.primary:
+            return None
+        loss = st.failover_loss or {}
+        return (f"this unit is a replica of {loss.get('peer', 'a promoted remote')} (generation "
+                f"{loss.get('generation', '?')}): host writes are refused")
+
+    def at_start(self) -> None:
+        reason = self.replica_reason()
+        if reason is not None:
+            self.unit.refuse_writes(reason)
+
+    def _unshipped(self, after_seq: int) -> tuple[list[WriteInfo], bool]:
+        """The journal's WRITE and UNMAP records after `after_seq`; False when some were gone."""
+        out: list[WriteInfo] = []
+        bs = self.unit.block_size
+        at = after_seq
+        try:
+            while True:
+                recs = self.journal.read_records(at, _READ_CHUNK)
+                if not recs:
+                    return out, True
+                for r in recs:
+                    if r.kind in (RecordKind.WRITE, RecordKind.UNMAP):
+                        out.append(WriteInfo(r.seq, r.timestamp_ns, r.count * bs))
+                    at = r.seq
+        except RecordsGone:
+            return out, False
+
+    def on_remote_primary(self, link: Any, gens: jp.Generations | None, message: str) -> None:
+        """A remote refused this unit with ERROR PRIMARY (after its GENERATIONS, when it sent them)."""
+        from firmware.link import protocol as jp
+
+        peer = link.spec.name or link.remote_name or link.spec.label
+        if gens is None:
+            log.error("remote is primary but sent no generations remote=%s message=%s", peer, message)
+            return
+        try:
+            peer_history = History.from_tuples(gens.generations)
+        except ValueError as exc:
+            log.error("remote sent bad generations remote=%s error=%s", peer, exc)
+            return
+        st = self.roles.state
+        cur = st.history.current
+        handover = jp.GenerationsFlag.HANDOVER in gens.flags
+        if handover and st.primary and peer_history.current is not None \
+                and st.history.successor(peer_history.current) == cur:
+            # this unit took the source back but the remote never heard: say it again
+            self.unit.refuse_writes(None)
+            link.rep.fetch_back(link, lambda report: self.generations(), pull=False)
+            log.warning("failback: the remote took the hand-back remote=%s generation=%s", peer,
+                        cur.label if cur is not None else None)
+            return
+        promoted = peer_history.successor(cur) if cur is not None else None
+        after = promoted.fork_seq if promoted is not None else link.acked_seq
+        writes, complete = self._unshipped(after)
+        snap = self.unit.dirty_snapshot()
+        unknown = snap.blocks * self.unit.block_size if snap.regions else 0
+        if not complete:
+            unknown = max(unknown, 1)  # records gone from the journal: their times are unknown
+        ret = old_primary_returns(st, peer=peer, peer_history=peer_history,
+                                  peer_dirty=jp.GenerationsFlag.DIRTY in gens.flags,
+                                  peer_dirty_bytes=gens.dirty_bytes, unshipped=writes, unknown_time_bytes=unknown,
+                                  now_ns=time.time_ns())
+        if ret.state is not st:
+            self.roles.save(ret.state)
+            log.warning("role change remote=%s outcome=%s lost_writes=%d lost_bytes=%d message=%s", peer,
+                        ret.decision.outcome.value, ret.loss.lost_writes, ret.loss.lost_bytes, ret.message)
+        self.last_message = ret.message
+        if ret.refuse_writes and self.unit.write_refusal is None:
+            self.unit.refuse_writes(self.replica_reason() or ret.message)
+        if handover and ret.refuse_writes and ret.decision.outcome.value == "remote_newer":
+            self._fail_back(link, peer, peer_history)
+
+    def _fail_back(self, link: Any, peer: str, peer_history: History) -> None:
+        """The promoted remote hands the source back: pull what differs, then take over in a new
+        generation on top of the remote's (recorded before the remote hears of it) and serve the
+        host again."""
+        log.warning("failback: pulling the changed regions from remote=%s", peer)
+
+        def take_over(report: dict[str, Any]) -> Any:
+            hist = peer_history.promote(gen_id=fresh_generation_id(), now_ns=time.time_ns(),
+                                        fork_seq=self.journal.durable_seq)
+            self.roles.save(replace(self.roles.state, primary=True, history=hist, split_brain=None,
+                                    resolution=None, last_resync=report))
+            return self.generations()
+
+        try:
+            report = link.rep.fetch_back(link, take_over)
+        finally:
+            if self.roles.state.primary:  # taken over (even if the remote's ACK was lost): serve the host
+                self.unit.refuse_writes(None)
+        self.last_message = (f"failed back from {peer}: {report['regions_copied']} regions "
+                             f"({report['bytes_moved']} bytes) pulled in {report['seconds']} s; primary again")
+        log.warning("failback complete remote=%s bytes_moved=%d regions=%d seconds=%.3f", peer,
+                    report["bytes_moved"], report["regions_copied"], report["seconds"])
+
+    def status(self) -> dict[str, Any]:
+        out = self.roles.state.status()
+        refusal = self.unit.write_refusal
+        out["host_writes"] = "refused" if refusal is not None else "accepted"
+        out["host_writes_reason"] = refusal
+        if self.last_message:
+            out["role_message"] = self.last_message
+        return out
