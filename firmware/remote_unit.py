@@ -55,7 +55,7 @@ from typing import Any
 
 from firmware.failover.generations import History
 from firmware.failover.state import fresh_generation_id, open_roles
-from firmware.history import DEFAULT_AGE_S, HistoryError, HistoryWriter, history_dir, resolve
+from firmware.history import DEFAULT_AGE_S, DiscardOnChange, HistoryError, HistoryWriter, history_dir, resolve
 from firmware.history import status_keys as history_status_keys
 from firmware.link import protocol as jp
 from firmware.link_driver import LinkDriver, Waker
@@ -141,6 +141,8 @@ class SourceTarget:
                                                 size_cap=unit.cfg.history_size, age_s=unit.cfg.history_age_s)
             if self.history is not None:
                 self.store.add_hook(self.history)
+        elif history_dir(unit.cfg.state_dir, source_id).exists():  # kept before: stale once the target changes
+            self.store.add_hook(DiscardOnChange(history_dir(unit.cfg.state_dir, source_id)))
 
     def open_history(self, hello: jp.Hello) -> None:
         """Keep point-in-time history for the volume this source sends (docs/HISTORY.md): a hook that

@@ -7,7 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from firmware.history import HistoryReader, ImageView, history_dir, resolve
+import pytest
+
+from firmware.history import HistoryError, HistoryReader, ImageView, history_dir, resolve
 from firmware.link import protocol as jp
 from firmware.remote_unit import RemoteUnit, RemoteUnitConfig
 from host_tests.test_remote_unit import BS, Source
@@ -23,10 +25,10 @@ def pt(seq: int, name: str = "") -> jp.Record:
     return jp.Record(seq, kind, 0, 0, time.time_ns(), name.encode())
 
 
-def _remote(tmp_path: Path) -> RemoteUnit:
+def _remote(tmp_path: Path, *, history: bool = True) -> RemoteUnit:
     cfg = RemoteUnitConfig(listen=("127.0.0.1", 0), name="r1", targets={"s1": str(tmp_path / "t.img")},
                            tls_dir=None, state_dir=str(tmp_path / "state"), heartbeat_timeout_s=5,
-                           history_size=1 << 20)
+                           history_size=1 << 20 if history else None)
     return RemoteUnit(cfg)
 
 
@@ -84,9 +86,49 @@ def test_history_survives_a_restart_and_a_resync_keeps_the_image_before_it(tmp_p
         ru.stop()
 
 
-def test_remote_history_options() -> None:
-    import pytest
+def test_a_remote_run_without_history_offers_no_stale_point_when_history_is_back(tmp_path: Path) -> None:
+    """History off for a while: the target changes without before-images, so the old points no
+    longer match it. They stay offered only until the target first changes; with history on again
+    only points taken since are listed, and each restores to the image it had."""
+    hdir = history_dir(str(tmp_path / "state"), "s1")
+    with _remote(tmp_path) as ru:
+        s = Source(ru.port)
+        s.send(jp.Batch(0, (w(1, 0, 1, 8), pt(2, "m"))))
+        s.ack_upto(2)
+        at_m = Path(ru.targets["s1"].path).read_bytes()
+        s.close()
+    with _remote(tmp_path, history=False) as ru:
+        assert _image(ru, mark="m") == at_m  # the target has not changed: the history still holds
+        s = Source(ru.port)
+        s.send(jp.Batch(2, (pt(3),)))
+        s.ack_upto(3)
+        assert _image(ru, mark="m") == at_m  # a flush changes no block
+        with HistoryReader(hdir) as rd, ImageView(rd, resolve(rd.index, mark="m").start_id) as view:
+            s.send(jp.Batch(3, (w(4, 0, 5, 4), pt(5))))
+            s.ack_upto(5)
+            with pytest.raises(HistoryError, match="no history"):
+                view.read(0, view.num_blocks)  # an open view fails rather than serve the new blocks
+        s.close()
+        with pytest.raises(HistoryError, match="no history"):
+            HistoryReader(hdir)
+    with _remote(tmp_path) as ru:
+        s = Source(ru.port)
+        s.send(jp.Batch(5, (w(6, 6, 2), pt(7, "n"))))
+        s.ack_upto(7)
+        at_n = Path(ru.targets["s1"].path).read_bytes()
+        s.send(jp.Batch(7, (w(8, 0, 9, 8),)))
+        s.ack_upto(8)
+        s.close()
+        with HistoryReader(hdir) as rd:
+            assert [(p.seq, p.name) for p in rd.index.live_points()] == [(7, "n")]
+            assert rd.index.oldest_restorable() == 5
+            with pytest.raises(HistoryError, match="no mark 'm'"):
+                resolve(rd.index, mark="m")
+        assert _image(ru, mark="n") == at_n
+        assert _image(ru, seq=5) == at_n[:6 * BS] + b"\x01" * BS + at_n[7 * BS:]  # before the write of seq 6
 
+
+def test_remote_history_options() -> None:
     from firmware.config import parse_duration
     assert parse_duration("24h") == 86400 and parse_duration("90") == 90 and parse_duration("15m") == 900
     for bad in ("", "soon", "-1h", "0"):

@@ -10,6 +10,7 @@ from firmware.history.index import Index, Point
 from firmware.history.store import (
     DEFAULT_AGE_S,
     DEFAULT_SIZE_CAP,
+    DiscardOnChange,
     HistoryReader,
     HistoryWriter,
     history_dir,
@@ -21,6 +22,7 @@ from firmware.history.view import ImageView, Resolved, parse_time, resolve, rest
 __all__ = [
     "DEFAULT_AGE_S",
     "DEFAULT_SIZE_CAP",
+    "DiscardOnChange",
     "HistoryCorrupt",
     "HistoryError",
     "HistoryReader",

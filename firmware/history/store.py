@@ -488,10 +488,56 @@ class HistoryWriter:
 
 
 def _wipe(root: Path) -> None:
+    """Remove a history: meta.json first (durably), so a cut midway leaves no history at all rather
+    than a meta whose records are partly gone."""
+    (root / META).unlink(missing_ok=True)
+    fsync_dir(root)
     for p in root.iterdir():
         if p.is_file():
             p.unlink()
     fsync_dir(root)
+
+
+class DiscardOnChange:
+    """An apply hook for a source whose history is kept no more (a remote started without
+    `--history-size`): the history on disk matches the target until the target first changes;
+    just before that change it is removed, durably, so that `history`, `restore` and `expose`
+    never offer an image the target no longer backs. A view open on it meanwhile (a `restore`, an
+    `expose`) fails with "no history" at its next read rather than serve a wrong block."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done = False
+
+    def _discard(self, why: str) -> None:
+        if self.done:
+            return
+        if (self.root / META).exists():
+            log.warning("history: removing the history of a source kept without history now, %s dir=%s",
+                        why, self.root)
+            with _flocked_path(self.root / "lock"):
+                _wipe(self.root)
+        self.done = True
+
+    def before_apply(self, records: Sequence[RecordLike], read: Callable[[int, int], bytes]) -> None:
+        if any(int(r.kind) in (RecordKind.WRITE, RecordKind.UNMAP) and r.count > 0 for r in records):
+            self._discard("as the target changes")
+
+    def before_region(self, lba: int, count: int, read: Callable[[int, int], bytes]) -> None:
+        self._discard("as a resync changes the target")
+
+    def resync_begin(self, base_seq: int, time_ns: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _flocked_path(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        with _flocked(fd):
+            yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
