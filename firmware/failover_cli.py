@@ -1,4 +1,4 @@
-"""The role commands of `usbmirror`: `promote` and `failback` (on a remote unit).
+"""The role commands of `usbmirror`: `promote` and `failback` (on a remote unit), `resolve` (either).
 
 `usbmirror promote --state-dir REMOTE_STATE --source ID --usbip HOST:PORT [--mark NAME | --at TIME |
 --seq N] [--force]` asks the remote unit running with REMOTE_STATE, over its control socket, to make
@@ -66,6 +66,24 @@ def cmd_failback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    req = {"cmd": "resolve", "source": args.source, "keep": args.keep, "dry_run": args.dry_run}
+    try:
+        ans = request(args.state_dir, req, timeout=600.0)
+    except ControlError as exc:
+        print(f"usbmirror resolve: {exc}", file=sys.stderr)
+        return 1
+    if not ans.get("ok"):
+        print(f"usbmirror resolve: {ans.get('error')}", file=sys.stderr)
+        return 1
+    ans.pop("ok", None)
+    if args.json:
+        print(json.dumps(ans, indent=2, sort_keys=True))
+    else:
+        print(ans["message"] + (" (dry run: nothing changed)" if args.dry_run else ""))
+    return 0
+
+
 def register(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     pp = sub.add_parser("promote", help="on a remote unit, make its copy of a source primary and serve it",
                         description="Switchover: the running remote unit makes its copy of a source primary (a new "
@@ -98,3 +116,15 @@ def register(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]])
                     "unit (default 600)")
     fp.add_argument("--json", action="store_true", help="machine-readable output")
     commands["failback"] = cmd_failback
+    sp = sub.add_parser("resolve", help="end a split brain: keep the local unit's or the remote's data",
+                        description="After a split brain (both sides wrote since they last agreed), decide which "
+                        "copy is kept. Run it with the state dir of the side whose writes are discarded: --keep "
+                        "local on the remote unit (its copy is resynced from the local unit), --keep remote on the "
+                        "local unit (it becomes the remote's replica until `usbmirror failback`). --dry-run says "
+                        "what would be discarded and changes nothing.")
+    sp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the unit's state dir")
+    sp.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
+    sp.add_argument("--keep", required=True, choices=("local", "remote"), help="the copy whose data is kept")
+    sp.add_argument("--dry-run", action="store_true", help="say what would be discarded; change nothing")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    commands["resolve"] = cmd_resolve

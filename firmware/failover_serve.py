@@ -147,3 +147,19 @@ class PromotionServers:
         out["done"] = not t.roles.state.primary
         out["last_resync"] = t.roles.state.last_resync
         return out
+
+    def resolve(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The control command `resolve` on a remote unit (`SourceTarget.resolve`)."""
+        sid = req.get("source")
+        t = self.unit.targets.get(sid) if isinstance(sid, str) else None
+        if t is None or not isinstance(sid, str):
+            raise PromoteError(f"unknown source {sid!r}; this remote serves {', '.join(sorted(self.unit.targets))}")
+        keep = req.get("keep")
+        if keep not in ("local", "remote"):
+            raise PromoteError("--keep must be local or remote")
+        dry = bool(req.get("dry_run"))
+        if not dry and keep == "local" and t.roles.state.primary:
+            server = self._servers.pop(sid, None)
+            if server is not None:
+                server.stop()  # the standby host loses the disk before its writes are discarded
+        return t.resolve(str(keep), dry_run=dry)

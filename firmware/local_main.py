@@ -104,7 +104,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             role_hooks: dict[str, Any] = {}
             if local_roles is not None:
                 role_hooks = {"generations": local_roles.generations,
-                              "on_remote_primary": local_roles.on_remote_primary}
+                              "on_remote_primary": local_roles.on_remote_primary,
+                              "on_link_up": local_roles.on_link_up}
             replicator = stack.enter_context(
                 Replicator(unit, journal, source_id=opts.source_id or "", remotes=specs,
                            tls_dir=opts.tls_dir or "", state_dir=str(state_dir),
@@ -189,6 +190,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         control.register("status", status_fn)
         control.register("verify", verify_fn)
         control.register("mark", mark_fn)
+        if local_roles is not None:
+            control.register("resolve", local_roles.resolve)
         log.info("local unit running unit=%s serial=%s volume=%s journal=%s", ident.unit_uuid, ident.serial,
                  opts.volume, journal_path)
         stop.wait()

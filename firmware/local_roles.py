@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from firmware.failover.generations import History, WriteInfo
+from firmware.failover.generations import History, Keep, Resolution, WriteInfo, mib
 from firmware.failover.returning import old_primary_returns
 from firmware.failover.state import RoleStore, fresh_generation_id
 from firmware.journal import RecordsGone
@@ -45,8 +45,11 @@ class LocalRoles:
         from firmware.link import protocol as jp
 
         st = self.roles.state
-        return jp.Generations(st.history.as_tuples(),
-                              jp.GenerationsFlag.PRIMARY if st.primary else jp.GenerationsFlag.NONE)
+        flags = jp.GenerationsFlag.PRIMARY if st.primary else jp.GenerationsFlag.NONE
+        sb = st.split_brain
+        if sb is not None:  # the remote learns that this side wrote too, and how much
+            flags |= jp.GenerationsFlag.DIRTY
+        return jp.Generations(st.history.as_tuples(), flags, sb.own_bytes if sb is not None else 0)
 
     def replica_reason(self) -> str | None:
         st = self.roles.state
@@ -145,6 +148,48 @@ class LocalRoles:
                              f"({report['bytes_moved']} bytes) pulled in {report['seconds']} s; primary again")
         log.warning("failback complete remote=%s bytes_moved=%d regions=%d seconds=%.3f", peer,
                     report["bytes_moved"], report["regions_copied"], report["seconds"])
+
+    def resolve(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The control command `resolve` on a local unit: `--keep remote` discards what this unit
+        wrote since the remote was promoted; it becomes the remote's replica (host writes refused)
+        until `usbmirror failback` brings the source back. `--keep local` is decided on the remote,
+        whose writes it discards."""
+        keep, dry = req.get("keep"), bool(req.get("dry_run"))
+        if keep not in ("local", "remote"):
+            return {"ok": False, "error": "--keep must be local or remote"}
+        st = self.roles.state
+        if req.get("source") != st.source_id:
+            return {"ok": False, "error": f"this local unit is source {st.source_id}, not {req.get('source')!r}"}
+        sb = st.split_brain
+        if sb is None:
+            return {"ok": False, "error": f"no split brain is recorded for source {st.source_id} on this unit"}
+        if keep == "local":
+            return {"ok": False, "error": f"--keep local discards what was written on {sb.peer}: run `usbmirror "
+                    "resolve --keep local` with that remote unit's state dir"}
+        text = (f"would discard {mib(sb.own_bytes)} written on this local unit (source "
+                f"{st.source_id}) since {sb.peer} was promoted in generation "
+                f"{sb.peer_generation.label if sb.peer_generation else '?'}; this unit becomes {sb.peer}'s replica "
+                "and refuses host writes until `usbmirror failback`")
+        out = {"source": st.source_id, "keep": keep, "discard_bytes": sb.own_bytes, "dry_run": dry}
+        if dry:
+            return {**out, "message": text}
+        loss = {"writes": None, "bytes": sb.own_bytes, "peer": sb.peer, "discarded_by": "resolve --keep remote",
+                "generation": sb.peer_generation.label if sb.peer_generation else None, "detected_ns": time.time_ns()}
+        self.roles.save(replace(st, primary=False, split_brain=None, failover_loss=loss,
+                                resolution=Resolution(Keep.PEER, st.history.current, sb.peer_generation)))
+        self.unit.refuse_writes(self.replica_reason())
+        log.warning("split brain resolved: keep remote source=%s discarded_bytes=%d peer=%s", st.source_id,
+                    sb.own_bytes, sb.peer)
+        return {**out, "message": text.replace("would discard", "discarded", 1)}
+
+    def on_link_up(self, link: Any) -> None:
+        """A remote took this unit's HELLO: a split brain recorded with it is over (it was resolved
+        on the remote, which follows this unit again)."""
+        st = self.roles.state
+        peer = link.spec.name or link.remote_name or link.spec.label
+        if st.split_brain is not None and st.split_brain.peer == peer and st.primary:
+            self.roles.save(replace(st, split_brain=None))
+            log.warning("split brain over: remote=%s follows this unit again", peer)
 
     def status(self) -> dict[str, Any]:
         out = self.roles.state.status()

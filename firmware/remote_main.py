@@ -68,11 +68,18 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
                     log.warning("failback refused source=%s reason=%s", req.get("source"), exc)
                     return {"ok": False, "error": str(exc)}
 
+            def resolve(req: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return promoted.resolve(req)
+                except PromoteError as exc:
+                    return {"ok": False, "error": str(exc)}
+
             promoted.resume_all()
             control.register("status", status)
             control.register("rollback", rollback)
             control.register("promote", promote)
             control.register("failback", failback)
+            control.register("resolve", resolve)
             unit.serve_forever(stop)
             log.info("stopping remote unit")
     finally:

@@ -53,8 +53,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from firmware.failover.generations import History
-from firmware.failover.state import fresh_generation_id, open_roles
+from firmware.failover.generations import History, mib
+from firmware.failover.state import SplitBrain, fresh_generation_id, open_roles
 from firmware.history import DEFAULT_AGE_S, DiscardOnChange, HistoryError, HistoryWriter, history_dir, resolve
 from firmware.history import status_keys as history_status_keys
 from firmware.link import protocol as jp
@@ -143,6 +143,7 @@ class SourceTarget:
                 self.store.add_hook(self.history)
         elif history_dir(unit.cfg.state_dir, source_id).exists():  # kept before: stale once the target changes
             self.store.add_hook(DiscardOnChange(history_dir(unit.cfg.state_dir, source_id)))
+        self._finish_resolve()
 
     def open_history(self, hello: jp.Hello) -> None:
         """Keep point-in-time history for the volume this source sends (docs/HISTORY.md): a hook that
@@ -231,6 +232,98 @@ class SourceTarget:
         self.roles.update(history=theirs)
         log.info("adopted the source's data generation source=%s generation=%s", self.source_id,
                  theirs.current and theirs.current.label)
+
+    def resolve(self, keep: str, *, dry_run: bool) -> dict[str, Any]:
+        """`usbmirror resolve --keep local` on the remote (docs/FAILOVER.md): discard what was written on
+        this promoted copy; it becomes the local unit's replica and is resynced from it (only regions
+        whose digests differ cross). The caller stopped serving it. `--keep remote` is decided on the
+        local unit, whose writes it discards."""
+        st = self.roles.state
+        if keep != "local":
+            raise PromoteError("--keep remote discards the local unit's writes: run `usbmirror resolve --keep "
+                               "remote` with the local unit's state dir")
+        if not st.primary:
+            raise PromoteError(f"the copy of source {self.source_id} is not primary here: it holds no writes of "
+                               "its own to discard")
+        cur = st.history.current
+        promo = st.promotion or {}
+        nbytes = self.promoted_dirty_bytes()
+        when = _iso(promo["promoted_ns"] / 1e9) if isinstance(promo.get("promoted_ns"), int) else "an unknown time"
+        text = (f"would discard {mib(nbytes)} written on {self.unit.cfg.name} since source "
+                f"{self.source_id} was promoted there (generation {cur.label if cur else '?'}, at {when}); this "
+                "copy becomes the local unit's replica and is resynced from it")
+        out = {"source": self.source_id, "keep": keep, "discard_bytes": nbytes, "dry_run": dry_run}
+        if dry_run:
+            return {**out, "message": text}
+        self.end_promotion_io()
+        self.roles.update(primary=False, history=History(st.history.generations[:-1]), promotion=None,
+                          split_brain=None, resolution=None,
+                          last_resync={"resolved": "keep local", "discarded_bytes": nbytes, "needs_full_resync": True,
+                                       "resolved_ns": time.time_ns()})
+        self._finish_resolve()
+        log.warning("split brain resolved: keep local source=%s discarded_bytes=%d", self.source_id, nbytes)
+        return {**out, "message": text.replace("would discard", "discarded", 1)}
+
+    def _finish_resolve(self) -> None:
+        """After `resolve --keep local` was recorded: the target no longer holds the image of its
+        applied position, so the next connection of the source starts a full comparison (a crash
+        before this ran repeats it at the next start)."""
+        rs = self.roles.state.last_resync or {}
+        if not rs.get("needs_full_resync"):
+            return
+        ts = self.session.state
+        ts.volume_uuid, ts.generation, ts.applied_seq, ts.target_id = "", 0, 0, ""
+        ts.resync_active = ts.resync_undo = False
+        ts.resync_end = None
+        self.session.forget_unsynced()
+        self.store.save_state(ts)
+        if self.history is not None:
+            if self.history in self.store.hooks:
+                self.store.hooks.remove(self.history)
+            self.history.close()
+            self.history = None
+        shutil.rmtree(history_dir(self.unit.cfg.state_dir, self.source_id), ignore_errors=True)
+        self.roles.drop_bitmap(self.source_id)
+        self.roles.update(last_resync={k: v for k, v in rs.items() if k != "needs_full_resync"})
+
+    def note_primary_peer(self, gens: jp.Generations) -> None:
+        """The old source's generations, sent after its HELLO to this primary copy: when it says it
+        wrote since the two last agreed (it found a split brain), this side records it too."""
+        st = self.roles.state
+        if not st.primary or jp.GenerationsFlag.DIRTY not in gens.flags:
+            return
+        try:
+            theirs = History.from_tuples(gens.generations)
+        except ValueError:
+            return
+        own_bytes = self.promoted_dirty_bytes()
+        sb = st.split_brain
+        if sb is not None and sb.peer_generation == theirs.current and sb.peer_bytes == gens.dirty_bytes \
+                and sb.own_bytes == own_bytes:
+            return
+        cur = st.history.current
+        reason = (f"the local unit wrote {gens.dirty_bytes} bytes after this copy was promoted in generation "
+                  f"{cur.label if cur else '?'}")
+        self.roles.update(split_brain=SplitBrain(self.source_id, cur, theirs.current, own_bytes, gens.dirty_bytes,
+                                                 reason, time.time_ns()))
+        log.error("split brain source=%s own_bytes=%d peer_bytes=%d reason=%s", self.source_id, own_bytes,
+                  gens.dirty_bytes, reason)
+
+    def promoted_dirty_bytes(self) -> int:
+        """Bytes (region granularity) written on this copy since it was promoted."""
+        st = self.state
+        if not st.block_size or not st.num_blocks:
+            return 0
+        if self.promoted is not None:
+            regions = self.promoted.status()["dirty_regions"]
+        elif self.roles.bitmap_path(self.source_id).exists():
+            bm = self.roles.bitmap(self.source_id, num_blocks=st.num_blocks,
+                                   region_blocks=max(1, (1 << 20) // st.block_size),
+                                   volume_uuid=uuid.UUID(hex=st.volume_uuid))
+            regions = bm.dirty_regions
+        else:
+            regions = 0
+        return int(regions) * max(1, (1 << 20) // st.block_size) * st.block_size
 
     def behind(self) -> dict[str, Any]:
         """How far this copy is behind the source, as far as it knows: what a promotion puts at stake."""
@@ -564,6 +657,7 @@ class _Connection:
         self.session: TargetSession | None = None  # the target's, or a verify connection's own
         self.replicating = False
         self.fetching = False  # a failback's FETCH connection: holds the target's lock
+        self.refusing: tuple[SourceTarget, Refused] | None = None  # primary: refuse after the source's GENERATIONS
         self.closing = False
         self.flusher: _Flusher | None = None
 
@@ -654,6 +748,12 @@ class _Connection:
         if isinstance(ev, jp.Hello):
             self._hello(ev)
             return
+        if self.refusing is not None:
+            rt, refusal = self.refusing
+            if not isinstance(ev, jp.Generations):
+                raise refusal
+            rt.note_primary_peer(ev)
+            raise refusal
         t, ses = self.target, self.session
         if t is None or ses is None:
             raise jp.ProtocolError(f"{type(ev).__name__} before HELLO")
@@ -749,11 +849,15 @@ class _Connection:
                 if handover:
                     flags |= jp.GenerationsFlag.HANDOVER
                 self.link.send(jp.Generations(roles.history.as_tuples(), flags))
-            raise Refused(jp.ErrorCode.PRIMARY,
-                          f"remote {self.unit.cfg.name} is primary for source {hello.source_id} now (promoted in "
-                          f"generation {cur.label if cur else '?'} at seq "
-                          f"{(roles.promotion or {}).get('fork_seq', '?')}): it takes no writes from this unit; "
-                          "this unit must become its replica (docs/FAILOVER.md)")
+            refusal = Refused(jp.ErrorCode.PRIMARY,
+                              f"remote {self.unit.cfg.name} is primary for source {hello.source_id} now (promoted "
+                              f"in generation {cur.label if cur else '?'} at seq "
+                              f"{(roles.promotion or {}).get('fork_seq', '?')}): it takes no writes from this "
+                              "unit; this unit must become its replica (docs/FAILOVER.md)")
+            if jp.Feature.GENERATIONS in hello.features and hello.purpose is jp.Purpose.REPLICATE:
+                self.refusing = (t, refusal)  # the source's GENERATIONS follow: read them, then refuse
+                return
+            raise refusal
         elif hello.purpose is jp.Purpose.REPLICATE:
             old = t.active
             if old is not None:

@@ -340,11 +340,17 @@ class BotCommand:
     sent: int = 0
 
 
+_SIZE_LABELS: dict[int, str] = {}  # length -> label, for the few lengths a host uses
+
+
 def _size_bucket(length: int) -> str:
     """Histogram label for a data transfer length: 0, then powers of two ('<=4096')."""
-    if length == 0:
-        return "0"
-    return f"<={1 << (length - 1).bit_length()}"
+    label = _SIZE_LABELS.get(length)
+    if label is None:
+        label = "0" if length == 0 else f"<={1 << (length - 1).bit_length()}"
+        if len(_SIZE_LABELS) < 4096:  # every CBW may name another length: keep the cache bounded
+            _SIZE_LABELS[length] = label
+    return label
 
 
 def _check_endpoint(endpoint: int) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from firmware.logical_unit import CommandResult, LogicalUnit
-from gadget.bot import BotCommand, BulkOnlyTransport, ClassRequest
+from gadget.bot import BotCommand, BulkOnlyTransport, ClassRequest, Stall
 from gadget.descriptors import (
     EP_IN,
     EP_OUT,
@@ -170,6 +170,8 @@ class MassStorageDevice:
         self.stats["bulk_out"] += 1
         if not self.bot.bulk_out(data):
             return [Completion(tag, -EPIPE, 0), *self._retry_pending()]
+        if not self._pending_in:  # the usual case: nothing waits on bulk IN
+            return [Completion(tag, 0, len(data))]
         return [Completion(tag, 0, len(data)), *self._retry_pending()]
 
     def take_command(self) -> BotCommand | None:
@@ -217,10 +219,10 @@ class MassStorageDevice:
             if result is None:
                 break
             self._pending_in.popleft()
-            if isinstance(result, bytes | bytearray):
-                done.append(Completion(item.tag, 0, len(result), bytes(result)))
-            else:  # gadget.bot.STALL: the IN endpoint is halted
+            if isinstance(result, Stall):  # gadget.bot.STALL: the IN endpoint is halted
                 done.append(Completion(item.tag, -EPIPE, 0))
+            else:
+                done.append(Completion(item.tag, 0, len(result), bytes(result)))
         return done
 
     # -- ep0 -------------------------------------------------------------------------------------

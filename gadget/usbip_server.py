@@ -7,14 +7,21 @@ The thin I/O adapter around `gadget.usbip_protocol.UsbipConnection` (wire format
 - one `usbip-<peer>` thread per connection reads its URBs in order and answers every control
   transfer, bulk OUT and ready bulk IN at once (holding the device lock only while the sans-IO
   device decides and the reply is written);
-- one `usbip-exec` thread per server, the command executor, runs each SCSI command
-  (`LogicalUnit.execute()`, which may wait for a durable write or a `sync` remote) in the order the
-  commands arrived, then, under the device lock, completes it and sends the bulk-IN replies it made
-  ready (data, CSW).
+- a command (`LogicalUnit.execute()`, which may wait for a durable write or a `sync` remote) runs
+  on the connection thread that received its last transfer, when no other command runs or waits:
+  no hand-off to another thread on the hot path. Then, under the device lock, it is completed and
+  the bulk-IN replies it made ready (data, CSW) are sent;
+- `usbip-watch` looks every `HANDOVER_AFTER` seconds (only while a connection is open) for a
+  connection thread busy with one command for longer than that, and hands the connection's reading
+  to a new thread, so the host's next requests are read and answered while the command waits; the
+  busy thread ends once its command is completed;
+- one `usbip-exec` thread per server, the command executor, runs the commands that arrive while
+  another one runs (after a reset, or from a new importer), one at a time in the order they came.
 
 So while a WRITE waits, GET_DESCRIPTOR, GET_MAX_LUN, the class reset, CLEAR_FEATURE and
-SET_CONFIGURATION are answered at once; a reset abandons the waiting command (it still lands once,
-its CSW is never sent) and the commands after it queue behind it on the executor.
+SET_CONFIGURATION are answered (within `HANDOVER_AFTER` of the command's start); a reset abandons
+the waiting command (it still lands once, its CSW is never sent) and the commands after it queue
+behind it on the executor.
 
 Rules it enforces:
 - one importer at a time: a second OP_REQ_IMPORT is refused with ST_DEV_BUSY while DEVLIST keeps
@@ -40,6 +47,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
@@ -75,6 +83,11 @@ from gadget.usbip_protocol import (
 log = logging.getLogger(__name__)
 
 RECV_BUFFER = 256 << 10
+#: A connection thread busy with one command for longer than this hands its connection's reading
+#: to a new thread (module docstring). Short enough that a host's control request or reset during a
+#: long wait is answered well within its 5 s control timeout; long enough that a durable write
+#: (well under a millisecond to a few milliseconds) never needs it.
+HANDOVER_AFTER = 0.05
 #: A connection that has not imported within this many seconds is closed (a stuck `usbip list`
 #: or a port scanner must not hold a thread forever). An importer may stay idle indefinitely.
 OP_PHASE_TIMEOUT = 60.0
@@ -170,6 +183,13 @@ class UsbipServer:
         # The command executor's queue: (session, device, command) in arrival order; None stops it.
         self._commands: queue.SimpleQueue[tuple[_UsbipSession, UsbipDevice, BotCommand] | None] = queue.SimpleQueue()
         self._executor: threading.Thread | None = None
+        # At most one command runs at a time, inline or on the executor; `_queued` counts those
+        # handed to the executor and not finished (a command runs inline only when it is 0).
+        self._run_lock = threading.Lock()
+        self._queued = 0
+        self._sessions: set[_UsbipSession] = set()
+        self._watch_wake = threading.Event()
+        self._watcher: threading.Thread | None = None
         self._closing = False
         self._stopped = threading.Event()
         self.counters: dict[str, int] = {"connections": 0, "imports": 0, "refused": 0, "protocol_errors": 0}
@@ -217,18 +237,58 @@ class UsbipServer:
         commands = self._commands
         while (item := commands.get()) is not None:
             session, device, command = item
-            session.finish(device, command, device.run(command))
+            try:
+                with self._run_lock:  # after a command still running inline
+                    session.finish(device, command, device.run(command))
+            finally:
+                with self._lock:
+                    self._queued -= 1
+
+    def claim_inline(self) -> bool:
+        """Whether the caller may run a command itself now: none runs and none waits on the
+        executor. True holds the run lock; `release_inline()` gives it back."""
+        with self._lock:
+            return self._queued == 0 and self._run_lock.acquire(blocking=False)
+
+    def release_inline(self) -> None:
+        self._run_lock.release()
 
     def submit_command(self, session: _UsbipSession, device: UsbipDevice, command: BotCommand) -> None:
-        """Queue a command that a transfer of `session` made ready on `device` (under its lock).
-        Every queued command runs, even if the importer leaves before it starts."""
-        if self._executor is None:  # serve_forever() called directly, without start()
-            with self._lock:
-                if self._executor is None:
-                    self._executor = threading.Thread(target=self._execute_commands, name="usbip-exec",
-                                                      daemon=True)
-                    self._executor.start()
+        """Queue a command that a transfer of `session` made ready on `device` (under its lock) for
+        the executor, behind the one running. Every queued command runs, even if the importer
+        leaves before it starts."""
+        with self._lock:
+            if self._executor is None:  # serve_forever() called directly, without start()
+                self._executor = threading.Thread(target=self._execute_commands, name="usbip-exec", daemon=True)
+                self._executor.start()
+            self._queued += 1
         self._commands.put((session, device, command))
+
+    def _watch(self) -> None:
+        """`usbip-watch`: while connections are open, hand over the reading of any connection whose
+        thread has been busy with one command for longer than `HANDOVER_AFTER`."""
+        while not self._closing:
+            with self._lock:
+                sessions = list(self._sessions)
+                if not sessions:
+                    self._watch_wake.clear()
+            if not sessions:
+                self._watch_wake.wait()
+                continue
+            if self._stopped.wait(HANDOVER_AFTER):
+                break
+            for session in sessions:
+                session.hand_over_if_busy(HANDOVER_AFTER)
+
+    def start_reader(self, session: _UsbipSession, conn: UsbipConnection) -> None:
+        """A new thread that reads `session`'s connection from now on (`hand_over_if_busy`)."""
+        thread = threading.Thread(target=self._read_connection, args=(session, conn),
+                                  name=f"usbip-{session.peer}", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        session.reader = thread
+        thread.start()
 
     def serve_forever(self) -> None:
         """Accept connections until `stop()`; each gets its own thread."""
@@ -275,6 +335,9 @@ class UsbipServer:
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
+        self._watch_wake.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout)
         self._commands.put(None)
         if self._executor is not None and self._executor is not threading.current_thread():
             # A command blocked in the logical unit cannot be interrupted from here; the executor
@@ -308,22 +371,39 @@ class UsbipServer:
     # -- one connection ----------------------------------------------------------------------------
     def _serve_connection(self, sock: socket.socket, peer: str) -> None:
         conn = UsbipConnection(UsbipRole.SERVER, max_transfer=self.max_transfer)
+        session = _UsbipSession(self, sock, peer)
+        session.reader = threading.current_thread()
+        log.debug("usbip connection peer=%s", peer)
+        with self._lock:
+            self._sessions.add(session)
+            if self._watcher is None and not self._closing:
+                self._watcher = threading.Thread(target=self._watch, name="usbip-watch", daemon=True)
+                self._watcher.start()
+            self._watch_wake.set()
+        self._read_connection(session, conn)
+
+    def _read_connection(self, session: _UsbipSession, conn: UsbipConnection) -> None:
+        """Read and answer `session`'s URBs until the connection ends (then close it), or until
+        another thread took over the reading while this one ran a command (then just return)."""
+        sock, peer = session.sock, session.peer
+        me = threading.current_thread()
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
-        session = _UsbipSession(self, sock, peer)
-        log.debug("usbip connection peer=%s", peer)
         try:
             while True:
-                n = sock.recv_into(view)
-                if n == 0:
-                    break
-                conn.receive_data(view[:n])
-                while True:
-                    event = conn.next_event()
-                    if event is NEED_DATA:
+                # Buffered events before the socket: a thread that takes over finds those its
+                # predecessor had received and not yet handled.
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    n = sock.recv_into(view)
+                    if n == 0:
                         break
-                    if not session.handle(conn, event):
-                        return
+                    conn.receive_data(view[:n])
+                    continue
+                if not session.handle(conn, event):
+                    break
+                if session.reader is not me:
+                    return  # handed over while this thread ran a command: the new reader goes on
         except UsbipProtocolError as exc:
             self.count("protocol_errors")
             log.warning("usbip protocol error, closing peer=%s error=%s", peer, exc)
@@ -332,12 +412,18 @@ class UsbipServer:
         except OSError as exc:
             if not self._closing and exc.errno not in (errno.ECONNRESET, errno.EPIPE):
                 log.warning("usbip connection failed peer=%s error=%s", peer, exc)
-        finally:
+        if session.reader is me:
+            self._close_connection(session)
+
+    def _close_connection(self, session: _UsbipSession) -> None:
+        try:
             session.end()
+        finally:
             with self._lock:
-                self._connections.pop(sock, None)
-            sock.close()
-            log.debug("usbip connection closed peer=%s", peer)
+                self._connections.pop(session.sock, None)
+                self._sessions.discard(session)
+            session.sock.close()
+            log.debug("usbip connection closed peer=%s", session.peer)
 
     def count(self, name: str) -> None:
         with self._lock:
@@ -395,6 +481,11 @@ class _UsbipSession:
         self.devid = server.exported.info.devid
         self.lock = threading.Lock()
         self._conn: UsbipConnection | None = None
+        # The thread reading the connection, and since when (monotonic) it has been running a
+        # command itself (None: it is not); both change under `_reader_lock`.
+        self.reader: threading.Thread | None = None
+        self._busy_since: float | None = None
+        self._reader_lock = threading.Lock()
 
     def handle(self, conn: UsbipConnection, event: object) -> bool:
         """Answer one event. False: close the connection."""
@@ -452,10 +543,40 @@ class _UsbipSession:
                 cmd.data,
             )
             command = device.take_command()
-            if command is not None:
+            if command is not None and not self.server.claim_inline():
                 self.server.submit_command(self, device, command)
+                command = None
             if done:
                 self._complete(conn, done)
+        if command is not None:
+            self._run_inline(device, command)
+
+    def _run_inline(self, device: UsbipDevice, command: BotCommand) -> None:
+        """Run `command` on this (the reading) thread, holding the server's run lock; `usbip-watch`
+        moves the reading to another thread if it takes long."""
+        try:
+            with self._reader_lock:
+                self._busy_since = time.monotonic()
+            try:
+                self.finish(device, command, device.run(command))
+            finally:
+                with self._reader_lock:
+                    self._busy_since = None
+        finally:
+            self.server.release_inline()
+
+    def hand_over_if_busy(self, after: float) -> None:
+        """From `usbip-watch`: if the reading thread has been running one command for more than
+        `after` seconds, a new thread reads the connection from now on (the busy one ends once its
+        command is completed)."""
+        with self._reader_lock:
+            since = self._busy_since
+            if since is None or time.monotonic() - since < after or self._conn is None:
+                return
+            self._busy_since = None  # the busy thread is no longer the reader
+            log.debug("usbip command still running after %.2f s, reading the connection on a new thread peer=%s",
+                     after, self.peer)
+            self.server.start_reader(self, self._conn)
 
     def finish(self, device: UsbipDevice, command: BotCommand, result: CommandResult | None) -> None:
         """On the executor, after `device.run(command)`: complete the command and send the replies

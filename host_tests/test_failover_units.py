@@ -209,3 +209,65 @@ def test_planned_failback_moves_only_changed_regions_and_swaps_the_roles(units: 
         assert c.write10(40, b"\x81" * (2 * BS)) == 0
     again.wait_status(drained, what="the remote to take the new write")
     assert volume.read_bytes() == target.read_bytes()
+
+
+@pytest.mark.parametrize("keep", ["remote", "local"])
+def test_split_brain_is_reported_on_both_sides_and_resolved(units: Units, tmp_path: Path, keep: str) -> None:
+    tls = units.pair("dr1", ["server1"])
+    target, volume = tmp_path / "target.img", tmp_path / "volume.img"
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
+    local = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address])
+    with attach(local) as c:
+        assert c.write10(8, b"\x5a" * (4 * BS)) == 0
+    local.wait_status(drained, what="the remote to catch up")
+    remote.stop()
+    # a partition: the remote comes back where the local unit cannot reach it, and is promoted
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls, state_dir=remote.state_dir)
+    standby_port = free_port()
+    assert usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
+                     f"127.0.0.1:{standby_port}").returncode == 0
+    with attach(local) as c:  # the local unit's host goes on writing after the promotion
+        assert c.write10(400, b"\x62" * (8 * BS)) == 0
+    with UsbipClient("127.0.0.1", standby_port) as standby:  # and so does the standby host
+        assert standby.import_device("1-1").device is not None
+        standby.enumerate()
+        standby.until_ready()
+        assert standby.write10(3 * 2048, b"\x73" * (2 * BS)) == 0
+    local.stop()
+    local_before, target_before = volume.read_bytes(), target.read_bytes()
+    again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address],
+                              state_dir=local.state_dir)
+    st = again.wait_status(lambda s: s["split_brain"] is True, what="the local unit to see the split brain")
+    assert st["primary"] is True and st["host_writes"] == "accepted"
+    assert st["split_brain_detail"]["own_bytes"] > 0 and st["split_brain_detail"]["peer"] == "dr1"
+    src = remote.wait_status(lambda s: s["sources"][0]["split_brain"] is True, timeout=90,
+                             what="the remote to see the split brain")["sources"][0]
+    assert src["split_brain_detail"]["own_bytes"] > 0 and src["split_brain_detail"]["peer_bytes"] > 0
+    # nothing moved on either side
+    assert volume.read_bytes() == local_before and target.read_bytes() == target_before
+    dry = usbmirror("resolve", "--state-dir", str(again.state_dir), "--source", "server1", "--keep", "remote",
+                    "--dry-run")
+    assert dry.returncode == 0 and "would discard 0.003906 MiB (4096 bytes) written on this local unit" in dry.stdout
+    assert again.status()["primary"] is True and volume.read_bytes() == local_before
+    if keep == "remote":
+        r = usbmirror("resolve", "--state-dir", str(again.state_dir), "--source", "server1", "--keep", "remote")
+        assert r.returncode == 0 and "discarded 0.003906 MiB (4096 bytes)" in r.stdout
+        assert again.status()["host_writes"] == "refused"
+        fb = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
+                       timeout=180)
+        assert fb.returncode == 0, fb.stderr
+        again.wait_status(lambda s: s["host_writes"] == "accepted" and s["split_brain"] is False,
+                          what="the local unit to be primary again")
+        assert read_block(volume, 3 * 2048) == b"\x73" * BS and read_block(volume, 400) == bytes(BS)
+    else:
+        d2 = usbmirror("resolve", "--state-dir", str(remote.state_dir), "--source", "server1", "--keep", "local",
+                       "--dry-run")
+        assert d2.returncode == 0 and "would discard 1 MiB (1048576 bytes) written on dr1" in d2.stdout
+        assert target.read_bytes() == target_before
+        r = usbmirror("resolve", "--state-dir", str(remote.state_dir), "--source", "server1", "--keep", "local")
+        assert r.returncode == 0, r.stderr
+        assert remote.status()["sources"][0]["primary"] is False
+        again.wait_status(lambda s: s["split_brain"] is False and drained(s), timeout=120,
+                          what="the remote to be resynced from the local unit")
+        assert read_block(target, 400) == b"\x62" * BS and read_block(target, 3 * 2048) == bytes(BS)
+    assert volume.read_bytes() == target.read_bytes()

@@ -143,3 +143,31 @@ def test_commands_after_a_reset_wait_behind_the_abandoned_write(rig: Rig) -> Non
     csw = c.wait(csw_seq)  # the retry's own CSW, after both writes ran in order
     assert isinstance(csw, SubmitReturn) and CSW.unpack(csw.data) == (b"USBS", 0x52, 0, 0)
     assert rig.store.writes == 2 and c.read10(400, 2) == second
+
+
+def test_the_thread_busy_with_a_long_write_hands_over_reading_and_then_ends(rig: Rig) -> None:
+    """A command runs on the connection's thread; one that waits makes another thread read the
+    connection. However many waits, one thread reads it afterwards and commands go on as before."""
+    c = rig.client
+    peer = c.sock.getsockname()
+    name = f"usbip-{peer[0]}:{peer[1]}"
+
+    def readers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+
+    for n, byte in enumerate((b"\x11", b"\x22", b"\x33"), start=1):
+        data = byte * 4096
+        csw_seq = start_held_write(rig, 500 + 8 * n, data, tag=0x60 + n)
+        assert c.get_descriptor(1, length=18).status == 0  # read by another thread: answered now
+        c.sock.settimeout(SETTLE)
+        rig.store.release.set()
+        csw = c.wait(csw_seq)
+        assert isinstance(csw, SubmitReturn) and CSW.unpack(csw.data) == (b"USBS", 0x60 + n, 0, 0)
+        assert rig.store.writes == n
+        for _ in range(int(SETTLE / 0.01)):  # the thread that ran the write ends once it is done
+            if len(readers()) == 1:
+                break
+            threading.Event().wait(0.01)
+        assert len(readers()) == 1
+    assert c.read10(508, 24) == b"\x11" * 4096 + b"\x22" * 4096 + b"\x33" * 4096
+    assert c.write10(600, b"\x44" * 512) == 0 and c.read10(600, 1) == b"\x44" * 512

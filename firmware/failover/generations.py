@@ -247,6 +247,11 @@ def decide(local: SideView, remote: SideView) -> Decision:
     return Decision(Outcome.SPLIT_BRAIN, why, common)
 
 
+def mib(nbytes: int) -> str:
+    """How messages say an amount of data: MiB with 4 significant digits and the exact bytes."""
+    return f"{nbytes / (1 << 20):.4g} MiB ({nbytes} bytes)"
+
+
 def _label(g: DataGeneration | None) -> str:
     return g.label if g is not None else "none"
 

@@ -306,7 +306,8 @@ def seal_header(buf: bytearray, *, kind: int, epoch: int, incarnation: int, seq:
     """Write a record header into the first 64 bytes of `buf`, header checksum included."""
     RECORD_HEADER.pack_into(buf, 0, RECORD_MAGIC, kind, 0, HEADER_SIZE, epoch, incarnation, seq,
                             durable_before, lba, count, payload_len, timestamp_ns, payload_crc, 0)
-    CRC.pack_into(buf, _HEADER_BODY, google_crc32c.value(bytes(buf[:_HEADER_BODY])))
+    with memoryview(buf) as view:  # one copy of the header body for the checksum, not two
+        CRC.pack_into(buf, _HEADER_BODY, google_crc32c.value(bytes(view[:_HEADER_BODY])))
 
 
 def encode_record(*, kind: int, epoch: int, incarnation: int, seq: int, durable_before: int, lba: int,

@@ -508,7 +508,8 @@ class Journal:
     def append(self, kind: RecordKind, lba: int, count: int, payload: bytes, now_ns: int) -> int:
         """Queue a record in RAM and return its seq; it is durable after the next `sync()`.
         Raises JournalFull when the ring has no room until the tail advances."""
-        kind = RecordKind(kind)
+        if type(kind) is not RecordKind:  # an int from a caller: checked and converted once
+            kind = RecordKind(kind)
         plen = len(payload)
         if kind is RecordKind.WRITE:
             if count <= 0 or plen != count * self._sb.block_size:
