@@ -229,3 +229,49 @@ def test_collector_survives_a_failing_status_and_parses_listen() -> None:
     assert metrics_listen(None) is None
     with pytest.raises(UsageError, match="HOST:PORT"):
         metrics_listen("9373x")
+
+
+def test_a_wedged_unit_stops_its_pings_and_a_supervisor_restarts_it(units: Units, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What systemd does with WatchdogSec=, played by the test: a unit frozen on purpose (SIGSTOP) sends
+    no WATCHDOG=1; once a watchdog period passes without one it is killed and started again, is READY
+    again, and every write acknowledged before the wedge is there."""
+    import signal
+    import time
+
+    ns = NotifySocket(tmp_path / "local.notify")
+    try:
+        watchdog_s = 2.0
+        monkeypatch.setenv("NOTIFY_SOCKET", str(ns.path))
+        monkeypatch.setenv("WATCHDOG_USEC", str(int(watchdog_s * 1e6)))
+        local = units.start_local(volume=tmp_path / "volume.img", size="16M")
+        ready = ns.wait_for(lambda m: m.startswith("READY=1"), what="READY=1")
+        ns.wait_for(lambda m: m.startswith("WATCHDOG=1"), what="a watchdog ping", start=ready)
+        with attach(local) as c:
+            written = write_random(c, random.Random(5), 20)
+        local.signal(signal.SIGSTOP)  # the wedge: nothing of the unit runs any more
+        seen = len(ns.drain())
+        last_ping = time.monotonic()
+        deadline = last_ping + 60
+        while time.monotonic() < deadline:  # the supervisor: a ping within every watchdog period, or else
+            new = ns.drain()[seen:]
+            seen += len(new)
+            if any(m.startswith("WATCHDOG=1") for m in new):
+                last_ping = time.monotonic()
+            if time.monotonic() - last_ping > watchdog_s:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the frozen unit went on pinging the watchdog")
+        local.kill9()
+        killed_at = len(ns.drain())
+        local.launch()
+        again = ns.wait_for(lambda m: m.startswith("READY=1"), what="READY=1 after the restart", start=killed_at)
+        ns.wait_for(lambda m: m.startswith("WATCHDOG=1"), what="pings after the restart", start=again)
+        local.wait_ready()
+        with attach(local) as c:
+            for lba, data in written.items():
+                assert c.read10(lba, 1) == data, f"acknowledged block {lba} lost across the restart"
+        assert local.stop() == 0, units.describe()
+    finally:
+        ns.close()
