@@ -145,7 +145,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
             iscsi_server = stack.enter_context(
                 serve_unit(unit, ident, host=opts.iscsi[0], port=opts.iscsi[1], chap=opts.iscsi_chap,
-                           initiators=opts.iscsi_initiators)
+                           initiators=opts.iscsi_initiators, shared=target.shared)
             )
             transports.append(f"iscsi {opts.iscsi[0]}:{iscsi_server.port}")
 
