@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 20
 FUZZ_RUNS ?=
+TORTURE_SECONDS ?= 120
 
-.PHONY: help setup test test-fast demo bench fuzz lint flash clean
+.PHONY: help setup test test-fast demo bench fuzz torture lint flash clean
 
 help:
 	@echo "make setup   install Debian packages, a venv and the pinned Python packages"
@@ -16,6 +17,7 @@ help:
 	@echo "make bench   throughput and latency figures, each beside the raw rate of the same disk"
 	@echo "make fuzz    atheris over the CBW/BOT, CDB/SCSI, USB/IP, journal, journey, config and iSCSI parsers"
 	@echo "            (FUZZ_SECONDS=20 each, or FUZZ_RUNS=1000000 inputs each; kept corpus host_tests/fuzz/corpus/)"
+	@echo "make torture a seeded fault campaign (TORTURE_SEED=, TORTURE_SECONDS=$(TORTURE_SECONDS), TORTURE_STEPS=)"
 	@echo "make lint    ruff + mypy --strict + import-linter (the layers in .importlinter)"
 	@echo "make flash BOARD=<profile> TARGET=<user@host|mounted root>   install onto a board"
 
@@ -54,6 +56,9 @@ fuzz: setup
 			|| { tail -n 20 .cache/fuzz/$$n.merge.log; exit 1; }; \
 		echo "   kept corpus: $$(ls $$kept | wc -l) inputs"; \
 	done
+
+torture: setup
+	TORTURE_SECONDS=$(TORTURE_SECONDS) TORTURE_SEED=$(TORTURE_SEED) TORTURE_STEPS=$(TORTURE_STEPS) $(PY) -m host_tests.torture
 
 lint: setup
 	$(VENV)/bin/ruff check gadget firmware hw bench host_tests
