@@ -5,7 +5,7 @@ to the session's driver (`Channel.on_events`) and tells it when it was woken (`C
 The source (`firmware.replicator`) and the target (`firmware.remote_unit`) are channels around it;
 a relay is one target channel and one source channel, each pumped by its own driver.
 
-A `Waker` is how another thread hands work to a driver blocked in `select()`: one byte on a
+A `Waker` is how another thread hands work to a driver blocked in `poll()`: one byte on a
 non-blocking socketpair, sent only when no wake-up is already pending (the journal's committing
 thread or the remote's flusher call `wake()`; the driver clears it, then looks at what changed).
 """

@@ -22,6 +22,9 @@ RECV_CHUNK = 1 << 20
 RECV_BURST = 4 << 20
 
 
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
 class PeerClosed(ConnectionResetError):
     """The peer closed the connection (between frames; a frame cut short is a ProtocolError)."""
 
@@ -47,8 +50,15 @@ class LinkTransport:
         """Wait up to `timeout` for input on the link or on `extra` (file objects): (link ready, ready extras)."""
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True, []
-        r, _, _ = select.select([self.sock, *extra], [], [], max(0.0, timeout))
-        return self.sock in r, [x for x in r if x is not self.sock]
+        # poll, not select: a remote unit with hundreds of sources has descriptors above FD_SETSIZE (1024)
+        poller = select.poll()
+        objs = {self.sock.fileno(): self.sock}
+        poller.register(self.sock, _READABLE)
+        for x in extra:
+            objs[x.fileno()] = x
+            poller.register(x, _READABLE)
+        ready = [objs[fd] for fd, _ in poller.poll(max(0.0, timeout) * 1000.0)]
+        return self.sock in ready, [x for x in ready if x is not self.sock]
 
     def read_events(self) -> list[jp.Event]:
         """One read (blocking up to the timeout), then whatever else is already there without blocking

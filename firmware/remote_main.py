@@ -25,6 +25,13 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
     except OSError as exc:
         raise UsageError(f"cannot create state dir {sd}: {exc.strerror}") from None
     targets, tls_dir, name = opts.targets, opts.tls_dir, opts.name
+    from firmware.resources import FDS_PER_SOURCE, raise_fd_limit
+
+    wanted = 64 + FDS_PER_SOURCE * len(targets)
+    soft, hard = raise_fd_limit(wanted)
+    if soft < wanted:
+        log.warning("open file limit too low for every source at once soft=%d hard=%d wanted=%d "
+                    "(raise LimitNOFILE or ulimit -Hn)", soft, hard, wanted)
     cfg = RemoteUnitConfig(listen=opts.listen, name=name, targets=targets, tls_dir=tls_dir,
                            state_dir=opts.state_dir, history_size=opts.history_size,
                            history_age_s=opts.history_age_s)

@@ -78,6 +78,7 @@ from firmware.replication.target import (
     Undo,
     UndoStep,
 )
+from firmware.resources import process_resources
 from firmware.storage import SpaceExhausted, StorageError
 from firmware.target_store import TargetStore, UndoLog, save_json_durably, target_fingerprint
 from firmware.volume import Volume, VolumeError
@@ -1063,6 +1064,7 @@ class RemoteUnit:
             "tls": self._ctx is not None,
             "uptime_s": time.monotonic() - self.started,
             "refused_connections": self.refused,
+            "resources": process_resources(),
             "sources": (sources := [t.status() for t in self.targets.values()]),
             "warnings": [f"source {s['source_id']}: {s['history_warning']}" for s in sources
                          if s.get("history_warning")],
