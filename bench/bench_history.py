@@ -144,6 +144,7 @@ def _first_read(port: int) -> None:
 def expose_first_read(state: Path) -> float:
     t0 = time.monotonic()
     with exposed(str(state), "s1", ("127.0.0.1", 0), seq=0) as ex:
+        assert ex.address is not None  # served over USB/IP
         _first_read(ex.address[1])
         return time.monotonic() - t0
 

@@ -11,7 +11,7 @@ keeps in DIR for one source (also while that remote is running) and lists the po
 writes the image of one point to a new file or a block device (never the live target), with a
 progress bar, while the remote keeps applying.
 
-`usbmirror expose --state-dir DIR --source ID (--mark|--at|--seq) --usbip HOST:PORT [--writable]`
+`usbmirror expose --state-dir DIR --source ID (--mark|--at|--seq) (--usbip HOST:PORT | --iscsi HOST:PORT)... [--writable]`
 serves the image of one point at once as a USB disk over USB/IP (no copy first), read-only or
 with a scratch overlay that is thrown away when it stops (SIGINT or SIGTERM).
 """
@@ -279,21 +279,27 @@ DEFAULT_SCRATCH = 1 << 30
 
 @dataclass
 class Exposure:
-    """An image of one point served over USB/IP (see `exposed`)."""
+    """An image of one point served over USB/IP and/or iSCSI (see `exposed`)."""
 
     source: str
     what: str
     seq: int
-    address: tuple[str, int]
+    address: tuple[str, int] | None  # USB/IP
     busid: str
     store: ImageStore
     server: Any
+    iscsi_address: tuple[str, int] | None = None
+    iscsi_target: str = ""
 
     def line(self) -> str:
         mode = (f"writable, scratch overlay of {_size(self.store.scratch_cap)} thrown away at the end"
                 if not self.store.read_only else "read-only")
-        return (f"exposing source {self.source} at {self.what} over USB/IP on {self.address[0]}:{self.address[1]} "
-                f"busid {self.busid} ({mode})")
+        where = []
+        if self.address is not None:
+            where.append(f"over USB/IP on {self.address[0]}:{self.address[1]} busid {self.busid}")
+        if self.iscsi_address is not None:
+            where.append(f"over iSCSI on {self.iscsi_address[0]}:{self.iscsi_address[1]} target {self.iscsi_target}")
+        return f"exposing source {self.source} at {self.what} {' and '.join(where)} ({mode})"
 
     def end_line(self) -> str:
         extra = "" if self.store.read_only else f", {_size(self.store.scratch_used)} of scratch thrown away"
@@ -302,16 +308,22 @@ class Exposure:
 
 
 @contextlib.contextmanager
-def exposed(state_dir: str, source: str, usbip: tuple[str, int], *, mark: str | None = None,
+def exposed(state_dir: str, source: str, usbip: tuple[str, int] | None, *, mark: str | None = None,
             at: str | None = None, seq: int | None = None, writable: bool = False,
-            scratch_cap: int = DEFAULT_SCRATCH, busid: str = "1-1") -> Iterator[Exposure]:
-    """Serve the image of one point of `source`'s history over USB/IP until the block ends. The
+            scratch_cap: int = DEFAULT_SCRATCH, busid: str = "1-1",
+            iscsi: tuple[str, int] | None = None) -> Iterator[Exposure]:
+    """Serve the image of one point of `source`'s history over USB/IP and/or iSCSI until the block
+    ends (over iSCSI one command at a time: the image store is not shared between threads). The
     view pins its point (trimming stops short of it) and follows the remote's applies, so the image
     stays fixed while replication goes on; with `writable`, writes go to a scratch overlay in
     `state_dir` (unlinked at once) and vanish at the end."""
     from firmware.scsi import ScsiTarget, naa_locally_assigned
+    from firmware.scsi.shared import SharedUnit
     from gadget.descriptors import DeviceIdentity
     from gadget.usbip_server import UsbipServer
+
+    if usbip is None and iscsi is None:
+        raise HistoryError("nothing to serve on: give --usbip, --iscsi or both")
 
     with contextlib.ExitStack() as stack:
         rd = stack.enter_context(open_history(state_dir, source))
@@ -322,30 +334,57 @@ def exposed(state_dir: str, source: str, usbip: tuple[str, int], *, mark: str | 
         m = rd.meta
         digest = hashlib.sha256(f"{m.volume_uuid}:{m.generation}:{res.seq}:{os.getpid()}".encode()).digest()
         serial = digest[:6].hex().upper()
-        lu = ScsiTarget(store, product="usbmirror image", serial=serial, device_id=naa_locally_assigned(digest[:8]),
-                        read_only=not writable)
-        try:
-            server = stack.enter_context(
-                UsbipServer.for_logical_unit(lu, DeviceIdentity(serial=serial, product="usbmirror image"),
-                                             host=usbip[0], port=usbip[1], busid=busid))
-        except OSError as exc:
-            raise HistoryError(f"cannot listen on {usbip[0]}:{usbip[1]}: {exc.strerror}") from None
-        yield Exposure(source, res.what, res.seq, (usbip[0], server.port), busid, store, server)
+        shared = SharedUnit()  # one set of reservations for the image, whichever bus
+
+        def new_lu() -> ScsiTarget:
+            return ScsiTarget(store, product="usbmirror image", serial=serial,
+                              device_id=naa_locally_assigned(digest[:8]), read_only=not writable, shared=shared)
+
+        server: Any = None
+        usbip_address: tuple[str, int] | None = None
+        if usbip is not None:
+            try:
+                server = stack.enter_context(
+                    UsbipServer.for_logical_unit(new_lu(), DeviceIdentity(serial=serial, product="usbmirror image"),
+                                                 host=usbip[0], port=usbip[1], busid=busid))
+            except OSError as exc:
+                raise HistoryError(f"cannot listen on {usbip[0]}:{usbip[1]}: {exc.strerror}") from None
+            usbip_address = (usbip[0], server.port)
+        iscsi_address: tuple[str, int] | None = None
+        iqn = ""
+        if iscsi is not None:
+            from firmware.iscsi.connection import TargetConfig
+            from firmware.iscsi.server import IQN_PREFIX, IscsiServer
+
+            iqn = f"{IQN_PREFIX}:image-{serial.lower()}"
+            config = TargetConfig(target_name=iqn, portal=f"{iscsi[0]}:{iscsi[1]}", alias=f"usbmirror image {serial}")
+            try:
+                isrv = stack.enter_context(IscsiServer(config, new_lu, host=iscsi[0], port=iscsi[1], workers=1,
+                                                       reservations=shared.reservations))
+            except OSError as exc:
+                raise HistoryError(f"cannot listen on {iscsi[0]}:{iscsi[1]}: {exc.strerror}") from None
+            iscsi_address = (iscsi[0], isrv.port)
+            server = server if server is not None else isrv
+        yield Exposure(source, res.what, res.seq, usbip_address, busid, store, server, iscsi_address, iqn)
 
 
 def cmd_expose(args: argparse.Namespace) -> int:
     from firmware.stop_signals import install_stop_signals
 
     try:
-        addr = parse_hostport(args.usbip)
+        addr = parse_hostport(args.usbip) if args.usbip else None
+        iscsi_addr = parse_hostport(args.iscsi) if args.iscsi else None
         cap = parse_size(args.scratch_size)
     except ValueError as exc:
         print(f"usbmirror expose: {exc}", file=sys.stderr)
         return 2
+    if addr is None and iscsi_addr is None:
+        print("usbmirror expose: give --usbip HOST:PORT, --iscsi HOST:PORT or both", file=sys.stderr)
+        return 2
     stop = install_stop_signals()
     try:
         with exposed(args.state_dir, args.source, addr, mark=args.mark, at=args.at, seq=args.seq,
-                     writable=args.writable, scratch_cap=cap, busid=args.usbip_busid) as ex:
+                     writable=args.writable, scratch_cap=cap, busid=args.usbip_busid, iscsi=iscsi_addr) as ex:
             print(ex.line(), flush=True)
             stop.wait()
             end = ex.end_line()
@@ -394,9 +433,10 @@ def register(sub: Any, commands: dict[str, Any]) -> None:
     rp.add_argument("--to", required=True, metavar="PATH", help="a new file, or a block device at least as large")
     rp.add_argument("--json", action="store_true", help="machine-readable summary")
     commands["restore"] = cmd_restore
-    ep = sub.add_parser("expose", help="serve a source's disk as it was at a point, at once, over USB/IP",
+    ep = sub.add_parser("expose", help="serve a source's disk as it was at a point, at once, over USB/IP or iSCSI",
                         description="On a remote unit, serve the image of one point of a source's history "
-                        "(--mark, --at or --seq) as a USB disk over USB/IP for a second host, without copying "
+                        "(--mark, --at or --seq) as a USB disk over USB/IP and/or as an iSCSI target for a "
+                        "second host, without copying "
                         "anything first: reads come from the history where it holds an older block, else from "
                         "the target. The image stays fixed while replication goes on. --writable is a test "
                         "failover: writes go to a scratch overlay with its own cap and are thrown away when "
@@ -404,8 +444,10 @@ def register(sub: Any, commands: dict[str, Any]) -> None:
     ep.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
     ep.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
     _add_point_args(ep)
-    ep.add_argument("--usbip", required=True, metavar="HOST:PORT", help="where to serve USB/IP "
+    ep.add_argument("--usbip", metavar="HOST:PORT", help="where to serve USB/IP "
                     "(no authentication: bind to 127.0.0.1 or a trusted network)")
+    ep.add_argument("--iscsi", metavar="HOST:PORT", help="where to serve the image as an iSCSI target (no CHAP: "
+                    "bind to 127.0.0.1 or a trusted network); its name is printed")
     ep.add_argument("--usbip-busid", default="1-1", metavar="BUSID", help="the exported bus id (default 1-1)")
     ep.add_argument("--writable", action="store_true", help="accept writes into a scratch overlay, thrown away "
                     "at the end")

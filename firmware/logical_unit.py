@@ -46,6 +46,7 @@ class Status(enum.IntEnum):
 
     GOOD = 0x00
     CHECK_CONDITION = 0x02
+    RESERVATION_CONFLICT = 0x18  # another I_T nexus holds a reservation (no sense data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -331,6 +331,38 @@ def test_lun_reset_aborts_everything() -> None:
     assert rsp.bhs[2] == 0 and h.conn.in_flight == 0 and h.conn.take_tasks() == []
 
 
+def test_resets_are_counted_for_the_adapter() -> None:
+    h = Harness()
+    h.login()
+    assert h.conn.resets == 0
+    h.send(_tmf(2, itt=50, ref=RESERVED_TAG, cmdsn=1))  # ABORT TASK SET: not a reset
+    assert h.conn.resets == 0
+    h.send(_tmf(5, itt=51, ref=RESERVED_TAG, cmdsn=1))  # LOGICAL UNIT RESET
+    h.send(_tmf(6, itt=52, ref=RESERVED_TAG, cmdsn=1))  # TARGET WARM RESET
+    assert h.conn.resets == 2
+
+
+def test_nexus_is_the_initiator_port_transport_id() -> None:
+    h = Harness()
+    h.login()
+    assert h.conn.nexus == "iqn.2026-01.org.example:host1,i,0x80123456789a"
+
+
+def _caw(blocks: int) -> bytes:
+    return struct.pack(">BBQ3xBBB", 0x89, 0, 0, blocks, 0, 0)
+
+
+def test_compare_and_write_needs_exactly_the_data_its_cdb_names() -> None:
+    h = Harness()
+    h.login([("ImmediateData", "Yes"), ("InitialR2T", "No")])
+    for itt, (blocks, edtl) in enumerate(((1, 512), (0, 512), (1, 2048)), start=1):
+        (rsp,) = h.send(scsi_pdu(_caw(blocks), itt=itt, cmdsn=itt, edtl=edtl, write=True, data=bytes(edtl)))
+        assert rsp.bhs[3] == 0x02 and sense_of(rsp)[2] == 0x05 and sense_of(rsp)[12] == 0x24
+    (rsp,) = h.send(scsi_pdu(_caw(1), itt=9, cmdsn=4, edtl=1024, write=True, data=bytes(512) + b"\x07" * 512))
+    assert rsp.bhs[3] == 0 and h.store.read(0, 1) == b"\x07" * 512
+    assert h.store.read(1, 3) == bytes(1536)  # nothing written by the refused ones
+
+
 def test_logout() -> None:
     h = Harness()
     h.login()

@@ -44,12 +44,15 @@ class _HeldSyncFlash(SimulatedFlash):
 
 
 class _Initiator:
-    def __init__(self, port: int, target: str) -> None:
+    def __init__(self, port: int, target: str, *, isid: bytes | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.framer = Framer(max_data=1 << 24)
         keys = [("InitiatorName", INITIATOR), ("TargetName", target), ("InitialR2T", "No"),
                 ("ImmediateData", "Yes")]
-        rsp = self.call(login_pdu(keys, csg=1, nsg=3))
+        login = login_pdu(keys, csg=1, nsg=3)
+        if isid is not None:  # another initiator port (I_T nexus) of the same initiator
+            login.bhs[8:14] = isid
+        rsp = self.call(login)
         assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0)
         self.cmdsn = 1
 
@@ -105,6 +108,27 @@ def test_writes_in_flight_from_two_connections_share_one_journal_sync(tmp_path: 
         assert unit.read(0, 4) == b"\x01" * BS + b"\x02" * BS + b"\x03" * BS + b"\x04" * BS
         assert server.status()["commands"]["WRITE_10"] == 4
         a.sock.close()
+        b.sock.close()
+
+
+def test_reserve_conflicts_across_sessions_and_ends_when_its_session_drops(tmp_path: Path) -> None:
+    reserve6, tur = bytes([0x16, 0, 0, 0, 0, 0]), bytes(6)
+    with Volume(tmp_path / "vol", size=64 * BS, block_size=BS) as vol, \
+            Journal.open(tmp_path / "journal", size=16384 + 128 * 1024, unit_uuid=UNIT, block_size=BS) as j, \
+            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
+            serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+        a = _Initiator(server.port, server.target_name, isid=b"\x80\x00\x00\x00\x00\x01")
+        b = _Initiator(server.port, server.target_name, isid=b"\x80\x00\x00\x00\x00\x02")
+        assert a.call(scsi_pdu(reserve6, itt=1, cmdsn=1)).bhs[3] == 0
+        assert b.call(scsi_pdu(tur, itt=1, cmdsn=1)).bhs[3] == 0x18  # RESERVATION CONFLICT
+        assert b.call(scsi_pdu(reserve6, itt=2, cmdsn=2)).bhs[3] == 0x18
+        assert a.call(scsi_pdu(tur, itt=2, cmdsn=2)).bhs[3] == 0  # the holder is served
+        a.sock.close()  # the holder's nexus is lost: its reservation ends (SPC-2)
+        for _ in range(300):
+            if len(server.status()["sessions"]) == 1:  # type: ignore[arg-type]
+                break
+            threading.Event().wait(0.01)
+        assert b.call(scsi_pdu(reserve6, itt=3, cmdsn=3)).bhs[3] == 0
         b.sock.close()
 
 

@@ -89,10 +89,10 @@ def test_request_sense_descriptor_format_is_refused() -> None:
         bytes([0xA1]) + bytes(11),  # ATA PASS-THROUGH(12)
         bytes([0x85]) + bytes(15),  # ATA PASS-THROUGH(16)
         bytes([0x4D]) + bytes(9),  # LOG SENSE
-        bytes([0xA3, 0x0C]) + bytes(10),  # REPORT SUPPORTED OPERATION CODES
+        bytes([0x83]) + bytes(15),  # EXTENDED COPY
         bytes([0x04]) + bytes(5),  # FORMAT UNIT
         bytes([0xFF]) + bytes(15),
-        bytes([0xA8]) + bytes(11),  # READ(12)
+        bytes([0x48]) + bytes(9),  # SANITIZE
     ],
 )
 def test_unsupported_opcodes_are_invalid_command_operation_code(cdb: bytes) -> None:

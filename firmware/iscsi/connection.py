@@ -220,6 +220,7 @@ class Connection:
         self._declared = False
         self._text_buf = bytearray()
         self.counters: dict[str, int] = {"commands": 0, "rejects": 0, "ignored_cmdsn": 0, "digest_errors": 0}
+        self.resets = 0  # LOGICAL UNIT RESET and TARGET WARM/COLD RESET received (the adapter resets the unit)
 
     # ---- the adapter's interface --------------------------------------------------------------
 
@@ -238,6 +239,12 @@ class Connection:
     @property
     def max_cmdsn(self) -> int:
         return self._max_cmdsn
+
+    @property
+    def nexus(self) -> str:
+        """The I_T nexus of this session's initiator port, as a SCSI TransportID names it
+        (SPC-4 7.6.4.6): the initiator name, ",i,0x" and the ISID in hex."""
+        return f"{self.initiator_name},i,0x{self.isid.hex()}"
 
     @property
     def in_flight(self) -> int:
@@ -622,6 +629,11 @@ class Connection:
         if bidi or (read and write):
             self._finish_local(task, _STATUS_CHECK_CONDITION, _INVALID_FIELD_IN_CDB)
             return
+        if cdb[0] == _COMPARE_AND_WRITE and edtl != plan.length and (plan.direction is Direction.OUT or not cdb[13]):
+            # an atomic compare of part of the blocks would mean nothing: the initiator must send
+            # exactly the 2 x NUMBER OF LOGICAL BLOCKS the CDB names, or the command is refused
+            self._finish_local(task, _STATUS_CHECK_CONDITION, _INVALID_FIELD_IN_CDB)
+            return
         if run_cdb is not cdb:
             task.need = edtl // self._block_size * self._block_size
         if write and edtl:
@@ -817,9 +829,12 @@ class Connection:
             if not _lun_is_zero(pdu.lun):
                 respond(TmfResponse.LUN_DOES_NOT_EXIST)()
                 return
+            if function == TmfFunction.LOGICAL_UNIT_RESET:
+                self.resets += 1
             # the TMF itself is not among the tasks; commands after it in CmdSN order are not aborted
             self._abort(list(self._tasks.values()), respond(TmfResponse.FUNCTION_COMPLETE))
         elif function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            self.resets += 1
             self._abort(list(self._tasks.values()), respond(TmfResponse.FUNCTION_COMPLETE))
             if function == TmfFunction.TARGET_COLD_RESET:
                 self._close("target cold reset")
@@ -920,9 +935,11 @@ class _ProtocolViolation(Exception):
     pass
 
 
-# opcode -> (offset, size) of the TRANSFER LENGTH field of the WRITE commands (SBC-3)
+_COMPARE_AND_WRITE = 0x89
+
+# opcode -> (offset, size) of the TRANSFER LENGTH field of the WRITE and WRITE AND VERIFY commands (SBC-3)
 # (not WRITE(6): there a length of 0 means 256 blocks)
-_WRITE_LENGTH_FIELD = {0x2A: (7, 2), 0xAA: (6, 4), 0x8A: (10, 4)}
+_WRITE_LENGTH_FIELD = {0x2A: (7, 2), 0xAA: (6, 4), 0x8A: (10, 4), 0x2E: (7, 2), 0xAE: (6, 4), 0x8E: (10, 4)}
 
 
 def _with_transfer_length(cdb: bytes, blocks: int) -> bytes:

@@ -25,13 +25,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from firmware.identity import UnitIdentity
 from firmware.iscsi.connection import Connection, Phase, ScsiTask, TargetConfig
 from firmware.logical_unit import CommandPlan, CommandResult, Status
+from firmware.scsi.reservations import Reservations
 from firmware.scsi.sense import Sense
 from firmware.storage import BlockStore
+
+if TYPE_CHECKING:
+    from firmware.scsi.shared import SharedUnit
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ class SenseUnit(Protocol):
 
     def plan(self, cdb: bytes) -> CommandPlan: ...
 
-    def execute(self, cdb: bytes, data_out: bytes = b"") -> CommandResult: ...
+    def execute(self, cdb: bytes, data_out: bytes = b"", nexus: str = "") -> CommandResult: ...
 
     @property
     def sense(self) -> Sense: ...
@@ -74,8 +78,10 @@ class IscsiServer:
         host: str,
         port: int,
         workers: int = 16,
+        reservations: Reservations | None = None,
     ) -> None:
         self._config = config
+        self._reservations = reservations  # told of nexus losses and resets (SPC-2 reservations end)
         self._factory = unit_factory
         self._units: queue.SimpleQueue[SenseUnit] = queue.SimpleQueue()
         self._all_units = [unit_factory() for _ in range(workers)]
@@ -202,9 +208,12 @@ class IscsiServer:
                 if not data:
                     break
                 with peer.lock:
+                    resets = conn.resets
                     conn.receive(data)
                     tasks = conn.take_tasks()
                     self._flush(peer)
+                if conn.resets != resets and self._reservations is not None:
+                    self._reservations.reset()
                 if not counted and conn.phase is Phase.FULL_FEATURE:
                     counted = True
                     self._logins += 1
@@ -213,6 +222,8 @@ class IscsiServer:
                     self._pool.submit(self._run, peer, task)
             if conn.close_reason.startswith("login refused"):
                 self._refused += 1
+            if counted and self._reservations is not None:
+                self._reservations.nexus_lost(conn.nexus)
         finally:
             with peer.lock:  # commands still running report to the connection and are dropped
                 _shutdown(sock)
@@ -236,7 +247,7 @@ class IscsiServer:
     def _run(self, peer: _Peer, task: ScsiTask) -> None:
         unit = self._units.get()
         try:
-            result = unit.execute(task.cdb, task.data_out)
+            result = unit.execute(task.cdb, task.data_out, peer.conn.nexus)
             sense = unit.sense.to_fixed() if result.status == Status.CHECK_CONDITION else b""
         except Exception:  # the target never raises; this guards the adapter's own promise
             log.exception("iscsi command failed peer=%s", peer.conn.peer)
@@ -265,11 +276,17 @@ def serve_unit(
     port: int,
     chap: tuple[str, str] | None = None,
     initiators: tuple[str, ...] = (),
+    shared: SharedUnit | None = None,
 ) -> Iterator[IscsiServer]:
     """Serve `store` (the local unit) as the unit's iSCSI target, with the same SCSI identity
-    (serial, VPD 0x83 designator) the USB transports show, so a host sees one disk either way."""
+    (serial, VPD 0x83 designator) the USB transports show, so a host sees one disk either way.
+    `shared`: the reservations and write gate of a USB target serving the same store, if any, so
+    both buses see one set of reservations."""
     from firmware.scsi import naa_locally_assigned
     from firmware.scsi.lba_status import LbaStatusTarget
+    from firmware.scsi.shared import SharedUnit
+
+    unit_state = shared if shared is not None else SharedUnit()
 
     device_id = naa_locally_assigned(ident.unit_uuid.bytes)
     config = TargetConfig(
@@ -285,9 +302,10 @@ def serve_unit(
         # WRITE by MAXIMUM WRITE SAME LENGTH, which must then not exceed what one command may carry.
         config,
         lambda: LbaStatusTarget(store, serial=ident.serial, device_id=device_id, max_unmap_blocks=1 << 20,
-                                max_write_same_blocks=0xFFFF),
+                                max_write_same_blocks=0xFFFF, shared=unit_state),
         host=host,
         port=port,
+        reservations=unit_state.reservations,
     ) as server:
         yield server
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from firmware.scsi.opcodes import Opcode, ServiceActionIn16
+from firmware.scsi.opcodes import MaintenanceIn, Opcode, PrInAction, PrOutAction, ServiceActionIn16
 from firmware.scsi.sense import (
     Asc,
     CommandError,
@@ -59,9 +59,27 @@ _ALLOWED: dict[int, tuple[int, ...]] = {
     Opcode.WRITE_SAME_16: (0, 0x09, *(0xFF,) * 12, 0x3F, _C),  # UNMAP NDOB
     Opcode.SERVICE_ACTION_IN_16: (0, 0x1F, *(0,) * 8, 0xFF, 0xFF, 0xFF, 0xFF, 0, _C),
     Opcode.REPORT_LUNS: (0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, _C),
+    Opcode.READ_12: (0, 0x1C, *(0xFF,) * 8, 0x1F, _C),  # DPO FUA RARC
+    Opcode.WRITE_12: (0, 0x18, *(0xFF,) * 8, 0x1F, _C),  # DPO FUA
+    Opcode.VERIFY_12: (0, 0x16, *(0xFF,) * 8, 0x1F, _C),  # DPO BYTCHK
+    Opcode.WRITE_AND_VERIFY_10: (0, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, _C),  # DPO BYTCHK
+    Opcode.WRITE_AND_VERIFY_12: (0, 0x16, *(0xFF,) * 8, 0x1F, _C),
+    Opcode.WRITE_AND_VERIFY_16: (0, 0x16, *(0xFF,) * 12, 0x3F, _C),
+    Opcode.PRE_FETCH_10: (0, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, _C),  # IMMED
+    Opcode.PRE_FETCH_16: (0, 0x02, *(0xFF,) * 12, 0x3F, _C),
+    Opcode.COMPARE_AND_WRITE: (0, 0x18, *(0xFF,) * 8, 0, 0, 0, 0xFF, 0x1F, _C),  # DPO FUA
+    Opcode.PERSISTENT_RESERVE_IN: (0, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, _C),
+    Opcode.PERSISTENT_RESERVE_OUT: (0, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, _C),  # SA; SCOPE TYPE
+    Opcode.MAINTENANCE_IN: (0, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, _C),  # RCTD OPTIONS
+    # SPC-2 reservations of the whole unit: third-party and extent reservations are not supported
+    Opcode.RESERVE_6: (0, 0, 0, 0, 0, _C),
+    Opcode.RELEASE_6: (0, 0, 0, 0, 0, _C),
+    Opcode.RESERVE_10: (0, 0, 0, 0, 0, 0, 0, 0, 0, _C),
+    Opcode.RELEASE_10: (0, 0, 0, 0, 0, 0, 0, 0, 0, _C),
 }
 
 CDB_SIZE: dict[int, int] = {op: len(mask) for op, mask in _ALLOWED.items()}
+ALLOWED_BITS = _ALLOWED  # what REPORT SUPPORTED OPERATION CODES reports as CDB usage data
 
 
 def _forbidden_bits(mask: tuple[int, ...]) -> int:
@@ -79,6 +97,11 @@ _MSEL10 = struct.Struct(">BB5xHB")
 _SAI16 = struct.Struct(">BB8xIBB")
 _RLUNS = struct.Struct(">BxB3xIxB")
 _RFC = struct.Struct(">B6xHB")
+_CDB12 = struct.Struct(">BBIIBB")  # opcode, flags, lba, length, group, control
+_CAW = struct.Struct(">BBQ3xBBB")  # opcode, flags, lba, -, blocks, group, control
+_PRIN = struct.Struct(">BB5xHB")  # opcode, service action, -, allocation length, control
+_PROUT = struct.Struct(">BBB2xIB")  # opcode, service action, scope|type, -, parameter list length, control
+_MAINT_IN = struct.Struct(">BBBBHIxB")  # opcode, sa, rctd|options, opcode, sa, allocation length, -, control
 
 POWER_CONDITIONS = frozenset({0x0, 0x1, 0x2, 0x3, 0x7, 0xA, 0xB})  # SBC-3 table 74
 
@@ -91,6 +114,7 @@ class Limits:
     num_blocks: int
     max_transfer_blocks: int
     max_write_same_blocks: int
+    max_compare_blocks: int = 0  # COMPARE AND WRITE (Block Limits VPD); 0: not served
 
     def check_range(self, lba: int, blocks: int) -> None:
         # SBC-3 4.5: an LBA past the last one, or a transfer running past it.
@@ -129,7 +153,7 @@ class ReadWrite:
 
     @property
     def is_write(self) -> bool:
-        return self.opcode in (Opcode.WRITE_6, Opcode.WRITE_10, Opcode.WRITE_16)
+        return self.opcode in _WRITES
 
     def encode(self) -> bytes:
         flags = (0x10 if self.dpo else 0) | (0x08 if self.fua else 0)
@@ -137,7 +161,12 @@ class ReadWrite:
             return _RW6.pack(self.opcode, self.lba >> 16, self.lba & 0xFFFF, self.blocks & 0xFF, 0)
         if self.opcode in (Opcode.READ_10, Opcode.WRITE_10):
             return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
+        if self.opcode in (Opcode.READ_12, Opcode.WRITE_12):
+            return _CDB12.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
         return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+
+
+_WRITES = frozenset({Opcode.WRITE_6, Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16})
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +184,112 @@ class Verify:
         flags = (0x10 if self.dpo else 0) | (self.bytchk << 1)
         if self.opcode == Opcode.VERIFY_10:
             return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
+        if self.opcode == Opcode.VERIFY_12:
+            return _CDB12.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
         return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAndVerify:
+    """WRITE AND VERIFY (10), (12), (16) (SBC-3 5.40-5.42): write `blocks` blocks, then read them back
+    from the medium; bytchk 1 also compares what was read with the data-out."""
+
+    opcode: Opcode
+    lba: int
+    blocks: int
+    bytchk: int = 0
+    dpo: bool = False
+
+    def encode(self) -> bytes:
+        flags = (0x10 if self.dpo else 0) | (self.bytchk << 1)
+        if self.opcode == Opcode.WRITE_AND_VERIFY_10:
+            return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
+        if self.opcode == Opcode.WRITE_AND_VERIFY_12:
+            return _CDB12.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+        return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class PreFetch:
+    """PRE-FETCH (10), (16) (SBC-3 5.10, 5.11). blocks 0 means "to the last LBA"."""
+
+    opcode: Opcode
+    lba: int
+    blocks: int = 0
+    immed: bool = False
+
+    def encode(self) -> bytes:
+        flags = 0x02 if self.immed else 0
+        if self.opcode == Opcode.PRE_FETCH_10:
+            return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
+        return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class CompareAndWrite:
+    """COMPARE AND WRITE (SBC-3 5.2): the data-out is `blocks` blocks to compare, then `blocks` blocks
+    to write if they all matched."""
+
+    lba: int
+    blocks: int
+    fua: bool = False
+    dpo: bool = False
+
+    def encode(self) -> bytes:
+        flags = (0x10 if self.dpo else 0) | (0x08 if self.fua else 0)
+        return _CAW.pack(Opcode.COMPARE_AND_WRITE, flags, self.lba, self.blocks, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class PersistentReserveIn:
+    action: PrInAction
+    alloc: int
+
+    def encode(self) -> bytes:
+        return _PRIN.pack(Opcode.PERSISTENT_RESERVE_IN, self.action, self.alloc, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class PersistentReserveOut:
+    action: PrOutAction
+    scope: int
+    pr_type: int
+    param_len: int
+
+    def encode(self) -> bytes:
+        return _PROUT.pack(Opcode.PERSISTENT_RESERVE_OUT, self.action, (self.scope << 4) | self.pr_type,
+                           self.param_len, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportSupportedOpcodes:
+    """REPORT SUPPORTED OPERATION CODES (SPC-4 6.35). options 0: all commands; 1: one opcode without
+    service action; 2: one opcode and service action; 3: one opcode, with or without service action."""
+
+    options: int
+    opcode: int
+    service_action: int
+    alloc: int
+    rctd: bool = False
+
+    def encode(self) -> bytes:
+        return _MAINT_IN.pack(Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
+                              (0x80 if self.rctd else 0) | self.options, self.opcode, self.service_action,
+                              self.alloc, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRelease:
+    """RESERVE / RELEASE (6), (10) (SPC-2 7.21-7.24): the whole unit, for the sending I_T nexus."""
+
+    opcode: Opcode
+
+    @property
+    def reserve(self) -> bool:
+        return self.opcode in (Opcode.RESERVE_6, Opcode.RESERVE_10)
+
+    def encode(self) -> bytes:
+        return bytes([self.opcode]) + bytes(CDB_SIZE[self.opcode] - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +467,13 @@ Command = (
     | ReadCapacity10
     | ReadCapacity16
     | ReportLuns
+    | WriteAndVerify
+    | PreFetch
+    | CompareAndWrite
+    | PersistentReserveIn
+    | PersistentReserveOut
+    | ReportSupportedOpcodes
+    | ReserveRelease
 )
 
 
@@ -362,8 +503,27 @@ def _check_bits(cdb: bytes) -> int:
     return opcode
 
 
+def _lba_length(op: Opcode, cdb: bytes) -> tuple[int, int, int, int]:
+    """(flags, lba, blocks, offset of the length field) of a 10-, 12- or 16-byte block CDB."""
+    size = CDB_SIZE[op]
+    if size == 10:
+        _, flags, lba, _, blocks, _ = _CDB10.unpack_from(cdb)
+        return flags, lba, blocks, 7
+    if size == 12:
+        _, flags, lba, blocks, _, _ = _CDB12.unpack_from(cdb)
+        return flags, lba, blocks, 6
+    _, flags, lba, blocks, _, _ = _CDB16.unpack_from(cdb)
+    return flags, lba, blocks, 10
+
+
 def _decode(opcode: int, cdb: bytes, limits: Limits) -> Command:
     op = Opcode(opcode)
+    if op in (Opcode.READ_12, Opcode.WRITE_12):
+        flags, lba, blocks, length_at = _lba_length(op, cdb)
+        if blocks > limits.max_transfer_blocks:
+            raise CommandError(invalid_field_in_cdb(length_at))
+        limits.check_range(lba, blocks)
+        return ReadWrite(op, lba, blocks, fua=bool(flags & 0x08), dpo=bool(flags & 0x10))
     if op in (Opcode.READ_10, Opcode.WRITE_10, Opcode.READ_16, Opcode.WRITE_16):
         if op in (Opcode.READ_10, Opcode.WRITE_10):
             _, flags, lba, _, blocks, _ = _CDB10.unpack_from(cdb)
@@ -383,13 +543,8 @@ def _decode(opcode: int, cdb: bytes, limits: Limits) -> Command:
             raise CommandError(invalid_field_in_cdb(4))
         limits.check_range(lba, blocks)
         return ReadWrite(op, lba, blocks)
-    if op in (Opcode.VERIFY_10, Opcode.VERIFY_16):
-        if op == Opcode.VERIFY_10:
-            _, flags, lba, _, blocks, _ = _CDB10.unpack_from(cdb)
-            length_at = 7
-        else:
-            _, flags, lba, blocks, _, _ = _CDB16.unpack_from(cdb)
-            length_at = 10
+    if op in (Opcode.VERIFY_10, Opcode.VERIFY_12, Opcode.VERIFY_16):
+        flags, lba, blocks, length_at = _lba_length(op, cdb)
         bytchk = (flags >> 1) & 0x03
         if bytchk == 2:  # reserved value
             raise CommandError(invalid_field_in_cdb(1, 2))
@@ -416,6 +571,45 @@ def _decode(opcode: int, cdb: bytes, limits: Limits) -> Command:
             raise CommandError(invalid_field_in_cdb(length_at))
         limits.check_range(lba, blocks)
         return WriteSame(op, lba, blocks, unmap=bool(flags & 0x08), ndob=bool(flags & 0x01))
+    if op in (Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16):
+        flags, lba, blocks, length_at = _lba_length(op, cdb)
+        bytchk = (flags >> 1) & 0x03
+        if bytchk > 1:  # 10b reserved; 11b (one block for every LBA) is not supported
+            raise CommandError(invalid_field_in_cdb(1, 2 if bytchk & 2 else 1))
+        if blocks > limits.max_transfer_blocks:
+            raise CommandError(invalid_field_in_cdb(length_at))
+        limits.check_range(lba, blocks)
+        return WriteAndVerify(op, lba, blocks, bytchk, dpo=bool(flags & 0x10))
+    if op in (Opcode.PRE_FETCH_10, Opcode.PRE_FETCH_16):
+        flags, lba, blocks, _ = _lba_length(op, cdb)
+        limits.check_range(lba, blocks)
+        return PreFetch(op, lba, blocks, immed=bool(flags & 0x02))
+    if op == Opcode.COMPARE_AND_WRITE:
+        _, flags, lba, blocks, _, _ = _CAW.unpack_from(cdb)
+        if blocks > limits.max_compare_blocks or 2 * blocks > limits.max_transfer_blocks:
+            raise CommandError(invalid_field_in_cdb(13))
+        limits.check_range(lba, blocks)
+        return CompareAndWrite(lba, blocks, fua=bool(flags & 0x08), dpo=bool(flags & 0x10))
+    if op == Opcode.PERSISTENT_RESERVE_IN:
+        _, sa, alloc, _ = _PRIN.unpack_from(cdb)
+        if sa not in PrInAction._value2member_map_:
+            raise CommandError(invalid_field_in_cdb(1, 4))
+        return PersistentReserveIn(PrInAction(sa), alloc)
+    if op == Opcode.PERSISTENT_RESERVE_OUT:
+        _, sa, scope_type, param_len, _ = _PROUT.unpack_from(cdb)
+        if sa not in PrOutAction._value2member_map_:
+            raise CommandError(invalid_field_in_cdb(1, 4))
+        return PersistentReserveOut(PrOutAction(sa), scope_type >> 4, scope_type & 0x0F, param_len)
+    if op == Opcode.MAINTENANCE_IN:
+        _, sa, b2, req_op, req_sa, alloc, _ = _MAINT_IN.unpack_from(cdb)
+        if sa != MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES:
+            raise CommandError(invalid_field_in_cdb(1, 4))
+        options = b2 & 0x07
+        if options > 3:
+            raise CommandError(invalid_field_in_cdb(2, 2))
+        return ReportSupportedOpcodes(options, req_op, req_sa, alloc, rctd=bool(b2 & 0x80))
+    if op in (Opcode.RESERVE_6, Opcode.RELEASE_6, Opcode.RESERVE_10, Opcode.RELEASE_10):
+        return ReserveRelease(op)
     if op == Opcode.TEST_UNIT_READY:
         return TestUnitReady()
     if op == Opcode.REQUEST_SENSE:

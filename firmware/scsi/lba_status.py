@@ -14,6 +14,7 @@ import struct
 
 from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
 from firmware.scsi.opcodes import Opcode
+from firmware.scsi.reservations import ReservationConflict
 from firmware.scsi.sense import NO_SENSE, Asc, Sense, SenseKey, invalid_field_in_cdb
 from firmware.scsi.target import ScsiTarget
 
@@ -44,6 +45,11 @@ def get_lba_status(cdb: bytes, num_blocks: int) -> bytes | Sense:
 class LbaStatusTarget(ScsiTarget):
     """`ScsiTarget` plus GET LBA STATUS."""
 
+    # CDB usage data: the bits `get_lba_status` accepts (bytes 2-14 are not checked; CONTROL bits 1-0)
+    extra_service_actions = (
+        (Opcode.SERVICE_ACTION_IN_16, GET_LBA_STATUS, bytes((0x9E, GET_LBA_STATUS, *(0xFF,) * 13, 0x03))),
+    )
+
     def plan(self, cdb: bytes) -> CommandPlan:
         if not is_get_lba_status(cdb):
             return super().plan(cdb)
@@ -52,10 +58,19 @@ class LbaStatusTarget(ScsiTarget):
             return CommandPlan(Direction.NONE, 0)
         return CommandPlan(Direction.IN, len(answer))
 
-    def execute(self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"") -> CommandResult:
+    def execute(
+        self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"", nexus: str = ""
+    ) -> CommandResult:
         if not is_get_lba_status(cdb) or self.unit_attentions:
-            return super().execute(cdb, data_out)
+            return super().execute(cdb, data_out, nexus)
         self._commands["GET_LBA_STATUS"] += 1
+        reservations = self.shared.reservations
+        if reservations.active:
+            try:
+                reservations.check(nexus, Opcode.READ_16)  # it reads the unit's state like a READ
+            except ReservationConflict:
+                self._errors["RESERVATION_CONFLICT"] += 1
+                return CommandResult(Status.RESERVATION_CONFLICT)
         answer = get_lba_status(cdb, self.num_blocks)
         if isinstance(answer, Sense):
             return self._fail("GET_LBA_STATUS", answer)

@@ -222,6 +222,7 @@ class BlockLimits:
     max_unmap_blocks: int
     max_unmap_descriptors: int
     max_write_same_blocks: int
+    max_compare_blocks: int = 0  # COMPARE AND WRITE, at most 255
 
 
 @functools.lru_cache(maxsize=16)
@@ -302,7 +303,7 @@ def vpd_page(page: int, ident: InquiryIdentity, limits: BlockLimits) -> bytes:
         payload = BLOCK_LIMITS.build(
             {
                 "wsnz": {"wsnz": True},
-                "max_compare_and_write_length": 0,
+                "max_compare_and_write_length": limits.max_compare_blocks,
                 "optimal_transfer_length_granularity": limits.optimal_granularity_blocks,
                 "maximum_transfer_length": limits.max_transfer_blocks,
                 "optimal_transfer_length": limits.max_transfer_blocks,

@@ -29,33 +29,42 @@ replication (the store's), task management (BOT has none beyond reset).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 
 from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
-from firmware.scsi import pages
+from firmware.scsi import pages, supported_opcodes
 from firmware.scsi.cdb import (
     Command,
+    CompareAndWrite,
     Inquiry,
     Limits,
     ModeSelect,
     ModeSense,
+    PersistentReserveIn,
+    PersistentReserveOut,
+    PreFetch,
     PreventAllowMediumRemoval,
     ReadCapacity10,
     ReadCapacity16,
     ReadFormatCapacities,
     ReadWrite,
     ReportLuns,
+    ReportSupportedOpcodes,
     RequestSense,
+    ReserveRelease,
     StartStopUnit,
     SynchronizeCache,
     TestUnitReady,
     Unmap,
     Verify,
+    WriteAndVerify,
     WriteSame,
     check_command,
 )
 from firmware.scsi.opcodes import Opcode, opcode_name
+from firmware.scsi.reservations import ReservationConflict
 from firmware.scsi.sense import (
     FIXED_SENSE_LENGTH,
     NO_SENSE,
@@ -66,6 +75,7 @@ from firmware.scsi.sense import (
     illegal_request,
     invalid_field_in_parameter_list,
 )
+from firmware.scsi.shared import SharedUnit
 from firmware.storage import BlockStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -76,6 +86,7 @@ DEFAULT_MAX_TRANSFER_BYTES = 1 << 20
 DEFAULT_MAX_UNMAP_BLOCKS = 0x40_0000
 DEFAULT_MAX_UNMAP_DESCRIPTORS = 64
 DEFAULT_MAX_WRITE_SAME_BLOCKS = 0x1_0000
+MAX_COMPARE_AND_WRITE_BLOCKS = 255  # the CDB's field is one byte
 
 _UNMAP_HEADER = 8
 _UNMAP_DESCRIPTOR = 16
@@ -86,6 +97,7 @@ _UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE
 _NONE = CommandPlan(Direction.NONE, 0)
 _GOOD = CommandResult(Status.GOOD)
 _CHECK = CommandResult(Status.CHECK_CONDITION)
+_CONFLICT = CommandResult(Status.RESERVATION_CONFLICT)
 
 _WRITE_PROTECTED = Sense.of(SenseKey.DATA_PROTECT, Asc.WRITE_PROTECTED)
 _INTERNAL_FAILURE = Sense.of(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)
@@ -117,6 +129,7 @@ class ScsiTarget:
         max_unmap_descriptors: int = DEFAULT_MAX_UNMAP_DESCRIPTORS,
         max_write_same_blocks: int = DEFAULT_MAX_WRITE_SAME_BLOCKS,
         read_only: bool | None = None,
+        shared: SharedUnit | None = None,
     ) -> None:
         block_size = store.block_size
         num_blocks = store.num_blocks
@@ -135,15 +148,19 @@ class ScsiTarget:
             if not 1 <= value <= 0xFFFFFFFF:
                 raise ValueError(f"{name} must be 1..0xFFFFFFFF, not {value}")
         self._store = store
+        # reservations and the COMPARE AND WRITE gate, common to every target serving this store
+        self._shared = shared if shared is not None else SharedUnit()
+        max_compare_blocks = min(MAX_COMPARE_AND_WRITE_BLOCKS, max_transfer_blocks // 2)
         self._identity = pages.InquiryIdentity(vendor, product, revision, serial, bytes(device_id))
         self._identity.validate()
-        self._limits = Limits(block_size, num_blocks, max_transfer_blocks, max_write_same_blocks)
+        self._limits = Limits(block_size, num_blocks, max_transfer_blocks, max_write_same_blocks, max_compare_blocks)
         self._block_limits = pages.BlockLimits(
             max_transfer_blocks=max_transfer_blocks,
             optimal_granularity_blocks=max(1, 4096 // block_size),
             max_unmap_blocks=max_unmap_blocks,
             max_unmap_descriptors=max_unmap_descriptors,
             max_write_same_blocks=max_write_same_blocks,
+            max_compare_blocks=max_compare_blocks,
         )
         self._read_only = bool(store.read_only) if read_only is None else read_only
         self._default_wce = bool(store.write_cache)
@@ -185,7 +202,10 @@ class ScsiTarget:
         self._planned = (bytes(cdb), cmd)
         return plan
 
-    def execute(self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"") -> CommandResult:
+    def execute(
+        self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"", nexus: str = ""
+    ) -> CommandResult:
+        """`nexus` names the I_T nexus the command came from (`firmware.scsi.reservations`); USB has one."""
         name = opcode_name(cdb[0]) if cdb else "EMPTY"
         self._commands[name] += 1
         if not isinstance(data_out, bytes):  # a transport handing over a bytearray/memoryview
@@ -195,7 +215,16 @@ class ScsiTarget:
                 raise CommandError(self._unit_attentions.pop(0))
             planned = self._planned
             cmd = planned[1] if planned is not None and planned[0] == cdb else check_command(cdb, self._limits)
-            data = self._run(cmd, data_out)
+            if self._shared.reservations.active:
+                self._shared.reservations.check(nexus, cdb[0])
+            if isinstance(cmd, _NEXUS_COMMANDS):
+                data = self._run_reservation(cmd, data_out, nexus)
+            else:
+                data = self._run(cmd, data_out)
+        except ReservationConflict:
+            self._errors["RESERVATION_CONFLICT"] += 1
+            log.debug("reservation conflict opcode=%s nexus=%s", name, nexus)
+            return _CONFLICT
         except CommandError as exc:
             return self._fail(name, exc.sense)
         except StorageError as exc:
@@ -228,7 +257,7 @@ class ScsiTarget:
         old = self._limits
         if num_blocks == old.num_blocks:
             return
-        self._limits = Limits(old.block_size, num_blocks, old.max_transfer_blocks, old.max_write_same_blocks)
+        self._limits = dataclasses.replace(old, num_blocks=num_blocks)
         self._planned = None
         if _CAPACITY_CHANGED not in self._unit_attentions:
             self._unit_attentions = [*self._unit_attentions, _CAPACITY_CHANGED]
@@ -292,8 +321,14 @@ class ScsiTarget:
             return CommandPlan(Direction.OUT, cmd.blocks * bs if cmd.bytchk == 1 else bs)
         if isinstance(cmd, WriteSame):
             return _NONE if cmd.ndob else CommandPlan(Direction.OUT, bs)
-        if isinstance(cmd, Unmap | ModeSelect):
+        if isinstance(cmd, Unmap | ModeSelect | PersistentReserveOut):
             return CommandPlan(Direction.OUT, cmd.param_len) if cmd.param_len else _NONE
+        if isinstance(cmd, WriteAndVerify):
+            return CommandPlan(Direction.OUT, cmd.blocks * bs) if cmd.blocks else _NONE
+        if isinstance(cmd, CompareAndWrite):
+            return CommandPlan(Direction.OUT, 2 * cmd.blocks * bs) if cmd.blocks else _NONE
+        if isinstance(cmd, PersistentReserveIn):  # the length depends on the state when it runs
+            return CommandPlan(Direction.IN, cmd.alloc) if cmd.alloc else _NONE
         if isinstance(cmd, RequestSense):
             length = min(cmd.alloc, FIXED_SENSE_LENGTH)
             return CommandPlan(Direction.IN, length) if length else _NONE
@@ -329,6 +364,8 @@ class ScsiTarget:
             return pages.format_capacities(limits.num_blocks, limits.block_size)[: cmd.alloc]
         if isinstance(cmd, ReportLuns):
             return pages.report_luns(cmd.select_report)[: cmd.alloc]
+        if isinstance(cmd, ReportSupportedOpcodes):
+            return supported_opcodes.report(cmd, self.extra_service_actions)[: cmd.alloc]
         return b""
 
     def _run(self, cmd: Command, data_out: bytes) -> bytes:
@@ -366,6 +403,14 @@ class ScsiTarget:
             return b""
         if isinstance(cmd, TestUnitReady | PreventAllowMediumRemoval):
             return b""
+        if isinstance(cmd, WriteAndVerify):
+            self._write_and_verify(cmd, data_out)
+            return b""
+        if isinstance(cmd, CompareAndWrite):
+            self._compare_and_write(cmd, data_out)
+            return b""
+        if isinstance(cmd, PreFetch):
+            return b""  # no cache to load: GOOD (SBC-3 5.10; CONDITION MET would promise a cached range)
         return self._data_in(cmd)
 
     def _expect_data_out(self, data_out: bytes, length: int) -> None:
@@ -396,7 +441,12 @@ class ScsiTarget:
             return b""  # SBC-3: a zero transfer length writes nothing and is not an error
         nbytes = cmd.blocks * self._limits.block_size
         self._expect_data_out(data_out, nbytes)
-        self._store.write(cmd.lba, data_out, fua=cmd.fua)
+        gate = self._shared.gate
+        gate.enter()
+        try:
+            self._store.write(cmd.lba, data_out, fua=cmd.fua)
+        finally:
+            gate.leave()
         if cmd.fua:
             self._fua_writes += 1
         self._blocks_written += cmd.blocks
@@ -436,17 +486,22 @@ class ScsiTarget:
         else:
             self._expect_data_out(data_out, bs)
             block = data_out
-        if cmd.unmap and block.count(0) == bs:
-            # SBC-3 5.45: with UNMAP set the blocks may be unmapped when they would then read back
-            # as the data-out block; LBPRZ=1 makes that true for an all-zero block.
-            self._store.unmap(cmd.lba, cmd.blocks)
-            self._unmap_commands += 1
-            self._unmapped_blocks += cmd.blocks
-            return
-        step = self._limits.max_transfer_blocks
-        for lba in range(cmd.lba, cmd.lba + cmd.blocks, step):
-            count = min(step, cmd.lba + cmd.blocks - lba)
-            self._store.write(lba, block * count)
+        gate = self._shared.gate
+        gate.enter()
+        try:
+            if cmd.unmap and block.count(0) == bs:
+                # SBC-3 5.45: with UNMAP set the blocks may be unmapped when they would then read back
+                # as the data-out block; LBPRZ=1 makes that true for an all-zero block.
+                self._store.unmap(cmd.lba, cmd.blocks)
+                self._unmap_commands += 1
+                self._unmapped_blocks += cmd.blocks
+                return
+            step = self._limits.max_transfer_blocks
+            for lba in range(cmd.lba, cmd.lba + cmd.blocks, step):
+                count = min(step, cmd.lba + cmd.blocks - lba)
+                self._store.write(lba, block * count)
+        finally:
+            gate.leave()
         self._blocks_written += cmd.blocks
 
     def _unmap(self, cmd: Unmap, data_out: bytes) -> None:
@@ -455,9 +510,14 @@ class ScsiTarget:
         if not data_out:
             return  # SBC-3 5.28: a zero parameter list length is not an error
         ranges = self._parse_unmap(data_out)
-        for lba, blocks in ranges:
-            self._store.unmap(lba, blocks)
-            self._unmapped_blocks += blocks
+        gate = self._shared.gate
+        gate.enter()
+        try:
+            for lba, blocks in ranges:
+                self._store.unmap(lba, blocks)
+                self._unmapped_blocks += blocks
+        finally:
+            gate.leave()
         self._unmap_commands += 1
 
     def _parse_unmap(self, data: bytes) -> list[tuple[int, int]]:
@@ -498,3 +558,75 @@ class ScsiTarget:
         if changes.wce is not None and changes.wce != bool(self._store.write_cache):
             log.info("write cache %s by MODE SELECT", "enabled" if changes.wce else "disabled")
             self._store.set_write_cache(changes.wce)
+
+    # ---- commands added for clustered and virtualised initiators ------------------------------
+
+    # (opcode, service action, CDB usage data) served outside the CDB table, for REPORT SUPPORTED
+    # OPERATION CODES; a subclass serving more service actions extends it.
+    extra_service_actions: tuple[tuple[int, int, bytes], ...] = ()
+
+    @property
+    def shared(self) -> SharedUnit:
+        """The reservations and write gate this target shares with the other targets of its unit."""
+        return self._shared
+
+    def _read_exact(self, lba: int, blocks: int) -> bytes:
+        data = self._store.read(lba, blocks)
+        if len(data) != blocks * self._limits.block_size:
+            log.error("store returned a short read lba=%d blocks=%d got=%d", lba, blocks, len(data))
+            raise CommandError(_INTERNAL_FAILURE)
+        return bytes(data)
+
+    def _write_and_verify(self, cmd: WriteAndVerify, data_out: bytes) -> None:
+        """SBC-3 5.40: write, then read the blocks back from the store (the medium); with BYTCHK=1
+        compare them with the data-out: MISCOMPARE with the offset of the first byte that differs."""
+        self._write(ReadWrite(Opcode.WRITE_16, cmd.lba, cmd.blocks), data_out)
+        if not cmd.blocks:
+            return
+        data = self._read_exact(cmd.lba, cmd.blocks)
+        if cmd.bytchk and data != data_out:
+            raise CommandError(_miscompare(data, data_out))
+
+    def _compare_and_write(self, cmd: CompareAndWrite, data_out: bytes) -> None:
+        """SBC-3 5.2: atomically (the write gate, `firmware.scsi.shared`) compare `blocks` blocks with
+        the first half of the data-out and, if all match, write the second half. A mismatch writes
+        nothing: MISCOMPARE DURING VERIFY OPERATION with the offset of the first differing byte."""
+        self._check_writable()
+        if not cmd.blocks:
+            return  # SBC-3 5.2: zero blocks is not an error and compares nothing
+        nbytes = cmd.blocks * self._limits.block_size
+        self._expect_data_out(data_out, 2 * nbytes)
+        expected, new = data_out[:nbytes], data_out[nbytes:]
+        with self._shared.gate.exclusive():
+            current = self._read_exact(cmd.lba, cmd.blocks)
+            if current != expected:
+                raise CommandError(_miscompare(current, expected))
+            self._store.write(cmd.lba, new, fua=cmd.fua)
+        if cmd.fua:
+            self._fua_writes += 1
+        self._blocks_written += cmd.blocks
+        self._transfer_sizes[_size_bucket(nbytes)] += 1
+
+    def _run_reservation(
+        self, cmd: PersistentReserveIn | PersistentReserveOut | ReserveRelease, data_out: bytes, nexus: str
+    ) -> bytes:
+        reservations = self._shared.reservations
+        if isinstance(cmd, PersistentReserveIn):
+            return reservations.persistent_reserve_in(cmd.action)[: cmd.alloc]
+        if isinstance(cmd, PersistentReserveOut):
+            self._expect_data_out(data_out, cmd.param_len)
+            reservations.persistent_reserve_out(nexus, cmd.action, cmd.scope, cmd.pr_type, data_out)
+            return b""
+        if cmd.reserve:
+            reservations.reserve_unit(nexus)
+        else:
+            reservations.release_unit(nexus)
+        return b""
+
+
+_NEXUS_COMMANDS = (PersistentReserveIn, PersistentReserveOut, ReserveRelease)
+
+
+def _miscompare(found: bytes, expected: bytes) -> Sense:
+    offset = next(i for i, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
+    return Sense.of(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY_OPERATION, information=offset)

@@ -1,0 +1,272 @@
+"""Benchmark `usbmirror local --iscsi` beside Debian's tgt on the same machine, in the same run.
+
+Both targets serve a file of the same size in the same temporary directory: usbmirror its volume
+(with its journal beside it, write cache off: every WRITE is durable when answered), tgt a
+file-backed LUN (backing store rdwr). The initiator is libiscsi (`libiscsi7`, the library behind
+`iscsi-test-cu`) driven through ctypes with its asynchronous API, so both targets see the same
+initiator: `iscsi-perf` (libiscsi-bin) only reads and Debian's fio has no libiscsi engine.
+
+Workloads, each for --seconds per target, rounds alternating between the targets (best kept):
+
+    4 KiB random WRITE(16) at queue depth 1 and 16, and 128 KiB sequential WRITE(16) at queue depth 4,
+    each plain and with FUA=1 (tgt's rdwr store caches plain writes in the page cache and syncs on
+    FUA; usbmirror makes every write durable, FUA or not).
+
+Printed: IOPS and MB/s for each target and the usbmirror/tgt ratio. Nothing is asserted.
+
+Run: .venv/bin/python bench/bench_iscsi.py [--size-mib 256] [--seconds 4] [--rounds 1] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import os
+import random
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = 512
+INITIATOR = b"iqn.2026-01.net.usbmirror:bench-initiator"
+_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+POLLIN, POLLOUT = 1, 4
+
+
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("iscsi") or "libiscsi.so.7"
+    lib = ctypes.CDLL(name)
+    lib.iscsi_create_context.restype = ctypes.c_void_p
+    lib.iscsi_create_context.argtypes = [ctypes.c_char_p]
+    for fn in ("iscsi_set_targetname",):
+        getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.iscsi_set_session_type.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.iscsi_set_header_digest.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.iscsi_full_connect_sync.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    lib.iscsi_get_error.restype = ctypes.c_char_p
+    lib.iscsi_get_error.argtypes = [ctypes.c_void_p]
+    lib.iscsi_get_fd.argtypes = [ctypes.c_void_p]
+    lib.iscsi_which_events.argtypes = [ctypes.c_void_p]
+    lib.iscsi_service.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.iscsi_write16_task.restype = ctypes.c_void_p
+    lib.iscsi_write16_task.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_char_p,
+                                       ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_int, _CB, ctypes.c_void_p]
+    lib.scsi_free_scsi_task.argtypes = [ctypes.c_void_p]
+    lib.iscsi_logout_sync.argtypes = [ctypes.c_void_p]
+    lib.iscsi_destroy_context.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+@dataclass
+class Result:
+    ops: int
+    seconds: float
+    nbytes: int
+
+    @property
+    def iops(self) -> float:
+        return self.ops / self.seconds
+
+    @property
+    def mbps(self) -> float:
+        return self.nbytes / self.seconds / 1e6
+
+
+class Session:
+    """One logged-in libiscsi session that keeps `depth` WRITE(16)s in flight."""
+
+    def __init__(self, lib: ctypes.CDLL, portal: str, iqn: str, lun: int) -> None:
+        self.lib = lib
+        self.ctx = lib.iscsi_create_context(INITIATOR)
+        lib.iscsi_set_targetname(self.ctx, iqn.encode())
+        lib.iscsi_set_session_type(self.ctx, 2)  # ISCSI_SESSION_NORMAL
+        lib.iscsi_set_header_digest(self.ctx, 0)  # NONE: both targets, same framing cost
+        if lib.iscsi_full_connect_sync(self.ctx, portal.encode(), lun) != 0:
+            raise RuntimeError(f"login to {iqn} at {portal} failed: {lib.iscsi_get_error(self.ctx).decode()}")
+        self.lun = lun
+        self.in_flight = 0
+        self.done = 0
+        self.errors = 0
+        self._cb = _CB(self._complete)
+
+    def _complete(self, ctx: int, status: int, task: int, private: int) -> None:
+        self.in_flight -= 1
+        self.done += 1
+        if status != 0:
+            self.errors += 1
+        self.lib.scsi_free_scsi_task(task)
+
+    def run(self, *, chunk: int, depth: int, sequential: bool, fua: bool, lbas: int, seconds: float) -> Result:
+        data = os.urandom(chunk)
+        blocks = chunk // BLOCK
+        rng = random.Random(7)
+        nxt = 0
+        self.done = self.errors = 0
+        fd = self.lib.iscsi_get_fd(self.ctx)
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        issued = 0
+        while True:
+            now = time.perf_counter()
+            while self.in_flight < depth and now < deadline:
+                if sequential:
+                    lba, nxt = nxt, (nxt + blocks) % (lbas - blocks)
+                else:
+                    lba = rng.randrange(lbas // blocks) * blocks
+                task = self.lib.iscsi_write16_task(self.ctx, self.lun, lba, data, chunk, BLOCK, 0, 0, int(fua), 0, 0,
+                                                   self._cb, None)
+                if not task:
+                    raise RuntimeError(self.lib.iscsi_get_error(self.ctx).decode())
+                self.in_flight += 1
+                issued += 1
+            if self.in_flight == 0:
+                break
+            events = self.lib.iscsi_which_events(self.ctx)
+            poller = select.poll()
+            poller.register(fd, events)
+            for _, revents in poller.poll(1000):
+                if self.lib.iscsi_service(self.ctx, revents) < 0:
+                    raise RuntimeError(self.lib.iscsi_get_error(self.ctx).decode())
+        elapsed = time.perf_counter() - t0
+        if self.errors:
+            raise RuntimeError(f"{self.errors} of {self.done} writes failed")
+        return Result(self.done, elapsed, self.done * chunk)
+
+    def close(self) -> None:
+        self.lib.iscsi_logout_sync(self.ctx)
+        self.lib.iscsi_destroy_context(self.ctx)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_usbmirror(work: Path, size_mib: int) -> tuple[subprocess.Popen[bytes], str, str]:
+    port = free_port()
+    state = work / "state"
+    argv = [sys.executable, "-m", "firmware.cli", "local", "--volume", str(work / "usbmirror.img"),
+            "--size", f"{size_mib}M", "--iscsi", f"127.0.0.1:{port}", "--state-dir", str(state),
+            "--journal", str(work / "journal"), "--journal-size", "256M"]
+    log = open(work / "usbmirror.log", "wb")  # noqa: SIM115 (kept open for the child's lifetime)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(300):
+        r = subprocess.run([sys.executable, "-m", "firmware.cli", "status", "--state-dir", str(state), "--json"],
+                           cwd=ROOT, capture_output=True, text=True)
+        if r.returncode == 0:
+            st = json.loads(r.stdout)
+            if st.get("iscsi"):
+                return proc, f"127.0.0.1:{port}", str(st["iscsi"]["target"])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"usbmirror local did not start: {(work / 'usbmirror.log').read_text()[-2000:]}")
+
+
+class Tgt:
+    IQN = "iqn.2026-01.net.usbmirror:tgt-bench"
+
+    def __init__(self, work: Path, size_mib: int) -> None:
+        lun = work / "tgt.img"
+        with open(lun, "wb") as f:
+            f.truncate(size_mib << 20)
+        self.port, self.ctl = free_port(), 100 + free_port() % 8000
+        self.proc = subprocess.Popen(["tgtd", "-f", "--control-port", str(self.ctl), "--iscsi",
+                                      f"portal=127.0.0.1:{self.port}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for args in (["--op", "new", "--mode", "target", "--tid", "1", "-T", self.IQN],
+                     ["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", str(lun)],
+                     ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]):
+            for _ in range(50):
+                r = subprocess.run(["tgtadm", "-C", str(self.ctl), "--lld", "iscsi", *args], capture_output=True,
+                                   text=True)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                self.close()
+                raise RuntimeError(f"tgt could not be configured: {r.stderr.strip()}")
+
+    def close(self) -> None:
+        # tgtd ignores SIGTERM while it serves targets: it is told to shut down, then killed
+        subprocess.run(["tgtadm", "-C", str(self.ctl), "--op", "delete", "--mode", "system"], capture_output=True)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+WORKLOADS = [  # name, chunk, depth, sequential
+    ("4 KiB random QD1", 4096, 1, False),
+    ("4 KiB random QD16", 4096, 16, False),
+    ("128 KiB sequential QD4", 128 * 1024, 4, True),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--dir", default=None, help="where the two files live (default: a temporary directory)")
+    a = ap.parse_args()
+    if shutil.which("tgtd") is None:
+        print("bench_iscsi: tgtd missing (`make setup` installs Debian's tgt)")
+        return 1
+    lib = _lib()
+    lbas = (a.size_mib << 20) // BLOCK
+    with tempfile.TemporaryDirectory(dir=a.dir, prefix="bench-iscsi-") as tmp:
+        work = Path(tmp)
+        unit, portal, iqn = start_usbmirror(work, a.size_mib)
+        tgt = None
+        try:
+            tgt = Tgt(work, a.size_mib)
+            ours = Session(lib, portal, iqn, 0)
+            theirs = Session(lib, f"127.0.0.1:{tgt.port}", Tgt.IQN, 1)
+            best: dict[tuple[str, bool, str], Result] = {}
+            for _ in range(a.rounds):
+                for name, chunk, depth, seq in WORKLOADS:
+                    for fua in (False, True):
+                        for who, sess in (("usbmirror", ours), ("tgt", theirs)):
+                            r = sess.run(chunk=chunk, depth=depth, sequential=seq, fua=fua, lbas=lbas,
+                                         seconds=a.seconds)
+                            key = (name, fua, who)
+                            if key not in best or r.iops > best[key].iops:
+                                best[key] = r
+            ours.close()
+            theirs.close()
+        finally:
+            if tgt is not None:
+                tgt.close()
+            unit.terminate()
+            try:
+                unit.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                unit.kill()
+                unit.wait()
+    print(f"iSCSI writes over loopback, {a.size_mib} MiB files in one directory, libiscsi initiator, "
+          f"{a.seconds:.0f} s per figure, best of {a.rounds}")
+    print(f"{'workload':<26} {'FUA':<4} {'usbmirror':>20} {'tgt':>20} {'ratio':>7}")
+    for name, _, _, _ in WORKLOADS:
+        for fua in (False, True):
+            o, t = best[(name, fua, "usbmirror")], best[(name, fua, "tgt")]
+            print(f"{name:<26} {'yes' if fua else 'no':<4} {o.iops:>8.0f} IOPS {o.mbps:>6.1f} MB/s "
+                  f"{t.iops:>8.0f} IOPS {t.mbps:>6.1f} MB/s {o.iops / t.iops:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
