@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 20
+TORTURE_SECONDS ?= 120
 
-.PHONY: help setup test test-fast demo bench fuzz lint flash clean
+.PHONY: help setup test test-fast demo bench fuzz torture lint flash clean
 
 help:
 	@echo "make setup   install Debian packages, a venv and the pinned Python packages"
@@ -14,6 +15,7 @@ help:
 	@echo "make test    every host test, the real-kernel tests in QEMU included"
 	@echo "make bench   throughput and latency figures, each beside the raw rate of the same disk"
 	@echo "make fuzz    a short atheris campaign over the BOT, SCSI, USB/IP, journal and journey parsers"
+	@echo "make torture a seeded fault campaign (TORTURE_SEED=, TORTURE_SECONDS=$(TORTURE_SECONDS), TORTURE_STEPS=)"
 	@echo "make lint    ruff + mypy --strict + import-linter (the layers in .importlinter)"
 	@echo "make flash BOARD=<profile> TARGET=<user@host|mounted root>   install onto a board"
 
@@ -45,6 +47,9 @@ fuzz: setup
 			|| { cat .cache/fuzz/$$n.log; echo "FUZZ FAILURE in $$n"; exit 1; }; \
 		grep -E 'stat::number_of_executed_units|Done' .cache/fuzz/$$n.log | tail -n 2; \
 	done
+
+torture: setup
+	TORTURE_SECONDS=$(TORTURE_SECONDS) TORTURE_SEED=$(TORTURE_SEED) TORTURE_STEPS=$(TORTURE_STEPS) $(PY) -m host_tests.torture
 
 lint: setup
 	$(VENV)/bin/ruff check gadget firmware hw bench host_tests

@@ -181,6 +181,8 @@ LOCAL_OPTS = [
         default="auto", choices=("auto", "on", "off")),
     Opt("--state-dir", f"holds the unit's identity, control socket and state (default {DEFAULT_STATE_DIR})",
         default=DEFAULT_STATE_DIR, metavar="DIR"),
+    Opt("--metrics", "serve Prometheus metrics at http://HOST:PORT/metrics (docs/OPERATIONS.md)",
+        metavar="HOST:PORT"),
 ]
 
 REMOTE_OPTS = [
@@ -197,10 +199,9 @@ REMOTE_OPTS = [
         "docs/HISTORY.md", default="1G", kind=parse_size, metavar="SIZE"),
     Opt("--history-age", "drop history older than this (default 24h)", default="24h",
         kind=parse_duration, metavar="DURATION"),
+    Opt("--metrics", "serve Prometheus metrics at http://HOST:PORT/metrics (docs/OPERATIONS.md)",
+        metavar="HOST:PORT"),
 ]
-
-SELFTEST_OPTS = LOCAL_OPTS  # the self-test reads the local unit's own options and config file
-
 
 SELFTEST_OPTS = LOCAL_OPTS  # the self-test reads the local unit's own options and config file
 
@@ -306,6 +307,7 @@ class LocalOptions:
     state_dir: str
     sync_timeout: float
     progress: bool
+    metrics: tuple[str, int] | None = None
     iscsi: tuple[str, int] | None = None
     iscsi_chap: tuple[str, str] | None = None
     iscsi_initiators: tuple[str, ...] = ()
@@ -331,6 +333,7 @@ def local_options(o: dict[str, Any]) -> LocalOptions:
         tls_dir=o["tls_dir"], bandwidth_limit=o["bandwidth_limit"], state_dir=o["state_dir"],
         sync_timeout=o["sync_timeout"],
         progress=o["progress"] == "on" or (o["progress"] == "auto" and sys.stderr.isatty()),
+        metrics=metrics_listen(o["metrics"]),
         **iscsi,
     )
 
@@ -346,6 +349,7 @@ class RemoteOptions:
     state_dir: str
     history_size: int | None = None
     history_age_s: float = 86400.0
+    metrics: tuple[str, int] | None = None
 
 
 def remote_options(o: dict[str, Any]) -> RemoteOptions:
@@ -367,4 +371,15 @@ def remote_options(o: dict[str, Any]) -> RemoteOptions:
         raise UsageError("remote: --tls-dir is required (make one with `usbmirror pair`)")
     return RemoteOptions(listen=parse_hostport(o["listen"]), name=o["name"], targets=targets,
                          tls_dir=o["tls_dir"], state_dir=o["state_dir"],
-                         history_size=int(o["history_size"]), history_age_s=float(o["history_age"]))
+                         history_size=int(o["history_size"]), history_age_s=float(o["history_age"]),
+                         metrics=metrics_listen(o["metrics"]))
+
+
+def metrics_listen(text: str | None) -> tuple[str, int] | None:
+    """`--metrics HOST:PORT` (an empty host listens on every address)."""
+    if not text:
+        return None
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9373")
+    return host.strip("[]") or "0.0.0.0", int(port)

@@ -87,9 +87,16 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             local_roles = LocalRoles(roles, unit, journal)
             local_roles.at_start()  # a replica refuses host writes from the first command on
 
+        from firmware.monitor import CommandMonitor
         from firmware.scsi import ScsiTarget, naa_locally_assigned
+        from firmware.watchdog import Watchdog
 
-        target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
+        watchdog = Watchdog({})  # enabled only under systemd (NOTIFY_SOCKET); probes are added below
+        target: Any = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
+        monitor: CommandMonitor | None = None
+        if opts.metrics is not None or watchdog.enabled:
+            # latency per opcode, and the running command the watchdog needs to see a wedge
+            target = monitor = CommandMonitor(target)
 
         replicator: Any = None
         if opts.remotes:
@@ -192,12 +199,41 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         control.register("mark", mark_fn)
         if local_roles is not None:
             control.register("resolve", local_roles.resolve)
+        from firmware.watchdog import LinkProgress, command_probe
+
+        if monitor is not None:
+            links = LinkProgress()
+            watchdog.probes["commands"] = command_probe(monitor)
+            watchdog.probes["links"] = lambda: links.check(time.monotonic(), status_fn().get("remotes", []))
+        watchdog.status_text = lambda: _short_status(status_fn())
+        stack.enter_context(watchdog)
+        if opts.metrics is not None:
+            from firmware.metrics import MetricsServer, StatusCollector
+
+            try:
+                stack.enter_context(MetricsServer(opts.metrics, StatusCollector(status_fn, monitor)))
+            except OSError as exc:
+                raise UsageError(f"--metrics {opts.metrics[0]}:{opts.metrics[1]}: {exc.strerror}") from None
         log.info("local unit running unit=%s serial=%s volume=%s journal=%s", ident.unit_uuid, ident.serial,
                  opts.volume, journal_path)
+        watchdog.ready(_short_status(status_fn()))
         stop.wait()
         log.info("stopping local unit")
     log.info("local unit stopped")
     return 0
+
+
+def _short_status(st: dict[str, Any]) -> str:
+    """One line for systemd's STATUS= (shown by `systemctl status`)."""
+    j = st.get("journal") or {}
+    parts = [f"journal {100.0 * float(j.get('fill') or 0):.0f}% used"]
+    if j.get("overflow"):
+        parts.append("OVERFLOW")
+    if st.get("volume_full"):
+        parts.append("VOLUME FULL")
+    for r in st.get("remotes") or []:
+        parts.append(f"{r.get('name') or r.get('address')} {r.get('state')} lag {r.get('lag_bytes', 0)} B")
+    return "; ".join(parts)
 
 
 def _status_text(fn: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -87,7 +88,27 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
             control.register("promote", promote)
             control.register("failback", failback)
             control.register("resolve", resolve)
-            unit.serve_forever(stop)
+            with contextlib.ExitStack() as stack:
+                from firmware.watchdog import Watchdog
+
+                def accepting() -> str | None:
+                    alive = any(t.name == "remote-accept" and t.is_alive() for t in threading.enumerate())
+                    return None if alive else "the accept thread is gone"
+
+                def status_line() -> str:
+                    return "; ".join(f"{s['source_id']} {s['state']} applied seq {s['applied_seq']}"
+                                     for s in status({}).get("sources", [])) or "no sources"
+
+                watchdog = stack.enter_context(Watchdog({"accept": accepting}, status=status_line))
+                if opts.metrics is not None:
+                    from firmware.metrics import MetricsServer, StatusCollector
+
+                    try:
+                        stack.enter_context(MetricsServer(opts.metrics, StatusCollector(lambda: status({}))))
+                    except OSError as exc:
+                        raise UsageError(f"--metrics {opts.metrics[0]}:{opts.metrics[1]}: {exc.strerror}") from None
+                watchdog.ready(status_line())
+                unit.serve_forever(stop)
             log.info("stopping remote unit")
     finally:
         control.close()

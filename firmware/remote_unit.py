@@ -257,11 +257,18 @@ class SourceTarget:
         if dry_run:
             return {**out, "message": text}
         self.end_promotion_io()
-        self.roles.update(primary=False, history=History(st.history.generations[:-1]), promotion=None,
-                          split_brain=None, resolution=None,
-                          last_resync={"resolved": "keep local", "discarded_bytes": nbytes, "needs_full_resync": True,
-                                       "resolved_ns": time.time_ns()})
-        self._finish_resolve()
+        # under the target's lock: a HELLO that sees this copy a replica waits until the target is
+        # marked as holding no known image, so the source never resumes on top of the discarded writes
+        if not self.lock.acquire(timeout=max(5.0, self.unit.cfg.heartbeat_timeout_s)):
+            raise PromoteError(f"a connection of source {self.source_id} holds its target; try again")
+        try:
+            self.roles.update(primary=False, history=History(st.history.generations[:-1]), promotion=None,
+                              split_brain=None, resolution=None,
+                              last_resync={"resolved": "keep local", "discarded_bytes": nbytes,
+                                           "needs_full_resync": True, "resolved_ns": time.time_ns()})
+            self._finish_resolve()
+        finally:
+            self.lock.release()
         log.warning("split brain resolved: keep local source=%s discarded_bytes=%d", self.source_id, nbytes)
         return {**out, "message": text.replace("would discard", "discarded", 1)}
 
