@@ -49,7 +49,7 @@ from firmware.history.format import (
     undo_record,
 )
 from firmware.history.index import Index
-from firmware.link.protocol import RecordKind, RecordLike
+from firmware.journal.format import RecordKind, RecordLike  # not the link: it needs lz4
 
 log = logging.getLogger(__name__)
 

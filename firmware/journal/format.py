@@ -74,6 +74,7 @@ import enum
 import struct
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 import google_crc32c
 
@@ -153,6 +154,23 @@ class JournalCorrupt(JournalError):
         self.seq = seq
         self.position = position
         self.device_offset = device_offset
+
+
+class RecordLike(Protocol):
+    """A record's fields as every layer reads them (the journal's, the link's, the history's)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def kind(self) -> int: ...
+    @property
+    def lba(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def timestamp_ns(self) -> int: ...
+    @property
+    def payload(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,13 +26,14 @@ import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias
+from typing import TypeAlias
 
 import google_crc32c
 import lz4.block
 
 from firmware.journal.format import MAX_MARK_NAME
 from firmware.journal.format import RecordKind as RecordKind  # one definition: the journal's
+from firmware.journal.format import RecordLike as RecordLike
 
 MAGIC = b"UJ"
 VERSION = 1
@@ -130,21 +131,6 @@ class ProtocolError(Exception):
     def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_FRAME) -> None:
         super().__init__(message)
         self.code = code
-
-
-class RecordLike(Protocol):
-    @property
-    def seq(self) -> int: ...
-    @property
-    def kind(self) -> int: ...
-    @property
-    def lba(self) -> int: ...
-    @property
-    def count(self) -> int: ...
-    @property
-    def timestamp_ns(self) -> int: ...
-    @property
-    def payload(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
