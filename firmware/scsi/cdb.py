@@ -98,6 +98,17 @@ _SAI16 = struct.Struct(">BB8xIBB")
 _RLUNS = struct.Struct(">BxB3xIxB")
 _RFC = struct.Struct(">B6xHB")
 _CDB12 = struct.Struct(">BBIIBB")  # opcode, flags, lba, length, group, control
+
+
+def _pack_lba_cdb(opcode: int, flags: int, lba: int, blocks: int) -> bytes:
+    """A 10-, 12- or 16-byte CDB of the common LBA + length layout; the size is the opcode's group
+    code (SPC-4 4.2.5.1: groups 1 and 2 are 10 bytes, 5 is 12, 4 is 16)."""
+    group = opcode >> 5
+    if group in (1, 2):
+        return _CDB10.pack(opcode, flags, lba, 0, blocks, 0)
+    if group == 5:
+        return _CDB12.pack(opcode, flags, lba, blocks, 0, 0)
+    return _CDB16.pack(opcode, flags, lba, blocks, 0, 0)
 _CAW = struct.Struct(">BBQ3xBBB")  # opcode, flags, lba, -, blocks, group, control
 _PRIN = struct.Struct(">BB5xHB")  # opcode, service action, -, allocation length, control
 _PROUT = struct.Struct(">BBB2xIB")  # opcode, service action, scope|type, -, parameter list length, control
@@ -159,11 +170,7 @@ class ReadWrite:
         flags = (0x10 if self.dpo else 0) | (0x08 if self.fua else 0)
         if self.opcode in (Opcode.READ_6, Opcode.WRITE_6):
             return _RW6.pack(self.opcode, self.lba >> 16, self.lba & 0xFFFF, self.blocks & 0xFF, 0)
-        if self.opcode in (Opcode.READ_10, Opcode.WRITE_10):
-            return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
-        if self.opcode in (Opcode.READ_12, Opcode.WRITE_12):
-            return _CDB12.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
-        return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+        return _pack_lba_cdb(self.opcode, flags, self.lba, self.blocks)
 
 
 _WRITES = frozenset({Opcode.WRITE_6, Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16})
@@ -182,11 +189,7 @@ class Verify:
 
     def encode(self) -> bytes:
         flags = (0x10 if self.dpo else 0) | (self.bytchk << 1)
-        if self.opcode == Opcode.VERIFY_10:
-            return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
-        if self.opcode == Opcode.VERIFY_12:
-            return _CDB12.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
-        return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+        return _pack_lba_cdb(self.opcode, flags, self.lba, self.blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,11 +205,7 @@ class WriteAndVerify:
 
     def encode(self) -> bytes:
         flags = (0x10 if self.dpo else 0) | (self.bytchk << 1)
-        if self.opcode == Opcode.WRITE_AND_VERIFY_10:
-            return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
-        if self.opcode == Opcode.WRITE_AND_VERIFY_12:
-            return _CDB12.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
-        return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+        return _pack_lba_cdb(self.opcode, flags, self.lba, self.blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +219,7 @@ class PreFetch:
 
     def encode(self) -> bytes:
         flags = 0x02 if self.immed else 0
-        if self.opcode == Opcode.PRE_FETCH_10:
-            return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
-        return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+        return _pack_lba_cdb(self.opcode, flags, self.lba, self.blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +300,7 @@ class SynchronizeCache:
 
     def encode(self) -> bytes:
         flags = 0x02 if self.immed else 0
-        if self.opcode == Opcode.SYNCHRONIZE_CACHE_10:
-            return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
-        return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+        return _pack_lba_cdb(self.opcode, flags, self.lba, self.blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,9 +315,7 @@ class WriteSame:
 
     def encode(self) -> bytes:
         flags = (0x08 if self.unmap else 0) | (0x01 if self.ndob else 0)
-        if self.opcode == Opcode.WRITE_SAME_10:
-            return _CDB10.pack(self.opcode, flags, self.lba, 0, self.blocks, 0)
-        return _CDB16.pack(self.opcode, flags, self.lba, self.blocks, 0, 0)
+        return _pack_lba_cdb(self.opcode, flags, self.lba, self.blocks)
 
 
 @dataclass(frozen=True, slots=True)
