@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,32 +63,26 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
                 log.warning("rollback requested source=%s restored=%s", sid, done)
                 return {"source": sid, "rolled_back": done}
 
-            def promote(req: dict[str, Any]) -> dict[str, Any]:
-                try:
-                    return promoted.promote(req)
-                except PromoteError as exc:
-                    log.warning("promote refused source=%s reason=%s", req.get("source"), exc)
-                    return {"ok": False, "error": str(exc)}
+            def refusable(name: str, do: Callable[[dict[str, Any]], dict[str, Any]], *, log_refusal: bool = True
+                          ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+                """A control request whose refusal (PromoteError) is an answer, not a failure."""
 
-            def failback(req: dict[str, Any]) -> dict[str, Any]:
-                try:
-                    return promoted.failback(req)
-                except PromoteError as exc:
-                    log.warning("failback refused source=%s reason=%s", req.get("source"), exc)
-                    return {"ok": False, "error": str(exc)}
+                def handle(req: dict[str, Any]) -> dict[str, Any]:
+                    try:
+                        return do(req)
+                    except PromoteError as exc:
+                        if log_refusal:
+                            log.warning("%s refused source=%s reason=%s", name, req.get("source"), exc)
+                        return {"ok": False, "error": str(exc)}
 
-            def resolve(req: dict[str, Any]) -> dict[str, Any]:
-                try:
-                    return promoted.resolve(req)
-                except PromoteError as exc:
-                    return {"ok": False, "error": str(exc)}
+                return handle
 
             promoted.resume_all()
             control.register("status", status)
             control.register("rollback", rollback)
-            control.register("promote", promote)
-            control.register("failback", failback)
-            control.register("resolve", resolve)
+            control.register("promote", refusable("promote", promoted.promote))
+            control.register("failback", refusable("failback", promoted.failback))
+            control.register("resolve", refusable("resolve", promoted.resolve, log_refusal=False))
             with contextlib.ExitStack() as stack:
                 from firmware.watchdog import Watchdog
 
