@@ -18,21 +18,29 @@ from firmware.config import DEFAULT_STATE_DIR
 from firmware.control import ControlError, request
 
 
+def _ask(command: str, state_dir: str, req: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """Send `req` to the running unit; its answer without "ok", or None after printing why it failed."""
+    try:
+        ans = request(state_dir, req, timeout=timeout)
+    except ControlError as exc:
+        print(f"usbmirror {command}: {exc}", file=sys.stderr)
+        return None
+    if not ans.get("ok"):
+        print(f"usbmirror {command}: {ans.get('error')}", file=sys.stderr)
+        return None
+    ans.pop("ok", None)
+    return ans
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     req: dict[str, Any] = {"cmd": "promote", "source": args.source, "usbip": args.usbip, "busid": args.usbip_busid,
                            "force": args.force}
     for k in ("mark", "at", "seq"):
         if getattr(args, k) is not None:
             req[k] = getattr(args, k)
-    try:
-        ans = request(args.state_dir, req, timeout=3600.0)
-    except ControlError as exc:
-        print(f"usbmirror promote: {exc}", file=sys.stderr)
+    ans = _ask("promote", args.state_dir, req, 3600.0)
+    if ans is None:
         return 1
-    if not ans.get("ok"):
-        print(f"usbmirror promote: {ans.get('error')}", file=sys.stderr)
-        return 1
-    ans.pop("ok", None)
     if args.json:
         print(json.dumps(ans, indent=2, sort_keys=True))
         return 0
@@ -45,15 +53,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_failback(args: argparse.Namespace) -> int:
     req = {"cmd": "failback", "source": args.source, "timeout": args.timeout}
-    try:
-        ans = request(args.state_dir, req, timeout=args.timeout + 30.0)
-    except ControlError as exc:
-        print(f"usbmirror failback: {exc}", file=sys.stderr)
+    ans = _ask("failback", args.state_dir, req, args.timeout + 30.0)
+    if ans is None:
         return 1
-    if not ans.get("ok"):
-        print(f"usbmirror failback: {ans.get('error')}", file=sys.stderr)
-        return 1
-    ans.pop("ok", None)
     if args.json:
         print(json.dumps(ans, indent=2, sort_keys=True))
         return 0 if ans.get("done") else 1
@@ -68,15 +70,9 @@ def cmd_failback(args: argparse.Namespace) -> int:
 
 def cmd_resolve(args: argparse.Namespace) -> int:
     req = {"cmd": "resolve", "source": args.source, "keep": args.keep, "dry_run": args.dry_run}
-    try:
-        ans = request(args.state_dir, req, timeout=600.0)
-    except ControlError as exc:
-        print(f"usbmirror resolve: {exc}", file=sys.stderr)
+    ans = _ask("resolve", args.state_dir, req, 600.0)
+    if ans is None:
         return 1
-    if not ans.get("ok"):
-        print(f"usbmirror resolve: {ans.get('error')}", file=sys.stderr)
-        return 1
-    ans.pop("ok", None)
     if args.json:
         print(json.dumps(ans, indent=2, sort_keys=True))
     else:
