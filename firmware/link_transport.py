@@ -34,6 +34,9 @@ class LinkTransport:
         self.sock = sock
         self.conn = jp.JourneyConnection(role)
         self.timeout = timeout
+        self._poll_key: tuple[tuple[int, int], ...] = ()
+        self._poller = select.poll()
+        self._poll_objs: dict[int, Any] = {}
         sock.settimeout(timeout)
 
     def send(self, ev: jp.Event) -> int:
@@ -50,14 +53,17 @@ class LinkTransport:
         """Wait up to `timeout` for input on the link or on `extra` (file objects): (link ready, ready extras)."""
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True, []
-        # poll, not select: a remote unit with hundreds of sources has descriptors above FD_SETSIZE (1024)
-        poller = select.poll()
-        objs = {self.sock.fileno(): self.sock}
-        poller.register(self.sock, _READABLE)
-        for x in extra:
-            objs[x.fileno()] = x
-            poller.register(x, _READABLE)
-        ready = [objs[fd] for fd, _ in poller.poll(max(0.0, timeout) * 1000.0)]
+        # poll, not select: a remote unit with hundreds of sources has descriptors above FD_SETSIZE (1024).
+        # The poll set is made again only when the objects waited on change (a driver's are fixed).
+        objs = [self.sock, *extra]
+        key = tuple((id(x), x.fileno()) for x in objs)
+        if key != self._poll_key:
+            self._poller = select.poll()
+            for x in objs:
+                self._poller.register(x, _READABLE)
+            self._poll_key = key
+            self._poll_objs = {fd: x for (_, fd), x in zip(key, objs, strict=True)}
+        ready = [self._poll_objs[fd] for fd, _ in self._poller.poll(max(0.0, timeout) * 1000.0)]
         return self.sock in ready, [x for x in ready if x is not self.sock]
 
     def read_events(self) -> list[jp.Event]:

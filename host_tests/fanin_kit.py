@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class Source:
     rep: Replicator
     real: bool
     written: int = 0
-    extra: list[Any] = field(default_factory=list)
 
     def write_random(self, rng: random.Random, n: int, max_blocks: int = 4) -> int:
         """`n` host writes of 1..max_blocks blocks at random places, a flush after the last; bytes written."""

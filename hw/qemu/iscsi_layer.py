@@ -15,7 +15,7 @@ in to every target found). The guest reaches the target as `10.0.2.100:3240`, re
 
 from __future__ import annotations
 
-import subprocess
+import json
 import tempfile
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from hw.qemu.build_guest import (
     download,
     read_elf_dynamic,
     resolve_packages,
+    unpack,
 )
 from hw.qemu.gadget_layer import extract_modules, kernel_deb
 from hw.qemu.guest import GuestResult, run_guest
@@ -99,9 +100,7 @@ iscsi_login() {
 
 def _unpack(builder: GuestBuilder, root: Path) -> None:
     pkgs = resolve_packages(PACKAGES)
-    debs = download([pkgs[name] for name in PACKAGES], builder.debdir)
-    for deb in debs:
-        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    unpack(download([pkgs[name] for name in PACKAGES], builder.debdir), root)
 
 
 def _find_library(root: Path, soname: str) -> bytes | None:
@@ -137,8 +136,6 @@ def _collect(root: Path, base_files: set[str]) -> dict[str, bytes]:
 
 def iscsi_extra_files(image: GuestImage) -> dict[str, bytes]:
     """Extra guest files (absolute guest path -> content) for the iSCSI test, cached on disk."""
-    import json
-
     builder = GuestBuilder()
     deb, version = kernel_deb(builder)
     tools_version = resolve_packages(["open-iscsi"])["open-iscsi"].version
