@@ -13,7 +13,6 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from firmware import __version__, failover_cli, history_cli
 from firmware.config import (
@@ -29,6 +28,7 @@ from firmware.config import (
     remote_entries,
     remote_options,
 )
+from firmware.control import ask_unit
 from firmware.local_main import run_local
 from firmware.remote_main import run_remote
 from firmware.selftest import run_selftest_cli
@@ -117,24 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 
 
-def _ask_unit(command: str, state_dir: str, req: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any] | None:
-    """Send `req` to the unit's control socket; print one line and return None when that fails."""
-    from firmware.control import ControlError, request
-
-    try:
-        ans = request(state_dir, req, timeout=timeout)
-    except ControlError as exc:
-        print(f"usbmirror {command}: {exc}", file=sys.stderr)
-        return None
-    if not ans.get("ok"):
-        print(f"usbmirror {command}: {ans.get('error')}", file=sys.stderr)
-        return None
-    ans.pop("ok", None)
-    return ans
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    ans = _ask_unit("status", args.state_dir, {"cmd": "status"})
+    ans = ask_unit("status", args.state_dir, {"cmd": "status"})
     if ans is None:
         return 1
     if args.json:
@@ -167,7 +151,7 @@ def cmd_pair(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    ans = _ask_unit("verify", args.state_dir, {"cmd": "verify"}, timeout=3600)
+    ans = ask_unit("verify", args.state_dir, {"cmd": "verify"}, timeout=3600)
     if ans is None:
         return 2
     if args.json:
@@ -183,7 +167,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    ans = _ask_unit("rollback", args.state_dir, {"cmd": "rollback", "source": args.source}, timeout=3600)
+    ans = ask_unit("rollback", args.state_dir, {"cmd": "rollback", "source": args.source}, timeout=3600)
     if ans is None:
         return 2
     if ans.get("rolled_back"):

@@ -140,3 +140,21 @@ def request(state_dir: str | os.PathLike[str], req: dict[str, Any], *, timeout: 
     if not isinstance(answer, dict):
         raise ControlError(f"the unit at {path} sent a malformed answer")
     return answer
+
+
+def ask_unit(command: str, state_dir: str, req: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any] | None:
+    """For a command line: send `req` to the unit's control socket and return its answer without
+    "ok"; print one line (`usbmirror COMMAND: why`) to stderr and return None when that fails."""
+    import sys
+
+    try:
+        ans = request(state_dir, req, timeout=timeout)
+    except ControlError as exc:
+        print(f"usbmirror {command}: {exc}", file=sys.stderr)
+        return None
+    if not ans.get("ok"):
+        print(f"usbmirror {command}: {ans.get('error')}", file=sys.stderr)
+        return None
+    ans.pop("ok", None)
+    return ans
+

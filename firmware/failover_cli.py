@@ -15,21 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from firmware.config import DEFAULT_STATE_DIR
-from firmware.control import ControlError, request
-
-
-def _ask(command: str, state_dir: str, req: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """Send `req` to the running unit; its answer without "ok", or None after printing why it failed."""
-    try:
-        ans = request(state_dir, req, timeout=timeout)
-    except ControlError as exc:
-        print(f"usbmirror {command}: {exc}", file=sys.stderr)
-        return None
-    if not ans.get("ok"):
-        print(f"usbmirror {command}: {ans.get('error')}", file=sys.stderr)
-        return None
-    ans.pop("ok", None)
-    return ans
+from firmware.control import ask_unit
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -38,7 +24,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     for k in ("mark", "at", "seq"):
         if getattr(args, k) is not None:
             req[k] = getattr(args, k)
-    ans = _ask("promote", args.state_dir, req, 3600.0)
+    ans = ask_unit("promote", args.state_dir, req, timeout=3600.0)
     if ans is None:
         return 1
     if args.json:
@@ -53,7 +39,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_failback(args: argparse.Namespace) -> int:
     req = {"cmd": "failback", "source": args.source, "timeout": args.timeout}
-    ans = _ask("failback", args.state_dir, req, args.timeout + 30.0)
+    ans = ask_unit("failback", args.state_dir, req, timeout=args.timeout + 30.0)
     if ans is None:
         return 1
     if args.json:
@@ -70,7 +56,7 @@ def cmd_failback(args: argparse.Namespace) -> int:
 
 def cmd_resolve(args: argparse.Namespace) -> int:
     req = {"cmd": "resolve", "source": args.source, "keep": args.keep, "dry_run": args.dry_run}
-    ans = _ask("resolve", args.state_dir, req, 600.0)
+    ans = ask_unit("resolve", args.state_dir, req, timeout=600.0)
     if ans is None:
         return 1
     if args.json:
