@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.atomic import write_atomically
-from firmware.journal import Journal, JournalError, JournalFull, RecordKind
+from firmware.journal import FileFlash, Journal, JournalError, JournalFull, RecordKind
 from firmware.journal.bitmap import DirtyBitmap, DirtySnapshot
 from firmware.link import protocol as jp
 from firmware.pairing import TlsFiles
@@ -131,6 +131,7 @@ class Relay:
         self.bitmap_path = d / f"{spec.source_id}.forward.dirty"
         self.pin_path = d / f"{spec.source_id}.forward.json"
         self.lock = threading.Lock()
+        self._bind_lock = threading.Lock()
         self.journal: Journal | None = None
         self.bitmap: DirtyBitmap | None = None
         self.replicator: Replicator | None = None
@@ -146,6 +147,7 @@ class Relay:
         self._marks: deque[tuple[int, int]] = deque()  # (upstream seq, relay journal head) after a batch
         self._last_head = 0
         self.upstream = self._load_pin()
+        self._prewrite()
 
     # -- the upstream ---------------------------------------------------------------------------
     def _load_pin(self) -> str | None:
@@ -173,15 +175,19 @@ class Relay:
     # -- binding to the volume ------------------------------------------------------------------
     def bind(self, volume_uuid: str, block_size: int, num_blocks: int) -> None:
         """Open the relay journal for this volume and start forwarding (again, for another volume)."""
+        with self._bind_lock:  # one journal and one link to the next hop, whoever binds first
+            self._bind_locked(volume_uuid, block_size, num_blocks)
+
+    def _bind_locked(self, volume_uuid: str, block_size: int, num_blocks: int) -> None:
         key = (volume_uuid, block_size, num_blocks)
         if self.key == key or not volume_uuid or not block_size or not num_blocks:
             return
+        unit_uuid = uuidlib.UUID(hex=volume_uuid)
         if self.key is not None:
             log.warning("relay volume changed source=%s: the relay journal starts again", self.source_id)
             self._stop_forwarding()
-            for p in (self.journal_path, self.bitmap_path):
-                p.unlink(missing_ok=True)
-        unit_uuid = uuidlib.UUID(hex=volume_uuid)
+            self.bitmap_path.unlink(missing_ok=True)
+            self._format_journal(unit_uuid, block_size)
         if self.store.volume is None:
             self.store.open(num_blocks * block_size, block_size)
         rb = self.tuning.region_blocks or max(1, (1 << 20) // block_size)
@@ -191,8 +197,8 @@ class Relay:
                                    block_size=block_size, track_applied=False)
         except JournalError as exc:
             log.warning("relay journal unusable source=%s (%s): starting a new one", self.source_id, exc)
-            self.journal_path.unlink(missing_ok=True)
             self.bitmap_path.unlink(missing_ok=True)
+            self._format_journal(unit_uuid, block_size)
             journal = Journal.open(self.journal_path, size=self.spec.retention, unit_uuid=unit_uuid,
                                    block_size=block_size, track_applied=False)
             fresh = True
@@ -217,6 +223,21 @@ class Relay:
         log.info("relay forwarding source=%s to=%s journal_seq=%d..%d retention=%d skip_through=%d",
                  self.source_id, self.spec.remote.label, journal.tail_seq, journal.head_seq, self.spec.retention,
                  self.skip_through)
+
+    def _format_journal(self, unit_uuid: uuidlib.UUID, block_size: int) -> None:
+        """Start the relay journal again (a new generation: the next hop compares every region)."""
+        self._prewrite()
+        flash = FileFlash(self.journal_path)
+        try:
+            Journal.format(flash, unit_uuid=unit_uuid, block_size=block_size)
+        finally:
+            flash.close()
+
+    def _prewrite(self) -> None:
+        """The relay journal file, pre-written at start rather than while an upstream waits for its
+        HELLO_REPLY (a large one takes seconds)."""
+        if not self.journal_path.exists():
+            FileFlash.create(self.journal_path, self.spec.retention).close()
 
     def _recovered_skip(self, journal: Journal) -> int:
         """Upstream records the relay journal already holds beyond the stored applied position."""
@@ -345,7 +366,8 @@ class Relay:
             bm.close()
 
     def close(self) -> None:
-        self._stop_forwarding()
+        with self._bind_lock:
+            self._stop_forwarding()
 
 
 def forward_journal_files(state_dir: str | os.PathLike[str], source_id: str) -> list[Path]:

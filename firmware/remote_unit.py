@@ -998,6 +998,8 @@ class RemoteUnit:
         return int(self._listener.getsockname()[1])
 
     def start(self) -> None:
+        for tgt in self.targets.values():  # before any upstream can connect
+            tgt.start_relay()
         host, port = self.cfg.listen
         ls = socket.create_server((host, port), reuse_port=False, backlog=16)
         ls.settimeout(0.2)
@@ -1005,8 +1007,6 @@ class RemoteUnit:
         t = threading.Thread(target=self._accept_loop, name="remote-accept", daemon=True)
         t.start()
         self._accept_thread = t
-        for tgt in self.targets.values():
-            tgt.start_relay()
         log.info("remote unit listening name=%s address=%s:%d targets=%s tls=%s", self.cfg.name, host, self.port,
                  ",".join(self.targets), self._ctx is not None)
 
