@@ -209,6 +209,10 @@ class Relay:
             bitmap = DirtyBitmap.open(self.bitmap_path, num_blocks=num_blocks, region_blocks=rb, unit_uuid=unit_uuid)
         if fresh:
             bitmap.mark(0, num_blocks)  # what the lost journal held is unknown: bring everything
+        consumer = f"remote:{self.spec.remote.name or self.spec.remote.label}"  # the replicator's name for it
+        for name in journal.consumers():
+            if name != consumer:  # a next hop forwarded to before: it would hold the journal's tail for ever
+                journal.unregister_consumer(name)
         self.skip_through = self._recovered_skip(journal)
         with self.lock:
             self.journal, self.bitmap, self.key = journal, bitmap, key
@@ -343,11 +347,15 @@ class Relay:
         link = rep.links[0].status()
         out.update(link)
         out["address"] = self.spec.remote.label
+        dirty = self.bitmap.dirty_regions if self.bitmap else 0
+        # exact, not the link's estimate: the relay journal holds only what the next hop has not
+        # confirmed (one consumer), and a dirty region is a region it may lack
+        out["lag_bytes"] = j.used_bytes + dirty * self.region_blocks * self.block_size
         out.update({"journal_used_bytes": j.used_bytes, "journal_capacity_bytes": j.capacity_bytes,
                     "journal_head_seq": j.head_seq, "records_relayed": self.records_relayed,
                     "records_overflowed": self.records_overflowed, "overflow": self._overflow,
                     "overflow_events": self.overflow_events,
-                    "dirty_regions": self.bitmap.dirty_regions if self.bitmap else 0})
+                    "dirty_regions": dirty})
         return out
 
     def _stop_forwarding(self) -> None:

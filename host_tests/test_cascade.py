@@ -118,6 +118,8 @@ def test_cascade_with_the_last_hop_absent_then_killed_and_restarted(units: Units
     f = forward(st)
     assert f["state"] != "streaming" and int(f["lag_records"]) > 0, f  # type: ignore[call-overload]
     assert f["address"] == f"127.0.0.1:{r2_port}" and f["upstream"] == f"source:{SID}"
+    assert int(f["lag_bytes"]) >= 200 * 8 * BS and float(f["lag_seconds"]) > 0  # type: ignore[call-overload,arg-type]
+    assert f"forward to 127.0.0.1:{r2_port}" in r1.status_raw(text=True).stdout
     assert st["sources"][0]["applied_seq"] == local.status()["journal"]["durable_seq"]
 
     # r2 comes up with nothing beyond --target; it is killed (SIGKILL) and restarted mid-workload
