@@ -5,8 +5,9 @@ replicates to a `usbmirror remote` process r1 that relays it (`--forward`) to a 
 r2. After a warm-up that brings both copies up to date, the source writes as fast as it can (random
 64 KiB writes, a flush every 4 MiB). Printed per round: r1's apply rate and r2's apply rate (payload
 bytes from the first write until each has the last record durable) and their ratio, measured in the
-same run; r2's lag behind r1 as r1's status shows it (`forward.lag_bytes`, `forward.lag_seconds`:
-the age of the oldest record r2 lacks), sampled every 0.1 s, as the mean and the peak; and how long r2
+same run; r2's lag as r1's status shows it, sampled every 0.1 s, as the mean and the peak:
+`forward.lag_bytes` (what r1 holds that r2 has not confirmed) and `forward.lag_seconds` (the age of the
+oldest record r2 lacks, counted from the host's write, so it includes r1's own lag); and how long r2
 needed after r1 was done. The best round (by the ratio) is printed last.
 
 All three units share this machine's CPU (r1 receives, journals and sends, r2 receives), so the
@@ -148,7 +149,7 @@ def run(work: Path, mib: int, rounds: int) -> None:
                 results.append(r)
                 print(f"round {i + 1}: {r['written'] / MIB:.0f} MiB written in {r['local_s']:.2f} s; "
                       f"r1 applied at {r['r1_rate'] / MIB:.1f} MiB/s, r2 at {r['r2_rate'] / MIB:.1f} MiB/s, "
-                      f"ratio r2/r1 {r['r2_rate'] / r['r1_rate']:.2f}; r2 lag behind r1: mean "
+                      f"ratio r2/r1 {r['r2_rate'] / r['r1_rate']:.2f}; r2's lag as r1 reports it: mean "
                       f"{r['lag_bytes_mean'] / MIB:.1f} MiB / {r['lag_s_mean']:.2f} s, peak "
                       f"{r['lag_bytes_peak'] / MIB:.1f} MiB / {r['lag_s_peak']:.2f} s; r2 done "
                       f"{r['after_r1_s']:.2f} s after r1", flush=True)
