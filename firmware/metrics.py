@@ -168,6 +168,30 @@ class StatusCollector(Collector):
                 if v is not None:
                     fam.add_metric([sid], v)
         yield from (applied, records, nbytes, conn, consistent, age, tput, resync, *hist.values())
+        yield from self._forwards([s for s in sources if isinstance(s.get("forward"), dict)])
+
+    def _forwards(self, sources: list[dict[str, Any]]) -> Iterator[Metric]:
+        """A relay's next hop per forwarded source (cascade, docs/REPLICATION.md)."""
+        if not sources:
+            return
+        lab = ["source"]
+        fams = {key: GaugeMetricFamily(P + name, doc, labels=lab) for key, name, doc in (
+            ("lag_bytes", "forward_lag_bytes", "bytes the next hop has not confirmed (relay journal + dirty regions)"),
+            ("lag_records", "forward_lag_records", "relayed records the next hop has not acknowledged"),
+            ("lag_seconds", "forward_lag_seconds", "age of the oldest record the next hop lacks"),
+            ("journal_used_bytes", "forward_journal_used_bytes", "bytes the relay journal holds"),
+            ("journal_capacity_bytes", "forward_journal_capacity_bytes", "the relay journal's size"),
+            ("dirty_regions", "forward_dirty_regions", "regions the next hop gets by a resync"))}
+        up = GaugeMetricFamily(P + "forward_link_up", "1 while the link to the next hop streams or resyncs",
+                               labels=lab)
+        for s in sources:
+            sid, f = str(s.get("source_id")), s["forward"]
+            for key, fam in fams.items():
+                v = _num(f.get(key))
+                if v is not None:
+                    fam.add_metric([sid], v)
+            up.add_metric([sid], 1.0 if f.get("state") in ("streaming", "resyncing") else 0.0)
+        yield from (*fams.values(), up)
 
     def _scsi(self, scsi: dict[str, Any]) -> Iterator[Metric]:
         if not scsi:

@@ -302,3 +302,16 @@ def test_the_relay_killed_in_the_middle_relays_every_record_once_more_at_most(un
     r2.stop()
     assert_equal(volume, r1_target, units)
     assert_equal(volume, r2_target, units)
+
+
+def test_metrics_show_the_next_hops_lag() -> None:
+    from firmware.metrics import StatusCollector
+
+    st = {"role": "remote", "sources": [{"source_id": SID, "applied_seq": 9, "forward": {
+        "state": "disconnected", "lag_bytes": 4096, "lag_records": 3, "lag_seconds": 1.5, "dirty_regions": 0}}]}
+    got = {(f.name, smp.labels.get("source")): smp.value for f in StatusCollector(lambda: st).collect()
+           for smp in f.samples}
+    assert got[("usbmirror_forward_lag_bytes", SID)] == 4096
+    assert got[("usbmirror_forward_lag_records", SID)] == 3
+    assert got[("usbmirror_forward_lag_seconds", SID)] == 1.5
+    assert got[("usbmirror_forward_link_up", SID)] == 0.0
