@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import uuid as uuidlib
 from collections import deque
@@ -377,8 +376,3 @@ class Relay:
         with self._bind_lock:
             self._stop_forwarding()
 
-
-def forward_journal_files(state_dir: str | os.PathLike[str], source_id: str) -> list[Path]:
-    """The relay's files for one source (for tests and cleanup)."""
-    d = Path(state_dir)
-    return [d / f"{source_id}.forward.{ext}" for ext in ("journal", "dirty", "json")]

@@ -2,7 +2,8 @@
 
 Each source id maps to its own target (an image file, a partition, a whole disk or an md device,
 opened as `firmware.volume.Volume`). A connection from a source goes through the journey protocol
-(`firmware.link`): HELLO (the peer certificate must name the source id it asks for), then batches
+(`firmware.link`): HELLO (the peer certificate must name the source id it asks for, or be a remote
+of the same CA relaying it), then batches
 of records, applied strictly in journal order, made durable (fdatasync of the target), and only then
 acknowledged with the new applied position.
 
