@@ -161,6 +161,7 @@ class LocalUnit:
         self._space_events = 0
         self._space_since: float | None = None
         self._write_refusal: str | None = None  # a replica (docs/FAILOVER.md): why host writes are refused
+        self._refusal_listeners: list[Callable[[], None]] = []
         # the unit orders the volume's durability itself (fdatasync before the journal forgets)
         volume.set_write_cache(True)
         if region_blocks is None:
@@ -250,10 +251,20 @@ class LocalUnit:
 
     def refuse_writes(self, reason: str | None) -> None:
         """From now on every write and unmap gets WriteProtected (DATA PROTECT, WRITE PROTECTED)
-        saying `reason`; None takes writes again."""
+        saying `reason`; None takes writes again. The listeners hear of a change between refusing
+        and taking writes (the SCSI target then reports the new WP bit)."""
+        changed = (reason is None) != (self._write_refusal is None)
         self._write_refusal = reason
         if reason is not None:
             log.warning("host writes refused reason=%s", reason)
+        if changed:
+            for listener in self._refusal_listeners:
+                listener()
+
+    def add_write_refusal_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (on the caller's thread of `refuse_writes`) whenever the unit starts or
+        stops refusing host writes."""
+        self._refusal_listeners.append(listener)
 
     @property
     def write_cache(self) -> bool:
