@@ -101,9 +101,23 @@ class _RelayedVolume:
         return self.relay.bitmap_or_fail().snapshot()
 
     def clear_dirty(self, snapshot: DirtySnapshot) -> int:
-        n = self.relay.bitmap_or_fail().clear(snapshot)
-        log.info("relay dirty regions cleared source=%s count=%d", self.relay.source_id, n)
+        relay = self.relay
+        n = relay.bitmap_or_fail().clear(snapshot)
+        with relay.lock:  # marks happen under the lock: none runs between the count and the reset
+            if relay.bitmap is not None and not relay.bitmap.dirty_regions:
+                relay.dirty_epochs.clear()
+        log.info("relay dirty regions cleared source=%s count=%d", relay.source_id, n)
         return n
+
+    def dirty_runs(self) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+        """As `LocalUnit.dirty_runs`: (the bitmap's stamp now, (first stamp, lo, hi) per run of dirty
+        writes), lo and hi being relay journal positions; () when no region is dirty."""
+        relay = self.relay
+        with relay.lock:
+            bm = relay.bitmap
+            if not relay.dirty_epochs or bm is None or not bm.dirty_regions:
+                return 0, ()
+            return bm.snapshot().token, tuple(relay.dirty_epochs)
 
     def add_sync_gate(self, gate: Callable[[int], None]) -> None:
         pass
@@ -144,6 +158,9 @@ class Relay:
         self.records_overflowed = 0
         self.skip_through = 0  # upstream records up to here are in the relay journal already
         self._marks: deque[tuple[int, int]] = deque()  # (upstream seq, relay journal head) after a batch
+        # (first bitmap stamp, lo, hi) per run of dirty writes, as the local unit keeps them: every
+        # relay journal record up to lo came before the run's writes, every one after hi after them
+        self.dirty_epochs: list[tuple[int, int, int]] = []
         self._last_head = 0
         self.upstream = self._load_pin()
         self._prewrite()
@@ -219,6 +236,7 @@ class Relay:
             self._overflow = False
             self._marks.clear()
             self._last_head = journal.head_seq
+            self.dirty_epochs = [(0, journal.tail_seq - 1, journal.head_seq)] if bitmap.dirty_regions else []
         self.replicator = Replicator(_RelayedVolume(self), journal, source_id=self.source_id,
                                      remotes=[self.spec.remote], tls=self.tls, tuning=self.tuning,
                                      plaintext=self.tls is None)
@@ -306,15 +324,23 @@ class Relay:
                         self._enter_overflow_locked(str(exc))
                 self.records_overflowed += 1
                 if kind in (RecordKind.WRITE, RecordKind.UNMAP):
-                    bm.mark(r.lba, r.count)
+                    self._mark_locked(bm, j, r.lba, r.count)
             if last is not None:
                 self._marks.append((last, j.head_seq))
 
-    def before_region(self, lba: int, count: int, read: Reader) -> None:
-        bm = self.bitmap
-        if bm is None:
-            raise OSError(f"the relay of source {self.source_id} is not bound to a volume")
+    def _mark_locked(self, bm: DirtyBitmap, j: Journal, lba: int, count: int) -> None:
+        """Mark blocks dirty (durable before the target changes), noting the run they belong to."""
+        head = j.head_seq
+        if not self.dirty_epochs or self.dirty_epochs[-1][1:] != (head, head):
+            self.dirty_epochs.append((bm.snapshot().token + 1, head, head))
         bm.mark(lba, count)
+
+    def before_region(self, lba: int, count: int, read: Reader) -> None:
+        j, bm = self.journal, self.bitmap
+        if j is None or bm is None:
+            raise OSError(f"the relay of source {self.source_id} is not bound to a volume")
+        with self.lock:
+            self._mark_locked(bm, j, lba, count)
 
     def resync_begin(self, base_seq: int, time_ns: int) -> None:
         pass
