@@ -10,7 +10,7 @@ at once: the device may run them in any order (SIMPLE task attribute) and finish
 `UasTransport` owns the task set and the URBs the host has submitted on the three pipes other than
 the command pipe; the adapter (`gadget/uas_device.py`) feeds transfers in and runs the commands it
 is handed (`take_ready()`), on as many workers as it likes, then reports each with `finish()`. Every
-call returns the transfers it completed (`Completion`s, in the Linux URB convention).
+call returns the transfers it completed (`UasCompletion`s, in the Linux URB convention).
 
 Without streams (high speed, and what this transport implements) the data pipes are shared by all
 tasks, so one task at a time owns each: the device sends READ READY (WRITE READY) for one task, the
@@ -53,7 +53,7 @@ EPIPE: Final = 32  # URB status -EPIPE: the endpoint stalled
 
 
 @dataclass(frozen=True, slots=True)
-class Completion:
+class UasCompletion:
     """A finished transfer: `tag` is the transport's name for the URB, `status` 0 or a negative errno
     (the same fields as `gadget.mass_storage.Completion`)."""
 
@@ -66,10 +66,10 @@ __all__ = [
     "COMMAND_IU_SIZE",
     "EPIPE",
     "MAX_SENSE",
-    "Completion",
     "IuId",
     "ResponseCode",
     "TaskFunction",
+    "UasCompletion",
     "UasTask",
     "UasTransport",
     "response_iu",
@@ -198,9 +198,9 @@ class UasTransport:
         self.counters: collections.Counter[str] = collections.Counter()
 
     # -- the command pipe --------------------------------------------------------------------------
-    def command(self, urb: int, iu: bytes) -> list[Completion]:
+    def command(self, urb: int, iu: bytes) -> list[UasCompletion]:
         """An OUT transfer on the command pipe: one Command or Task Management IU."""
-        done = [Completion(urb, 0, len(iu))]
+        done = [UasCompletion(urb, 0, len(iu))]
         self._command_iu(bytes(iu))
         return done + self._flush_status()
 
@@ -335,23 +335,23 @@ class UasTransport:
             self._next_out()
 
     # -- the other pipes ---------------------------------------------------------------------------
-    def status_urb(self, urb: int, length: int) -> list[Completion]:
+    def status_urb(self, urb: int, length: int) -> list[UasCompletion]:
         """An IN transfer on the status pipe (the host keeps one per command in flight)."""
         self._status_urbs.append(_Urb(urb, length))
         return self._flush_status()
 
-    def data_in_urb(self, urb: int, length: int) -> list[Completion]:
+    def data_in_urb(self, urb: int, length: int) -> list[UasCompletion]:
         """An IN transfer on the data-in pipe: the data of the task that got READ READY."""
         self._data_in_urbs.append(_Urb(urb, length))
         return self._flush_data_in() + self._flush_status()
 
-    def data_out_urb(self, urb: int, data: bytes) -> list[Completion]:
+    def data_out_urb(self, urb: int, data: bytes) -> list[UasCompletion]:
         """An OUT transfer on the data-out pipe: (part of) the data of the task that got WRITE READY."""
         task = self._out_task
         if task is None:
             self.counters["unexpected_data_out"] += 1
             log.warning("uas data-out transfer of %d bytes with no task asking for data", len(data))
-            return [Completion(urb, -EPIPE, 0)]
+            return [UasCompletion(urb, -EPIPE, 0)]
         need = task.plan.length - len(task.data_out)
         taken = min(need, len(data))
         if not task.data_out and taken == len(data):
@@ -360,7 +360,7 @@ class UasTransport:
             if not isinstance(task.data_out, bytearray):
                 task.data_out = bytearray(task.data_out)
             task.data_out += data[:taken]
-        done = [Completion(urb, 0, taken)]
+        done = [UasCompletion(urb, 0, taken)]
         self._out_task = None
         if task.aborted:
             pass
@@ -394,7 +394,7 @@ class UasTransport:
             task.stage = _Stage.RUNNING
         return ready
 
-    def finish(self, task: UasTask, result: CommandResult, sense: bytes = b"") -> list[Completion]:
+    def finish(self, task: UasTask, result: CommandResult, sense: bytes = b"") -> list[UasCompletion]:
         """`task` ran with `result` (`sense`: the unit's sense data after a CHECK CONDITION)."""
         if self._tasks.get(task.tag) is task:
             del self._tasks[task.tag]
@@ -444,7 +444,7 @@ class UasTransport:
             self._in_task = task
             self._status_out.append(_ready_iu(IuId.READ_READY, task.tag))
 
-    def _flush_data_in(self) -> list[Completion]:
+    def _flush_data_in(self) -> list[UasCompletion]:
         task = self._in_task
         if task is None or not self._data_in_urbs:
             return []  # a data-in transfer before its READ READY waits for it
@@ -456,14 +456,14 @@ class UasTransport:
         if not task.aborted:
             self._status_out.append(task.status_iu)
         self._next_in()
-        return [Completion(urb.tag, 0, len(data), data)]
+        return [UasCompletion(urb.tag, 0, len(data), data)]
 
-    def _flush_status(self) -> list[Completion]:
-        done: list[Completion] = []
+    def _flush_status(self) -> list[UasCompletion]:
+        done: list[UasCompletion] = []
         while self._status_urbs and self._status_out:
             urb = self._status_urbs.popleft()
             iu = self._status_out.popleft()[: urb.length]
-            done.append(Completion(urb.tag, 0, len(iu), iu))
+            done.append(UasCompletion(urb.tag, 0, len(iu), iu))
         return done
 
     @property

@@ -34,8 +34,7 @@ from firmware.logical_unit import CommandResult, LogicalUnit, Status
 from gadget.bot import BotCommand
 from gadget.descriptors import DeviceIdentity, Speed
 from gadget.mass_storage import EPIPE, Completion, FeatureSelector, MassStorageDevice, Recipient, Request, _Stalled
-from gadget.uas import Completion as UasCompletion
-from gadget.uas import UasTask, UasTransport
+from gadget.uas import UasCompletion, UasTask, UasTransport
 from gadget.uas_descriptors import (
     PIPE_OF_ENDPOINT,
     UAS_ALTERNATE_SETTING,

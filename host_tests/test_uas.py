@@ -17,9 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firmware.logical_unit import CommandPlan, CommandResult, Direction, Status
+from firmware.scsi import ScsiTarget
 from gadget.descriptors import DeviceIdentity, Speed, parse_descriptor, split_descriptors
 from gadget.mass_storage import EPIPE
-from gadget.uas import Completion, IuId, ResponseCode, TaskFunction, UasTask, UasTransport
+from gadget.uas import IuId, ResponseCode, TaskFunction, UasCompletion, UasTask, UasTransport
 from gadget.uas_descriptors import PIPE_USAGE_DESCRIPTOR, UAS_ENDPOINTS, Pipe, uas_configuration_descriptor
 from gadget.uas_device import UasMassStorageDevice
 from gadget.usbip_protocol import SubmitReturn, UrbDirection
@@ -69,7 +70,7 @@ class Host:
         self.urb += 1
         return self.urb
 
-    def collect(self, done: list[Completion]) -> list[Completion]:
+    def collect(self, done: list[UasCompletion]) -> list[UasCompletion]:
         return done
 
     def status_urbs(self, n: int = 1) -> None:
@@ -78,22 +79,22 @@ class Host:
             for c in self.t.status_urb(urb, 112):
                 self.ius.append(c.data)
 
-    def send(self, iu: bytes) -> list[Completion]:
+    def send(self, iu: bytes) -> list[UasCompletion]:
         urb = self._next()
         done = self.t.command(urb, iu)
-        assert done[0] == Completion(urb, 0, len(iu)), "the command pipe transfer completes at once"
+        assert done[0] == UasCompletion(urb, 0, len(iu)), "the command pipe transfer completes at once"
         for c in done[1:]:
             self.ius.append(c.data)
         return done
 
-    def data_out(self, data: bytes) -> Completion:
+    def data_out(self, data: bytes) -> UasCompletion:
         urb = self._next()
         done = self.t.data_out_urb(urb, data)
         for c in done[1:]:
             self.ius.append(c.data)
         return done[0]
 
-    def data_in(self, length: int) -> list[Completion]:
+    def data_in(self, length: int) -> list[UasCompletion]:
         urb = self._next()
         done = self.t.data_in_urb(urb, length)
         out = [c for c in done if c.tag == urb]
@@ -129,7 +130,7 @@ def test_write_asks_for_its_data_runs_and_reports_good(host: Host) -> None:
     host.send(command_iu(1, write10(8, 2)))
     assert host.ius == [bytes([IuId.WRITE_READY, 0, 0, 1])]
     assert host.t.take_ready() == [], "a WRITE does not run before its data"
-    assert host.data_out(b"w" * 2 * BS) == Completion(host.urb, 0, 2 * BS)
+    assert host.data_out(b"w" * 2 * BS) == UasCompletion(host.urb, 0, 2 * BS)
     (task,) = host.t.take_ready()
     assert task.tag == 1 and bytes(task.data_out) == b"w" * 2 * BS
     host.finish(task, CommandResult(Status.GOOD))
@@ -228,7 +229,7 @@ def test_task_set_full_beyond_max_tasks(host: Host) -> None:
 def test_short_data_out_is_not_run_and_reports_data_phase_error(host: Host) -> None:
     host.status_urbs(2)
     host.send(command_iu(1, write10(0, 4)))
-    assert host.data_out(b"z" * BS) == Completion(host.urb, 0, BS)
+    assert host.data_out(b"z" * BS) == UasCompletion(host.urb, 0, BS)
     assert host.t.take_ready() == []
     tag, status, data = sense(host.ius[1])
     assert (tag, status) == (1, Status.CHECK_CONDITION) and (data[2], data[12], data[13]) == (0x0B, 0x4B, 0)
@@ -476,3 +477,67 @@ def test_writes_run_at_the_same_time_on_the_workers() -> None:
     finally:
         device.close()
     assert store.read(0, 2) == b"d" * 2 * BS
+
+
+def test_queued_uas_writes_share_journal_flushes_and_each_is_durable_before_its_status() -> None:
+    """Four WRITEs in flight over UAS to a real local unit (write cache off) need fewer journal
+    flushes than writes, and each one acknowledged survives a power cut right after."""
+    from host_tests.test_local_unit import Rig, blk
+
+    rig = Rig(ring=1 << 20)
+    unit = rig.unit()
+    real_sync = rig.jflash.sync
+    first = threading.Event()
+
+    def slow_first_sync() -> None:
+        # hold the first flush until the other three records are queued behind it
+        if not first.is_set():
+            first.set()
+            for _ in range(500):
+                if int(unit.journal.status()["head_seq"]) >= 4:  # type: ignore[call-overload]
+                    break
+                threading.Event().wait(0.01)
+        real_sync()
+
+    rig.jflash.sync = slow_first_sync  # type: ignore[method-assign]
+    first_target = ScsiTarget(unit, serial="UM0001", device_id=bytes.fromhex("3000000000000001"))
+    targets = [first_target] + [ScsiTarget(unit, serial="UM0001", device_id=bytes.fromhex("3000000000000001"),
+                                           shared=first_target.shared) for _ in range(4)]
+    device = UasMassStorageDevice(targets[0], targets[1:], IDENT)
+    try:
+        with UsbipServer(device) as server, _attach(server) as client:
+            client.control(0x01, 0x0B, 1, 0, 0)
+            host = UasHost(client)
+            host.iu(host.command(1, bytes(6)))  # the unit attention
+            statuses = [host.command(tag, write10(tag, 1)) for tag in range(1, 5)]
+            done: dict[int, int] = {}
+            pending = list(statuses)
+            while pending:
+                iu = host.iu(pending.pop(0))
+                if iu[0] == IuId.WRITE_READY:
+                    tag = int.from_bytes(iu[2:4], "big")
+                    pending.append(host.status_urb())
+                    client.wait(client.submit(4, UrbDirection.OUT, BS, blk(tag)))
+                else:
+                    tag, status, _ = sense(iu)
+                    done[tag] = status
+            assert done == {1: Status.GOOD, 2: Status.GOOD, 3: Status.GOOD, 4: Status.GOOD}
+            flushes = int(unit.journal.status()["flushes"])  # type: ignore[call-overload]
+            assert flushes < 4, f"{flushes} journal flushes for 4 queued writes: no group commit"
+            after = rig.power_cut(stop=False).unit()
+            assert [after.read(tag, 1) for tag in range(1, 5)] == [blk(tag) for tag in range(1, 5)]
+    finally:
+        device.close()
+
+
+def test_uas_option_needs_usbip_and_defaults_to_bulk_only() -> None:
+    from firmware import cli, config
+
+    def options(*argv: str) -> config.LocalOptions:
+        ns = cli.build_parser().parse_args(["local", "--volume", "/srv/disk.img", *argv])
+        return config.local_options(config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config)))
+
+    assert options("--usbip", "127.0.0.1:3240").uas is False
+    assert options("--usbip", "127.0.0.1:3240", "--uas", "on").uas is True
+    with pytest.raises(config.UsageError, match="--uas on needs --usbip"):
+        options("--gadget", "--uas", "on")
