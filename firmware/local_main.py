@@ -93,6 +93,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
         watchdog = Watchdog({})  # enabled only under systemd (NOTIFY_SOCKET); probes are added below
         scsi_target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
+        unit.add_write_refusal_listener(scsi_target.write_protect_changed)  # a replica's WP bit (FAILOVER.md)
         target: Any = scsi_target
         monitor: CommandMonitor | None = None
         if opts.metrics is not None or watchdog.enabled:
@@ -266,6 +267,8 @@ def _uas_server(target: Any, scsi_target: Any, unit: Any, ident: Any, usb_ident:
     device_id = naa_locally_assigned(ident.unit_uuid.bytes)
     workers = [ScsiTarget(unit, serial=ident.serial, device_id=device_id, shared=scsi_target.shared)
                for _ in range(UAS_WORKERS)]
+    for worker in workers:
+        unit.add_write_refusal_listener(worker.write_protect_changed)  # the replica's WP bit too
     device = UasMassStorageDevice(target, workers, usb_ident)
     try:
         with UsbipServer(device, host=address[0], port=address[1], busid=busid) as server:
