@@ -466,8 +466,8 @@ class UsbipServer:
                     if start + total > size:
                         buf[:avail] = buf[start:end]
                         start, end = 0, avail
-                    while end - start < total:  # the rest of this URB, in as few calls as it takes
-                        n = recv_into(view[end:start + total], 0, socket.MSG_WAITALL)
+                    while end - start < total:  # the rest of this URB, and nothing beyond it
+                        n = recv_into(view[end:start + total])
                         if not n:
                             return False
                         end += n
