@@ -405,8 +405,46 @@ class LocalUnit:
         log.info("mark placed name=%s seq=%d", name, seq)
         return seq
 
+    # -- group commit by the caller (the iSCSI server: several commands, one wait) -----------------
+    def submit_write(self, lba: int, data: bytes, *, fua: bool = False) -> int:
+        """`write()` without the wait: the record is in the journal (reads see it) and the returned
+        ticket is passed to `complete()`, which returns when `write()` would have. Nothing may be
+        acknowledged to the host before `complete()` returned. Tickets of several submits combine
+        into one `complete()`: the highest positive one if any (a journal sync covers every record
+        appended before it, the sync gates are passed for that seq), else the lowest."""
+        if len(data) % self._bs:
+            raise ValueError("data is not a whole number of blocks")
+        count = len(data) // self._bs
+        self._check(lba, count)
+        if count == 0:
+            if fua:
+                self.flush()
+            return 0
+        return self._append_write(RecordKind.WRITE, lba, count, bytes(data), fua=fua)
+
+    def submit_unmap(self, lba: int, count: int) -> int:
+        """`unmap()` without the wait, as `submit_write()`."""
+        self._check(lba, count)
+        if count == 0:
+            return 0
+        return self._append_write(RecordKind.UNMAP, lba, count, b"", fua=False)
+
+    def complete(self, ticket: int) -> None:
+        """Wait until the submits behind `ticket` are as durable as `write()` promises (one shared
+        journal sync, the sync gates), then the acknowledgement throttle."""
+        if ticket > 0:
+            self._commit(ticket, gates=True)
+        elif ticket < 0:
+            self._commit(-ticket, gates=False)
+        self._throttle_ack()
+
     # -- the write path ---------------------------------------------------------------------------
     def _submit(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> None:
+        self.complete(self._append_write(kind, lba, count, payload, fua=fua))
+
+    def _append_write(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> int:
+        """Journal the write (or write it through in overflow); the ticket `complete()` waits for:
+        > 0 durable with the sync gates before the ack, < 0 durable soon (memory), 0 nothing."""
         max_blocks = max(1, self._journal.max_record_bytes // self._bs)
         commit = 0
         with self._lock:
@@ -439,11 +477,7 @@ class LocalUnit:
                         commit = 0
             if self._overflow:
                 self._direct_locked(kind, lba, count, payload)
-        if commit > 0:
-            self._commit(commit, gates=True)
-        elif commit < 0:
-            self._commit(-commit, gates=False)
-        self._throttle_ack()
+        return commit
 
     def _append_locked(self, kind: RecordKind, lba: int, count: int, payload: bytes) -> int:
         try:
