@@ -58,7 +58,7 @@ fuzz: setup
 	done
 
 torture: setup
-	TORTURE_SECONDS=$(TORTURE_SECONDS) TORTURE_SEED=$(TORTURE_SEED) TORTURE_STEPS=$(TORTURE_STEPS) $(PY) -m host_tests.torture
+	TORTURE_SECONDS=$(TORTURE_SECONDS) TORTURE_SEED=$(TORTURE_SEED) TORTURE_STEPS=$(TORTURE_STEPS) TORTURE_TRACE=$(TORTURE_TRACE) $(PY) -m host_tests.torture
 
 lint: setup
 	$(VENV)/bin/ruff check gadget firmware hw bench host_tests

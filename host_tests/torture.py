@@ -56,6 +56,7 @@ import random
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from firmware.journal import Journal, RecordsGone
@@ -294,7 +295,7 @@ class Campaign:
         self.covered_token: int | None = None
         self.resync_open = False  # a round during an overflow left the remote's resync open
         self.was_overflow = False
-        self.trace: list[tuple[int, float, int, int, int, int]] = []  # the last steps, for a failure report
+        self.last_action = ""
         self.rail = PowerRail()
         self.jflash = SimulatedFlash(RING_OFFSET + RING, rail=self.rail)
         self.vflash = SimulatedFlash(NBLOCKS * BS, rail=self.rail)
@@ -629,15 +630,21 @@ class Campaign:
         self.check_remote()
 
     # -- the campaign ----------------------------------------------------------------------------
-    def step(self) -> None:
+    ACTIONS = ((0.50, "host write"), (0.54, "flush"), (0.56, "mark"), (0.57, "write cache switched"),
+               (0.90, "link step"), (0.93, "power cut armed"), (0.945, "link fault"), (0.96, "corrupt frame"),
+               (0.965, "kill local"), (0.97, "kill remote"), (0.975, "remote target full"), (1.0, "link step"))
+
+    def step(self, sid: int | None = None) -> None:
+        """One step: step number `sid` of the seed (default: the next one). A step draws only on its
+        own random stream (seed, sid), so a trace of step numbers replays with any of them left out."""
         self.c.steps += 1
+        sid = self.c.steps if sid is None else sid
+        self.rng = random.Random((self.seed << 40) | sid)
         self.now += 0.01
         if self.remote.full and self.c.steps >= self.full_until:
             self.remote.full = False
         r = self.rng.random()
-        self.trace.append((self.c.steps, r, self.journal.durable_seq, self.session.acked_seq,
-                           self.remote.saved.applied_seq, self.model.issued))
-        del self.trace[:-200]
+        self.last_action = next(name for limit, name in self.ACTIONS if r < limit)
         try:
             if r < 0.50:
                 self.host_write()
@@ -670,8 +677,85 @@ class Campaign:
             self.c.cuts += 1
             self.recover_local(self.crash_mode(), inflight=None)
             self.check_remote()
-        if self.c.steps % HEAL_EVERY == 0:
+        if sid % HEAL_EVERY == 0:
             self.heal()
+
+
+def failure_kind(c: Counts) -> str:
+    """Which property a failed campaign broke (the counter that is not 0)."""
+    return next((k for k in ("lost", "prefix_violations", "applied_twice", "wedges") if getattr(c, k)), "")
+
+
+def replay(seed: int, sids: Sequence[int], *, log: list[str] | None = None) -> tuple[Counts, str | None]:
+    """Run exactly the steps `sids` of campaign `seed`, then a heal phase; returns the counts and the
+    violation, or None. `log` gets one line per step (its number and action)."""
+    camp = Campaign(seed)
+    try:
+        for sid in sids:
+            camp.step(sid)
+            if log is not None:
+                log.append(f"step {sid}: {camp.last_action}")
+        camp.heal()
+    except Violation as exc:
+        return camp.c, str(exc)
+    return camp.c, None
+
+
+def minimize(seed: int, sids: Sequence[int], kind: str, *, budget_s: float) -> tuple[list[int], bool]:
+    """A shorter list of steps of campaign `seed` that still breaks property `kind`: first the shortest
+    suffix that does (the steps just before a failure usually cause it), then delta debugging (drop
+    chunks of steps, halving them down to single steps, while the failure stays). Returns the list
+    and whether it is 1-minimal (no single step can go) or the time budget ran out first."""
+    deadline = time.monotonic() + budget_s
+
+    def fails(cand: Sequence[int]) -> bool:
+        c, failure = replay(seed, cand)
+        return failure is not None and failure_kind(c) == kind
+
+    cur = list(sids)
+    lo, hi = 0, len(cur) - 1  # the largest start whose suffix still fails, by bisection
+    while lo < hi and time.monotonic() < deadline:
+        mid = (lo + hi + 1) // 2
+        if fails(cur[mid:]):
+            lo = mid
+        else:
+            hi = mid - 1
+    cur = cur[lo:]
+    n = 2
+    while len(cur) >= 2:
+        if time.monotonic() >= deadline:
+            return cur, False
+        size = -(-len(cur) // n)
+        for start in range(0, len(cur), size):
+            cand = cur[:start] + cur[start + size:]
+            if cand and fails(cand):
+                cur = cand
+                n = max(n - 1, 2)
+                break
+            if time.monotonic() >= deadline:
+                return cur, False
+        else:
+            if size == 1:
+                return cur, True
+            n = min(len(cur), n * 2)
+    return cur, True
+
+
+def report_failure(seed: int, steps: int, kind: str, budget_s: float) -> list[str]:
+    """The lines a failure prints: the minimized trace, each step's action, and how to keep it as a test."""
+    t0 = time.monotonic()
+    trace, minimal = minimize(seed, range(1, steps + 1), kind, budget_s=budget_s)
+    log: list[str] = []
+    _, failure = replay(seed, trace, log=log)
+    ids = ",".join(map(str, trace))
+    lines = [f"torture: shortest trace found ({len(trace)} of {steps} steps, "
+             f"{'1-minimal' if minimal else 'time budget reached'}, {time.monotonic() - t0:.0f} s): "
+             f"TORTURE_SEED={seed} TORTURE_TRACE={ids}"]
+    lines += [f"torture:   {line}" for line in log]
+    lines.append(f"torture:   then: {failure}")
+    lines.append(f"torture: as a regression test in host_tests/test_torture.py: "
+                 f"def test_seed_{seed}_trace() -> None: assert torture.replay({seed}, [{ids}])[1] is None")
+    return lines
 
 
 def run(seed: int, seconds: float, steps: int | None = None, *, real_share: float = 0.0) -> tuple[Counts, str | None]:
@@ -716,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="stop after exactly N steps (default: TORTURE_STEPS)")
     ap.add_argument("--real-share", type=float, default=None,
                     help="fraction of the time for rounds with real processes (default: TORTURE_REAL_SHARE, else 0.2)")
+    ap.add_argument("--trace", default=None,
+                    help="replay exactly these steps of the seed, e.g. 3,17,18 (default: TORTURE_TRACE)")
+    ap.add_argument("--minimize-seconds", type=float, default=None,
+                    help="time for searching the shortest failing trace (default: TORTURE_MINIMIZE_SECONDS, else 300)")
     args = ap.parse_args(argv)
     env_seed, env_steps = os.environ.get("TORTURE_SEED"), os.environ.get("TORTURE_STEPS")
     seed = args.seed if args.seed is not None else int(env_seed) if env_seed else random.SystemRandom().randrange(1 << 31)
@@ -726,6 +814,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     env_share = os.environ.get("TORTURE_REAL_SHARE")
     share = args.real_share if args.real_share is not None else float(env_share) if env_share else 0.2
+    trace = args.trace if args.trace is not None else os.environ.get("TORTURE_TRACE") or None
+    if trace:
+        counts, failure = replay(seed, [int(x) for x in trace.split(",")])
+        print(f"torture: trace of {counts.steps} steps: {failure or 'every property holds'}", flush=True)
+        print(summary(seed, round(time.monotonic() - t0), counts), flush=True)
+        return 1 if failure is not None else 0
     counts, failure = run(seed, seconds, steps, real_share=share)
     elapsed = time.monotonic() - t0
     print(f"torture: {counts.steps} steps, {counts.resyncs} resyncs, {counts.real_rounds} rounds with real "
@@ -733,6 +827,12 @@ def main(argv: list[str] | None = None) -> int:
     if failure is not None:
         print(f"torture: FAILED seed={seed} at {failure} (replay: TORTURE_SEED={seed} "
               f"TORTURE_STEPS={counts.steps})", flush=True)
+        if "real round" not in failure:  # an in-process failure: its steps replay, so shorten them
+            env_budget = os.environ.get("TORTURE_MINIMIZE_SECONDS")
+            budget = args.minimize_seconds if args.minimize_seconds is not None else \
+                float(env_budget) if env_budget else 300.0
+            for line in report_failure(seed, counts.steps, failure_kind(counts), budget):
+                print(line, flush=True)
     print(summary(seed, round(elapsed), counts), flush=True)
     return 1 if failure is not None else 0
 
