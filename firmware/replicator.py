@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+from firmware.crash_points import crash_point
 from firmware.journal import RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
 from firmware.link import protocol as jp
@@ -904,6 +905,8 @@ class Replicator:
                                                f"{lba}+{n} blocks")
                     self.local_unit.install(lba, got.data)  # type: ignore[attr-defined]
                     moved += len(got.data)
+                    if len(diffs) > 1:
+                        crash_point("failback.pulled")
                 self.local_unit.install_done()  # type: ignore[attr-defined]
             report = {"bytes_moved": moved, "seconds": round(time.monotonic() - t0, 3), "regions_copied": len(diffs),
                       "regions_compared": self.total_regions if pull else 0,
