@@ -177,6 +177,11 @@ class LocalUnit:
             self._bitmap = DirtyBitmap.open(Path(bitmap_path), num_blocks=self._nblocks,
                                             region_blocks=region_blocks, unit_uuid=journal.unit_uuid)
         self.replayed_records = 0
+        # (first bitmap stamp, lo, hi) per run of dirty writes: every record up to lo was journaled
+        # before those writes, every record after hi after them (lo == hi, the journal's head, for a
+        # run written here). Bits found at start-up carry stamp 0 and are placed only between the
+        # journal's tail and its head.
+        self._dirty_epochs: list[tuple[int, int, int]] = []
         try:
             if journal.recovery.corruption is not None:
                 # opened with salvage: records from the damaged one on are gone, so the remotes can
@@ -185,6 +190,8 @@ class LocalUnit:
                           journal.recovery.corruption)
                 self._bitmap.mark(0, self._nblocks)
             self._replay()
+            if self._bitmap.dirty_regions:
+                self._dirty_epochs.append((0, journal.tail_seq - 1, journal.head_seq))
         except BaseException:
             self._bitmap.close()
             raise
@@ -398,8 +405,46 @@ class LocalUnit:
         log.info("mark placed name=%s seq=%d", name, seq)
         return seq
 
+    # -- group commit by the caller (the iSCSI server: several commands, one wait) -----------------
+    def submit_write(self, lba: int, data: bytes, *, fua: bool = False) -> int:
+        """`write()` without the wait: the record is in the journal (reads see it) and the returned
+        ticket is passed to `complete()`, which returns when `write()` would have. Nothing may be
+        acknowledged to the host before `complete()` returned. Tickets of several submits combine
+        into one `complete()`: the highest positive one if any (a journal sync covers every record
+        appended before it, the sync gates are passed for that seq), else the lowest."""
+        if len(data) % self._bs:
+            raise ValueError("data is not a whole number of blocks")
+        count = len(data) // self._bs
+        self._check(lba, count)
+        if count == 0:
+            if fua:
+                self.flush()
+            return 0
+        return self._append_write(RecordKind.WRITE, lba, count, bytes(data), fua=fua)
+
+    def submit_unmap(self, lba: int, count: int) -> int:
+        """`unmap()` without the wait, as `submit_write()`."""
+        self._check(lba, count)
+        if count == 0:
+            return 0
+        return self._append_write(RecordKind.UNMAP, lba, count, b"", fua=False)
+
+    def complete(self, ticket: int) -> None:
+        """Wait until the submits behind `ticket` are as durable as `write()` promises (one shared
+        journal sync, the sync gates), then the acknowledgement throttle."""
+        if ticket > 0:
+            self._commit(ticket, gates=True)
+        elif ticket < 0:
+            self._commit(-ticket, gates=False)
+        self._throttle_ack()
+
     # -- the write path ---------------------------------------------------------------------------
     def _submit(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> None:
+        self.complete(self._append_write(kind, lba, count, payload, fua=fua))
+
+    def _append_write(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> int:
+        """Journal the write (or write it through in overflow); the ticket `complete()` waits for:
+        > 0 durable with the sync gates before the ack, < 0 durable soon (memory), 0 nothing."""
         max_blocks = max(1, self._journal.max_record_bytes // self._bs)
         commit = 0
         with self._lock:
@@ -432,11 +477,7 @@ class LocalUnit:
                         commit = 0
             if self._overflow:
                 self._direct_locked(kind, lba, count, payload)
-        if commit > 0:
-            self._commit(commit, gates=True)
-        elif commit < 0:
-            self._commit(-commit, gates=False)
-        self._throttle_ack()
+        return commit
 
     def _append_locked(self, kind: RecordKind, lba: int, count: int, payload: bytes) -> int:
         try:
@@ -611,6 +652,7 @@ class LocalUnit:
     def _direct_locked(self, kind: RecordKind, lba: int, count: int, payload: bytes) -> None:
         """Overflow write: the dirty bit is durable first, then the data, write-through."""
         try:
+            self._note_dirty_epoch_locked()
             self._bitmap.mark(lba, count)
             if kind is RecordKind.WRITE:
                 self._volume.write_nosync(lba, payload)
@@ -651,12 +693,34 @@ class LocalUnit:
     def clear_dirty(self, snapshot: DirtySnapshot) -> int:
         """Forget the snapshot's regions, except those dirtied again since; durable on return."""
         n = self._bitmap.clear(snapshot)
+        with self._lock:  # marks happen under the lock: none runs between the count and the reset
+            if not self._bitmap.dirty_regions:
+                self._dirty_epochs.clear()
         log.info("dirty regions cleared count=%d remaining=%d", n, self._bitmap.dirty_regions)
         return n
 
     def mark_dirty(self, lba: int, count: int) -> None:
         """Mark blocks as needing a resync (e.g. a remote that lost records), durably."""
-        self._bitmap.mark(lba, count)
+        with self._lock:
+            self._note_dirty_epoch_locked()
+            self._bitmap.mark(lba, count)
+
+    def _note_dirty_epoch_locked(self) -> None:
+        head = self._journal.head_seq
+        if not self._dirty_epochs or self._dirty_epochs[-1][1:] != (head, head):
+            self._dirty_epochs.append((self._bitmap.snapshot().token + 1, head, head))
+
+    def dirty_runs(self) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+        """(the dirty bitmap's stamp now, its runs of dirty writes as (first stamp, lo, hi)): every
+        record up to lo was journaled before that run's writes (an overflow, or a `mark_dirty`), every
+        record after hi after them; the runs are () when no region is dirty. See
+        `firmware.replication.source.records_before_dirty` for what the replicator makes of them."""
+        if not self._dirty_epochs:
+            return 0, ()
+        with self._lock:
+            if not self._bitmap.dirty_regions:
+                return 0, ()
+            return self._bitmap.snapshot().token, tuple(self._dirty_epochs)
 
     def add_sync_gate(self, gate: Callable[[int], None]) -> None:
         """`gate(seq)` is called after a record is durable locally and before the host is answered

@@ -179,3 +179,87 @@ def test_iscsi_chap_and_acl_options(tmp_path: Path) -> None:
     got = config.iscsi_options(config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config)))
     assert got == {"iscsi": ("0.0.0.0", 3260), "iscsi_chap": ("alice", "s3cret-s3cret"),
                    "iscsi_initiators": ("iqn.2000-01.a:one", "iqn.2000-01.b:two")}
+
+
+class _FailingSyncFlash(SimulatedFlash):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.fail = False
+
+    def sync(self) -> None:
+        if self.fail:
+            raise OSError(5, "flash gone")
+        super().sync()
+
+
+def _nop_out(itt: int, cmdsn: int, *, ttt: int = 0xFFFFFFFF, immediate: bool = True) -> Pdu:
+    pdu = Pdu.new(PduOpcode.NOP_OUT, flags=0x80, immediate=immediate)
+    pdu.set_u32(16, itt)
+    pdu.set_u32(20, ttt)
+    pdu.set_u32(24, cmdsn)
+    return pdu
+
+
+def test_a_write_is_answered_only_once_durable_and_the_connection_stays_served_meanwhile(tmp_path: Path) -> None:
+    flash = _HeldSyncFlash(RING_OFFSET + 1024 * 1024)
+    with Volume(tmp_path / "vol", size=1024 * BS, block_size=BS) as vol, \
+            Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=flash) as j, \
+            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
+            serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+        a = _Initiator(server.port, server.target_name)
+        flash.hold = True
+        a.write(5, b"\x05" * BS, itt=1)
+        assert flash.entered.wait(30)
+        # the record is in the journal but not durable: a ping sent after the write is answered
+        # first, the write only once its sync is through
+        a.send(_nop_out(0x77, a.cmdsn))
+        first = a.recv()
+        assert first.opcode == PduOpcode.NOP_IN and first.itt == 0x77
+        assert j.durable_seq < j.head_seq
+        flash.release.set()
+        rsp = a.recv()
+        assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.itt == 1 and rsp.bhs[3] == 0
+        assert j.durable_seq == j.head_seq
+        assert unit.read(5, 1) == b"\x05" * BS
+        a.sock.close()
+
+
+def test_writes_whose_journal_sync_fails_get_medium_error_not_good(tmp_path: Path) -> None:
+    flash = _FailingSyncFlash(RING_OFFSET + 1024 * 1024)
+    with Volume(tmp_path / "vol", size=1024 * BS, block_size=BS) as vol, \
+            Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=flash) as j, \
+            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
+            serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+        a = _Initiator(server.port, server.target_name)
+        flash.fail = True
+        a.write(0, b"\x01" * BS, itt=1)
+        a.write(1, b"\x02" * BS, itt=2)
+        for rsp in (a.recv(), a.recv()):
+            assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.bhs[3] == 0x02  # CHECK CONDITION
+            sense = rsp.data[2:]
+            assert (sense[2] & 0x0F, sense[12]) == (0x03, 0x0C)  # MEDIUM ERROR, WRITE ERROR
+        a.sock.close()
+        assert j.durable_seq == 0
+
+
+def test_an_idle_initiator_is_pinged_and_one_that_does_not_answer_is_dropped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with Volume(tmp_path / "vol", size=64 * BS, block_size=BS) as vol, \
+            Journal.open(tmp_path / "journal", size=16384 + 128 * 1024, unit_uuid=UNIT, block_size=BS) as j, \
+            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
+            serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0, nop_interval=0.2, nop_timeout=0.5) as server:
+        alive = _Initiator(server.port, server.target_name)
+        dead = _Initiator(server.port, server.target_name)
+        for _ in range(2):  # two pings in a row, each answered: the connection stays
+            ping = alive.recv()
+            assert ping.opcode == PduOpcode.NOP_IN and ping.itt == 0xFFFFFFFF and ping.u32(20) != 0xFFFFFFFF
+            alive.send(_nop_out(0xFFFFFFFF, alive.cmdsn, ttt=ping.u32(20)))
+        ping = dead.recv()
+        assert ping.opcode == PduOpcode.NOP_IN and ping.itt == 0xFFFFFFFF
+        dead.sock.settimeout(30)
+        while dead.sock.recv(4096):  # no answer: the target closes the connection
+            pass
+        assert server.status()["dropped_idle"] == 1
+        assert "no answer to a NOP-In" in caplog.text
+        assert alive.call(scsi_pdu(bytes(6), itt=9, cmdsn=alive.cmdsn)).bhs[3] == 0  # still served
+        alive.sock.close()

@@ -28,11 +28,18 @@ durable, i.e. over a newer write (`applied_twice`); after each heal phase (fault
 reaches the journal's head within a bounded number of steps and the remote equals the local disk
 (`wedges` otherwise).
 
+A share of the time (TORTURE_REAL_SHARE, 0.2 by default) goes to rounds with real processes and
+real files between heal phases (`host_tests.torture_real`): a `usbmirror local` / `usbmirror remote`
+pair on tmp files, written over USB/IP, kill -9 of either unit and restart, and in about half of the
+rounds a promotion of the remote, writes on the promoted copy, and a failback; checked against the
+same kind of model.
+
 The step sequence depends only on the seed: TORTURE_SEED=S replays a campaign, TORTURE_STEPS=N
-stops it after exactly N steps (the time bound, TORTURE_SECONDS, only decides how many steps run).
+stops it after exactly N steps (the time bound, TORTURE_SECONDS, only decides how many steps run;
+a real round draws on its own random stream, seeded by the seed and its number).
 The last line is `torture: seed=S seconds=T cuts=N kills=N link_faults=N corrupt_frames=N enospc=N
-overflows=N acked=N lost=0 prefix_violations=0 applied_twice=0 wedges=0`; on a violation the line
-before it names the seed and the step, and the exit status is 1.
+overflows=N promotions=N failbacks=N real_rounds=N acked=N lost=0 prefix_violations=0 applied_twice=0
+wedges=0`; on a violation the line before it names the seed and the step, and the exit status is 1.
 
 Run: .venv/bin/python -m host_tests.torture [--seed S] [--seconds T] [--steps N]
 """
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -51,11 +59,21 @@ import uuid
 from dataclasses import dataclass, field
 
 from firmware.journal import Journal, RecordsGone
+from firmware.journal.bitmap import DirtySnapshot
 from firmware.journal.format import RING_OFFSET, RecordKind
 from firmware.journal.sim import CrashMode, PowerCut, PowerRail, SimulatedFlash, SimulatedVolume
 from firmware.link import protocol as jp
 from firmware.local_unit import LocalUnit, ThrottlePolicy
-from firmware.replication.source import ResyncPlan, ResyncReason, SourceIdentity, SourceSession, dirty_plan
+from firmware.replication.source import (
+    OPEN_END,
+    ResyncPlan,
+    ResyncReason,
+    SourceIdentity,
+    SourceSession,
+    dirty_plan,
+    dirty_round_covers,
+    records_before_dirty,
+)
 from firmware.replication.target import (
     ApplyRecords,
     Close,
@@ -71,6 +89,7 @@ from firmware.replication.target import (
     TargetState,
 )
 from firmware.storage import StorageError
+from host_tests.torture_real import RealViolation, real_round
 
 UNIT = uuid.UUID("70270e00-0000-4000-8000-000000000013")
 BS = 512
@@ -100,16 +119,18 @@ class Counts:
     prefix_violations: int = 0
     applied_twice: int = 0
     wedges: int = 0
+    promotions: int = 0
+    failbacks: int = 0
+    real_rounds: int = 0
     resyncs: int = 0
     steps: int = 0
-    unchecked_holes: int = 0
 
 
 class HostModel:
     """The host's writes in order, and the disk after any prefix of them since `base_idx`."""
 
-    def __init__(self) -> None:
-        self.base = bytearray(NBLOCKS * BS)  # the disk after write number base_idx
+    def __init__(self, nblocks: int = NBLOCKS) -> None:
+        self.base = bytearray(nblocks * BS)  # the disk after write number base_idx
         self.base_idx = 0
         self.writes: list[tuple[int, bytes]] = []  # writes base_idx+1 .. issued
         self.durable_idx = 0  # every write up to here was acknowledged as durable
@@ -269,8 +290,9 @@ class Campaign:
         self.full_until = -1
         self.write_cache = False
         self.link: Link | None = None
-        self.pending_clear: tuple[int, object] | None = None  # (frame number, dirty snapshot) to clear
+        self.pending_clear: tuple[int, DirtySnapshot] | None = None  # (frame number, dirty snapshot) to clear
         self.covered_token: int | None = None
+        self.resync_open = False  # a round during an overflow left the remote's resync open
         self.was_overflow = False
         self.trace: list[tuple[int, float, int, int, int, int]] = []  # the last steps, for a failure report
         self.rail = PowerRail()
@@ -367,6 +389,7 @@ class Campaign:
         # the next one copies them again
         self.covered_token = None
         self.pending_clear = None
+        self.resync_open = False  # the remote reports its open resync in HELLO_REPLY: a full one follows
         if self.link is not None:
             self.link = None
             self.remote.connection_lost()
@@ -407,7 +430,7 @@ class Campaign:
                 # the remote holds the copied regions (its blocks are written as it acts on a frame)
                 snap = self.pending_clear[1]
                 self.pending_clear = None
-                self.lu.clear_dirty(snap)  # type: ignore[arg-type]
+                self.lu.clear_dirty(snap)
         for _ in range(max_frames):
             if not link.to_src:
                 break
@@ -439,18 +462,40 @@ class Campaign:
         elif isinstance(ev, jp.Error):
             raise LinkBroken(f"remote error {ev.code.name}: {ev.message}")
 
-    def resync(self, plan: ResyncPlan, snap: object) -> None:
-        """Copy the plan's regions from the local volume, then records after its position."""
+    def resync(self, plan: ResyncPlan, snap: DirtySnapshot | None, *, final: bool = True) -> None:
+        """Copy the plan's regions from the local volume, then records after its position. A round
+        that is not final (the journal still overflows) leaves the remote's resync open."""
         self.c.resyncs += 1
         self.send(jp.ResyncBegin(plan.position, REGION, len(plan.regions)))
         for idx in plan.regions:
             self.send(jp.RegionData(idx * REGION, self.lu.read(idx * REGION, REGION)))
         self.session.resync_copy_done(plan.position)
-        self.send(jp.ResyncEnd(self.journal.head_seq))
+        self.send(jp.ResyncEnd(self.journal.head_seq if final else OPEN_END))
+        self.resync_open = not final
         if snap is not None:
             assert self.link is not None
             self.pending_clear = (self.link.sent, snap)  # clear once the remote acted on RESYNC_END
-            self.covered_token = snap.token  # type: ignore[attr-defined]
+            self.covered_token = snap.token
+
+    def dirty_round(self) -> bool:
+        """The resync of the dirty regions this remote lacks, at P = sent_seq, as the replicator runs it:
+        final once the overflow has ended and no run of dirty writes was journaled after P."""
+        snap = self.lu.dirty_snapshot()
+        overflowing = self.lu.overflow
+        plan = dirty_plan((snap.token, snap.regions) if snap.regions else None,
+                          covered_token=self.covered_token, resync_open=self.resync_open, overflowing=overflowing,
+                          position=self.session.sent_seq, region_blocks=REGION, total_regions=NBLOCKS // REGION)
+        if plan is None:
+            return False
+        held: DirtySnapshot | None = None
+        complete = True
+        if snap.regions:
+            _, runs = self.lu.dirty_runs()
+            token, complete = dirty_round_covers(tuple(r for r in runs if r[0] <= snap.token), snap.token,
+                                                 plan.position)
+            held = dataclasses.replace(snap, token=token)
+        self.resync(plan, held, final=complete and not overflowing)
+        return True
 
     def stream(self) -> None:
         link = self.link
@@ -465,17 +510,24 @@ class Campaign:
                 return
             if not recs:
                 return
+            # records journaled after writes this remote lacks (an overflow ended) wait for their
+            # regions: the remote is sent the records before them, then the copy, then the rest
+            token, runs = self.lu.dirty_runs()
+            limit = records_before_dirty(runs, token, self.covered_token) if runs and not self.resync_open else None
+            if limit is not None and recs[-1].seq > limit:
+                if self.session.sent_seq < limit:
+                    recs = [r for r in recs if r.seq <= limit]
+                elif self.pending_clear is None and self.dirty_round():
+                    continue
+                else:
+                    return
             self.send(self.session.batch(recs))
-        if self.session.sent_seq < j.durable_seq or self.lu.overflow or self.pending_clear is not None:
+        if self.session.sent_seq < j.durable_seq or self.pending_clear is not None:
             return
-        # caught up (every record up to sent_seq precedes the copy on this connection): the regions
-        # written straight to the volume during an overflow, at P = sent_seq, as the replicator does
-        snap = self.lu.dirty_snapshot()
-        plan = dirty_plan((snap.token, snap.regions) if snap.regions else None,
-                          covered_token=self.covered_token, resync_open=False, overflowing=False,
-                          position=self.session.sent_seq, region_blocks=REGION, total_regions=NBLOCKS // REGION)
-        if plan is not None:
-            self.resync(plan, snap)
+        if self.lu.overflow:
+            return  # the copy would chase the writes; the records after the overflow wait for it
+        # caught up: the regions written straight to the volume during an overflow, at P = sent_seq
+        self.dirty_round()
 
     def pump(self) -> None:
         """One step of the link: connect when it can, send what there is, carry some frames."""
@@ -541,12 +593,6 @@ class Campaign:
     def check_remote(self) -> None:
         if self.remote.session.state.resync_active:
             return  # marked inconsistent: a reader is told so
-        if self.lu.dirty_snapshot().region_indices or self.pending_clear is not None:
-            # writes that went straight to the volume during an overflow reach the remote only with
-            # the resync of their regions, which waits until the records before it are sent: until
-            # then the remote lacks them without being marked inconsistent (see docs/TESTING.md)
-            self.c.unchecked_holes += 1
-            return
         k = self.model.find(bytes(self.remote.blocks), self.remote_k)
         if k is None:
             self.c.prefix_violations += 1
@@ -628,13 +674,27 @@ class Campaign:
             self.heal()
 
 
-def run(seed: int, seconds: float, steps: int | None = None) -> tuple[Counts, str | None]:
-    """Run one campaign; returns its counts and the violation (with the step it happened at), or None."""
+def run(seed: int, seconds: float, steps: int | None = None, *, real_share: float = 0.0) -> tuple[Counts, str | None]:
+    """Run one campaign; returns its counts and the violation (with the step it happened at), or None.
+
+    `real_share`: the fraction of the time given to rounds with real processes and files
+    (`host_tests.torture_real`), run between heal phases; they draw on their own random streams, so
+    the in-process steps stay the seed's."""
     camp = Campaign(seed)
-    deadline = time.monotonic() + seconds
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    real_time = 0.0
     try:
         while (camp.c.steps < steps) if steps is not None else (time.monotonic() < deadline):
             camp.step()
+            if real_share > 0 and camp.c.steps % HEAL_EVERY == 0 and \
+                    real_time < real_share * (time.monotonic() - t0):
+                r0 = time.monotonic()
+                try:
+                    real_round(seed, camp.c.real_rounds, camp.c, HostModel)
+                except RealViolation as exc:
+                    return camp.c, f"step {camp.c.steps}: {exc}"
+                real_time += time.monotonic() - r0
         camp.heal()
     except Violation as exc:
         return camp.c, f"step {camp.c.steps}: {exc}"
@@ -643,7 +703,8 @@ def run(seed: int, seconds: float, steps: int | None = None) -> tuple[Counts, st
 
 def summary(seed: int, seconds: float, c: Counts) -> str:
     return (f"torture: seed={seed} seconds={seconds:g} cuts={c.cuts} kills={c.kills} link_faults={c.link_faults} "
-            f"corrupt_frames={c.corrupt_frames} enospc={c.enospc} overflows={c.overflows} acked={c.acked} "
+            f"corrupt_frames={c.corrupt_frames} enospc={c.enospc} overflows={c.overflows} promotions={c.promotions} "
+            f"failbacks={c.failbacks} real_rounds={c.real_rounds} acked={c.acked} "
             f"lost={c.lost} prefix_violations={c.prefix_violations} applied_twice={c.applied_twice} "
             f"wedges={c.wedges}")
 
@@ -653,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="default: TORTURE_SEED, else a random seed")
     ap.add_argument("--seconds", type=float, default=None, help="default: TORTURE_SECONDS, else 60")
     ap.add_argument("--steps", type=int, default=None, help="stop after exactly N steps (default: TORTURE_STEPS)")
+    ap.add_argument("--real-share", type=float, default=None,
+                    help="fraction of the time for rounds with real processes (default: TORTURE_REAL_SHARE, else 0.2)")
     args = ap.parse_args(argv)
     env_seed, env_steps = os.environ.get("TORTURE_SEED"), os.environ.get("TORTURE_STEPS")
     seed = args.seed if args.seed is not None else int(env_seed) if env_seed else random.SystemRandom().randrange(1 << 31)
@@ -661,10 +724,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.CRITICAL)  # the units log every overflow and resync; the counts say it
     print(f"torture: seed={seed} (replay with TORTURE_SEED={seed})", flush=True)
     t0 = time.monotonic()
-    counts, failure = run(seed, seconds, steps)
+    env_share = os.environ.get("TORTURE_REAL_SHARE")
+    share = args.real_share if args.real_share is not None else float(env_share) if env_share else 0.2
+    counts, failure = run(seed, seconds, steps, real_share=share)
     elapsed = time.monotonic() - t0
-    print(f"torture: {counts.steps} steps, {counts.resyncs} resyncs in {elapsed:.1f} s; remote checks skipped "
-          f"while overflow writes awaited their resync: {counts.unchecked_holes}", flush=True)
+    print(f"torture: {counts.steps} steps, {counts.resyncs} resyncs, {counts.real_rounds} rounds with real "
+          f"processes in {elapsed:.1f} s", flush=True)
     if failure is not None:
         print(f"torture: FAILED seed={seed} at {failure} (replay: TORTURE_SEED={seed} "
               f"TORTURE_STEPS={counts.steps})", flush=True)

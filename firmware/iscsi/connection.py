@@ -219,7 +219,8 @@ class Connection:
         self._chap_challenge = b""
         self._declared = False
         self._text_buf = bytearray()
-        self.counters: dict[str, int] = {"commands": 0, "rejects": 0, "ignored_cmdsn": 0, "digest_errors": 0}
+        self.counters: dict[str, int] = {"commands": 0, "rejects": 0, "ignored_cmdsn": 0, "digest_errors": 0,
+                                         "pings": 0, "ping_answers": 0}
         self.resets = 0  # LOGICAL UNIT RESET and TARGET WARM/COLD RESET received (the adapter resets the unit)
 
     # ---- the adapter's interface --------------------------------------------------------------
@@ -285,6 +286,19 @@ class Connection:
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    def ping(self) -> None:
+        """Queue a NOP-In ping (RFC 7143 11.19): the initiator answers with a NOP-Out echoing its
+        Target Transfer Tag. Only in the full feature phase; StatSN is not advanced."""
+        if self.phase is not Phase.FULL_FEATURE:
+            return
+        pdu = Pdu.new(PduOpcode.NOP_IN, flags=0x80)
+        pdu.set_u32(16, RESERVED_TAG)
+        ttt = self._next_ttt
+        self._next_ttt = self._next_ttt % 0xFFFFFFFE + 1
+        pdu.set_u32(20, ttt)
+        self.counters["pings"] += 1
+        self._send(pdu, stat_sn="peek")
 
     def task_done(self, task_id: int, status: int, data: bytes = b"", sense: bytes = b"") -> None:
         """The outcome of a task from `take_tasks()` (status byte, DATA-IN, sense for CHECK CONDITION)."""
@@ -579,6 +593,8 @@ class Connection:
 
     def _nop_out(self, pdu: Pdu) -> None:
         if pdu.itt == RESERVED_TAG:
+            if pdu.u32(20) != RESERVED_TAG:
+                self.counters["ping_answers"] += 1
             return  # an answer to a NOP-In ping (or a one-way ping): nothing to send
         rsp = Pdu.new(PduOpcode.NOP_IN, flags=0x80)
         rsp.set_lun(pdu.lun)
