@@ -587,6 +587,9 @@ class _UsbipSession:
             return False
         with self.lock:
             self.device = device
+            attach = getattr(device, "attach_delivery", None)
+            if attach is not None:  # a device that completes transfers from its own threads (UAS)
+                attach(self.deliver)
         server.count("imports")
         log.info("usbip import peer=%s busid=%s", self.peer, event.busid)
         self.sock.sendall(conn.send(ImportReply(0, server.exported.info)))
@@ -662,6 +665,19 @@ class _UsbipSession:
             except (OSError, UsbipProtocolError) as exc:
                 # The connection thread sees the same failure on its socket and ends the session.
                 log.info("usbip reply after a command failed peer=%s error=%s", self.peer, exc)
+
+    def deliver(self, device: object, produce: Callable[[], list[Completion]]) -> None:
+        """From a device's own thread: `produce()` (the device records what finished) under the
+        session lock, then send the transfers it completed (none if the importer left)."""
+        with self.lock:
+            done = produce()
+            conn = self._conn
+            if not done or device is not self.device or conn is None:
+                return
+            try:
+                self._complete(conn, done)
+            except (OSError, UsbipProtocolError) as exc:
+                log.info("usbip reply from a device thread failed peer=%s error=%s", self.peer, exc)
 
     def _complete(self, conn: UsbipConnection, done: list[Completion]) -> None:
         """Send the RET_SUBMITs of `done`, in order, with one `sendmsg`: each header and its IN
