@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["bench_unit_cpu.py", "bench_usbip.py", "bench_journal.py", "bench_link.py", "bench_cascade.py",
+ORDER = ["bench_unit_cpu.py", "bench_usbip.py", "bench_journal.py", "bench_link.py", "bench_cascade.py", "bench_failback.py",
          "bench_history.py", "bench_guest_fio.py", "bench_uas.py", "bench_gadget_fio.py"]
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from firmware.crash_points import crash_point
 from firmware.failover.generations import History, Keep, Resolution, WriteInfo, mib
 from firmware.failover.returning import old_primary_returns
 from firmware.failover.state import RoleStore, fresh_generation_id
@@ -137,6 +138,7 @@ class LocalRoles:
                                         fork_seq=self.journal.durable_seq)
             self.roles.save(replace(self.roles.state, primary=True, history=hist, split_brain=None,
                                     resolution=None, last_resync=report))
+            crash_point("failback.taken_over")
             return self.generations()
 
         try:
@@ -177,6 +179,7 @@ class LocalRoles:
                 "generation": sb.peer_generation.label if sb.peer_generation else None, "detected_ns": time.time_ns()}
         self.roles.save(replace(st, primary=False, split_brain=None, failover_loss=loss,
                                 resolution=Resolution(Keep.PEER, st.history.current, sb.peer_generation)))
+        crash_point("resolve.saved")
         self.unit.refuse_writes(self.replica_reason())
         log.warning("split brain resolved: keep remote source=%s discarded_bytes=%d peer=%s", st.source_id,
                     sb.own_bytes, sb.peer)

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from firmware.crash_points import crash_point
 from firmware.history import HistoryError, HistoryReader, ImageView, history_dir
 from firmware.journal.bitmap import DirtyBitmap
 from firmware.journal.format import RecordKind
@@ -196,8 +197,10 @@ def rollback_to_point(store: TargetStore, state_dir: str, source_id: str, target
                 written += n
                 if len(batch) >= ROLLBACK_BATCH:
                     store.apply(batch)
+                    crash_point("promote.rolling_back")
                     batch = []
             if batch:
                 store.apply(batch)
+                crash_point("promote.rolling_back")
         store.sync()
     return written, next_seq

@@ -59,6 +59,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from firmware.crash_points import crash_point
 from firmware.failover.generations import History, mib
 from firmware.failover.state import SplitBrain, fresh_generation_id, open_roles
 from firmware.history import DEFAULT_AGE_S, DiscardOnChange, HistoryError, HistoryWriter, history_dir, resolve
@@ -293,6 +294,7 @@ class SourceTarget:
                               split_brain=None, resolution=None,
                               last_resync={"resolved": "keep local", "discarded_bytes": nbytes,
                                            "needs_full_resync": True, "resolved_ns": time.time_ns()})
+            crash_point("resolve.recorded")
             self._finish_resolve()
         finally:
             self.lock.release()
@@ -455,6 +457,7 @@ class SourceTarget:
         self.roles.update(primary=True, history=hist, promotion=promotion, split_brain=None, resolution=None)
         log.warning("promoted source=%s generation=%s fork_seq=%d point=%s warning=%s", self.source_id, cur.label,
                     fork, what, warning)
+        crash_point("promote.recorded")
         self._open_promoted()
         return {"source": self.source_id, "generation": cur.label, "fork_seq": fork, "point": what,
                 "warning": warning, "behind": behind, "usbip": usbip, "busid": busid}
@@ -531,6 +534,7 @@ class SourceTarget:
             self.roles.update(promotion=promo)
             log.warning("failback: the promoted copy is no longer served source=%s writes=%s", self.source_id,
                         written.get("writes"))
+            crash_point("failback.handover")
         return {"source": self.source_id, "generation": st.history.current.label if st.history.current else None,
                 "promoted_io": written}
 
@@ -555,6 +559,7 @@ class SourceTarget:
         self.session.forget_unsynced()
         self.store.sync()
         self.store.save_state(ts)
+        crash_point("failback.handed_back")
         if self.history is not None:  # its seqs are the promoted copy's, not the source's: start anew
             if self.history in self.store.hooks:
                 self.store.hooks.remove(self.history)

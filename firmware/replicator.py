@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+from firmware.crash_points import crash_point
 from firmware.journal import RecordsGone
 from firmware.journal.bitmap import DirtySnapshot
 from firmware.link import protocol as jp
@@ -143,6 +144,25 @@ class ReplicatedUnit(Protocol):
     def dirty_runs(self) -> tuple[int, tuple[tuple[int, int, int], ...]]: ...
     def add_sync_gate(self, gate: Callable[[int], None]) -> None: ...
     def remove_sync_gate(self, gate: Callable[[int], None]) -> None: ...
+
+
+FAILBACK_PIECE_BYTES = 4096  # a failback compares a differing region again in pieces of this size
+
+
+def piece_runs(pieces: Sequence[int], piece_blocks: int, max_blocks: int, num_blocks: int) -> list[tuple[int, int]]:
+    """Adjacent piece indices (each `piece_blocks` long) as (lba, blocks) runs of at most
+    `max_blocks`, clipped to the volume's end."""
+    runs: list[tuple[int, int]] = []
+    for p in sorted(set(pieces)):
+        lba = p * piece_blocks
+        if lba >= num_blocks:
+            continue
+        n = min(piece_blocks, num_blocks - lba)
+        if runs and runs[-1][0] + runs[-1][1] == lba and runs[-1][1] + n <= max_blocks:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((lba, n))
+    return runs
 
 
 class LinkFailure(Exception):
@@ -911,8 +931,8 @@ class Replicator:
     def fetch_back(self, link: RemoteLink, take_over: Callable[[dict[str, Any]], jp.Generations], *,
                    pull: bool = True) -> dict[str, Any]:
         """Failback from a promoted remote that hands the source back (docs/FAILOVER.md): on a FETCH
-        connection of its own, compare every region's digest and pull only the regions that differ
-        into the local volume (the local unit is a replica: `LocalUnit.install`), make them durable,
+        connection of its own, compare every region's digest, then the digests of the 4 KiB pieces
+        of each region that differs, and pull only the runs of pieces that differ into the local volume (the local unit is a replica: `LocalUnit.install`), make them durable,
         then `take_over(report)` (which records this unit's new generation and returns it) is sent
         and acknowledged by the remote, which becomes the replica. Returns the report (`bytes_moved`,
         `seconds`, `regions_copied`, `regions_compared`). `pull=False` only repeats the take-over (a
@@ -929,15 +949,24 @@ class Replicator:
             rb = self.region_blocks
             diffs: list[int] = []
             moved = 0
+            fine_compared = 0
             if pull:
                 def on_region(idx: int, differs: bool) -> None:
                     if differs:
                         diffs.append(idx)
 
                 conn.compare_regions(range(self.total_regions), rb, on_region, "failback")
-                for idx in diffs:
-                    lba = idx * rb
-                    n = min(rb, self.num_blocks - lba)
+                # then, inside each differing region, the 4 KiB pieces that differ: only those cross
+                fine = max(1, FAILBACK_PIECE_BYTES // self.block_size)
+                if rb % fine:
+                    fine = rb
+                per = rb // fine
+                pieces = [p for idx in diffs for p in range(idx * per, (idx + 1) * per) if p * fine < self.num_blocks]
+                fine_compared = len(pieces)
+                differing: list[int] = []
+                conn.compare_regions(pieces, fine, lambda p, d: differing.append(p) if d else None, "failback")
+                runs = piece_runs(differing, fine, rb, self.num_blocks)
+                for lba, n in runs:
                     conn._send(jp.RegionRead(lba, n))
                     while not conn.fetched:
                         if link.stopping():
@@ -949,9 +978,11 @@ class Replicator:
                                                f"{lba}+{n} blocks")
                     self.local_unit.install(lba, got.data)  # type: ignore[attr-defined]
                     moved += len(got.data)
+                    if len(runs) > 1:
+                        crash_point("failback.pulled")
                 self.local_unit.install_done()  # type: ignore[attr-defined]
             report = {"bytes_moved": moved, "seconds": round(time.monotonic() - t0, 3), "regions_copied": len(diffs),
-                      "regions_compared": self.total_regions if pull else 0,
+                      "regions_compared": self.total_regions if pull else 0, "pieces_compared": fine_compared,
                       "from": link.remote_name or link.spec.label}
             gens = take_over(report)
             conn._send(gens)

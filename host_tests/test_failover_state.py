@@ -129,3 +129,16 @@ def test_split_brain_status() -> None:
     assert s["split_brain_detail"]["peer_bytes"] == 3 << 20
     assert s["split_brain_detail"]["peer_generation"] == G2.label
     assert s["resolution_pending"] == "keep peer"
+
+
+def test_status_says_which_half_done_step_resumes() -> None:
+    base = RoleState("db1", True, History((G1, G2)))
+    assert "pending_step" not in base.status()
+    rolling = RoleState("db1", True, History((G1, G2)), promotion={"rollback_to_seq": 12})
+    assert rolling.status()["pending_step"].startswith("promote: the rollback to seq 12 is unfinished; it resumes")
+    handing = RoleState("db1", True, History((G1, G2)), promotion={"rollback_to_seq": None, "handover": True})
+    assert handing.status()["pending_step"].startswith("failback: ")
+    done = RoleState("db1", True, History((G1, G2)), promotion={"rollback_to_seq": None, "rolled_back_blocks": 3})
+    assert "pending_step" not in done.status()
+    resetting = RoleState("db1", False, History((G1,)), last_resync={"needs_full_resync": True})
+    assert resetting.status()["pending_step"].startswith("resolve --keep local: ")

@@ -90,7 +90,24 @@ class RoleState:
             out["failover_loss"] = dict(self.failover_loss)
         if self.promotion is not None:
             out["promotion"] = dict(self.promotion)
+        step = self.pending_step()
+        if step is not None:
+            out["pending_step"] = step
         return out
+
+    def pending_step(self) -> str | None:
+        """A role change recorded but not finished (a crash came in the middle), and how it goes on."""
+        promo = self.promotion or {}
+        if isinstance(promo.get("rollback_to_seq"), int):
+            return (f"promote: the rollback to seq {promo['rollback_to_seq']} is unfinished; it resumes when the "
+                    "unit starts, before the copy is served")
+        if promo.get("handover"):
+            return ("failback: the copy is no longer served and is being handed back; it completes when the local "
+                    "unit next connects")
+        if (self.last_resync or {}).get("needs_full_resync"):
+            return ("resolve --keep local: the target is being reset to hold no known image; it resumes when the "
+                    "unit starts, then the local unit's next connection compares every region")
+        return None
 
 
 def _label(g: DataGeneration | None) -> str | None:
