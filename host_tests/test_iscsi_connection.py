@@ -141,6 +141,48 @@ def test_chap_refuses_a_wrong_secret(caplog: object) -> None:
     assert h.conn.closed
 
 
+_MUTUAL = TargetConfig(target_name=TARGET, portal="h:1", chap=("alice", "s3cret-s3cret"),
+                       mutual_chap=("target-bob", "an0ther-s3cret"))
+
+
+def _mutual_login(h: Harness, challenge: str) -> Pdu:
+    base = [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "CHAP")]
+    h.send(login_pdu(base, csg=0, nsg=1, transit=False))
+    (rsp,) = h.send(login_pdu([("CHAP_A", "5")], csg=0, nsg=1, transit=False))
+    keys = dict(parse_text(rsp.data))
+    answer = chap_response(int(keys["CHAP_I"]), "s3cret-s3cret", keys["CHAP_C"])
+    (rsp,) = h.send(login_pdu([("CHAP_N", "alice"), ("CHAP_R", answer), ("CHAP_I", "77"), ("CHAP_C", challenge)],
+                              csg=0, nsg=1))
+    return rsp
+
+
+def test_mutual_chap_the_target_proves_its_secret_to_the_initiator() -> None:
+    h = Harness(config=_MUTUAL)
+    rsp = _mutual_login(h, "0x" + bytes(range(100, 116)).hex())
+    assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0) and rsp.flags & 0x80
+    keys = dict(parse_text(rsp.data))
+    assert keys["CHAP_N"] == "target-bob"
+    assert keys["CHAP_R"] == chap_response(77, "an0ther-s3cret", "0x" + bytes(range(100, 116)).hex())
+    (rsp,) = h.send(login_pdu([("HeaderDigest", "None")], csg=1, nsg=3))
+    assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0) and h.conn.phase.value == "full_feature"
+
+
+def test_mutual_chap_refusals() -> None:
+    # the initiator asks the target to authenticate, but no mutual secret is configured
+    h = Harness(config=TargetConfig(target_name=TARGET, portal="h:1", chap=("alice", "s3cret-s3cret")))
+    assert _mutual_login(h, "0x" + bytes(16).hex()).bhs[36:38] == b"\x02\x01" and h.conn.closed
+    # the target's own challenge sent back (a reflection attack) is refused
+    h = Harness(config=_MUTUAL)
+    own = "0x" + bytes(range(1, 17)).hex()  # the harness's random bytes: the target's challenge
+    assert _mutual_login(h, own).bhs[36:38] == b"\x02\x01" and h.conn.closed
+    h = Harness(config=_MUTUAL)
+    assert _mutual_login(h, "0xzz").bhs[36:38] == b"\x02\x01" and h.conn.closed  # not a CHAP binary value
+    # an initiator that does not ask still logs in with one-way CHAP
+    h = Harness(config=_MUTUAL)
+    rsp = _chap_login(h, "s3cret-s3cret")
+    assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0) and "CHAP_R" not in dict(parse_text(rsp.data))
+
+
 def test_chap_refuses_skipping_security() -> None:
     h = Harness(config=TargetConfig(target_name=TARGET, portal="h:1", chap=("alice", "s3cret-s3cret")))
     (rsp,) = h.send(login_pdu([("InitiatorName", INITIATOR), ("TargetName", TARGET)], csg=1, nsg=3))

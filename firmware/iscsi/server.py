@@ -289,8 +289,10 @@ class IscsiServer:
                 log.exception("iscsi connection could not be set up peer=%s:%s", addr[0], addr[1])
                 sock.close()
                 continue
-            # SendTargets names the address this initiator reached, even when listening on 0.0.0.0
-            config = replace(self._config, portal=f"[{here[0]}]:{here[1]}" if ":" in here[0] else f"{here[0]}:{here[1]}")
+            config = self._config
+            if not config.portal:
+                # SendTargets names the address this initiator reached, even when listening on 0.0.0.0
+                config = replace(config, portal=f"[{here[0]}]:{here[1]}" if ":" in here[0] else f"{here[0]}:{here[1]}")
             conn = Connection(config, lane.unit.plan, random=os.urandom, peer=f"{addr[0]}:{addr[1]}",
                               block_size=lane.unit.block_size)
             peer = _Peer(sock, conn, lane)
@@ -478,6 +480,8 @@ def serve_unit(
     host: str,
     port: int,
     chap: tuple[str, str] | None = None,
+    mutual_chap: tuple[str, str] | None = None,
+    portal: str | None = None,
     initiators: tuple[str, ...] = (),
     shared: SharedUnit | None = None,
     nop_interval: float = 15.0,
@@ -486,7 +490,9 @@ def serve_unit(
     """Serve `store` (the local unit) as the unit's iSCSI target, with the same SCSI identity
     (serial, VPD 0x83 designator) the USB transports show, so a host sees one disk either way.
     `shared`: the reservations and write gate of a USB target serving the same store, if any, so
-    both buses see one set of reservations. `nop_interval`: seconds of silence before a NOP-In
+    both buses see one set of reservations. `portal`: the "host:port" SendTargets advertises (default:
+    the address each initiator reached). `mutual_chap`: the (name, secret) the target proves to an
+    initiator that asks (needs `chap`). `nop_interval`: seconds of silence before a NOP-In
     ping (0: none); `nop_timeout`: seconds the initiator has to answer it before it is dropped."""
     from firmware.scsi import naa_locally_assigned
     from firmware.scsi.lba_status import LbaStatusTarget
@@ -497,9 +503,10 @@ def serve_unit(
     device_id = naa_locally_assigned(ident.unit_uuid.bytes)
     config = TargetConfig(
         target_name=unit_iqn(ident.unit_uuid),
-        portal=f"{host}:{port}",
+        portal=portal or "",
         alias=f"usbmirror {ident.serial}",
         chap=chap,
+        mutual_chap=mutual_chap,
         allowed_initiators=frozenset(initiators) if initiators else None,
     )
 
