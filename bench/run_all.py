@@ -13,7 +13,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ORDER = ["bench_unit_cpu.py", "bench_usbip.py", "bench_journal.py", "bench_link.py", "bench_cascade.py",
-         "bench_history.py", "bench_guest_fio.py", "bench_gadget_fio.py"]
+         "bench_history.py", "bench_guest_fio.py", "bench_uas.py", "bench_gadget_fio.py"]
 
 
 def main() -> int:

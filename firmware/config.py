@@ -184,6 +184,9 @@ LOCAL_OPTS = [
         default="off", choices=("on", "off")),
     Opt("--usbip", "serve the disk over USB/IP on this address (e.g. 127.0.0.1:3240)", metavar="HOST:PORT"),
     Opt("--usbip-busid", "bus id the USB/IP server exports", default="1-1", metavar="BUSID"),
+    Opt("--uas", "on: with --usbip, offer USB Attached SCSI (alternate setting 1) beside Bulk-Only, so a "
+        "host with a UAS driver queues several commands at once (docs/UAS.md)", default="off",
+        choices=("on", "off")),
     Opt("--iscsi", "serve the disk as an iSCSI target on this address (e.g. 0.0.0.0:3260)", metavar="HOST:PORT"),
     Opt("--iscsi-chap", "require CHAP at iSCSI login with this user and secret (12 to 255 characters; "
         "prefer the TOML key iscsi_chap, a command line is visible to other users)", metavar="USER:SECRET"),
@@ -372,6 +375,7 @@ class LocalOptions:
     iscsi_mutual_chap: tuple[str, str] | None = None
     iscsi_portal: str | None = None  # "host:port" SendTargets advertises
     iscsi_initiators: tuple[str, ...] = ()
+    uas: bool = False
 
 
 def local_options(o: dict[str, Any]) -> LocalOptions:
@@ -383,6 +387,8 @@ def local_options(o: dict[str, Any]) -> LocalOptions:
         raise UsageError("local: give --usbip HOST:PORT, --gadget [UDC] and/or --iscsi HOST:PORT so the host "
                          "can reach the disk")
     iscsi = iscsi_options(o)
+    if o["uas"] == "on" and not o["usbip"]:
+        raise UsageError("local: --uas on needs --usbip HOST:PORT (UAS is served over USB/IP; docs/UAS.md)")
     return LocalOptions(
         volume=o["volume"], size=o["size"], block_size=o["block_size"], journal=o["journal"],
         journal_size=o["journal_size"], write_cache=o["write_cache"] == "on",
@@ -395,6 +401,7 @@ def local_options(o: dict[str, Any]) -> LocalOptions:
         sync_timeout=o["sync_timeout"],
         progress=o["progress"] == "on" or (o["progress"] == "auto" and sys.stderr.isatty()),
         metrics=metrics_listen(o["metrics"]),
+        uas=o["uas"] == "on",
         **iscsi,
     )
 

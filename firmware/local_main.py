@@ -131,10 +131,14 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         if opts.usbip:
             from gadget.usbip_server import UsbipServer
 
-            server = stack.enter_context(
-                UsbipServer.for_logical_unit(target, usb_ident, host=opts.usbip[0], port=opts.usbip[1],
-                                             busid=opts.usbip_busid)
-            )
+            if opts.uas:
+                server = stack.enter_context(
+                    _uas_server(target, scsi_target, unit, ident, usb_ident, opts.usbip, opts.usbip_busid))
+            else:
+                server = stack.enter_context(
+                    UsbipServer.for_logical_unit(target, usb_ident, host=opts.usbip[0], port=opts.usbip[1],
+                                                 busid=opts.usbip_busid)
+                )
             transports.append(f"usbip {opts.usbip[0]}:{server.port} busid {opts.usbip_busid}")
             usb_status.append(server)
             log.info("serving over USB/IP host=%s port=%d busid=%s", opts.usbip[0], server.port,
@@ -279,3 +283,31 @@ def _shared_unit(state_dir: Path) -> Any:
         log.info("persistent reservations restored path=%s registrations=%s reservation=%s", path,
                  snap["registrations"], snap["reservation"])
     return SharedUnit(reservations=reservations)
+
+
+#: UAS commands run on this many workers, each with its own SCSI target over the one local unit
+#: (Linux's `uas` keeps up to 30 commands in flight at high speed; past a few, the journal's group
+#: commit already shares each flush among them).
+UAS_WORKERS = 8
+
+
+@contextlib.contextmanager
+def _uas_server(target: Any, scsi_target: Any, unit: Any, ident: Any, usb_ident: Any, address: tuple[str, int],
+                busid: str) -> Any:
+    """A USB/IP server whose device offers UAS beside Bulk-Only (docs/UAS.md); its workers' targets
+    share the reservations and write gate of `scsi_target`, the one Bulk-Only uses."""
+    from firmware.scsi import ScsiTarget, naa_locally_assigned
+    from gadget.uas_device import UasMassStorageDevice
+    from gadget.usbip_server import UsbipServer
+
+    device_id = naa_locally_assigned(ident.unit_uuid.bytes)
+    workers = [ScsiTarget(unit, serial=ident.serial, device_id=device_id, shared=scsi_target.shared)
+               for _ in range(UAS_WORKERS)]
+    for worker in workers:
+        unit.add_write_refusal_listener(worker.write_protect_changed)  # the replica's WP bit too
+    device = UasMassStorageDevice(target, workers, usb_ident)
+    try:
+        with UsbipServer(device, host=address[0], port=address[1], busid=busid) as server:
+            yield server
+    finally:
+        device.close()

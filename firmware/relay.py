@@ -106,6 +106,14 @@ class _RelayedVolume:
         log.info("relay dirty regions cleared source=%s count=%d", self.relay.source_id, n)
         return n
 
+    def dirty_runs(self) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+        """See `LocalUnit.dirty_runs`. The relay keeps no journal position for its dirty writes, so
+        every record its journal holds counts as possibly later than them (one run, tail to head)."""
+        bm, j = self.relay.bitmap, self.relay.journal
+        if bm is None or j is None or not bm.dirty_regions:
+            return 0, ()
+        return bm.snapshot().token, ((0, j.tail_seq - 1, j.head_seq),)
+
     def add_sync_gate(self, gate: Callable[[int], None]) -> None:
         pass
 

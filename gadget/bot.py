@@ -60,7 +60,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Final
+from typing import ClassVar, Final, NamedTuple
 
 from firmware.logical_unit import CommandResult, Direction, LogicalUnit, Status
 from gadget.descriptors import EP_IN, EP_OUT
@@ -179,9 +179,9 @@ class InvalidCsw(ValueError):
     """Bytes that are not a valid CSW (BOT 6.3.1); raised only by the host-side parser."""
 
 
-@dataclass(frozen=True, slots=True)
-class Cbw:
-    """A Command Block Wrapper with every field as sent, reserved bits included (BOT 5.1)."""
+class Cbw(NamedTuple):
+    """A Command Block Wrapper with every field as sent, reserved bits included (BOT 5.1). A named
+    tuple: one is made per command, and a tuple is the cheapest record Python builds."""
 
     tag: int
     data_transfer_length: int
@@ -215,7 +215,7 @@ class Cbw:
         signature, tag, length, flags, lun, cb_length, cb = _CBW.unpack(data)
         if signature != CBW_SIGNATURE:
             raise InvalidCbw(f"signature {signature:#010x}")
-        return cls(tag, length, flags, lun, cb_length, bytes(cb))
+        return cls(tag, length, flags, lun, cb_length, cb)
 
     def build(self) -> bytes:
         return _CBW.pack(
@@ -579,7 +579,11 @@ class BulkOnlyTransport:
             return True
 
         self._sizes[_size_bucket(cbw.data_transfer_length)] += 1
-        reason = cbw.meaningless_reason(self._max_lun)
+        # the checks of meaningless_reason() in one expression (lun > max_lun covers its reserved
+        # bits, cb_length > 16 its reserved bits): the method only says why
+        reason = (cbw.meaningless_reason(self._max_lun)
+                  if cbw.flags & 0x7F or cbw.lun > self._max_lun or not 1 <= cbw.cb_length <= MAX_CB_LENGTH
+                  else None)
         if reason is not None:
             # BOT 6.2.2 / 6.4: response unspecified; we refuse with a phase error (module docstring).
             self._counters["meaningless_cbws"] += 1

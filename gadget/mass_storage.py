@@ -21,11 +21,10 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from firmware.logical_unit import CommandResult, LogicalUnit
-from gadget.bot import BotCommand, BulkOnlyTransport, ClassRequest, Stall
+from gadget.bot import STALL, BotCommand, BulkOnlyTransport, ClassRequest, Stall
 from gadget.descriptors import (
     EP_IN,
     EP_OUT,
@@ -87,9 +86,9 @@ class Recipient(enum.IntEnum):
     OTHER = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """A finished transfer. `tag` is the transport's name for it (the USB/IP seqnum)."""
+class Completion(NamedTuple):
+    """A finished transfer. `tag` is the transport's name for it (the USB/IP seqnum). A named
+    tuple: one is made for every transfer, and a tuple is the cheapest record Python builds."""
 
     tag: int
     status: int  # 0 or a negative errno
@@ -97,8 +96,7 @@ class Completion:
     data: bytes = b""  # IN data (len == actual_length)
 
 
-@dataclass(frozen=True, slots=True)
-class _PendingIn:
+class _PendingIn(NamedTuple):
     tag: int
     length: int
 
@@ -163,11 +161,20 @@ class MassStorageDevice:
             log.warning("transfer to missing endpoint ep=%d in=%s configured=%d", endpoint, direction_in,
                         self.configuration)  # fmt: skip
             return [Completion(tag, -EPIPE, 0)]
+        stats = self.stats
         if direction_in:
-            self.stats["bulk_in"] += 1
+            stats["bulk_in"] += 1
+            if not self._pending_in:  # the usual case: the host asks for data or the CSW that is ready
+                result = self.bot.bulk_in(length)
+                if result is None:
+                    self._pending_in.append(_PendingIn(tag, length))
+                    return []
+                if result is STALL:
+                    return [Completion(tag, -EPIPE, 0)]
+                return [Completion(tag, 0, len(result), result)]  # type: ignore[arg-type]
             self._pending_in.append(_PendingIn(tag, length))
             return self._retry_pending()
-        self.stats["bulk_out"] += 1
+        stats["bulk_out"] += 1
         if not self.bot.bulk_out(data):
             return [Completion(tag, -EPIPE, 0), *self._retry_pending()]
         if not self._pending_in:  # the usual case: nothing waits on bulk IN
@@ -222,7 +229,7 @@ class MassStorageDevice:
             if isinstance(result, Stall):  # gadget.bot.STALL: the IN endpoint is halted
                 done.append(Completion(item.tag, -EPIPE, 0))
             else:
-                done.append(Completion(item.tag, 0, len(result), bytes(result)))
+                done.append(Completion(item.tag, 0, len(result), result))
         return done
 
     # -- ep0 -------------------------------------------------------------------------------------

@@ -381,6 +381,31 @@ def ret_submit_header(seqnum: int, status: int, actual_length: int) -> bytes:
 
 
 _DIRECTIONS: Final = (UrbDirection.OUT, UrbDirection.IN)
+_unpack_submit = _SUBMIT.unpack_from
+
+
+SubmitFields = tuple[int, int, int, int, int, bytes]  # seqnum, devid, direction, ep, length, setup
+
+
+def parse_submit(buf: bytearray | bytes | memoryview, at: int, max_transfer: int) -> SubmitFields | None:
+    """A server's hot path: the CMD_SUBMIT header at `buf[at:at + 48]` (the caller checked that
+    48 bytes are there) as (seqnum, devid, direction, ep, transfer_buffer_length, setup), with
+    direction 0 (OUT, the data follows the header) or 1 (IN); None when the header there is not a
+    CMD_SUBMIT (hand those bytes to a `UsbipConnection`). One unpack, no event object: the server
+    reads the OUT data from its own receive buffer. A CMD_SUBMIT this protocol refuses raises
+    `UsbipProtocolError`, the same checks as `UsbipConnection.next_event()`."""
+    if buf[at + 3] != UrbCommand.CMD_SUBMIT or buf[at] | buf[at + 1] | buf[at + 2]:
+        return None
+    (_c, seqnum, devid, direction, ep, _flags, length, _start, npkts, _interval, setup) = _unpack_submit(buf, at)
+    if direction > 1:
+        raise UsbipProtocolError(f"direction {direction} is neither 0 (out) nor 1 (in)")
+    if ep > 15:
+        raise UsbipProtocolError(f"endpoint number {ep} is above 15")
+    if npkts and npkts != -1:  # 0 or 0xFFFFFFFF (unpacked signed): not isochronous
+        raise UsbipProtocolError(f"isochronous URB ({npkts & 0xFFFFFFFF} packets) is not supported")
+    if not 0 <= length <= max_transfer:
+        raise UsbipProtocolError(f"transfer length {length} outside 0..{max_transfer}")
+    return seqnum, devid, direction, ep, length, setup
 
 
 def _consume_urb(buf: bytearray, total: int) -> bytes:
@@ -550,24 +575,14 @@ class UsbipConnection:
         if len(buf) < URB_HEADER_SIZE:
             return NEED_DATA
         server = self.role == UsbipRole.SERVER
-        if server and buf[3] == UrbCommand.CMD_SUBMIT and not buf[0] | buf[1] | buf[2]:
-            # The hot path (every transfer of every command): one unpack of the whole header.
+        if server and parse_submit(buf, 0, self.max_transfer) is not None:
             (_c, seqnum, devid, direction, ep, flags, length, start, npkts, interval, setup) = _SUBMIT.unpack_from(buf)
-            if direction > 1:
-                raise UsbipProtocolError(f"direction {direction} is neither 0 (out) nor 1 (in)")
-            if ep > 15:
-                raise UsbipProtocolError(f"endpoint number {ep} is above 15")
-            npkts &= 0xFFFFFFFF
-            if npkts not in _NOT_ISO:
-                raise UsbipProtocolError(f"isochronous URB ({npkts} packets) is not supported")
-            if not 0 <= length <= self.max_transfer:
-                raise UsbipProtocolError(f"transfer length {length} outside 0..{self.max_transfer}")
             total = URB_HEADER_SIZE if direction else URB_HEADER_SIZE + length
             if len(buf) < total:
                 return NEED_DATA
             data = _consume_urb(buf, total)
             return SubmitCommand(seqnum, devid, _DIRECTIONS[direction], ep, flags, length, setup, data, interval,
-                                 start, npkts)
+                                 start, npkts & 0xFFFFFFFF)
         command, seqnum, devid, direction, ep = _BASIC.unpack_from(buf, 0)
         expected = (UrbCommand.CMD_SUBMIT, UrbCommand.CMD_UNLINK) if server else (UrbCommand.RET_SUBMIT,
                                                                                    UrbCommand.RET_UNLINK)

@@ -61,6 +61,7 @@ from gadget.usbip_protocol import (
     ECONNRESET,
     ENODEV,
     NEED_DATA,
+    URB_HEADER_SIZE,
     DevlistReply,
     DevlistRequest,
     ExportedDevice,
@@ -77,6 +78,7 @@ from gadget.usbip_protocol import (
     UsbipConnection,
     UsbipProtocolError,
     UsbipRole,
+    parse_submit,
     ret_submit_header,
 )
 
@@ -391,6 +393,14 @@ class UsbipServer:
         view = memoryview(buf)
         try:
             while True:
+                if conn.imported and not conn.buffered:
+                    # The URB phase with nothing held by the parser: the hot path, until the
+                    # peer closes, the reading moves to another thread or a URB needs the parser.
+                    if not self._read_urbs(session, conn, buf, view):
+                        break
+                    if session.reader is not me:
+                        return
+                    continue
                 # Buffered events before the socket: a thread that takes over finds those its
                 # predecessor had received and not yet handled.
                 event = conn.next_event()
@@ -414,6 +424,64 @@ class UsbipServer:
                 log.warning("usbip connection failed peer=%s error=%s", peer, exc)
         if session.reader is me:
             self._close_connection(session)
+
+    def _read_urbs(self, session: _UsbipSession, conn: UsbipConnection, buf: bytearray, view: memoryview) -> bool:
+        """The URB phase's hot path: CMD_SUBMITs parsed in place in `buf` (`parse_submit`, no event
+        objects), an OUT URB's data copied once out of it, each handed to the session at once.
+        Returns False when the peer closed the connection; True when `session.reader` changed
+        while a command ran, or when bytes not handled yet (the next URB after the one submitted,
+        or one that is not a CMD_SUBMIT) were given to `conn`, whose parser takes them from there:
+        so a thread that takes over the reading finds every byte this one received."""
+        recv_into = session.sock.recv_into
+        submit = session.submit
+        limit = conn.max_transfer
+        size = len(buf)
+        me = threading.current_thread()
+        start = end = 0
+        while True:
+            avail = end - start
+            if avail < URB_HEADER_SIZE:
+                if start:  # keep a partial header at the front
+                    buf[:avail] = buf[start:end]
+                    start, end = 0, avail
+                n = recv_into(view[end:])
+                if not n:
+                    return False
+                end += n
+                continue
+            fields = parse_submit(buf, start, limit)
+            if fields is None:  # CMD_UNLINK or a malformed header: the parser decides
+                conn.receive_data(view[start:end])
+                return True
+            seqnum, devid, direction, ep, length, setup = fields
+            if direction:  # IN: the header is the whole URB
+                data = b""
+                start += URB_HEADER_SIZE
+            else:
+                total = URB_HEADER_SIZE + length
+                if total > size:  # larger than the receive buffer: the parser collects it
+                    conn.receive_data(view[start:end])
+                    return True
+                if avail < total:
+                    if start + total > size:
+                        buf[:avail] = buf[start:end]
+                        start, end = 0, avail
+                    while end - start < total:  # the rest of this URB, and nothing beyond it
+                        n = recv_into(view[end:start + total])
+                        if not n:
+                            return False
+                        end += n
+                data = bytes(view[start + URB_HEADER_SIZE:start + total])
+                start += total
+            if start == end:
+                start = end = 0
+            else:  # the host sent ahead: its next URBs go to the parser before this one runs
+                conn.receive_data(view[start:end])
+                submit(conn, seqnum, devid, ep, direction, length, setup, data)
+                return True
+            submit(conn, seqnum, devid, ep, direction, length, setup, data)
+            if session.reader is not me:
+                return True
 
     def _close_connection(self, session: _UsbipSession) -> None:
         try:
@@ -519,6 +587,9 @@ class _UsbipSession:
             return False
         with self.lock:
             self.device = device
+            attach = getattr(device, "attach_delivery", None)
+            if attach is not None:  # a device that completes transfers from its own threads (UAS)
+                attach(self.deliver)
         server.count("imports")
         log.info("usbip import peer=%s busid=%s", self.peer, event.busid)
         self.sock.sendall(conn.send(ImportReply(0, server.exported.info)))
@@ -531,17 +602,20 @@ class _UsbipSession:
         return True
 
     def _submit(self, conn: UsbipConnection, cmd: SubmitCommand) -> None:
+        self.submit(conn, cmd.seqnum, cmd.devid, cmd.ep, cmd.direction == UrbDirection.IN,
+                    cmd.transfer_buffer_length, cmd.setup, cmd.data)
+
+    def submit(self, conn: UsbipConnection, seqnum: int, devid: int, ep: int, direction_in: int, length: int,
+               setup: bytes, data: bytes) -> None:
+        """One CMD_SUBMIT: hand it to the device, send what completed, run a command it made ready."""
         device = self.device
-        if device is None or cmd.devid != self.devid:
-            log.warning("usbip submit for unknown devid=0x%08x seq=%d peer=%s", cmd.devid, cmd.seqnum, self.peer)
-            self.sock.sendall(conn.send(SubmitReturn(cmd.seqnum, -ENODEV, 0)))
+        if device is None or devid != self.devid:
+            log.warning("usbip submit for unknown devid=0x%08x seq=%d peer=%s", devid, seqnum, self.peer)
+            self.sock.sendall(conn.send(SubmitReturn(seqnum, -ENODEV, 0)))
             return
         with self.lock:
             self._conn = conn
-            done = device.submit(
-                cmd.seqnum, cmd.ep, cmd.direction == UrbDirection.IN, cmd.transfer_buffer_length, cmd.setup,
-                cmd.data,
-            )
+            done = device.submit(seqnum, ep, bool(direction_in), length, setup, data)
             command = device.take_command()
             if command is not None and not self.server.claim_inline():
                 self.server.submit_command(self, device, command)
@@ -591,6 +665,19 @@ class _UsbipSession:
             except (OSError, UsbipProtocolError) as exc:
                 # The connection thread sees the same failure on its socket and ends the session.
                 log.info("usbip reply after a command failed peer=%s error=%s", self.peer, exc)
+
+    def deliver(self, device: object, produce: Callable[[], list[Completion]]) -> None:
+        """From a device's own thread: `produce()` (the device records what finished) under the
+        session lock, then send the transfers it completed (none if the importer left)."""
+        with self.lock:
+            done = produce()
+            conn = self._conn
+            if not done or device is not self.device or conn is None:
+                return
+            try:
+                self._complete(conn, done)
+            except (OSError, UsbipProtocolError) as exc:
+                log.info("usbip reply from a device thread failed peer=%s error=%s", self.peer, exc)
 
     def _complete(self, conn: UsbipConnection, done: list[Completion]) -> None:
         """Send the RET_SUBMITs of `done`, in order, with one `sendmsg`: each header and its IN

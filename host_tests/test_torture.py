@@ -10,7 +10,8 @@ import dataclasses
 import pytest
 
 from host_tests import torture
-from host_tests.torture import Campaign, MemRemote, run
+from host_tests.torture import Campaign, Counts, HostModel, MemRemote, run
+from host_tests.torture_real import real_round
 
 
 def test_a_short_campaign_injects_every_fault_and_keeps_every_property() -> None:
@@ -51,11 +52,12 @@ def test_a_remote_that_skips_a_record_is_caught(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_the_last_line_has_the_documented_form(capsys: pytest.CaptureFixture[str]) -> None:
-    assert torture.main(["--seed", "5", "--steps", "500"]) == 0
+    assert torture.main(["--seed", "5", "--steps", "500", "--real-share", "0"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     keys = [kv.split("=")[0] for kv in last.removeprefix("torture: ").split()]
     assert keys == ["seed", "seconds", "cuts", "kills", "link_faults", "corrupt_frames", "enospc", "overflows",
-                    "acked", "lost", "prefix_violations", "applied_twice", "wedges"]
+                    "promotions", "failbacks", "real_rounds", "acked", "lost", "prefix_violations", "applied_twice",
+                    "wedges"]
     assert last.startswith("torture: seed=5 ") and last.endswith("lost=0 prefix_violations=0 applied_twice=0 wedges=0")
     camp = Campaign(5)  # a campaign can also be stepped by hand to study a seed
     camp.step()
@@ -69,3 +71,11 @@ def test_records_shipped_before_the_overflow_resync_are_a_prefix_violation(monke
     counts, failure = run(seed=13, seconds=0, steps=20_000)
     assert failure is not None and "no image of the host's writes" in failure
     assert counts.prefix_violations == 1
+
+
+def test_a_round_with_real_processes_kills_fails_over_and_back_and_keeps_every_property() -> None:
+    c = Counts()
+    real_round(21, 0, c, HostModel, fail_over=True, ops=10)
+    assert (c.real_rounds, c.promotions, c.failbacks) == (1, 1, 1)
+    assert c.kills >= 1 and c.acked >= 5
+    assert (c.lost, c.prefix_violations, c.applied_twice, c.wedges) == (0, 0, 0, 0)

@@ -289,3 +289,48 @@ def test_connection_idle_before_import_is_closed(server: UsbipServer, monkeypatc
         assert idle.closed_by_server()  # the server gave up on a peer that never asked anything
     with attached(server) as c:
         assert c.read_capacity()[1] == 512
+
+
+def test_commands_sent_ahead_in_one_buffer_are_each_answered(server: UsbipServer) -> None:
+    """A host may queue URBs before the earlier ones return: two whole commands (a 300 KiB WRITE,
+    whose data URB is larger than the server's receive buffer, then a READ of it), a CMD_UNLINK
+    between them and a control request, all in one send. Each URB gets its own answer, in order,
+    and the data lands."""
+    from gadget.usbip_protocol import UnlinkCommand
+    from gadget.usbip_server import RECV_BUFFER
+
+    with attached(server) as c:
+        payload = bytes(range(256)) * (300 * 1024 // 256)
+        assert len(payload) > RECV_BUFFER
+        blocks = len(payload) // 512
+        write = struct.pack(">BBIBHB", 0x2A, 0, 8, 0, blocks, 0)
+        read = struct.pack(">BBIBHB", 0x28, 0, 8, 0, blocks, 0)
+        urbs: list[tuple[UrbDirection, int, bytes]] = [
+            (UrbDirection.OUT, 31, pack_cbw(1, write, len(payload))),
+            (UrbDirection.OUT, len(payload), payload),
+            (UrbDirection.IN, 13, b""),
+            (UrbDirection.OUT, 31, pack_cbw(2, read, len(payload), data_in=True)),
+            (UrbDirection.IN, len(payload), b""),
+            (UrbDirection.IN, 13, b""),
+        ]
+        wire = b""
+        seqs = []
+        for direction, length, data in urbs:
+            seq = c.next_seqnum()
+            seqs.append(seq)
+            wire += c.conn.send(SubmitCommand(seq, c.devid, direction, 1, 0, length, bytes(8), data))
+            if len(seqs) == 3:  # an unlink of a URB that already completed, between the commands
+                unlink = c.next_seqnum()
+                wire += c.conn.send(UnlinkCommand(unlink, c.devid, seqs[0]))
+        control = c.next_seqnum()
+        wire += c.conn.send(SubmitCommand(control, c.devid, UrbDirection.IN, 0, 0, 2, bytes.fromhex("8000000000000200")))
+        c.send_raw(wire)
+        got = [c.wait(s) for s in seqs]
+        assert all(isinstance(r, SubmitReturn) and r.status == 0 for r in got)
+        assert got[1].actual_length == len(payload)  # type: ignore[union-attr]
+        assert CSW.unpack(got[2].data) == (b"USBS", 1, 0, 0)  # type: ignore[union-attr]
+        assert got[4].data == payload  # type: ignore[union-attr]
+        assert CSW.unpack(got[5].data) == (b"USBS", 2, 0, 0)  # type: ignore[union-attr]
+        assert c.wait(unlink).status == 0  # completed before the unlink came: 0, not -ECONNRESET
+        ret = c.wait(control)
+        assert isinstance(ret, SubmitReturn) and ret.status == 0 and len(ret.data) == 2

@@ -28,11 +28,18 @@ durable, i.e. over a newer write (`applied_twice`); after each heal phase (fault
 reaches the journal's head within a bounded number of steps and the remote equals the local disk
 (`wedges` otherwise).
 
+A share of the time (TORTURE_REAL_SHARE, 0.2 by default) goes to rounds with real processes and
+real files between heal phases (`host_tests.torture_real`): a `usbmirror local` / `usbmirror remote`
+pair on tmp files, written over USB/IP, kill -9 of either unit and restart, and in about half of the
+rounds a promotion of the remote, writes on the promoted copy, and a failback; checked against the
+same kind of model.
+
 The step sequence depends only on the seed: TORTURE_SEED=S replays a campaign, TORTURE_STEPS=N
-stops it after exactly N steps (the time bound, TORTURE_SECONDS, only decides how many steps run).
+stops it after exactly N steps (the time bound, TORTURE_SECONDS, only decides how many steps run;
+a real round draws on its own random stream, seeded by the seed and its number).
 The last line is `torture: seed=S seconds=T cuts=N kills=N link_faults=N corrupt_frames=N enospc=N
-overflows=N acked=N lost=0 prefix_violations=0 applied_twice=0 wedges=0`; on a violation the line
-before it names the seed and the step, and the exit status is 1.
+overflows=N promotions=N failbacks=N real_rounds=N acked=N lost=0 prefix_violations=0 applied_twice=0
+wedges=0`; on a violation the line before it names the seed and the step, and the exit status is 1.
 
 Run: .venv/bin/python -m host_tests.torture [--seed S] [--seconds T] [--steps N]
 """
@@ -82,6 +89,7 @@ from firmware.replication.target import (
     TargetState,
 )
 from firmware.storage import StorageError
+from host_tests.torture_real import RealViolation, real_round
 
 UNIT = uuid.UUID("70270e00-0000-4000-8000-000000000013")
 BS = 512
@@ -111,6 +119,9 @@ class Counts:
     prefix_violations: int = 0
     applied_twice: int = 0
     wedges: int = 0
+    promotions: int = 0
+    failbacks: int = 0
+    real_rounds: int = 0
     resyncs: int = 0
     steps: int = 0
 
@@ -118,8 +129,8 @@ class Counts:
 class HostModel:
     """The host's writes in order, and the disk after any prefix of them since `base_idx`."""
 
-    def __init__(self) -> None:
-        self.base = bytearray(NBLOCKS * BS)  # the disk after write number base_idx
+    def __init__(self, nblocks: int = NBLOCKS) -> None:
+        self.base = bytearray(nblocks * BS)  # the disk after write number base_idx
         self.base_idx = 0
         self.writes: list[tuple[int, bytes]] = []  # writes base_idx+1 .. issued
         self.durable_idx = 0  # every write up to here was acknowledged as durable
@@ -663,13 +674,27 @@ class Campaign:
             self.heal()
 
 
-def run(seed: int, seconds: float, steps: int | None = None) -> tuple[Counts, str | None]:
-    """Run one campaign; returns its counts and the violation (with the step it happened at), or None."""
+def run(seed: int, seconds: float, steps: int | None = None, *, real_share: float = 0.0) -> tuple[Counts, str | None]:
+    """Run one campaign; returns its counts and the violation (with the step it happened at), or None.
+
+    `real_share`: the fraction of the time given to rounds with real processes and files
+    (`host_tests.torture_real`), run between heal phases; they draw on their own random streams, so
+    the in-process steps stay the seed's."""
     camp = Campaign(seed)
-    deadline = time.monotonic() + seconds
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    real_time = 0.0
     try:
         while (camp.c.steps < steps) if steps is not None else (time.monotonic() < deadline):
             camp.step()
+            if real_share > 0 and camp.c.steps % HEAL_EVERY == 0 and \
+                    real_time < real_share * (time.monotonic() - t0):
+                r0 = time.monotonic()
+                try:
+                    real_round(seed, camp.c.real_rounds, camp.c, HostModel)
+                except RealViolation as exc:
+                    return camp.c, f"step {camp.c.steps}: {exc}"
+                real_time += time.monotonic() - r0
         camp.heal()
     except Violation as exc:
         return camp.c, f"step {camp.c.steps}: {exc}"
@@ -678,7 +703,8 @@ def run(seed: int, seconds: float, steps: int | None = None) -> tuple[Counts, st
 
 def summary(seed: int, seconds: float, c: Counts) -> str:
     return (f"torture: seed={seed} seconds={seconds:g} cuts={c.cuts} kills={c.kills} link_faults={c.link_faults} "
-            f"corrupt_frames={c.corrupt_frames} enospc={c.enospc} overflows={c.overflows} acked={c.acked} "
+            f"corrupt_frames={c.corrupt_frames} enospc={c.enospc} overflows={c.overflows} promotions={c.promotions} "
+            f"failbacks={c.failbacks} real_rounds={c.real_rounds} acked={c.acked} "
             f"lost={c.lost} prefix_violations={c.prefix_violations} applied_twice={c.applied_twice} "
             f"wedges={c.wedges}")
 
@@ -688,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="default: TORTURE_SEED, else a random seed")
     ap.add_argument("--seconds", type=float, default=None, help="default: TORTURE_SECONDS, else 60")
     ap.add_argument("--steps", type=int, default=None, help="stop after exactly N steps (default: TORTURE_STEPS)")
+    ap.add_argument("--real-share", type=float, default=None,
+                    help="fraction of the time for rounds with real processes (default: TORTURE_REAL_SHARE, else 0.2)")
     args = ap.parse_args(argv)
     env_seed, env_steps = os.environ.get("TORTURE_SEED"), os.environ.get("TORTURE_STEPS")
     seed = args.seed if args.seed is not None else int(env_seed) if env_seed else random.SystemRandom().randrange(1 << 31)
@@ -696,9 +724,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.CRITICAL)  # the units log every overflow and resync; the counts say it
     print(f"torture: seed={seed} (replay with TORTURE_SEED={seed})", flush=True)
     t0 = time.monotonic()
-    counts, failure = run(seed, seconds, steps)
+    env_share = os.environ.get("TORTURE_REAL_SHARE")
+    share = args.real_share if args.real_share is not None else float(env_share) if env_share else 0.2
+    counts, failure = run(seed, seconds, steps, real_share=share)
     elapsed = time.monotonic() - t0
-    print(f"torture: {counts.steps} steps, {counts.resyncs} resyncs in {elapsed:.1f} s", flush=True)
+    print(f"torture: {counts.steps} steps, {counts.resyncs} resyncs, {counts.real_rounds} rounds with real "
+          f"processes in {elapsed:.1f} s", flush=True)
     if failure is not None:
         print(f"torture: FAILED seed={seed} at {failure} (replay: TORTURE_SEED={seed} "
               f"TORTURE_STEPS={counts.steps})", flush=True)

@@ -124,6 +124,7 @@ class Journal:
         self._closed = False
         self._failed: BaseException | None = None
         self._writer_busy = False
+        self._flushes = 0  # batches made durable (one flash sync each): status "flushes"
         self._durable_listeners: list[Callable[[], None]] = []
         self._track_applied = track_applied
         self._incarnation = ckpt.incarnation
@@ -620,6 +621,7 @@ class Journal:
                 raise JournalError(f"journal write failed: {exc}") from exc
             raise
         self._lock.acquire()
+        self._flushes += 1
         self._durable_seq = last.seq if last.kind != WRAP_KIND else last.seq - 1
         self._durable_pos = end_pos
         self._bytes_since_ckpt += size
@@ -872,6 +874,7 @@ class Journal:
                 "applied_seq": self._applied_seq,
                 "consumers": dict(self._consumers),
                 "checkpoint_generation": self._ckpt_gen,
+                "flushes": self._flushes,
             }
 
     # -- lifecycle --------------------------------------------------------------------------------

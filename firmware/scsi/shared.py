@@ -35,7 +35,8 @@ class WriteGate:
     def leave(self) -> None:
         with self._cond:
             self._writers -= 1
-            if not self._writers:
+            # only an exclusive writer waits for the writers to drain, and it set _exclusive first
+            if not self._writers and self._exclusive:
                 self._cond.notify_all()
 
     @contextmanager
