@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -511,3 +512,70 @@ def test_write_shorter_edtl_writes_only_the_blocks_sent() -> None:
     assert h.store.read(0, 2) == b"b" * 512 + b"a" * 512
     (rsp,) = h.send(scsi_pdu(write10(0, 1), itt=2, cmdsn=2, edtl=0, write=True))
     assert rsp.bhs[3] == 0 and rsp.flags & 0x04 and rsp.u32(44) == 512
+
+
+@pytest.mark.parametrize(("why", "pdu", "status"), [
+    ("T and C both set", login_pdu([("InitiatorName", INITIATOR), ("TargetName", TARGET)], csg=1, nsg=3, cont=True),
+     0x0200),
+    ("transit to a stage before the current one", login_pdu([("InitiatorName", INITIATOR)], csg=1, nsg=0), 0x0200),
+    ("the reserved stage 2", login_pdu([("InitiatorName", INITIATOR)], csg=2, nsg=3), 0x0200),
+    ("full feature phase as the current stage", login_pdu([("InitiatorName", INITIATOR)], csg=3, nsg=3), 0x0200),
+    ("a TSIH for a session that does not exist",
+     login_pdu([("InitiatorName", INITIATOR), ("TargetName", TARGET)], csg=1, nsg=3, tsih=7), 0x020A),
+    ("a malformed text key", None, 0x0200),
+])
+def test_login_state_violations_are_refused_and_the_connection_closed(why: str, pdu: Pdu | None, status: int) -> None:
+    h = Harness()
+    if pdu is None:
+        pdu = login_pdu([], csg=1, nsg=3)
+        pdu.data = b"InitiatorName\0"  # no '='
+    (rsp,) = h.send(pdu)
+    assert rsp.opcode == PduOpcode.LOGIN_RESPONSE, why
+    assert (rsp.bhs[36] << 8 | rsp.bhs[37]) == status, why
+    assert h.conn.closed, why
+
+
+def test_login_with_a_newer_protocol_version_only_is_refused() -> None:
+    h = Harness()
+    pdu = login_pdu([("InitiatorName", INITIATOR), ("TargetName", TARGET)], csg=1, nsg=3)
+    pdu.bhs[3] = 1  # Version-min 1: we speak version 0 only
+    (rsp,) = h.send(pdu)
+    assert (rsp.bhs[36], rsp.bhs[37]) == (0x02, 0x05) and h.conn.closed
+
+
+def test_login_text_beyond_its_limit_across_continuations_is_refused() -> None:
+    h = Harness()
+    chunk = b"X-Padding=" + b"a" * 8000 + b"\0"
+    for _ in range(10):  # more than 64 KiB of text in continued login PDUs
+        pdu = login_pdu([], csg=1, nsg=3, transit=False, cont=True)
+        pdu.data = chunk
+        out = h.send(pdu)
+        if h.conn.closed:
+            break
+    assert h.conn.closed
+    assert (out[-1].bhs[36], out[-1].bhs[37]) == (0x02, 0x00)
+
+
+def test_a_login_pdu_larger_than_the_login_phase_allows_is_rejected() -> None:
+    h = Harness()
+    pdu = login_pdu([("InitiatorName", INITIATOR), ("X-Big", "b" * 9000)], csg=1, nsg=3)
+    out = h.send_raw(pdu.encode())  # 8192 bytes is the login phase's MaxRecvDataSegmentLength
+    assert [p.opcode for p in out] == [PduOpcode.REJECT]
+    assert h.conn.closed
+
+
+def test_a_truncated_pdu_waits_for_the_rest_and_a_whole_one_after_it_is_served() -> None:
+    h = Harness()
+    h.login()
+    raw = scsi_pdu(TUR, itt=1, cmdsn=1).encode()
+    assert h.send_raw(raw[:30]) == [] and not h.conn.closed  # half a header: nothing yet
+    out = h.send_raw(raw[30:] + scsi_pdu(TUR, itt=2, cmdsn=2).encode())
+    assert sorted(p.itt for p in out) == [1, 2]
+
+
+def test_immediate_data_beyond_first_burst_length_is_a_protocol_error() -> None:
+    h = Harness()
+    h.login([("ImmediateData", "Yes"), ("InitialR2T", "No"), ("FirstBurstLength", "512")])
+    out = h.send(scsi_pdu(write10(0, 2), itt=1, cmdsn=1, edtl=1024, write=True, data=bytes(1024)))
+    assert [p.opcode for p in out] == [PduOpcode.REJECT]
+    assert h.conn.closed

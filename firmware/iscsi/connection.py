@@ -440,7 +440,9 @@ class Connection:
                 raise _LoginFailed(LoginStatus.SESSION_DOES_NOT_EXIST, f"TSIH {self.tsih}: sessions have one connection")
             if transit and cont:
                 raise _LoginFailed(LoginStatus.INITIATOR_ERROR, "T and C both set")
-            if csg != self._stage or csg == 2 or csg == 3 or (transit and nsg <= csg) or nsg == 2:
+            if csg == 2 or csg == 3 or (transit and nsg <= csg) or nsg == 2:
+                raise _LoginFailed(LoginStatus.INITIATOR_ERROR, f"stage CSG={csg} NSG={nsg} at stage {self._stage}")
+            if csg != self._stage:
                 if not (csg == 1 and self._stage == 0 and self._may_skip_security()):
                     raise _LoginFailed(LoginStatus.INITIATOR_ERROR, f"stage CSG={csg} NSG={nsg} at stage {self._stage}")
                 self._stage = 1
