@@ -160,10 +160,14 @@ class _Done:
 
 
 class _Peer:
-    def __init__(self, sock: socket.socket, conn: Connection, lane: Lane) -> None:
+    def __init__(self, sock: socket.socket, conn: Connection, lane: Lane, slow: SenseUnit) -> None:
         self.sock = sock
         self.conn = conn
         self.lane = lane
+        # the target slow tasks run on (committers, one at a time): a target is not shared between
+        # threads, its sense data belongs to the command it just ran
+        self.slow_unit = slow
+        self.slow_lock = threading.Lock()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         # the committer's work: (ticket, done commands) to answer once durable, or a slow task to run
@@ -256,6 +260,7 @@ class IscsiServer:
         ]
         for p in peers:
             commands.update(_command_counts(p.lane.unit))
+            commands.update(_command_counts(p.slow_unit))
         return {
             "target": self._config.target_name,
             "commands": dict(sorted(commands.items())),
@@ -284,6 +289,8 @@ class IscsiServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 made = self._factory()
                 lane = made if isinstance(made, Lane) else Lane(made)
+                slow = self._factory()
+                slow_unit = slow.unit if isinstance(slow, Lane) else slow
                 here = sock.getsockname()
             except Exception:
                 log.exception("iscsi connection could not be set up peer=%s:%s", addr[0], addr[1])
@@ -295,7 +302,7 @@ class IscsiServer:
                 config = replace(config, portal=f"[{here[0]}]:{here[1]}" if ":" in here[0] else f"{here[0]}:{here[1]}")
             conn = Connection(config, lane.unit.plan, random=os.urandom, peer=f"{addr[0]}:{addr[1]}",
                               block_size=lane.unit.block_size)
-            peer = _Peer(sock, conn, lane)
+            peer = _Peer(sock, conn, lane, slow_unit)
             peer.thread = threading.Thread(target=self._serve, args=(peer,), name=f"iscsi-{addr[1]}", daemon=True)
             with self._peers_lock:
                 self._peers.add(peer)
@@ -367,6 +374,7 @@ class IscsiServer:
             with self._peers_lock:
                 self._peers.discard(peer)
                 self._retired.update(_command_counts(peer.lane.unit))
+                self._retired.update(_command_counts(peer.slow_unit))
 
     def _run_batch(self, peer: _Peer, tasks: list[ScsiTask]) -> None:
         """Run the commands of one batch on the connection's target; answer those that need no wait
@@ -405,7 +413,8 @@ class IscsiServer:
             if item is None:
                 return
             if isinstance(item, ScsiTask):
-                done = [_execute(peer.lane.unit, item, peer.conn.nexus)]
+                with peer.slow_lock:
+                    done = [_execute(peer.slow_unit, item, peer.conn.nexus)]
             else:
                 ticket, done = item
                 # every batch already queued shares this one wait
