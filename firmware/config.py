@@ -190,6 +190,11 @@ LOCAL_OPTS = [
     Opt("--iscsi", "serve the disk as an iSCSI target on this address (e.g. 0.0.0.0:3260)", metavar="HOST:PORT"),
     Opt("--iscsi-chap", "require CHAP at iSCSI login with this user and secret (12 to 255 characters; "
         "prefer the TOML key iscsi_chap, a command line is visible to other users)", metavar="USER:SECRET"),
+    Opt("--iscsi-mutual-chap", "mutual CHAP: the name and secret the target proves to an initiator that "
+        "asks it to authenticate (12 to 255 characters, not the --iscsi-chap secret); needs --iscsi-chap",
+        metavar="USER:SECRET"),
+    Opt("--iscsi-portal", "the address iSCSI discovery (SendTargets) tells initiators to log in at, e.g. "
+        "the public address behind NAT (default: the address the initiator reached)", metavar="HOST:PORT"),
     Opt("--iscsi-initiator", "iSCSI initiator name allowed to log in; repeat for several (default: any)",
         multiple=True, metavar="IQN"),
     Opt("--iscsi-with-usb", "on: serve over iSCSI and USB at once (only for hosts that coordinate access "
@@ -301,20 +306,36 @@ def remote_entries(o: dict[str, Any]) -> list[RemoteSpec]:
 def iscsi_options(o: dict[str, Any]) -> dict[str, Any]:
     """The iSCSI part of LocalOptions, checked: CHAP form, and USB beside iSCSI only when asked for."""
     if not o["iscsi"]:
-        if o["iscsi_chap"] or o["iscsi_initiator"]:
-            raise UsageError("local: --iscsi-chap and --iscsi-initiator need --iscsi HOST:PORT")
+        if o["iscsi_chap"] or o["iscsi_initiator"] or o["iscsi_mutual_chap"] or o["iscsi_portal"]:
+            raise UsageError("local: --iscsi-chap, --iscsi-mutual-chap, --iscsi-portal and --iscsi-initiator "
+                             "need --iscsi HOST:PORT")
         return {}
     if (o["usbip"] or o["gadget"] is not None) and o["iscsi_with_usb"] != "on":
         raise UsageError("local: --iscsi beside --usbip/--gadget lets two hosts write the same volume without "
                          "knowing of each other; give --iscsi-with-usb on only if they coordinate (cluster)")
-    chap = None
-    if o["iscsi_chap"]:
-        user, sep, secret = str(o["iscsi_chap"]).partition(":")
-        if not sep or not user or not 12 <= len(secret) <= 255:
-            raise UsageError("--iscsi-chap expects USER:SECRET with a secret of 12 to 255 characters")
-        chap = (user, secret)
-    return {"iscsi": _address(o, "iscsi"), "iscsi_chap": chap,
-            "iscsi_initiators": tuple(o["iscsi_initiator"] or ())}
+    chap = _chap_credentials(o, "iscsi_chap")
+    mutual = _chap_credentials(o, "iscsi_mutual_chap")
+    if mutual is not None:
+        if chap is None:
+            raise UsageError("--iscsi-mutual-chap needs --iscsi-chap: the target authenticates itself only to "
+                             "an initiator that authenticated first")
+        if mutual[1] == chap[1]:
+            raise UsageError("--iscsi-mutual-chap needs a secret of its own, not the --iscsi-chap secret")
+    portal = None
+    if o["iscsi_portal"]:
+        host, port = _address(o, "iscsi_portal")
+        portal = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {"iscsi": _address(o, "iscsi"), "iscsi_chap": chap, "iscsi_mutual_chap": mutual,
+            "iscsi_portal": portal, "iscsi_initiators": tuple(o["iscsi_initiator"] or ())}
+
+
+def _chap_credentials(o: dict[str, Any], key: str) -> tuple[str, str] | None:
+    if not o[key]:
+        return None
+    user, sep, secret = str(o[key]).partition(":")
+    if not sep or not user or not 12 <= len(secret) <= 255:
+        raise UsageError(f"--{key.replace('_', '-')} expects USER:SECRET with a secret of 12 to 255 characters")
+    return (user, secret)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +372,8 @@ class LocalOptions:
     metrics: tuple[str, int] | None = None
     iscsi: tuple[str, int] | None = None
     iscsi_chap: tuple[str, str] | None = None
+    iscsi_mutual_chap: tuple[str, str] | None = None
+    iscsi_portal: str | None = None  # "host:port" SendTargets advertises
     iscsi_initiators: tuple[str, ...] = ()
     uas: bool = False
 

@@ -357,7 +357,7 @@ def exposed(state_dir: str, source: str, usbip: tuple[str, int] | None, *, mark:
             from firmware.iscsi.server import IQN_PREFIX, IscsiServer
 
             iqn = f"{IQN_PREFIX}:image-{serial.lower()}"
-            config = TargetConfig(target_name=iqn, portal=f"{iscsi[0]}:{iscsi[1]}", alias=f"usbmirror image {serial}")
+            config = TargetConfig(target_name=iqn, portal="", alias=f"usbmirror image {serial}")
             try:
                 isrv = stack.enter_context(IscsiServer(config, new_lu, host=iscsi[0], port=iscsi[1],
                                                        reservations=shared.reservations))

@@ -92,7 +92,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         from firmware.watchdog import Watchdog
 
         watchdog = Watchdog({})  # enabled only under systemd (NOTIFY_SOCKET); probes are added below
-        scsi_target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
+        scsi_target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes),
+                                 shared=_shared_unit(state_dir))
         unit.add_write_refusal_listener(scsi_target.write_protect_changed)  # a replica's WP bit (FAILOVER.md)
         target: Any = scsi_target
         monitor: CommandMonitor | None = None
@@ -158,6 +159,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
 
             iscsi_server = stack.enter_context(
                 serve_unit(unit, ident, host=opts.iscsi[0], port=opts.iscsi[1], chap=opts.iscsi_chap,
+                           mutual_chap=opts.iscsi_mutual_chap, portal=opts.iscsi_portal,
                            initiators=opts.iscsi_initiators, shared=target.shared)
             )
             transports.append(f"iscsi {opts.iscsi[0]}:{iscsi_server.port}")
@@ -247,6 +249,40 @@ def _status_text(fn: Any) -> str:
         return render_status(fn())
     except Exception as exc:
         return f"status unavailable: {exc}"
+
+
+def _shared_unit(state_dir: Path) -> Any:
+    """The unit's reservation state (every bus), persisted crash-safely in the state dir once an
+    initiator asks for it with APTPL (docs/ISCSI.md), and loaded back at start-up."""
+    from firmware.atomic import fsync_dir, write_atomically
+    from firmware.scsi.reservations import Reservations
+    from firmware.scsi.shared import SharedUnit
+
+    path = state_dir / "reservations.json"
+
+    def persist(state: bytes) -> None:
+        if state:
+            write_atomically(path, state)
+        elif path.exists():
+            path.unlink()
+            fsync_dir(state_dir)
+
+    try:
+        saved = path.read_bytes()
+    except FileNotFoundError:
+        saved = b""
+    except OSError as exc:
+        raise UsageError(f"cannot read the reservation state {path}: {exc.strerror}") from None
+    try:
+        reservations = Reservations(persist=persist, saved=saved)
+    except ValueError as exc:
+        raise UsageError(f"the reservation state {path} is damaged ({exc}); remove it to start without the "
+                         "persistent reservations it held") from None
+    if saved:
+        snap = reservations.snapshot()
+        log.info("persistent reservations restored path=%s registrations=%s reservation=%s", path,
+                 snap["registrations"], snap["reservation"])
+    return SharedUnit(reservations=reservations)
 
 
 #: UAS commands run on this many workers, each with its own SCSI target over the one local unit

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,6 +140,48 @@ def test_chap_refuses_a_wrong_secret(caplog: object) -> None:
     rsp = _chap_login(h, "wrong-secret")
     assert (rsp.bhs[36], rsp.bhs[37]) == (0x02, 0x01)
     assert h.conn.closed
+
+
+_MUTUAL = TargetConfig(target_name=TARGET, portal="h:1", chap=("alice", "s3cret-s3cret"),
+                       mutual_chap=("target-bob", "an0ther-s3cret"))
+
+
+def _mutual_login(h: Harness, challenge: str) -> Pdu:
+    base = [("InitiatorName", INITIATOR), ("TargetName", TARGET), ("AuthMethod", "CHAP")]
+    h.send(login_pdu(base, csg=0, nsg=1, transit=False))
+    (rsp,) = h.send(login_pdu([("CHAP_A", "5")], csg=0, nsg=1, transit=False))
+    keys = dict(parse_text(rsp.data))
+    answer = chap_response(int(keys["CHAP_I"]), "s3cret-s3cret", keys["CHAP_C"])
+    (rsp,) = h.send(login_pdu([("CHAP_N", "alice"), ("CHAP_R", answer), ("CHAP_I", "77"), ("CHAP_C", challenge)],
+                              csg=0, nsg=1))
+    return rsp
+
+
+def test_mutual_chap_the_target_proves_its_secret_to_the_initiator() -> None:
+    h = Harness(config=_MUTUAL)
+    rsp = _mutual_login(h, "0x" + bytes(range(100, 116)).hex())
+    assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0) and rsp.flags & 0x80
+    keys = dict(parse_text(rsp.data))
+    assert keys["CHAP_N"] == "target-bob"
+    assert keys["CHAP_R"] == chap_response(77, "an0ther-s3cret", "0x" + bytes(range(100, 116)).hex())
+    (rsp,) = h.send(login_pdu([("HeaderDigest", "None")], csg=1, nsg=3))
+    assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0) and h.conn.phase.value == "full_feature"
+
+
+def test_mutual_chap_refusals() -> None:
+    # the initiator asks the target to authenticate, but no mutual secret is configured
+    h = Harness(config=TargetConfig(target_name=TARGET, portal="h:1", chap=("alice", "s3cret-s3cret")))
+    assert _mutual_login(h, "0x" + bytes(16).hex()).bhs[36:38] == b"\x02\x01" and h.conn.closed
+    # the target's own challenge sent back (a reflection attack) is refused
+    h = Harness(config=_MUTUAL)
+    own = "0x" + bytes(range(1, 17)).hex()  # the harness's random bytes: the target's challenge
+    assert _mutual_login(h, own).bhs[36:38] == b"\x02\x01" and h.conn.closed
+    h = Harness(config=_MUTUAL)
+    assert _mutual_login(h, "0xzz").bhs[36:38] == b"\x02\x01" and h.conn.closed  # not a CHAP binary value
+    # an initiator that does not ask still logs in with one-way CHAP
+    h = Harness(config=_MUTUAL)
+    rsp = _chap_login(h, "s3cret-s3cret")
+    assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0) and "CHAP_R" not in dict(parse_text(rsp.data))
 
 
 def test_chap_refuses_skipping_security() -> None:
@@ -469,3 +512,70 @@ def test_write_shorter_edtl_writes_only_the_blocks_sent() -> None:
     assert h.store.read(0, 2) == b"b" * 512 + b"a" * 512
     (rsp,) = h.send(scsi_pdu(write10(0, 1), itt=2, cmdsn=2, edtl=0, write=True))
     assert rsp.bhs[3] == 0 and rsp.flags & 0x04 and rsp.u32(44) == 512
+
+
+@pytest.mark.parametrize(("why", "pdu", "status"), [
+    ("T and C both set", login_pdu([("InitiatorName", INITIATOR), ("TargetName", TARGET)], csg=1, nsg=3, cont=True),
+     0x0200),
+    ("transit to a stage before the current one", login_pdu([("InitiatorName", INITIATOR)], csg=1, nsg=0), 0x0200),
+    ("the reserved stage 2", login_pdu([("InitiatorName", INITIATOR)], csg=2, nsg=3), 0x0200),
+    ("full feature phase as the current stage", login_pdu([("InitiatorName", INITIATOR)], csg=3, nsg=3), 0x0200),
+    ("a TSIH for a session that does not exist",
+     login_pdu([("InitiatorName", INITIATOR), ("TargetName", TARGET)], csg=1, nsg=3, tsih=7), 0x020A),
+    ("a malformed text key", None, 0x0200),
+])
+def test_login_state_violations_are_refused_and_the_connection_closed(why: str, pdu: Pdu | None, status: int) -> None:
+    h = Harness()
+    if pdu is None:
+        pdu = login_pdu([], csg=1, nsg=3)
+        pdu.data = b"InitiatorName\0"  # no '='
+    (rsp,) = h.send(pdu)
+    assert rsp.opcode == PduOpcode.LOGIN_RESPONSE, why
+    assert (rsp.bhs[36] << 8 | rsp.bhs[37]) == status, why
+    assert h.conn.closed, why
+
+
+def test_login_with_a_newer_protocol_version_only_is_refused() -> None:
+    h = Harness()
+    pdu = login_pdu([("InitiatorName", INITIATOR), ("TargetName", TARGET)], csg=1, nsg=3)
+    pdu.bhs[3] = 1  # Version-min 1: we speak version 0 only
+    (rsp,) = h.send(pdu)
+    assert (rsp.bhs[36], rsp.bhs[37]) == (0x02, 0x05) and h.conn.closed
+
+
+def test_login_text_beyond_its_limit_across_continuations_is_refused() -> None:
+    h = Harness()
+    chunk = b"X-Padding=" + b"a" * 8000 + b"\0"
+    for _ in range(10):  # more than 64 KiB of text in continued login PDUs
+        pdu = login_pdu([], csg=1, nsg=3, transit=False, cont=True)
+        pdu.data = chunk
+        out = h.send(pdu)
+        if h.conn.closed:
+            break
+    assert h.conn.closed
+    assert (out[-1].bhs[36], out[-1].bhs[37]) == (0x02, 0x00)
+
+
+def test_a_login_pdu_larger_than_the_login_phase_allows_is_rejected() -> None:
+    h = Harness()
+    pdu = login_pdu([("InitiatorName", INITIATOR), ("X-Big", "b" * 9000)], csg=1, nsg=3)
+    out = h.send_raw(pdu.encode())  # 8192 bytes is the login phase's MaxRecvDataSegmentLength
+    assert [p.opcode for p in out] == [PduOpcode.REJECT]
+    assert h.conn.closed
+
+
+def test_a_truncated_pdu_waits_for_the_rest_and_a_whole_one_after_it_is_served() -> None:
+    h = Harness()
+    h.login()
+    raw = scsi_pdu(TUR, itt=1, cmdsn=1).encode()
+    assert h.send_raw(raw[:30]) == [] and not h.conn.closed  # half a header: nothing yet
+    out = h.send_raw(raw[30:] + scsi_pdu(TUR, itt=2, cmdsn=2).encode())
+    assert sorted(p.itt for p in out) == [1, 2]
+
+
+def test_immediate_data_beyond_first_burst_length_is_a_protocol_error() -> None:
+    h = Harness()
+    h.login([("ImmediateData", "Yes"), ("InitialR2T", "No"), ("FirstBurstLength", "512")])
+    out = h.send(scsi_pdu(write10(0, 2), itt=1, cmdsn=1, edtl=1024, write=True, data=bytes(1024)))
+    assert [p.opcode for p in out] == [PduOpcode.REJECT]
+    assert h.conn.closed

@@ -79,36 +79,26 @@ class _Initiator:
         self.cmdsn += 1
 
 
-def test_writes_in_flight_from_two_connections_share_one_journal_sync(tmp_path: Path) -> None:
-    flash = _HeldSyncFlash(RING_OFFSET + 1024 * 1024)
+def test_writes_that_arrive_together_share_one_journal_sync(tmp_path: Path) -> None:
+    flash = SimulatedFlash(RING_OFFSET + 1024 * 1024)
     with Volume(tmp_path / "vol", size=1024 * BS, block_size=BS) as vol, \
             Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=flash) as j, \
             LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
             serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
         a = _Initiator(server.port, server.target_name)
-        b = _Initiator(server.port, server.target_name)
-        flash.hold = True
-        a.write(0, b"\x01" * BS, itt=1)  # its sync is held: the flash is "slow"
-        assert flash.entered.wait(30)
         before = flash.syncs
-        a.write(1, b"\x02" * BS, itt=2)
-        b.write(2, b"\x03" * BS, itt=1)
-        b.write(3, b"\x04" * BS, itt=2)
-        # all three reach the journal while the first sync is in progress
-        for _ in range(300):
-            if j.head_seq >= 4:
-                break
-            threading.Event().wait(0.01)
-        assert j.head_seq >= 4
-        flash.release.set()
-        got = [a.recv(), a.recv(), b.recv(), b.recv()]
-        assert all(p.opcode == PduOpcode.SCSI_RESPONSE and p.bhs[3] == 0 for p in got)
-        # the held sync, then one more that the three waiting writes share
-        assert flash.syncs - before == 2
-        assert unit.read(0, 4) == b"\x01" * BS + b"\x02" * BS + b"\x03" * BS + b"\x04" * BS
-        assert server.status()["commands"]["WRITE_10"] == 4
+        pdus = []
+        for i in range(8):
+            cdb = bytes([0x2A, 0]) + i.to_bytes(4, "big") + b"\0\0\x01\0"
+            pdus.append(scsi_pdu(cdb, itt=i + 1, cmdsn=a.cmdsn + i, edtl=BS, write=True, data=bytes([i + 1]) * BS))
+        a.sock.sendall(b"".join(p.encode() for p in pdus))  # one segment on loopback: one batch
+        got = sorted((p.itt, p.bhs[3]) for p in (a.recv() for _ in range(8)))
+        assert got == [(i + 1, 0) for i in range(8)]
+        assert flash.syncs - before == 1  # eight writes, one journal fdatasync
+        assert j.durable_seq == j.head_seq == 8
+        assert unit.read(0, 8) == b"".join(bytes([i + 1]) * BS for i in range(8))
+        assert server.status()["commands"]["WRITE_10"] == 8
         a.sock.close()
-        b.sock.close()
 
 
 def test_reserve_conflicts_across_sessions_and_ends_when_its_session_drops(tmp_path: Path) -> None:
@@ -177,8 +167,60 @@ def test_iscsi_chap_and_acl_options(tmp_path: Path) -> None:
                    'iscsi_initiator = ["iqn.2000-01.a:one", "iqn.2000-01.b:two"]\n')
     ns = cli.build_parser().parse_args(["local", "--config", str(cfg)])
     got = config.iscsi_options(config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config)))
-    assert got == {"iscsi": ("0.0.0.0", 3260), "iscsi_chap": ("alice", "s3cret-s3cret"),
-                   "iscsi_initiators": ("iqn.2000-01.a:one", "iqn.2000-01.b:two")}
+    assert got == {"iscsi": ("0.0.0.0", 3260), "iscsi_chap": ("alice", "s3cret-s3cret"), "iscsi_mutual_chap": None,
+                   "iscsi_portal": None, "iscsi_initiators": ("iqn.2000-01.a:one", "iqn.2000-01.b:two")}
+
+
+def test_iscsi_mutual_chap_and_portal_options(tmp_path: Path) -> None:
+    with pytest.raises(config.UsageError, match="needs --iscsi-chap"):
+        config.iscsi_options(_local_opts("--iscsi", "h:3260", "--iscsi-mutual-chap", "bob:an0ther-s3cret"))
+    with pytest.raises(config.UsageError, match="secret of its own"):
+        config.iscsi_options(_local_opts("--iscsi", "h:3260", "--iscsi-chap", "alice:s3cret-s3cret",
+                                         "--iscsi-mutual-chap", "bob:s3cret-s3cret"))
+    with pytest.raises(config.UsageError, match="iscsi-mutual-chap expects USER:SECRET"):
+        config.iscsi_options(_local_opts("--iscsi", "h:3260", "--iscsi-chap", "alice:s3cret-s3cret",
+                                         "--iscsi-mutual-chap", "bob:short"))
+    with pytest.raises(config.UsageError, match="--iscsi-portal"):
+        config.iscsi_options(_local_opts("--iscsi", "h:3260", "--iscsi-portal", "no-port"))
+    cfg = tmp_path / "local.toml"
+    cfg.write_text('volume = "/srv/x.img"\niscsi = "0.0.0.0:3260"\niscsi_chap = "alice:s3cret-s3cret"\n'
+                   'iscsi_mutual_chap = "bob:an0ther-s3cret"\niscsi_portal = "203.0.113.9:3260"\n')
+    ns = cli.build_parser().parse_args(["local", "--config", str(cfg)])
+    got = config.iscsi_options(config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config)))
+    assert got["iscsi_mutual_chap"] == ("bob", "an0ther-s3cret") and got["iscsi_portal"] == "203.0.113.9:3260"
+
+
+def test_sendtargets_advertises_the_configured_portal_else_the_address_reached(tmp_path: Path) -> None:
+    from firmware.iscsi.pdu import build_text, parse_text
+
+    def discover(port: int) -> list[tuple[str, str]]:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            framer = Framer()
+
+            def call(pdu: Pdu) -> Pdu:
+                s.sendall(pdu.encode())
+                while (rsp := framer.next()) is None:
+                    data = s.recv(65536)
+                    assert data
+                    framer.feed(data)
+                assert isinstance(rsp, Pdu)
+                return rsp
+
+            rsp = call(login_pdu([("InitiatorName", INITIATOR), ("SessionType", "Discovery")], csg=1, nsg=3))
+            assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0)
+            text = Pdu.new(PduOpcode.TEXT_REQUEST, flags=0x80, immediate=True)
+            text.set_u32(16, 5)
+            text.set_u32(20, 0xFFFFFFFF)
+            text.set_u32(24, 1)
+            text.data = build_text([("SendTargets", "All")])
+            return parse_text(call(text).data)
+
+    with Volume(tmp_path / "vol", size=64 * BS, block_size=BS) as vol:
+        with serve_unit(vol, UnitIdentity(UNIT), host="127.0.0.1", port=0, portal="203.0.113.9:3260") as server:
+            assert discover(server.port) == [("TargetName", unit_iqn(UNIT)), ("TargetAddress", "203.0.113.9:3260,1")]
+        with serve_unit(vol, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+            assert discover(server.port) == [("TargetName", unit_iqn(UNIT)),
+                                             ("TargetAddress", f"127.0.0.1:{server.port},1")]
 
 
 class _FailingSyncFlash(SimulatedFlash):

@@ -4,12 +4,13 @@ with two I_T nexuses as the iSCSI server presents them (two targets of one unit 
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
 from firmware.logical_unit import CommandResult, Status
 from firmware.scsi import ScsiTarget
-from firmware.scsi.reservations import PrType
+from firmware.scsi.reservations import PrType, Reservations
 from firmware.scsi.sense import Sense
 from firmware.scsi.shared import SharedUnit
 from host_tests.scsi_fakes import MemoryBlockStore
@@ -27,9 +28,9 @@ READ_KEYS, READ_RESERVATION, REPORT_CAPABILITIES, READ_FULL_STATUS = range(4)
 class Unit:
     """Two targets over one store and one SharedUnit, each command sent as a given nexus."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedUnit | None = None) -> None:
         self.store = MemoryBlockStore(block_size=512, num_blocks=1024)
-        self.shared = SharedUnit()
+        self.shared = shared if shared is not None else SharedUnit()
         self.targets = [ScsiTarget(self.store, serial="UM0001", device_id=NAA3_ID, shared=self.shared) for _ in range(2)]
         self._next = 0
 
@@ -391,3 +392,62 @@ def test_usb_has_one_nexus_and_is_never_in_conflict_with_itself() -> None:
     u.good("", WRITE, BLOCK)
     full = u.good("", prin(READ_FULL_STATUS))
     assert full[8 + 24] == 0x0F  # a TransportID of no specific protocol
+
+
+# ---- APTPL: persist through power loss --------------------------------------------------------------
+
+
+def test_aptpl_persists_registrations_and_the_reservation_and_they_come_back() -> None:
+    stored: list[bytes] = []
+    u = Unit(SharedUnit(reservations=Reservations(persist=stored.append)))
+    caps = u.good(A, prin(REPORT_CAPABILITIES))
+    assert caps[2] & 0x01 and not caps[3] & 0x01  # PTPL_C=1, PTPL_A=0
+    u.prout(A, REGISTER_IGNORE, sa_key=0x77)
+    assert stored == []  # APTPL not asked for: nothing is written
+    u.prout(A, REGISTER_IGNORE, sa_key=0x77, flags=0x01)  # APTPL=1
+    u.prout(A, RESERVE, key=0x77, pr_type=PrType.WRITE_EXCLUSIVE)
+    u.prout(B, REGISTER_IGNORE, sa_key=0x88)  # B's register has APTPL=0: persisting stops
+    assert stored[-1] == b""
+    u.prout(B, REGISTER, key=0x88, sa_key=0x88, flags=0x01)  # and again on
+    assert u.good(A, prin(REPORT_CAPABILITIES))[3] & 0x01  # PTPL_A=1
+    # a power cut: a new unit from what was stored
+    again = Unit(SharedUnit(reservations=Reservations(persist=stored.append, saved=stored[-1])))
+    assert sorted(again.keys()[1]) == [0x77, 0x88]
+    assert again.reservation() == (0x77, PrType.WRITE_EXCLUSIVE)
+    again.conflict(B, rw10(0x2A, 0, 1), data_out=bytes(512))  # the reservation holds after the restart
+    again.good(A, rw10(0x2A, 0, 1), data_out=bytes(512))
+
+
+def test_aptpl_a_failed_store_fails_the_command_and_changes_nothing() -> None:
+    def broken(state: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    u = Unit(SharedUnit(reservations=Reservations(persist=broken)))
+    cdb, data = prout(REGISTER_IGNORE, sa_key=0x55, flags=0x01)
+    u.check(A, cdb, 0x44, key=0x04, data_out=data)  # HARDWARE ERROR, INTERNAL TARGET FAILURE
+    assert u.keys()[1] == []
+    assert not u.good(A, prin(REPORT_CAPABILITIES))[3] & 0x01
+
+
+def test_a_damaged_reservation_state_is_refused_with_the_reason() -> None:
+    for bad in (b"{", b'{"version": 2}', b'{"version": 1, "aptpl": true, "generation": 1, "registrations": [], '
+                b'"reservation": {"holder": "nobody", "type": 1}}'):
+        with pytest.raises(ValueError, match=r"reservation state|holder|version"):
+            Reservations(persist=lambda s: None, saved=bad)
+
+
+def test_the_local_unit_keeps_the_aptpl_state_in_its_state_dir(tmp_path: Path) -> None:
+    from firmware.config import UsageError
+    from firmware.local_main import _shared_unit
+
+    u = Unit(_shared_unit(tmp_path))
+    u.prout(A, REGISTER_IGNORE, sa_key=0x99, flags=0x01)
+    u.prout(A, RESERVE, key=0x99, pr_type=PrType.EXCLUSIVE_ACCESS)
+    assert (tmp_path / "reservations.json").exists()
+    again = Unit(_shared_unit(tmp_path))  # the unit restarted
+    assert again.reservation() == (0x99, PrType.EXCLUSIVE_ACCESS)
+    again.prout(A, REGISTER, key=0x99, sa_key=0x99)  # APTPL=0: the stored state goes
+    assert not (tmp_path / "reservations.json").exists()
+    (tmp_path / "reservations.json").write_bytes(b"garbage")
+    with pytest.raises(UsageError, match=r"reservations\.json is damaged"):
+        _shared_unit(tmp_path)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 Planner = Callable[[bytes], CommandPlan]
 
 _LOGIN_MAX_TEXT = 64 * 1024  # the whole text of one login/text exchange
+_MAX_CHAP_CHALLENGE = 1024  # bytes of an initiator's CHAP_C (RFC 7143 12.1.3 leaves the length open)
 _STATUS_GOOD = 0x00
 _STATUS_CHECK_CONDITION = 0x02
 _STATUS_TASK_ABORTED = 0x40
@@ -110,6 +111,8 @@ class TargetConfig:
     portal_group_tag: int = 1
     alias: str = ""
     chap: tuple[str, str] | None = None  # (user, secret) the initiator must prove
+    # (name, secret) the target proves to an initiator that asks it to (mutual CHAP)
+    mutual_chap: tuple[str, str] | None = None
     allowed_initiators: frozenset[str] | None = None  # None: any initiator name
     limits: TargetLimits = field(default_factory=TargetLimits)
 
@@ -437,7 +440,9 @@ class Connection:
                 raise _LoginFailed(LoginStatus.SESSION_DOES_NOT_EXIST, f"TSIH {self.tsih}: sessions have one connection")
             if transit and cont:
                 raise _LoginFailed(LoginStatus.INITIATOR_ERROR, "T and C both set")
-            if csg != self._stage or csg == 2 or csg == 3 or (transit and nsg <= csg) or nsg == 2:
+            if csg == 2 or csg == 3 or (transit and nsg <= csg) or nsg == 2:
+                raise _LoginFailed(LoginStatus.INITIATOR_ERROR, f"stage CSG={csg} NSG={nsg} at stage {self._stage}")
+            if csg != self._stage:
                 if not (csg == 1 and self._stage == 0 and self._may_skip_security()):
                     raise _LoginFailed(LoginStatus.INITIATOR_ERROR, f"stage CSG={csg} NSG={nsg} at stage {self._stage}")
                 self._stage = 1
@@ -542,8 +547,7 @@ class Connection:
         if "CHAP_R" in keys or "CHAP_N" in keys:
             if not self._chap_challenge:
                 raise _LoginFailed(LoginStatus.AUTHENTICATION_FAILED, "CHAP response without a challenge")
-            if "CHAP_I" in keys or "CHAP_C" in keys:
-                raise _LoginFailed(LoginStatus.AUTHENTICATION_FAILED, "mutual CHAP is not supported")
+            proof = self._mutual_proof(keys)  # checked before the initiator's answer is
             user, secret = chap
             expected = hashlib.md5(bytes([self._chap_id]) + secret.encode() + self._chap_challenge).digest()
             got = _chap_binary(keys.get("CHAP_R", ""))
@@ -551,8 +555,37 @@ class Connection:
             if keys.get("CHAP_N") != user or got is None or not hmac.compare_digest(got, expected):
                 raise _LoginFailed(LoginStatus.AUTHENTICATION_FAILED, f"CHAP failed for user {keys.get('CHAP_N')!r}")
             log.info("chap authenticated peer=%s initiator=%s user=%s", self.peer, self.initiator_name, user)
+            if proof:
+                answer += proof
+                log.info("mutual chap: the target answered the initiator's challenge peer=%s name=%s",
+                         self.peer, proof[0][1])
+            elif self.config.mutual_chap is not None:
+                log.info("mutual chap configured, but the initiator did not ask the target to authenticate peer=%s",
+                         self.peer)
             self._auth_done = True
         return answer
+
+    def _mutual_proof(self, keys: dict[str, str]) -> list[tuple[str, str]]:
+        """The target's CHAP_N/CHAP_R when the initiator sent CHAP_I and CHAP_C (RFC 7143 12.1.3),
+        else []. Refused: mutual CHAP not configured, a malformed identifier or challenge, or the
+        target's own challenge sent back (a reflection)."""
+        if "CHAP_I" not in keys and "CHAP_C" not in keys:
+            return []
+        mutual = self.config.mutual_chap
+        if mutual is None:
+            raise _LoginFailed(LoginStatus.AUTHENTICATION_FAILED,
+                               "the initiator asked the target to authenticate (mutual CHAP), none is configured")
+        ident_text, challenge_text = keys.get("CHAP_I", ""), keys.get("CHAP_C", "")
+        if not ident_text.isdigit() or int(ident_text) > 255:
+            raise _LoginFailed(LoginStatus.AUTHENTICATION_FAILED, f"mutual CHAP: bad CHAP_I {ident_text[:16]!r}")
+        challenge = _chap_binary(challenge_text)
+        if challenge is None or not 1 <= len(challenge) <= _MAX_CHAP_CHALLENGE:
+            raise _LoginFailed(LoginStatus.AUTHENTICATION_FAILED, "mutual CHAP: bad CHAP_C")
+        if challenge == self._chap_challenge:
+            raise _LoginFailed(LoginStatus.AUTHENTICATION_FAILED, "mutual CHAP: the target's own challenge sent back")
+        name, secret = mutual
+        digest = hashlib.md5(bytes([int(ident_text)]) + secret.encode() + challenge).hexdigest()
+        return [("CHAP_N", name), ("CHAP_R", "0x" + digest)]
 
     def _login_response(
         self,

@@ -160,10 +160,14 @@ class _Done:
 
 
 class _Peer:
-    def __init__(self, sock: socket.socket, conn: Connection, lane: Lane) -> None:
+    def __init__(self, sock: socket.socket, conn: Connection, lane: Lane, slow: SenseUnit) -> None:
         self.sock = sock
         self.conn = conn
         self.lane = lane
+        # the target slow tasks run on (committers, one at a time): a target is not shared between
+        # threads, its sense data belongs to the command it just ran
+        self.slow_unit = slow
+        self.slow_lock = threading.Lock()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         # the committer's work: (ticket, done commands) to answer once durable, or a slow task to run
@@ -256,6 +260,7 @@ class IscsiServer:
         ]
         for p in peers:
             commands.update(_command_counts(p.lane.unit))
+            commands.update(_command_counts(p.slow_unit))
         return {
             "target": self._config.target_name,
             "commands": dict(sorted(commands.items())),
@@ -284,16 +289,20 @@ class IscsiServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 made = self._factory()
                 lane = made if isinstance(made, Lane) else Lane(made)
+                slow = self._factory()
+                slow_unit = slow.unit if isinstance(slow, Lane) else slow
                 here = sock.getsockname()
             except Exception:
                 log.exception("iscsi connection could not be set up peer=%s:%s", addr[0], addr[1])
                 sock.close()
                 continue
-            # SendTargets names the address this initiator reached, even when listening on 0.0.0.0
-            config = replace(self._config, portal=f"[{here[0]}]:{here[1]}" if ":" in here[0] else f"{here[0]}:{here[1]}")
+            config = self._config
+            if not config.portal:
+                # SendTargets names the address this initiator reached, even when listening on 0.0.0.0
+                config = replace(config, portal=f"[{here[0]}]:{here[1]}" if ":" in here[0] else f"{here[0]}:{here[1]}")
             conn = Connection(config, lane.unit.plan, random=os.urandom, peer=f"{addr[0]}:{addr[1]}",
                               block_size=lane.unit.block_size)
-            peer = _Peer(sock, conn, lane)
+            peer = _Peer(sock, conn, lane, slow_unit)
             peer.thread = threading.Thread(target=self._serve, args=(peer,), name=f"iscsi-{addr[1]}", daemon=True)
             with self._peers_lock:
                 self._peers.add(peer)
@@ -365,6 +374,7 @@ class IscsiServer:
             with self._peers_lock:
                 self._peers.discard(peer)
                 self._retired.update(_command_counts(peer.lane.unit))
+                self._retired.update(_command_counts(peer.slow_unit))
 
     def _run_batch(self, peer: _Peer, tasks: list[ScsiTask]) -> None:
         """Run the commands of one batch on the connection's target; answer those that need no wait
@@ -403,7 +413,8 @@ class IscsiServer:
             if item is None:
                 return
             if isinstance(item, ScsiTask):
-                done = [_execute(peer.lane.unit, item, peer.conn.nexus)]
+                with peer.slow_lock:
+                    done = [_execute(peer.slow_unit, item, peer.conn.nexus)]
             else:
                 ticket, done = item
                 # every batch already queued shares this one wait
@@ -478,6 +489,8 @@ def serve_unit(
     host: str,
     port: int,
     chap: tuple[str, str] | None = None,
+    mutual_chap: tuple[str, str] | None = None,
+    portal: str | None = None,
     initiators: tuple[str, ...] = (),
     shared: SharedUnit | None = None,
     nop_interval: float = 15.0,
@@ -486,7 +499,9 @@ def serve_unit(
     """Serve `store` (the local unit) as the unit's iSCSI target, with the same SCSI identity
     (serial, VPD 0x83 designator) the USB transports show, so a host sees one disk either way.
     `shared`: the reservations and write gate of a USB target serving the same store, if any, so
-    both buses see one set of reservations. `nop_interval`: seconds of silence before a NOP-In
+    both buses see one set of reservations. `portal`: the "host:port" SendTargets advertises (default:
+    the address each initiator reached). `mutual_chap`: the (name, secret) the target proves to an
+    initiator that asks (needs `chap`). `nop_interval`: seconds of silence before a NOP-In
     ping (0: none); `nop_timeout`: seconds the initiator has to answer it before it is dropped."""
     from firmware.scsi import naa_locally_assigned
     from firmware.scsi.lba_status import LbaStatusTarget
@@ -497,9 +512,10 @@ def serve_unit(
     device_id = naa_locally_assigned(ident.unit_uuid.bytes)
     config = TargetConfig(
         target_name=unit_iqn(ident.unit_uuid),
-        portal=f"{host}:{port}",
+        portal=portal or "",
         alias=f"usbmirror {ident.serial}",
         chap=chap,
+        mutual_chap=mutual_chap,
         allowed_initiators=frozenset(initiators) if initiators else None,
     )
 

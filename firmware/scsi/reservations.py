@@ -13,10 +13,17 @@ CLEAR, PREEMPT and PREEMPT AND ABORT (served as PREEMPT: the preempted nexus's t
 aborted); READ KEYS, READ RESERVATION, REPORT CAPABILITIES, READ FULL STATUS. Every reservation
 type of SPC-4 table 209 (write exclusive, exclusive access, their registrants-only and
 all-registrants forms) is served for the logical unit scope. Not served: REGISTER AND MOVE,
-SPEC_I_PT, ALL_TG_PT (the unit has one target port) and APTPL: the state lives in memory and is
-lost with power, as REPORT CAPABILITIES says (PTPL_C=0), so a PERSISTENT RESERVE OUT with APTPL=1
-is refused rather than accepted and then forgotten. No unit attentions are sent to other
+SPEC_I_PT and ALL_TG_PT (the unit has one target port). No unit attentions are sent to other
 registrants when a reservation is preempted, cleared or released.
+
+APTPL (activate persist through power loss, SPC-4 5.13.5): with a `persist` callback the unit
+reports PTPL_C=1, and once a REGISTER (or REGISTER AND IGNORE EXISTING KEY) came with APTPL=1 every
+change of the registrations or the reservation is handed to `persist` (the encoded state, `encode`)
+before the command completes; a REGISTER with APTPL=0 hands over b"" (nothing survives a power
+loss). `persist` must store it crash-safely; when it fails the command fails and nothing changes.
+`Reservations(saved=...)` starts from a stored state. Without `persist` the state lives in memory
+only (PTPL_C=0) and a PERSISTENT RESERVE OUT with APTPL=1 is refused rather than accepted and then
+forgotten.
 
 SPC-2 reservations (RESERVE/RELEASE (6)/(10)): one nexus holds the whole unit; every other nexus
 gets RESERVATION CONFLICT for everything except INQUIRY, REPORT LUNS, REQUEST SENSE, REPORT
@@ -27,8 +34,10 @@ of the holder's nexus (`nexus_lost`) and by a logical unit or target reset (`res
 from __future__ import annotations
 
 import enum
+import json
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from firmware.scsi.opcodes import Opcode, PrInAction, PrOutAction
@@ -127,13 +136,60 @@ def _iscsi_transport_id(nexus: str) -> bytes:
 class Reservations:
     """The reservation state of one logical unit (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persist: Callable[[bytes], None] | None = None, saved: bytes = b"") -> None:
         self._lock = threading.Lock()
         self.generation = 0  # PRGENERATION (SPC-4 6.15.2): counts registrations changed
         self._keys: dict[str, int] = {}  # nexus -> registered reservation key
         self._reservation: _Reservation | None = None
         self._spc2_holder: str | None = None
+        self._persist = persist
+        self._aptpl = False  # the last REGISTER's APTPL bit (kept only with `persist`)
         self.active = False  # fast path: False when no reservation of either kind exists
+        if saved:
+            self._restore(saved)
+            self._update_active()
+
+    # ---- the persisted state (APTPL) ----------------------------------------------------------
+
+    def encode(self) -> bytes:
+        """The persistent reservation state as `saved` takes it back (SPC-2 reservations are not in it)."""
+        with self._lock:
+            return self._encode_locked()
+
+    def _encode_locked(self) -> bytes:
+        res = self._reservation
+        state = {"version": 1, "aptpl": self._aptpl, "generation": self.generation,
+                 "registrations": [[nexus, key] for nexus, key in self._keys.items()],
+                 "reservation": None if res is None else {"holder": res.holder, "type": int(res.pr_type)}}
+        return json.dumps(state, sort_keys=True).encode()
+
+    def _restore(self, saved: bytes) -> None:
+        """Load `encode()`'s output; ValueError names what is wrong with it."""
+        try:
+            state = json.loads(saved)
+            if not isinstance(state, dict) or state.get("version") != 1:
+                raise ValueError("not a reservation state of version 1")
+            keys: dict[str, int] = {}
+            for nexus, key in state["registrations"]:
+                if not isinstance(nexus, str) or not isinstance(key, int) or not 0 < key < 1 << 64:
+                    raise ValueError(f"bad registration {nexus!r}")
+                keys[nexus] = key
+            raw = state["reservation"]
+            reservation = None
+            if raw is not None:
+                holder, pr_type = raw["holder"], PrType(raw["type"])
+                if not isinstance(holder, str) or (pr_type not in _ALL_REGISTRANTS and holder not in keys):
+                    raise ValueError("the reservation's holder is not registered")
+                reservation = _Reservation(holder, pr_type)
+            generation = state["generation"]
+            if not isinstance(generation, int) or not isinstance(state["aptpl"], bool):
+                raise ValueError("bad generation or aptpl")
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"reservation state incomplete: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"reservation state is not JSON: {exc}") from None
+        self._keys, self._reservation, self.generation = keys, reservation, generation
+        self._aptpl = state["aptpl"]
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -196,8 +252,11 @@ class Reservations:
             if action is PrInAction.REPORT_CAPABILITIES:
                 # byte 2: CRH=0 SIP_C=0 ATP_C=0 PTPL_C=0; byte 3: TMV=1, ALLOW COMMANDS 0 (no
                 # information); bytes 4-5: the type mask (SPC-4 6.15.4)
+                # PTPL_C (byte 2 bit 0) when the state can be persisted, PTPL_A (byte 3 bit 0) once APTPL is on
                 mask = 0x80 | 0x40 | 0x20 | 0x08 | 0x02  # WR_EX_AR EX_AC_RO WR_EX_RO EX_AC WR_EX
-                return struct.pack(">HBBBBH", 8, 0, 0x80, mask, 0x01, 0)  # byte 5: EX_AC_AR
+                ptpl_c = 0x01 if self._persist is not None else 0
+                ptpl_a = 0x01 if self._aptpl else 0
+                return struct.pack(">HBBBBH", 8, ptpl_c, 0x80 | ptpl_a, mask, 0x01, 0)  # byte 5: EX_AC_AR
             # READ FULL STATUS (SPC-4 6.15.5)
             res = self._reservation
             descriptors = []
@@ -224,7 +283,8 @@ class Reservations:
             raise CommandError(invalid_field_in_parameter_list(20, 3))
         if flags & 0x04:  # ALL_TG_PT
             raise CommandError(invalid_field_in_parameter_list(20, 2))
-        if flags & 0x01:  # APTPL: see the module docstring
+        registering = action in (PrOutAction.REGISTER, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY)
+        if flags & 0x01 and self._persist is None:  # APTPL without a place to keep the state: refused
             raise CommandError(invalid_field_in_parameter_list(20, 0))
         if flags & 0xF2 or data[21]:
             raise CommandError(invalid_field_in_parameter_list(20 if flags & 0xF2 else 21))
@@ -238,22 +298,40 @@ class Reservations:
         with self._lock:
             if self._spc2_holder is not None and self._spc2_holder != nexus:
                 raise ReservationConflict()
-            if action in (PrOutAction.REGISTER, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY):
-                self._register(nexus, key, sa_key, ignore=action is PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY)
+            before = (dict(self._keys), self._reservation, self.generation, self._aptpl)
+            try:
+                self._apply_out(nexus, action, key, sa_key, pr_type)
+                if registering and self._persist is not None:
+                    # SPC-4 5.13.5: the APTPL bit of the last REGISTER decides (others ignore it)
+                    self._aptpl = bool(flags & 0x01)
+                if self._persist is not None and (self._aptpl or before[3]) and (
+                        (dict(self._keys), self._reservation, self.generation, self._aptpl) != before):
+                    self._persist(self._encode_locked() if self._aptpl else b"")
+            except OSError as exc:
+                self._keys, self._reservation, self.generation, self._aptpl = before
+                raise CommandError(Sense.of(SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE)) from exc
+            except BaseException:
+                self._keys, self._reservation, self.generation, self._aptpl = before
+                raise
+            finally:
+                self._update_active()
+
+    def _apply_out(self, nexus: str, action: PrOutAction, key: int, sa_key: int, pr_type: int) -> None:
+        if action in (PrOutAction.REGISTER, PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY):
+            self._register(nexus, key, sa_key, ignore=action is PrOutAction.REGISTER_AND_IGNORE_EXISTING_KEY)
+        else:
+            if self._keys.get(nexus) != key:  # not registered, or another key
+                raise ReservationConflict()
+            if action is PrOutAction.RESERVE:
+                self._reserve(nexus, PrType(pr_type))
+            elif action is PrOutAction.RELEASE:
+                self._release(nexus, PrType(pr_type))
+            elif action is PrOutAction.CLEAR:
+                self._keys.clear()
+                self._reservation = None
+                self.generation += 1
             else:
-                if self._keys.get(nexus) != key:  # not registered, or another key
-                    raise ReservationConflict()
-                if action is PrOutAction.RESERVE:
-                    self._reserve(nexus, PrType(pr_type))
-                elif action is PrOutAction.RELEASE:
-                    self._release(nexus, PrType(pr_type))
-                elif action is PrOutAction.CLEAR:
-                    self._keys.clear()
-                    self._reservation = None
-                    self.generation += 1
-                else:
-                    self._preempt(nexus, sa_key, PrType(pr_type))
-            self._update_active()
+                self._preempt(nexus, sa_key, PrType(pr_type))
 
     def _register(self, nexus: str, key: int, sa_key: int, *, ignore: bool) -> None:
         current = self._keys.get(nexus)
