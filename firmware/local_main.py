@@ -139,7 +139,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                     UsbipServer.for_logical_unit(target, usb_ident, host=opts.usbip[0], port=opts.usbip[1],
                                                  busid=opts.usbip_busid)
                 )
-            transports.append(f"usbip {opts.usbip[0]}:{server.port} busid {opts.usbip_busid}")
+            transports.append(f"usbip {opts.usbip[0]}:{server.port} busid {opts.usbip_busid}"
+                              + (" (bulk-only + uas)" if opts.uas else ""))
             usb_status.append(server)
             log.info("serving over USB/IP host=%s port=%d busid=%s", opts.usbip[0], server.port,
                      opts.usbip_busid)
