@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["bench_unit_cpu.py", "bench_usbip.py", "bench_journal.py", "bench_link.py", "bench_history.py",
-         "bench_guest_fio.py", "bench_gadget_fio.py"]
+ORDER = ["bench_unit_cpu.py", "bench_usbip.py", "bench_journal.py", "bench_link.py", "bench_cascade.py",
+         "bench_history.py", "bench_guest_fio.py", "bench_gadget_fio.py"]
 
 
 def main() -> int:

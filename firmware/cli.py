@@ -76,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"the unit's state dir (default {DEFAULT_STATE_DIR})")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    pp = sub.add_parser("pair", help="create a private CA and certificates for a remote and its sources",
+    pp = sub.add_parser("pair", help="create a private CA and certificates for remotes and their sources",
                         description="Write a CA and one certificate and key per unit into DIR. Copy DIR "
                         "(or the files each unit needs) to the units and give it as --tls-dir.")
     pp.add_argument("dir", metavar="DIR")
-    pp.add_argument("--remote", metavar="NAME", help="name of the remote unit")
+    pp.add_argument("--remote", action="append", metavar="NAME",
+                    help="name of a remote unit; repeat for several (a cascade: each relay uses its own)")
     pp.add_argument("--source", action="append", metavar="ID",
                     help="a source unit id; repeat for several")
     pp.add_argument("--revoke", metavar="NAME", help="add unit NAME's certificate to DIR/crl.pem (copy it to "
@@ -144,7 +145,10 @@ def cmd_pair(args: argparse.Namespace) -> int:
         return 0
     if not args.remote or not args.source:
         raise UsageError("--remote and at least one --source are required (or --revoke / --renew NAME)")
-    written = pairing.pair(Path(args.dir), args.remote, list(args.source))
+    try:
+        written = pairing.pair(Path(args.dir), list(args.remote), list(args.source))
+    except pairing.PairingError as exc:
+        raise UsageError(str(exc)) from None
     for p in written or []:
         print(p)
     return 0
@@ -184,7 +188,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_remote(args: argparse.Namespace) -> int:
-    opts = remote_options(merge_options(args, REMOTE_OPTS, load_config(args.config), extra=("targets",)))
+    opts = remote_options(merge_options(args, REMOTE_OPTS, load_config(args.config), extra=("targets", "forwards")))
     stop = install_stop_signals()
     return run_remote(opts, stop)
 

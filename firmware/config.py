@@ -13,7 +13,7 @@ import argparse
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from firmware.replication.spec import RemoteSpec
@@ -233,6 +233,12 @@ REMOTE_OPTS = [
         kind=parse_duration, metavar="DURATION"),
     Opt("--metrics", "serve Prometheus metrics at http://HOST:PORT/metrics (docs/OPERATIONS.md)",
         metavar="HOST:PORT"),
+    Opt("--forward", "relay source ID, in order, to a further remote unit (cascade); repeat per source. "
+        "Append ,name=N to require that remote's certificate name, ,bandwidth_limit=SIZE to cap it",
+        multiple=True, metavar="ID=HOST:PORT"),
+    Opt("--forward-retention", "relay journal kept per forwarded source for the next hop (default 256M); "
+        "when it fills, the next hop is brought up to date by a dirty-region resync",
+        default="256M", kind=parse_size, metavar="SIZE"),
 ]
 
 SELFTEST_OPTS = LOCAL_OPTS  # the self-test reads the local unit's own options and config file
@@ -382,6 +388,32 @@ class RemoteOptions:
     history_size: int | None = None
     history_age_s: float = 86400.0
     metrics: tuple[str, int] | None = None
+    forwards: dict[str, RemoteSpec] = field(default_factory=dict)
+    forward_retention: int = 256 << 20
+
+
+def forward_entries(o: dict[str, Any], targets: dict[str, str]) -> dict[str, RemoteSpec]:
+    """`--forward ID=HOST:PORT[,name=N][,bandwidth_limit=SIZE]` (or the config's `forward` list, or
+    a `[forward]` table of ID = "HOST:PORT"), checked against the targets."""
+    items: list[tuple[str, str]] = []
+    for f in o.get("forward") or []:
+        sid, sep, rest = str(f).partition("=")
+        if not sep or not sid or not rest:
+            raise UsageError(f"--forward expects ID=HOST:PORT, got {f!r}")
+        items.append((sid, rest))
+    if isinstance(o.get("forwards"), dict):
+        items += [(str(k), str(v)) for k, v in o["forwards"].items()]
+    out: dict[str, RemoteSpec] = {}
+    for sid, rest in items:
+        if sid not in targets:
+            raise UsageError(f"--forward {sid}=...: this remote has no --target {sid}=PATH to relay")
+        if sid in out:
+            raise UsageError(f"--forward {sid}: a source is forwarded to one next remote only")
+        spec = parse_remote(rest)
+        if spec.mode != "async":
+            raise UsageError(f"--forward {sid}: a relay forwards asynchronously (no mode=sync)")
+        out[sid] = spec
+    return out
 
 
 def remote_options(o: dict[str, Any]) -> RemoteOptions:
@@ -404,7 +436,8 @@ def remote_options(o: dict[str, Any]) -> RemoteOptions:
     return RemoteOptions(listen=_address(o, "listen"), name=o["name"], targets=targets,
                          tls_dir=o["tls_dir"], state_dir=o["state_dir"],
                          history_size=int(o["history_size"]), history_age_s=float(o["history_age"]),
-                         metrics=metrics_listen(o["metrics"]))
+                         metrics=metrics_listen(o["metrics"]), forwards=forward_entries(o, targets),
+                         forward_retention=int(o["forward_retention"]))
 
 
 def metrics_listen(text: str | None) -> tuple[str, int] | None:

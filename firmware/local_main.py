@@ -92,7 +92,9 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         from firmware.watchdog import Watchdog
 
         watchdog = Watchdog({})  # enabled only under systemd (NOTIFY_SOCKET); probes are added below
-        target: Any = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
+        scsi_target = ScsiTarget(unit, serial=ident.serial, device_id=naa_locally_assigned(ident.unit_uuid.bytes))
+        unit.add_write_refusal_listener(scsi_target.write_protect_changed)  # a replica's WP bit (FAILOVER.md)
+        target: Any = scsi_target
         monitor: CommandMonitor | None = None
         if opts.metrics is not None or watchdog.enabled:
             # latency per opcode, and the running command the watchdog needs to see a wedge

@@ -161,6 +161,7 @@ class LocalUnit:
         self._space_events = 0
         self._space_since: float | None = None
         self._write_refusal: str | None = None  # a replica (docs/FAILOVER.md): why host writes are refused
+        self._refusal_listeners: list[Callable[[], None]] = []
         # the unit orders the volume's durability itself (fdatasync before the journal forgets)
         volume.set_write_cache(True)
         if region_blocks is None:
@@ -176,6 +177,11 @@ class LocalUnit:
             self._bitmap = DirtyBitmap.open(Path(bitmap_path), num_blocks=self._nblocks,
                                             region_blocks=region_blocks, unit_uuid=journal.unit_uuid)
         self.replayed_records = 0
+        # (first bitmap stamp, lo, hi) per run of dirty writes: every record up to lo was journaled
+        # before those writes, every record after hi after them (lo == hi, the journal's head, for a
+        # run written here). Bits found at start-up carry stamp 0 and are placed only between the
+        # journal's tail and its head.
+        self._dirty_epochs: list[tuple[int, int, int]] = []
         try:
             if journal.recovery.corruption is not None:
                 # opened with salvage: records from the damaged one on are gone, so the remotes can
@@ -184,6 +190,8 @@ class LocalUnit:
                           journal.recovery.corruption)
                 self._bitmap.mark(0, self._nblocks)
             self._replay()
+            if self._bitmap.dirty_regions:
+                self._dirty_epochs.append((0, journal.tail_seq - 1, journal.head_seq))
         except BaseException:
             self._bitmap.close()
             raise
@@ -243,10 +251,20 @@ class LocalUnit:
 
     def refuse_writes(self, reason: str | None) -> None:
         """From now on every write and unmap gets WriteProtected (DATA PROTECT, WRITE PROTECTED)
-        saying `reason`; None takes writes again."""
+        saying `reason`; None takes writes again. The listeners hear of a change between refusing
+        and taking writes (the SCSI target then reports the new WP bit)."""
+        changed = (reason is None) != (self._write_refusal is None)
         self._write_refusal = reason
         if reason is not None:
             log.warning("host writes refused reason=%s", reason)
+        if changed:
+            for listener in self._refusal_listeners:
+                listener()
+
+    def add_write_refusal_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (on the caller's thread of `refuse_writes`) whenever the unit starts or
+        stops refusing host writes."""
+        self._refusal_listeners.append(listener)
 
     @property
     def write_cache(self) -> bool:
@@ -600,6 +618,7 @@ class LocalUnit:
     def _direct_locked(self, kind: RecordKind, lba: int, count: int, payload: bytes) -> None:
         """Overflow write: the dirty bit is durable first, then the data, write-through."""
         try:
+            self._note_dirty_epoch_locked()
             self._bitmap.mark(lba, count)
             if kind is RecordKind.WRITE:
                 self._volume.write_nosync(lba, payload)
@@ -640,12 +659,34 @@ class LocalUnit:
     def clear_dirty(self, snapshot: DirtySnapshot) -> int:
         """Forget the snapshot's regions, except those dirtied again since; durable on return."""
         n = self._bitmap.clear(snapshot)
+        with self._lock:  # marks happen under the lock: none runs between the count and the reset
+            if not self._bitmap.dirty_regions:
+                self._dirty_epochs.clear()
         log.info("dirty regions cleared count=%d remaining=%d", n, self._bitmap.dirty_regions)
         return n
 
     def mark_dirty(self, lba: int, count: int) -> None:
         """Mark blocks as needing a resync (e.g. a remote that lost records), durably."""
-        self._bitmap.mark(lba, count)
+        with self._lock:
+            self._note_dirty_epoch_locked()
+            self._bitmap.mark(lba, count)
+
+    def _note_dirty_epoch_locked(self) -> None:
+        head = self._journal.head_seq
+        if not self._dirty_epochs or self._dirty_epochs[-1][1:] != (head, head):
+            self._dirty_epochs.append((self._bitmap.snapshot().token + 1, head, head))
+
+    def dirty_runs(self) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+        """(the dirty bitmap's stamp now, its runs of dirty writes as (first stamp, lo, hi)): every
+        record up to lo was journaled before that run's writes (an overflow, or a `mark_dirty`), every
+        record after hi after them; the runs are () when no region is dirty. See
+        `firmware.replication.source.records_before_dirty` for what the replicator makes of them."""
+        if not self._dirty_epochs:
+            return 0, ()
+        with self._lock:
+            if not self._bitmap.dirty_regions:
+                return 0, ()
+            return self._bitmap.snapshot().token, tuple(self._dirty_epochs)
 
     def add_sync_gate(self, gate: Callable[[int], None]) -> None:
         """`gate(seq)` is called after a record is durable locally and before the host is answered

@@ -1,15 +1,17 @@
 """Pairing: a small private CA and one certificate per unit, and the TLS contexts of the journey link.
 
-`pair(dir, remote_name, source_ids)` (behind `usbmirror pair`) writes into DIR::
+`pair(dir, remote_names, source_ids)` (behind `usbmirror pair`) writes into DIR::
 
     ca.crt  ca.key                       the private CA (keep ca.key off the units)
-    remote-<NAME>.crt  remote-<NAME>.key the remote unit's identity
+    remote-<NAME>.crt  remote-<NAME>.key each remote unit's identity (one per `--remote`)
     source-<ID>.crt    source-<ID>.key   one per source (local) unit
     crl.pem                              the revocation list (after the first `--revoke`)
 
 A unit needs `ca.crt` plus its own certificate and key, and `crl.pem` once one exists. The unit
 identity is in the certificate subject CN (`source:<ID>` / `remote:<NAME>`) and in a SAN URI
-(`usbmirror:source:<ID>`); the remote unit lets a connection write only to the target of the source id its certificate names.
+(`usbmirror:source:<ID>`); a remote unit lets a source certificate write only to the target of the
+source id it names, and a remote certificate of the same CA (a relay, docs/REPLICATION.md "Cascade")
+write the targets of the sources it relays.
 
 The contexts allow TLS 1.3 only and require a certificate on both ends, signed by the pairing CA.
 Host names are not checked (units are addressed by IP on private links); the unit identity in the
@@ -151,14 +153,19 @@ def make_unit_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey
     return cert, key
 
 
-def pair(directory: str | os.PathLike[str], remote_name: str, source_ids: list[str]) -> list[Path]:
-    """Create (or extend) a pairing directory; returns the files written.
+def pair(directory: str | os.PathLike[str], remote_names: str | list[str], source_ids: list[str]) -> list[Path]:
+    """Create (or extend) a pairing directory for one remote or several (a cascade: each relay
+    authenticates to the next remote with its own certificate); returns the files written.
 
     An existing CA in the directory is reused, so more sources can be added later; existing unit
     files are left alone.
     """
     from cryptography.hazmat.primitives import serialization
-    check_unit_id(remote_name)
+    remotes = [remote_names] if isinstance(remote_names, str) else list(remote_names)
+    if not remotes:
+        raise PairingError("at least one remote unit is needed")
+    for r in remotes:
+        check_unit_id(r)
     for s in source_ids:
         check_unit_id(s)
     d = Path(directory)
@@ -172,7 +179,7 @@ def pair(directory: str | os.PathLike[str], remote_name: str, source_ids: list[s
         write_atomically(ca_key_path, _key_pem(ca_key), 0o600)
         write_atomically(ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
         written += [ca_crt, ca_key_path]
-    units = [("remote", remote_name)] + [("source", s) for s in source_ids]
+    units = [("remote", r) for r in dict.fromkeys(remotes)] + [("source", s) for s in source_ids]
     for role, uid in units:
         crt, key_path = d / f"{role}-{uid}.crt", d / f"{role}-{uid}.key"
         if crt.exists() and key_path.exists():

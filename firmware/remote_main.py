@@ -19,6 +19,7 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
     from firmware.control import ControlError, ControlServer
     from firmware.failover_serve import PromotionServers
     from firmware.pairing import PairingError, TlsFiles, add_expiry_status
+    from firmware.relay import ForwardSpec
     from firmware.remote_unit import PromoteError, RemoteUnit, RemoteUnitConfig
 
     sd = Path(opts.state_dir)
@@ -36,7 +37,9 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
                     "(raise LimitNOFILE or ulimit -Hn)", soft, hard, wanted)
     cfg = RemoteUnitConfig(listen=opts.listen, name=name, targets=targets, tls_dir=tls_dir,
                            state_dir=opts.state_dir, history_size=opts.history_size,
-                           history_age_s=opts.history_age_s)
+                           history_age_s=opts.history_age_s,
+                           forwards={sid: ForwardSpec(sid, spec, opts.forward_retention)
+                                     for sid, spec in opts.forwards.items()})
     control = ControlServer(sd)
     try:
         control.start()

@@ -32,7 +32,12 @@ replica adopts; `promote()` makes this copy primary (a new generation, recorded 
 served, an optional rollback to a point of the history, then a `PromotedStore` the bring-up serves to
 a standby host); from then on the source's HELLO is answered with GENERATIONS and ERROR PRIMARY.
 
-What it does not do: decide when to resync (the source does) or forward to a further remote.
+Cascade: a source given `forwards` is relayed to a further remote by `firmware.relay.Relay` (its
+journal, dirty bitmap and link), hooked on the target's store; a relayed source takes writes from its
+upstream only. A remote accepts a source from the source's own certificate or from any remote
+certificate of the same CA (a relay).
+
+What it does not do: decide when to resync (the source does).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from firmware.link_driver import LinkDriver, Waker
 from firmware.link_transport import LinkTransport
 from firmware.pairing import TlsFiles, peer_identity, server_context
 from firmware.promotion import PromotedStore, rollback_to_point
+from firmware.relay import ForwardSpec, Relay
 from firmware.replication.target import (
     ApplyRecords,
     Close,
@@ -78,6 +84,7 @@ from firmware.replication.target import (
     Undo,
     UndoStep,
 )
+from firmware.replicator import ReplicatorTuning
 from firmware.resources import process_resources
 from firmware.storage import SpaceExhausted, StorageError
 from firmware.target_store import TargetStore, UndoLog, save_json_durably, target_fingerprint
@@ -113,6 +120,8 @@ class RemoteUnitConfig:
     volume_factory: Callable[[str, int, int], Volume] | None = None
     history_size: int | None = None  # bytes of point-in-time history per source; None = none kept
     history_age_s: float = DEFAULT_AGE_S
+    forwards: dict[str, ForwardSpec] = dataclasses.field(default_factory=dict)  # relayed sources (cascade)
+    forward_tuning: ReplicatorTuning | None = None
 
 
 class SourceTarget:
@@ -145,6 +154,23 @@ class SourceTarget:
         elif history_dir(unit.cfg.state_dir, source_id).exists():  # kept before: stale once the target changes
             self.store.add_hook(DiscardOnChange(history_dir(unit.cfg.state_dir, source_id)))
         self._finish_resolve()
+        self.relay: Relay | None = None
+        fwd = unit.cfg.forwards.get(source_id)
+        if fwd is not None:
+            tls = TlsFiles.for_remote(unit.cfg.tls_dir, unit.cfg.name) if unit.cfg.tls_dir is not None else None
+            self.relay = Relay(fwd, self.store, lambda: self.session.state, state_dir=unit.cfg.state_dir, tls=tls,
+                               tuning=unit.cfg.forward_tuning)
+            self.store.add_hook(self.relay)
+            self.store.durable_hooks.append(self.relay.before_durable)
+
+    def start_relay(self) -> None:
+        """Forward at once when the target already holds a volume (else at the upstream's HELLO)."""
+        st = self.state
+        if self.relay is not None and st.volume_uuid and st.block_size and st.num_blocks:
+            try:
+                self.relay.bind(st.volume_uuid, st.block_size, st.num_blocks)
+            except (OSError, ValueError) as exc:
+                log.error("relay could not start source=%s error=%s", self.source_id, exc)
 
     def open_history(self, hello: jp.Hello) -> None:
         """Keep point-in-time history for the volume this source sends (docs/HISTORY.md): a hook that
@@ -578,10 +604,13 @@ class SourceTarget:
             **({"promotion_error": self.promotion_error} if self.promotion_error else {}),
             **(self.history.status_keys() if self.history is not None else
                history_status_keys(None, self.unit.cfg.history_size, self.unit.cfg.history_age_s, time.time_ns())),
+            **({"forward": self.relay.status()} if self.relay is not None else {}),
         }
 
     def close(self) -> None:
         self.end_promotion_io()
+        if self.relay is not None:
+            self.relay.close()
         self.roles.close()
         self.store.close()
         if self.history is not None:
@@ -831,11 +860,15 @@ class _Connection:
         sock = self.link.sock
         ident = peer_identity(sock) if isinstance(sock, ssl.SSLSocket) else ("source", hello.source_id)
         t = self.unit.targets.get(hello.source_id)
-        if ident is None or ident[0] != "source" or ident[1] != hello.source_id:
+        # the source itself, or a remote of the same CA relaying it (cascade, firmware/relay.py)
+        if ident is None or not (ident == ("source", hello.source_id) or ident[0] == "remote"):
             raise Refused(jp.ErrorCode.PERMISSION_DENIED,
-                          f"certificate names {ident and ':'.join(ident)!r}, not source {hello.source_id!r}")
+                          f"certificate names {ident and ':'.join(ident)!r}, not source {hello.source_id!r} "
+                          "or a remote relaying it")
         if t is None:
             raise Refused(jp.ErrorCode.UNKNOWN_SOURCE, f"no target for source {hello.source_id!r}")
+        if t.relay is not None and hello.purpose in (jp.Purpose.REPLICATE, jp.Purpose.FETCH):
+            t.relay.check_upstream(ident, self.peer)
         roles = t.roles.state
         handover = bool((roles.promotion or {}).get("handover"))
         if hello.purpose is jp.Purpose.FETCH:
@@ -893,6 +926,8 @@ class _Connection:
             raise Refused(jp.ErrorCode.TARGET_IO, str(exc)) from None
         if hello.purpose is jp.Purpose.REPLICATE:
             t.open_history(hello)
+            if t.relay is not None:
+                t.relay.upstream_hello(hello)
         actions = session.hello(hello, target_id=t.store.target_id, target_blocks=vol.num_blocks)
         self._do(t, session, actions)
         log.info("source connected source=%s peer=%s purpose=%s applied_seq=%d", t.source_id, self.peer,
@@ -963,6 +998,8 @@ class RemoteUnit:
         return int(self._listener.getsockname()[1])
 
     def start(self) -> None:
+        for tgt in self.targets.values():  # before any upstream can connect
+            tgt.start_relay()
         host, port = self.cfg.listen
         ls = socket.create_server((host, port), reuse_port=False, backlog=16)
         ls.settimeout(0.2)

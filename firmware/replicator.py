@@ -27,6 +27,7 @@ What it does not do: journaling (`firmware.journal`), the CLI or the status sock
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -57,6 +58,8 @@ from firmware.replication.source import (
     SourceJournal,
     SourceSession,
     dirty_plan,
+    dirty_round_covers,
+    records_before_dirty,
 )
 from firmware.replication.spec import DEFAULT_PORT, RemoteSpec
 
@@ -142,6 +145,7 @@ class ReplicatedUnit(Protocol):
     def read(self, lba: int, count: int) -> bytes: ...
     def dirty_snapshot(self) -> DirtySnapshot: ...
     def clear_dirty(self, snapshot: DirtySnapshot) -> int: ...
+    def dirty_runs(self) -> tuple[int, tuple[tuple[int, int, int], ...]]: ...
     def add_sync_gate(self, gate: Callable[[int], None]) -> None: ...
     def remove_sync_gate(self, gate: Callable[[int], None]) -> None: ...
 
@@ -587,6 +591,15 @@ class _SourceConnection:
         link, rep = self.link, self.link.rep
         rb = rep.region_blocks
         regions, position = plan.regions, plan.position
+        if snapshot is not None:
+            # dirty writes journaled after P are overwritten by the records replayed after P: the
+            # remote holds them only after a round at their position, and stays inconsistent until then
+            _, runs = rep.local_unit.dirty_runs()
+            held, complete = dirty_round_covers(tuple(r for r in runs if r[0] <= snapshot.token), snapshot.token,
+                                                position)
+            final = final and complete
+            if held < snapshot.token:
+                snapshot = dataclasses.replace(snapshot, token=held)
         link.state = RemoteState.RESYNCING
         started = time.monotonic()
         link.resync.update({"active": True, "percent": 0.0, "rate_bps": 0.0, "regions_done": 0,
@@ -702,10 +715,34 @@ class _SourceConnection:
                             link.next_dirty_check = time.monotonic() + self.tuning.overflow_round_interval_s
                         continue
                 return 0.5
+            limit = None if link.resync_open else rep.records_before_dirty(link)
+            if limit is not None and records[-1].seq > limit:
+                if ses.sent_seq < limit:  # the records journaled before the dirty writes go first
+                    records = [r for r in records if r.seq <= limit]
+                else:
+                    # the next record may postdate writes this remote lacks (an overflow ended): copy
+                    # their regions first, at P = sent_seq, so the remote never holds a later write
+                    # without them (it is marked inconsistent only during the copy, as in any resync)
+                    if self.resync_dirty_now():
+                        continue
+                    return 0.05  # the dirty regions went meanwhile (another remote's round cleared them)
             self._send(ses.batch(records))
             link.batches_sent += 1
             self.pump(0)
         return 0.5
+
+    def resync_dirty_now(self) -> bool:
+        """The dirty round the next record must wait for: final once the overflow has ended, else a
+        round that leaves the remote's resync open (its pre-resync image kept) until a final one."""
+        link, rep, ses = self.link, self.link.rep, self.session
+        todo = rep.dirty_for(link, wait_during_overflow=False)
+        if todo is None:
+            return False
+        plan, snap, final = todo
+        self.resync(ResyncPlan(plan.reason, plan.regions, ses.sent_seq), snap, final)
+        link.state = RemoteState.STREAMING
+        link.next_dirty_check = time.monotonic() + (0.0 if final else self.tuning.overflow_round_interval_s)
+        return True
 
 
 def _state_for(code: jp.ErrorCode) -> RemoteState:
@@ -820,7 +857,15 @@ class Replicator:
         snap = self.local_unit.dirty_snapshot()
         return snap if snap.regions else None
 
-    def dirty_for(self, link: RemoteLink) -> tuple[ResyncPlan, DirtySnapshot | None, bool] | None:
+    def records_before_dirty(self, link: RemoteLink) -> int | None:
+        """The last record `link` may be sent before the dirty regions it lacks (source.records_before_dirty)."""
+        token, runs = self.local_unit.dirty_runs()
+        if not runs:
+            return None
+        return records_before_dirty(runs, token, None if link.covered is None else link.covered.token)
+
+    def dirty_for(self, link: RemoteLink, *, wait_during_overflow: bool = True,
+                  ) -> tuple[ResyncPlan, DirtySnapshot | None, bool] | None:
         """Dirty regions this remote still needs (written straight to the local volume while the
         journal was full), with whether this round can be final.
 
@@ -833,7 +878,7 @@ class Replicator:
         if overflowing:
             if self._overflow_seen is None:
                 self._overflow_seen = now
-            if now - self._overflow_seen < self.tuning.overflow_resync_after_s:
+            if wait_during_overflow and now - self._overflow_seen < self.tuning.overflow_resync_after_s:
                 return None
         else:
             self._overflow_seen = None

@@ -58,6 +58,16 @@ def render_status(st: dict[str, Any]) -> str:
     for s in st.get("sources", []) or []:
         lines.append(f"  source   {s.get('source_id')}  {s.get('state')}  applied seq {s.get('applied_seq')}"
                      f"  target {s.get('target')}" + (f"  last error: {s['last_error']}" if s.get("last_error") else ""))
+        fwd = s.get("forward")
+        if isinstance(fwd, dict):
+            lag_s = fwd.get("lag_seconds")
+            lines.append(f"           forward to {fwd.get('address')}  {fwd.get('state')}  acked seq "
+                         f"{fwd.get('acked_seq', '-')}  lag {fwd.get('lag_records', '-')} records, "
+                         f"{_human(fwd.get('lag_bytes') or 0)}, "
+                         + ("-" if not isinstance(lag_s, (int, float)) else f"{lag_s:.1f} s")
+                         + ("  relay journal full: dirty regions " + str(fwd.get("dirty_regions"))
+                            if fwd.get("overflow") else "")
+                         + (f"  last error: {fwd['last_error']}" if fwd.get("last_error") else ""))
         if s.get("history_size_bytes") is not None:
             npa = s.get("history_newest_point_age_s")
             lines.append(f"           history {_human(s['history_size_bytes'])} of {_human(s.get('history_cap_bytes') or 0)}"

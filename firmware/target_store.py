@@ -168,20 +168,27 @@ class TargetStore:
         self.target_id = ""
         self.num_blocks = 0
         self.hooks: list[ApplyHook] = []
+        # called by make_durable after the target is synced and before the state file is written;
+        # each returns keys kept in the state file beside the TargetState (`extra_state`): a relay
+        # makes its journal durable there (firmware/relay.py)
+        self.durable_hooks: list[Callable[[int], dict[str, Any]]] = []
+        self.extra_state: dict[str, Any] = {}
         self.save_lock = threading.Lock()
 
     # -- state file -------------------------------------------------------------------------------
     def load_state(self) -> TargetState:
         try:
             raw = json.loads(self.state_path.read_text())
-            return TargetState(**{k: v for k, v in raw.items() if k in TargetState.__dataclass_fields__})
+            fields = TargetState.__dataclass_fields__
+            self.extra_state = {k: v for k, v in raw.items() if k not in fields}
+            return TargetState(**{k: v for k, v in raw.items() if k in fields})
         except FileNotFoundError:
             return TargetState(self.source_id)
 
     def save_state(self, state: TargetState) -> None:
         with self.save_lock:
             try:
-                save_json_durably(self.state_path, asdict(state))
+                save_json_durably(self.state_path, {**self.extra_state, **asdict(state)})
             except OSError as exc:
                 raise storage_error(exc, f"state file {self.state_path}") from exc
 
@@ -259,6 +266,8 @@ class TargetStore:
     def make_durable(self, state: TargetState, seq: int) -> None:
         """Sync the target, then store `seq` as the durable position (state file)."""
         self._vol().flush()
+        for hook in self.durable_hooks:
+            self.extra_state.update(hook(seq))
         if seq > state.applied_seq:
             self.save_state(replace(state, applied_seq=seq))
 

@@ -31,7 +31,9 @@ with Debian's kernel and dummy_hcd in the QEMU test guest, `host_tests/realkerne
 Threads: `ffs-ep0` reads events and answers class requests; `ffs-bulk-out` reads CBWs and data
 and is also the command executor: it runs each command (`LogicalUnit.execute()`, which may wait for
 a durable write) *without* the adapter lock, so ep0 is answered while it waits, then completes it
-under the lock; `ffs-bulk-in` writes data and CSWs as the BOT core produces them. A Bulk-Only reset
+under the lock, then writes its data phase and CSW itself (a hand-off to another thread costs two
+thread switches per command, which a board's CPU feels); `ffs-bulk-in` sends whatever else the BOT
+core has for bulk IN (stalls after a refused CBW), never at the same time. A Bulk-Only reset
 or a DISABLE/ENABLE while a command runs abandons it (it still lands once; no CSW is sent), and
 after ENABLE the logical unit raises UNIT ATTENTION 29h/00 on the next command.
 
@@ -63,7 +65,16 @@ from functionfs import ch9
 from functionfs import functionfs as ffs_h
 
 from firmware.logical_unit import LogicalUnit
-from gadget.bot import CBW_LENGTH, CBW_SIGNATURE, EP_IN, EP_OUT, FLAG_DATA_IN, BulkOnlyTransport, ClassRequest
+from gadget.bot import (
+    CBW_LENGTH,
+    CBW_SIGNATURE,
+    EP_IN,
+    EP_OUT,
+    FLAG_DATA_IN,
+    BulkOnlyTransport,
+    ClassRequest,
+    Stall,
+)
 from gadget.descriptors import DeviceIdentity, Speed, interface_block
 
 log = logging.getLogger(__name__)
@@ -256,6 +267,7 @@ class FunctionFsServer:
         self._stop = threading.Event()
         self._out = _OutPhaseTracker(chunk)
         self._generation = 0  # bumped by reset/disable: a read begun before it belongs to no CBW
+        self._in_busy = False  # a thread owns the bulk IN endpoint: sending a reply or halting it
         self._ep0: int | None = None
         self._ep_in: int | None = None
         self._ep_out: int | None = None
@@ -498,31 +510,75 @@ class FunctionFsServer:
                 result = self.bot.run(command)
                 with self._lock:
                     self.bot.complete(command, result)
-                    self._lock.notify_all()
+                # The data phase and the CSW go out from this thread: waking the bulk IN thread
+                # for them would cost two thread switches per command, and nothing can arrive on
+                # bulk OUT before the host has read the CSW anyway.
+                self._drain_in()
             if not accepted or halted:
                 # Halt now (cases 8/10, invalid CBW), before the host sends what we refuse.
                 self._halt(fd, EP_OUT)
+
+    def _take_in(self) -> bytes | bytearray | Stall | None:
+        """Under the lock: the next bulk IN reply, which the caller then owns (it is the only
+        sender until it calls `_in_done`), or None when there is none or another thread is sending."""
+        if self._in_busy:
+            return None
+        reply = self.bot.bulk_in(self.chunk)
+        if reply is not None:
+            self._in_busy = True
+        return reply
+
+    def _in_done(self) -> None:
+        with self._lock:
+            self._in_busy = False
+            self._lock.notify_all()
+
+    def _send_in(self, fd: int, reply: bytes | bytearray | Stall) -> bool:
+        """Send one bulk IN reply (or halt the endpoint). False when the sending thread should end."""
+        try:
+            if not isinstance(reply, bytes | bytearray):  # gadget.bot.STALL
+                self._halt(fd, EP_IN)
+                return True
+            try:
+                os.write(fd, reply)
+                self.counters["bytes_in"] += len(reply)
+            except OSError as exc:
+                if self._io_error("in", exc):
+                    return False
+            return True
+        finally:
+            self._in_done()
+
+    def _drain_in(self) -> None:
+        """On the bulk OUT thread, right after a command completed: send what the core has for bulk
+        IN (data phase, CSW) until it has nothing more; the bulk IN thread takes what is left when
+        it is already sending."""
+        fd = self._ep_in
+        assert fd is not None
+        while not self._stop.is_set():
+            with self._lock:
+                reply = self._take_in()
+                if reply is None:
+                    self._lock.notify_all()
+                    return
+            if not self._send_in(fd, reply):
+                return
 
     def _in_loop(self) -> None:
         fd = self._ep_in
         assert fd is not None
         while not self._stop.is_set():
             with self._lock:
-                reply = self.bot.bulk_in(self.chunk)
+                reply = self._take_in()
                 while reply is None and not self._stop.is_set():
                     self._lock.wait(0.5)
-                    reply = self.bot.bulk_in(self.chunk)
+                    reply = self._take_in()
             if reply is None or self._stop.is_set():
+                if reply is not None:
+                    self._in_done()
                 return
-            if not isinstance(reply, bytes | bytearray):  # gadget.bot.STALL
-                self._halt(fd, EP_IN)
-                continue
-            try:
-                os.write(fd, reply)
-                self.counters["bytes_in"] += len(reply)
-            except OSError as exc:
-                if self._io_error("in", exc):
-                    return
+            if not self._send_in(fd, reply):
+                return
 
     def _io_error(self, which: str, exc: OSError) -> bool:
         """Handle a failed bulk I/O. True when the thread should end."""

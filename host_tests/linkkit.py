@@ -133,6 +133,7 @@ class FakeLocalUnit:
         self.gates: list[Callable[[int], None]] = []
         self.lock = threading.Lock()
         self.cleared: list[DirtySnapshot] = []
+        self.epochs: list[tuple[int, int, int]] = []  # (first stamp, head, head) per run of dirty writes
 
     @property
     def block_size(self) -> int:
@@ -147,6 +148,9 @@ class FakeLocalUnit:
             return self.volume.read(lba, count)
 
     def _mark(self, lba: int, count: int) -> None:
+        head = self.journal.head_seq
+        if not self.epochs or self.epochs[-1][1:] != (head, head):
+            self.epochs.append((self.stamp + 1, head, head))
         self.stamp += 1
         for r in range(lba // self.region_blocks, (lba + max(count, 1) - 1) // self.region_blocks + 1):
             self.dirty[r] = self.stamp
@@ -201,7 +205,14 @@ class FakeLocalUnit:
             for r in gone:
                 del self.dirty[r]
             self.cleared.append(snap)
+            if not self.dirty:
+                self.epochs.clear()
             return len(gone)
+
+    def dirty_runs(self) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+        """As LocalUnit.dirty_runs: (the stamp now, (first stamp, lo, hi) per run of dirty writes)."""
+        with self.lock:
+            return (self.stamp, tuple(self.epochs)) if self.dirty else (0, ())
 
 
 class FaultProxy:

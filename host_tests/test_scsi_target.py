@@ -731,6 +731,23 @@ def test_capacity_change_reports_2a_09_and_the_new_capacity() -> None:
     expect_check(t, rw10(READ10, 1500, 1), ILLEGAL, 0x21)  # past the new end
 
 
+def test_write_protect_change_reports_2a_01_and_the_wp_bit() -> None:
+    t, store = make_target()
+    expect_good(t, rw10(WRITE10, 0, 1), pattern(1, 1))
+    store.read_only = True  # the store started refusing writes (a local unit became a replica)
+    t.write_protect_changed()
+    t.write_protect_changed()  # no change since: nothing more queued
+    expect_check(t, bytes(6), 0x06, 0x2A, 0x01)
+    header = expect_good(t, bytes([0x1A, 0, 0x3F, 0, 192, 0]))  # MODE SENSE(6): WP set
+    assert header[2] & 0x80
+    expect_check(t, rw10(WRITE10, 0, 1), 0x07, 0x27, 0x00, data_out=pattern(1, 2))
+    store.read_only = False
+    t.write_protect_changed()
+    expect_check(t, bytes(6), 0x06, 0x2A, 0x01)
+    assert not expect_good(t, bytes([0x1A, 0, 0x3F, 0, 192, 0]))[2] & 0x80
+    expect_good(t, rw10(WRITE10, 0, 1), pattern(1, 2))
+
+
 def test_unit_attentions_queue_and_each_is_reported_once() -> None:
     t, store = make_target()
     t.reset_event()

@@ -60,3 +60,12 @@ def test_the_last_line_has_the_documented_form(capsys: pytest.CaptureFixture[str
     camp = Campaign(5)  # a campaign can also be stepped by hand to study a seed
     camp.step()
     assert camp.c.steps == 1
+
+
+def test_records_shipped_before_the_overflow_resync_are_a_prefix_violation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the source as it was: records journaled after an overflow go out before its dirty regions;
+    # the campaign checks the remote in that window too and must report it
+    monkeypatch.setattr(torture, "records_before_dirty", lambda runs, token, covered: None)
+    counts, failure = run(seed=13, seconds=0, steps=20_000)
+    assert failure is not None and "no image of the host's writes" in failure
+    assert counts.prefix_violations == 1

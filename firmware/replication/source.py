@@ -137,6 +137,43 @@ def dirty_plan(snapshot: tuple[int, Sequence[tuple[int, int]]] | None, *, covere
     return ResyncPlan(reason, regions, position)
 
 
+# per run of dirty writes (`LocalUnit.dirty_runs`): (first bitmap stamp, lo, hi): every record up to
+# lo was journaled before the run's writes, every record after hi after them
+DirtyRuns = tuple[tuple[int, int, int], ...]
+
+
+def records_before_dirty(runs: DirtyRuns, token: int, covered_token: int | None) -> int | None:
+    """The last journal position a remote whose resync is not open may be sent before the dirty
+    regions it lacks, or None when it lacks none. `runs`/`token`: the local unit's dirty runs and
+    bitmap stamp now; `covered_token`: the newest stamp the remote holds (None: none).
+
+    Every record up to the position was journaled before every dirty write the remote misses; the
+    next one may postdate such a write (an overflow ended and journaling resumed). Shipped before
+    the regions, it would leave the remote with a later write but without the overflow's writes: an
+    image of the host's disk at no point, and not marked inconsistent. So the source resyncs the
+    dirty regions at this position first (the remote is marked inconsistent from that round until
+    a final one), and sends the records before it as usual."""
+    if not runs or (covered_token is not None and token <= covered_token):
+        return None
+    seen = -1 if covered_token is None else covered_token
+    # run i holds the stamps from its first one up to the next run's first one, exclusive
+    ends = [first - 1 for first, _, _ in runs[1:]] + [token]
+    return next(lo for (_, lo, _), end in zip(runs, ends, strict=True) if end > seen)
+
+
+def dirty_round_covers(runs: DirtyRuns, token: int, position: int) -> tuple[int, bool]:
+    """What a dirty round at P = `position` that copies the regions of snapshot `token` gives the
+    remote: (the newest stamp it then holds, whether that is every dirty write of the snapshot).
+
+    The records after P are replayed over the copy, so the writes of a run that records after P may
+    precede (its hi above P) are overwritten by older records where they overlap: the remote holds
+    them only after a round at or past that hi, and its resync stays open until then."""
+    later = [first for first, _, hi in runs if hi > position]
+    if later:
+        return min(token, later[0] - 1), False
+    return token, True
+
+
 def plan_after_hello(reply: jp.HelloReply, me: SourceIdentity, *, durable_seq: int, tail_seq: int,
                      has_records_after: bool, total_regions: int) -> Resume | ResyncPlan:
     """Resume after the remote's position, or a full comparison (P = the durable position now: reads of

@@ -15,7 +15,9 @@ once, as CHECK CONDITION of the next command other than INQUIRY, REPORT LUNS and
 by a REQUEST SENSE that has no other sense to return. `reset_event()` (the transport saw a USB
 reset, a new configuration, the host re-enumerating) queues POWER ON, RESET, OR BUS DEVICE RESET
 OCCURRED (29h/00) in place of anything queued before it; `capacity_changed()` (the store's size
-changed) takes the new size and queues CAPACITY DATA HAS CHANGED (2Ah/09). Construction raises
+changed) takes the new size and queues CAPACITY DATA HAS CHANGED (2Ah/09);
+`write_protect_changed()` (the store started or stopped refusing writes) takes `store.read_only` and
+queues MODE PARAMETERS CHANGED (2Ah/01), so the host re-reads the WP bit. Construction raises
 none: the transport reports the power-on with its first `reset_event()`, when the host configures
 the device.
 
@@ -105,6 +107,7 @@ _DATA_PHASE_ERROR = Sense.of(SenseKey.ABORTED_COMMAND, Asc.DATA_PHASE_ERROR)
 _LBA_OUT_OF_RANGE = Sense.of(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_BLOCK_ADDRESS_OUT_OF_RANGE)
 _RESET_OCCURRED = Sense.of(SenseKey.UNIT_ATTENTION, Asc.POWER_ON_RESET_OR_BUS_DEVICE_RESET_OCCURRED)
 _CAPACITY_CHANGED = Sense.of(SenseKey.UNIT_ATTENTION, Asc.CAPACITY_DATA_HAS_CHANGED)
+_MODE_CHANGED = Sense.of(SenseKey.UNIT_ATTENTION, Asc.MODE_PARAMETERS_CHANGED)
 
 
 def _size_bucket(nbytes: int) -> int:
@@ -262,6 +265,19 @@ class ScsiTarget:
         if _CAPACITY_CHANGED not in self._unit_attentions:
             self._unit_attentions = [*self._unit_attentions, _CAPACITY_CHANGED]
         log.info("capacity changed blocks=%d->%d", old.num_blocks, num_blocks)
+
+    def write_protect_changed(self) -> None:
+        """The store started or stopped refusing writes (a local unit that became a replica, or
+        primary again): writes are checked and MODE SENSE reports WP from `store.read_only` as it
+        is now, and the next command gets UNIT ATTENTION, MODE PARAMETERS CHANGED (2Ah/01). Safe
+        from another thread than the commands' (one assignment each)."""
+        read_only = bool(self._store.read_only)
+        if read_only == self._read_only:
+            return
+        self._read_only = read_only
+        if _MODE_CHANGED not in self._unit_attentions:
+            self._unit_attentions = [*self._unit_attentions, _MODE_CHANGED]
+        log.info("write protect changed read_only=%s", read_only)
 
     @property
     def unit_attentions(self) -> tuple[Sense, ...]:
