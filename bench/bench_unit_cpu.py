@@ -14,7 +14,11 @@ With one async remote (a `usbmirror remote` process on loopback, paired with `us
 CPU per command as a ratio of the unit alone (target <= 1.3) and the rate as a ratio of alone
 (target >= 0.8).
 
-Not measured here yet: an empty versus a nearly full journal.
+Journal fill: a unit whose journal is held by a remote that never connects (a `--remote` on a port
+nothing listens on keeps every record in the journal) is filled to about 70% with 120 KiB writes,
+then runs the same workloads (the 120 KiB writes limited to what keeps the fill below the
+throttle's 80%, a few hundred over all rounds); its CPU per command is printed beside the unit with
+an empty journal (which the volume sync keeps releasing), as a ratio (target within 20%).
 
 Beside each CPU figure: the syscall floor of the same command, measured in the same run. This process
 plays the unit's part with nothing but the system calls a command cannot avoid (the three URB round
@@ -23,10 +27,12 @@ file, the volume pwrite on a sparse one, or the volume pread for a read), and it
 is the floor; "vs floor" is the unit's figure over it. What lies above the floor is the unit's own
 work (Python, threads, copies); a target below the floor cannot be met on this machine's kernel.
 
-CPU time comes in clock ticks (10 ms on most kernels), so the per-command figure has a resolution
-of 10 ms / --ops (10 µs at the default 1000). Each unit runs the three workloads --rounds times and
-the floor is measured --rounds times; the lowest CPU and the highest rate of each are kept, so a busy
-neighbour on a shared machine inflates the figures less.
+CPU time is the sum of the unit's threads' scheduler run times (/proc/PID/task/*/schedstat, in
+nanoseconds) when no thread ended during the workload, else utime + stime, which comes in clock
+ticks (10 ms on most kernels: a resolution of 10 ms / --ops, 10 µs at the default 1000). Each
+unit runs the three workloads --rounds times and the floor is measured --rounds times; the lowest
+CPU and the highest rate of each are kept, so a busy neighbour on a shared machine inflates the
+figures less.
 
 Run: .venv/bin/python bench/bench_unit_cpu.py [--ops 1000] [--rounds 3] [--dir DIR]
 """
@@ -60,6 +66,40 @@ def cpu_seconds(pid: int) -> float:
     raw = Path(f"/proc/{pid}/stat").read_text()
     fields = raw[raw.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def thread_ns(pid: int) -> dict[str, int]:
+    """{thread id: nanoseconds on a CPU} from /proc/PID/task/*/schedstat (exact, where the kernel
+    keeps scheduler statistics; empty where it does not)."""
+    out: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return {}
+    return out
+
+
+class CpuClock:
+    """CPU time of a unit process between `start()` and `stop()`: the exact sum of its threads'
+    scheduler run times when every thread lived through the interval (a thread that ended would take
+    its time with it), else utime + stime, which keeps ended threads but counts in clock ticks."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._ticks = 0.0
+        self._threads: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._threads = thread_ns(self.pid)
+        self._ticks = cpu_seconds(self.pid)
+
+    def stop(self) -> float:
+        ticks = cpu_seconds(self.pid) - self._ticks
+        after = thread_ns(self.pid)
+        if self._threads and set(self._threads) <= set(after):  # a thread started meanwhile counts whole
+            return (sum(after.values()) - sum(self._threads.values())) / 1e9
+        return ticks
 
 
 def raw_rates(path: Path, ops: int, span: int) -> dict[str, float]:
@@ -159,21 +199,28 @@ def syscall_floor(work: Path, ops: int, span: int) -> dict[str, float]:
     return out
 
 
-def drive(client: UsbipClient, pid: int, ops: int, span: int) -> dict[str, tuple[float, float]]:
-    """{workload: (unit CPU µs per command, commands per second)}."""
+def drive(client: UsbipClient, pid: int, ops: int, span: int, *,
+          seq_write_ops: int | None = None) -> dict[str, tuple[float, float]]:
+    """{workload: (unit CPU µs per command, commands per second)}; `seq_write_ops` (default `ops`)
+    sequential writes."""
     rng = random.Random(11)
     small, chunk = os.urandom(SMALL), os.urandom(SEQ)
     per = SEQ // BLOCK
+    seq_writes = ops if seq_write_ops is None else seq_write_ops
     seq_span = min(span, ops * SEQ) // SEQ
+    read_span = min(seq_span, seq_writes)  # the reads check what this round's writes left
     out: dict[str, tuple[float, float]] = {}
 
-    def run(name: str, one: object) -> None:
+    clock = CpuClock(pid)
+
+    def run(name: str, one: object, n: int = ops) -> None:
         assert callable(one)
-        c0, t0 = cpu_seconds(pid), time.perf_counter()
-        for i in range(ops):
+        clock.start()
+        t0 = time.perf_counter()
+        for i in range(n):
             one(i)
-        t1, c1 = time.perf_counter(), cpu_seconds(pid)
-        out[name] = ((c1 - c0) / ops * 1e6, ops / (t1 - t0))
+        t1 = time.perf_counter()
+        out[name] = (clock.stop() / n * 1e6, n / (t1 - t0))
 
     def rand_write(i: int) -> None:
         if client.write10(rng.randrange(span // SMALL) * (SMALL // BLOCK), small) != 0:
@@ -184,13 +231,47 @@ def drive(client: UsbipClient, pid: int, ops: int, span: int) -> dict[str, tuple
             raise RuntimeError("WRITE(10) failed")
 
     def seq_read(i: int) -> None:
-        if client.read10((i % seq_span) * per, per) != chunk:
+        if client.read10((i % read_span) * per, per) != chunk:
             raise RuntimeError("read-back mismatch: the unit did not return what it stored")
 
     run("rand_write", rand_write)
-    run("seq_write", seq_write)
+    run("seq_write", seq_write, seq_writes)
     run("seq_read", seq_read)
     return out
+
+
+JOURNAL_SIZE = 256 << 20
+RECORD_120K = SEQ + BLOCK  # a 120 KiB write's record: 64-byte header and payload, 512-aligned
+RECORD_4K = SMALL + BLOCK
+
+
+def full_journal_unit(work: Path, ops: int, span: int, rounds: int) -> tuple[dict[str, tuple[float, float]], float]:
+    """The workloads on a unit whose journal is ~70% full and held (module docstring); returns them
+    and the fill they ran at."""
+    with Units(work) as units:
+        tls = units.pair("dr1", ["server1"])
+        with socket.socket() as probe:  # a port nothing listens on: the remote never connects
+            probe.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{probe.getsockname()[1]}"
+        u = units.start_local(volume=work / "volume.img", size="64M", journal_size="256M", source_id="server1",
+                              tls_dir=tls, remotes=[dead])
+        with UsbipClient("127.0.0.1", u.port) as client:
+            if client.import_device("1-1").status != 0:
+                raise SystemExit("import refused")
+            client.enumerate()
+            client.scsi(bytes(6))
+            chunk = os.urandom(SEQ)
+            per = SEQ // BLOCK
+            for i in range(int(0.70 * JOURNAL_SIZE) // RECORD_120K):
+                if client.write10((i % (span // SEQ)) * per, chunk) != 0:
+                    raise RuntimeError("WRITE(10) failed while filling the journal")
+            fill = float(u.status()["journal"]["fill"])
+            runs = []
+            for left in range(rounds, 0, -1):  # the room below the throttle, shared by the rounds
+                room = int((0.78 - float(u.status()["journal"]["fill"])) * JOURNAL_SIZE) - ops * RECORD_4K
+                runs.append(drive(client, u.pid, ops, span,
+                                  seq_write_ops=max(1, min(ops, room // RECORD_120K // left))))
+            return best(runs), fill
 
 
 def one_unit(work: Path, size: str, ops: int, span: int, *, remote: bool = False,
@@ -232,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         small = one_unit(Path(tmp) / "u64m", "64M", args.ops, span, rounds=rounds)
         big = one_unit(Path(tmp) / "u64g", "64G", args.ops, span, rounds=rounds)
         rem = one_unit(Path(tmp) / "urem", "64M", args.ops, span, remote=True, rounds=rounds)
+        full, fill = full_journal_unit(Path(tmp) / "ufull", args.ops, span, rounds)
     print(f"bench_unit_cpu: `usbmirror local` over USB/IP, write cache off, journal on, {args.ops} commands "
           f"per workload, best of {rounds} rounds, in {args.dir or tempfile.gettempdir()}")
     print(f"{'workload (64 MiB volume)':30} {'unit CPU/cmd':>13} {'target':>8} {'floor':>9} {'vs floor':>9} "
@@ -252,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, label in labels.items():
         us_small, us_big = small[key][0], big[key][0]
         print(f"{label:30} {us_big / us_small:16.2f} {'<=1.20':>8}   ({us_small:.0f} -> {us_big:.0f} µs)")
+    print(f"{'scaling empty -> ' + format(fill, '.0%') + ' journal':30} {'CPU/cmd full/empty':>16} {'target':>8}")
+    for key, label in labels.items():
+        us_small, us_full = small[key][0], full[key][0]
+        print(f"{label:30} {us_full / us_small:16.2f} {'<=1.20':>8}   ({us_small:.0f} -> {us_full:.0f} µs)")
     return 0
 
 

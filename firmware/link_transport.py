@@ -34,9 +34,9 @@ class LinkTransport:
         self.sock = sock
         self.conn = jp.JourneyConnection(role)
         self.timeout = timeout
-        self._poll_key: tuple[tuple[int, int], ...] = ()
-        self._poller = select.poll()
-        self._poll_objs: dict[int, Any] = {}
+        # poll sets by the objects they wait on: a driver alternates between a few fixed sets (the
+        # link alone, the link and its wakers), each made once
+        self._polls: dict[tuple[tuple[int, int], ...], tuple[Any, dict[int, Any]]] = {}
         sock.settimeout(timeout)
 
     def send(self, ev: jp.Event) -> int:
@@ -54,16 +54,19 @@ class LinkTransport:
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True, []
         # poll, not select: a remote unit with hundreds of sources has descriptors above FD_SETSIZE (1024).
-        # The poll set is made again only when the objects waited on change (a driver's are fixed).
+        # A poll set is made once for each set of objects waited on (a driver's are fixed).
         objs = [self.sock, *extra]
         key = tuple((id(x), x.fileno()) for x in objs)
-        if key != self._poll_key:
-            self._poller = select.poll()
+        entry = self._polls.get(key)
+        if entry is None:
+            poller = select.poll()
             for x in objs:
-                self._poller.register(x, _READABLE)
-            self._poll_key = key
-            self._poll_objs = {fd: x for (_, fd), x in zip(key, objs, strict=True)}
-        ready = [self._poll_objs[fd] for fd, _ in self._poller.poll(max(0.0, timeout) * 1000.0)]
+                poller.register(x, _READABLE)
+            if len(self._polls) >= 8:  # objects come and go (a closed waker): keep a few
+                self._polls.clear()
+            entry = self._polls[key] = (poller, {fd: x for (_, fd), x in zip(key, objs, strict=True)})
+        poller, by_fd = entry
+        ready = [by_fd[fd] for fd, _ in poller.poll(max(0.0, timeout) * 1000.0)]
         return self.sock in ready, [x for x in ready if x is not self.sock]
 
     def read_events(self) -> list[jp.Event]:
