@@ -972,8 +972,9 @@ class Replicator:
         """Failback from a promoted remote that hands the source back (docs/FAILOVER.md): on a FETCH
         connection of its own, compare every region's digest, then the digests of the 4 KiB pieces
         of each region that differs, and pull only the runs of pieces that differ into the local
-        volume (the local unit is a replica: `LocalUnit.install`), make them durable, then `take_over(report)` (which records this unit's new generation and returns it) is sent
-        and acknowledged by the remote, which becomes the replica. Returns the report (`bytes_moved`,
+        volume (the local unit is a replica: `LocalUnit.install`), make them durable, then
+        `take_over(report)` (which records this unit's new generation and returns it) is sent and
+        acknowledged by the remote, which becomes the replica. Returns the report (`bytes_moved`,
         `seconds`, `regions_copied`, `regions_compared`). `pull=False` only repeats the take-over (a
         crash came between the two sides recording it)."""
         t0 = time.monotonic()
