@@ -41,6 +41,7 @@ from firmware.iscsi.pdu import (
     RejectReason,
     TextError,
     build_text,
+    digest as wire_digest,
     parse_text,
 )
 from firmware.logical_unit import CommandPlan, Direction
@@ -140,7 +141,8 @@ class _Task:
     plan: CommandPlan
     lun_ok: bool
     need: int = 0  # data-out bytes the target will use
-    buf: bytearray = field(default_factory=bytearray)
+    buf: bytearray | None = None  # made when the data arrives in pieces
+    whole: bytes | None = None  # the data when it all came in one piece (no copy)
     received: int = 0  # next expected buffer offset
     unsolicited_open: bool = False
     solicited: int = 0  # buffer offset up to which R2Ts were sent
@@ -688,7 +690,6 @@ class Connection:
         if write and edtl:
             if run_cdb is cdb:
                 task.need = min(edtl, plan.length) if plan.direction is Direction.OUT else 0
-            task.buf = bytearray(task.need)
             if pdu.data:
                 if not self.params.immediate_data or len(pdu.data) > min(edtl, self.params.first_burst):
                     self._reject(RejectReason.PROTOCOL_ERROR, bytes(pdu.bhs))
@@ -713,8 +714,13 @@ class Connection:
         if end > task.edtl:
             raise _ProtocolViolation(f"data up to {end} beyond the expected length {task.edtl}")
         if offset < task.need:
-            piece = data[: task.need - offset]
-            task.buf[offset : offset + len(piece)] = piece
+            if offset == 0 and len(data) >= task.need:
+                task.whole = data[: task.need]  # the common case: every byte in one PDU
+            else:
+                if task.buf is None:
+                    task.buf = bytearray(task.need)
+                piece = data[: task.need - offset]
+                task.buf[offset : offset + len(piece)] = piece
         task.received = end
 
     def _advance(self, task: _Task) -> None:
@@ -731,7 +737,14 @@ class Connection:
             if task.data_error:
                 self._finish_local(task, _STATUS_CHECK_CONDITION, _DATA_SEQUENCE_ERROR)
                 return
-            data = bytes(task.buf) if task.plan.direction is Direction.OUT else b""
+            data = b""
+            if task.plan.direction is Direction.OUT:
+                if task.whole is not None:
+                    data = task.whole
+                elif task.buf is not None:
+                    data = bytes(task.buf)
+                else:
+                    data = bytes(task.need)
             self._ready.append(ScsiTask(task.task_id, task.cdb, data, task.lun_ok))
             return
         # R2Ts for [solicited, need), at most MaxBurstLength each and MaxOutstandingR2T at a time
@@ -841,15 +854,24 @@ class Connection:
                 off += n
             if status == _STATUS_GOOD:
                 return
-        rsp = Pdu.new(PduOpcode.SCSI_RESPONSE, flags=flags)
-        rsp.bhs[2] = 0  # command completed at target
-        rsp.bhs[3] = status
-        rsp.set_u32(16, task.itt)
-        rsp.set_u32(36, datasn or task.r2tsn)
-        rsp.set_u32(44, residual)
-        if status == _STATUS_CHECK_CONDITION and sense:
-            rsp.data = len(sense).to_bytes(2, "big") + sense
-        self._send(rsp)
+        # the SCSI Response (RFC 7143 11.4), packed at once: one per command, the hot path
+        seg = len(sense).to_bytes(2, "big") + sense if status == _STATUS_CHECK_CONDITION and sense else b""
+        stat_sn = self._stat_sn
+        self._stat_sn = (stat_sn + 1) & 0xFFFFFFFF
+        exp, mx = self._window()
+        # response 0: command completed at target; byte 4 (TotalAHSLength) is the top byte of the length word
+        header = _SCSI_RESPONSE_BHS.pack(PduOpcode.SCSI_RESPONSE, flags, 0, status, len(seg), task.itt, 0, stat_sn,
+                                         exp, mx, datasn or task.r2tsn, 0, residual)
+        digests = self.phase is Phase.FULL_FEATURE
+        if digests and self.params.header_digest:
+            header += wire_digest(header)
+        if seg:
+            seg += bytes(-len(seg) & 3)
+            if digests and self.params.data_digest:
+                seg += wire_digest(seg)
+            self._out.append(header + seg)
+        else:
+            self._out.append(header)
 
     # ---- task management, text, logout --------------------------------------------------------
 
@@ -985,6 +1007,9 @@ class _ProtocolViolation(Exception):
 
 
 _COMPARE_AND_WRITE = 0x89
+# opcode, flags, response, status, AHS length << 24 | data segment length, reserved 8, ITT, SNACK tag,
+# StatSN, ExpCmdSN, MaxCmdSN, ExpDataSN, bidirectional read residual, residual count
+_SCSI_RESPONSE_BHS = struct.Struct(">BBBBI8xIIIIIIII")
 
 # opcode -> (offset, size) of the TRANSFER LENGTH field of the WRITE and WRITE AND VERIFY commands (SBC-3)
 # (not WRITE(6): there a length of 0 means 256 blocks)

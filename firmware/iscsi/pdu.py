@@ -77,8 +77,9 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
     return int(google_crc32c.value(bytes(data)))
 
 
-def _digest(data: bytes | bytearray | memoryview) -> bytes:
-    # RFC 7143 11.1 / RFC 3385: the CRC32C is sent least significant byte first.
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    """The 4-byte header or data digest of `data` (RFC 7143 11.1 / RFC 3385: the CRC32C sent least
+    significant byte first)."""
     return struct.pack("<I", crc32c(data))
 
 
@@ -148,12 +149,12 @@ class Pdu:
         header = bytes(self.bhs) + self.ahs
         parts = [header]
         if header_digest:
-            parts.append(_digest(header))
+            parts.append(digest(header))
         if self.data:
             padded = self.data + bytes(pad4(len(self.data)))
             parts.append(padded)
             if data_digest:
-                parts.append(_digest(padded))
+                parts.append(digest(padded))
         return b"".join(parts)
 
 
@@ -177,45 +178,55 @@ class Framer:
         self.header_digest = False
         self.data_digest = False
         self._buf = bytearray()
+        self._at = 0  # start of the first PDU not yet returned; the bytes before it are dropped on feed
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._at:
+            # drop what was consumed once per feed, not once per PDU (one move of the unread rest)
+            del self._buf[: self._at]
+            self._at = 0
         self._buf += data
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._at
 
     def next(self) -> Pdu | DataDigestError | None:
         """The next complete PDU, None when more bytes are needed; raises PduError when the stream
         can no longer be trusted (the connection must be dropped)."""
         buf = self._buf
-        if len(buf) < BHS_LENGTH:
+        at = self._at
+        have = len(buf) - at
+        if have < BHS_LENGTH:
             return None
-        ahs_len = buf[4] * 4
-        dsl = int.from_bytes(buf[5:8], "big")
+        ahs_len = buf[at + 4] * 4
+        dsl = (buf[at + 5] << 16) | (buf[at + 6] << 8) | buf[at + 7]
         header_len = BHS_LENGTH + ahs_len
         hd = DIGEST_LENGTH if self.header_digest else 0
-        if len(buf) < header_len + hd:
+        if have < header_len + hd:
             if dsl > self.max_data:  # refuse before waiting for megabytes that will be thrown away
-                raise PduError(f"data segment of {dsl} bytes exceeds {self.max_data}", header=bytes(buf[:BHS_LENGTH]))
+                raise PduError(f"data segment of {dsl} bytes exceeds {self.max_data}",
+                               header=bytes(buf[at : at + BHS_LENGTH]))
             return None
-        header = bytes(buf[:header_len])
-        if hd and bytes(buf[header_len : header_len + hd]) != _digest(header):
-            raise PduError("header digest mismatch", header=header[:BHS_LENGTH])
+        if hd:
+            header = buf[at : at + header_len]
+            if buf[at + header_len : at + header_len + hd] != digest(header):
+                raise PduError("header digest mismatch", header=bytes(header[:BHS_LENGTH]))
         if dsl > self.max_data:
-            raise PduError(f"data segment of {dsl} bytes exceeds {self.max_data}", header=header[:BHS_LENGTH])
-        padded = dsl + pad4(dsl)
+            raise PduError(f"data segment of {dsl} bytes exceeds {self.max_data}",
+                           header=bytes(buf[at : at + BHS_LENGTH]))
+        padded = dsl + (-dsl & 3)
         dd = DIGEST_LENGTH if self.data_digest and dsl else 0
         total = header_len + hd + padded + dd
-        if len(buf) < total:
+        if have < total:
             return None
-        at = header_len + hd
-        data = bytes(buf[at : at + dsl])
+        start = at + header_len + hd
+        data = bytes(buf[start : start + dsl]) if dsl else b""
         digest_ok = True
         if dd:
-            digest_ok = bytes(buf[at + padded : at + padded + dd]) == _digest(buf[at : at + padded])
-        del buf[:total]
-        pdu = Pdu(bytearray(header[:BHS_LENGTH]), header[BHS_LENGTH:], data)
+            digest_ok = buf[start + padded : start + padded + dd] == digest(memoryview(buf)[start : start + padded])
+        self._at = at + total
+        pdu = Pdu(buf[at : at + BHS_LENGTH], bytes(buf[at + BHS_LENGTH : at + header_len]) if ahs_len else b"", data)
         return pdu if digest_ok else DataDigestError(pdu)
 
 
