@@ -41,8 +41,10 @@ from firmware.iscsi.pdu import (
     RejectReason,
     TextError,
     build_text,
-    digest as wire_digest,
     parse_text,
+)
+from firmware.iscsi.pdu import (
+    digest as wire_digest,
 )
 from firmware.logical_unit import CommandPlan, Direction
 from firmware.scsi.sense import Sense
@@ -318,7 +320,11 @@ class Connection:
     # ---- dispatch -----------------------------------------------------------------------------
 
     def _dispatch(self, pdu: Pdu) -> None:
-        op = pdu.opcode
+        op = pdu.bhs[0] & 0x3F
+        if op == _OP_SCSI_COMMAND and self.phase is Phase.FULL_FEATURE:  # the common case first
+            if self._accept_cmdsn(pdu):
+                self._scsi_command(pdu)
+            return
         if self.phase is Phase.LOGIN:
             if op != PduOpcode.LOGIN_REQUEST:
                 self._close(f"opcode 0x{op:02x} before login completed")
@@ -643,16 +649,13 @@ class Connection:
             self._reject(RejectReason.PROTOCOL_ERROR, bytes(pdu.bhs))
             self._close("SCSI command in a discovery session")
             return
-        itt = pdu.itt
+        flags, lun, itt, edtl, cmdsn, cdb = _SCSI_COMMAND_BHS.unpack_from(pdu.bhs)
         if itt in self._tasks or itt == RESERVED_TAG:
             reason = RejectReason.TASK_IN_PROGRESS if itt != RESERVED_TAG else RejectReason.INVALID_PDU_FIELD
             self._reject(reason, bytes(pdu.bhs))
             return
         self.counters["commands"] += 1
-        flags = pdu.flags
         read, write = bool(flags & 0x40), bool(flags & 0x20)
-        edtl = pdu.u32(20)
-        cdb = bytes(pdu.bhs[32:48])
         bidi = False
         at = 0
         while at + 4 <= len(pdu.ahs):  # AHS: length(2) type(1) specific(1) data, padded to 4
@@ -663,7 +666,7 @@ class Connection:
             elif ahs_type == 2:
                 bidi = True
             at += 4 + ((length - 1 + 3) & ~3 if length else 0)
-        lun_ok = _lun_is_zero(pdu.lun)
+        lun_ok = lun == _LUN_ZERO
         plan = self._plan(cdb) if lun_ok else CommandPlan(Direction.NONE, 0)
         run_cdb = cdb
         if plan.direction is Direction.OUT and edtl < plan.length and cdb[0] in _WRITE_LENGTH_FIELD:
@@ -671,7 +674,7 @@ class Connection:
             # those and report the rest as residual overflow, never blocks it did not send
             run_cdb = _with_transfer_length(cdb, edtl // self._block_size)
         task = _Task(
-            task_id=self._next_task_id, itt=itt, lun=pdu.lun, cdb=run_cdb, cmdsn=pdu.u32(24), edtl=edtl,
+            task_id=self._next_task_id, itt=itt, lun=lun, cdb=run_cdb, cmdsn=cmdsn, edtl=edtl,
             read=read, write=write, plan=plan, lun_ok=lun_ok,
         )
         self._next_task_id += 1
@@ -1009,6 +1012,10 @@ class _ProtocolViolation(Exception):
 _COMPARE_AND_WRITE = 0x89
 # opcode, flags, response, status, AHS length << 24 | data segment length, reserved 8, ITT, SNACK tag,
 # StatSN, ExpCmdSN, MaxCmdSN, ExpDataSN, bidirectional read residual, residual count
+# of a SCSI Command (RFC 7143 11.3): flags, LUN, ITT, expected data transfer length, CmdSN, CDB
+_SCSI_COMMAND_BHS = struct.Struct(">xB2x4x8sIII4x16s")
+_OP_SCSI_COMMAND = int(PduOpcode.SCSI_COMMAND)
+_LUN_ZERO = bytes(8)
 _SCSI_RESPONSE_BHS = struct.Struct(">BBBBI8xIIIIIIII")
 
 # opcode -> (offset, size) of the TRANSFER LENGTH field of the WRITE and WRITE AND VERIFY commands (SBC-3)
