@@ -8,9 +8,10 @@ and returns at once; the responses of every such command of one batch of receive
 connection's committer thread, which waits once for the journal sync that covers them all (and the
 sync remotes) and only then sends them. Meanwhile the reader takes the next batch, so the commands of
 the next batch share the following sync; concurrent connections share it too (the journal's own
-group commit). A connection has several committers (`committers`), so the syncs of successive
-batches overlap (the journal lets fdatasyncs overlap). No response is sent before its record is
-durable. SYNCHRONIZE CACHE, which waits
+group commit). One committer per connection (`committers`) is the default: the journal has one
+flash sync in flight at a time, so a second committer would only wait behind the first, and every
+thread woken per batch costs a GIL hand-off; while the committer waits, the batches the reader
+queues are taken together by its next wait. No response is sent before its record is durable. SYNCHRONIZE CACHE, which waits
 for the flash itself, runs on the committer as well, so the reader stays free (NOP-Outs, task
 management). Other commands (reads, inquiries) are answered at once.
 
@@ -189,7 +190,7 @@ class IscsiServer:
         reservations: Reservations | None = None,
         nop_interval: float = 15.0,
         nop_timeout: float = 15.0,
-        committers: int = 4,
+        committers: int = 1,
     ) -> None:
         self._config = config
         self._committers = max(1, committers)
