@@ -12,7 +12,8 @@ Workloads, each for --seconds per target, rounds alternating between the targets
     each plain and with FUA=1 (tgt's rdwr store caches plain writes in the page cache and syncs on
     FUA; usbmirror makes every write durable, FUA or not).
 
-Printed: IOPS and MB/s for each target and the usbmirror/tgt ratio. Nothing is asserted.
+Printed: IOPS, MB/s and CPU time per command (the target process's user + system time, every thread)
+for each target and the usbmirror/tgt ratio of IOPS. Nothing is asserted.
 
 Run: .venv/bin/python bench/bench_iscsi.py [--size-mib 256] [--seconds 4] [--rounds 1] [--dir DIR]
 """
@@ -67,11 +68,24 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of process `pid` so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Result:
     ops: int
     seconds: float
     nbytes: int
+    cpu: float = 0.0  # CPU seconds the target process used meanwhile
+
+    @property
+    def cpu_us(self) -> float:
+        """The target's CPU time per command, in microseconds."""
+        return self.cpu / self.ops * 1e6 if self.ops else 0.0
 
     @property
     def iops(self) -> float:
@@ -106,8 +120,10 @@ class Session:
             self.errors += 1
         self.lib.scsi_free_scsi_task(task)
 
-    def run(self, *, chunk: int, depth: int, sequential: bool, fua: bool, lbas: int, seconds: float) -> Result:
+    def run(self, *, chunk: int, depth: int, sequential: bool, fua: bool, lbas: int, seconds: float,
+            pid: int) -> Result:
         data = os.urandom(chunk)
+        cpu0 = cpu_seconds(pid)
         blocks = chunk // BLOCK
         rng = random.Random(7)
         nxt = 0
@@ -138,9 +154,10 @@ class Session:
                 if self.lib.iscsi_service(self.ctx, revents) < 0:
                     raise RuntimeError(self.lib.iscsi_get_error(self.ctx).decode())
         elapsed = time.perf_counter() - t0
+        cpu = cpu_seconds(pid) - cpu0
         if self.errors:
             raise RuntimeError(f"{self.errors} of {self.done} writes failed")
-        return Result(self.done, elapsed, self.done * chunk)
+        return Result(self.done, elapsed, self.done * chunk, cpu)
 
     def close(self) -> None:
         self.lib.iscsi_logout_sync(self.ctx)
@@ -240,9 +257,9 @@ def main() -> int:
             for _ in range(a.rounds):
                 for name, chunk, depth, seq in WORKLOADS:
                     for fua in (False, True):
-                        for who, sess in (("usbmirror", ours), ("tgt", theirs)):
+                        for who, sess, pid in (("usbmirror", ours, unit.pid), ("tgt", theirs, tgt.proc.pid)):
                             r = sess.run(chunk=chunk, depth=depth, sequential=seq, fua=fua, lbas=lbas,
-                                         seconds=a.seconds)
+                                         seconds=a.seconds, pid=pid)
                             key = (name, fua, who)
                             if key not in best or r.iops > best[key].iops:
                                 best[key] = r
@@ -259,12 +276,13 @@ def main() -> int:
                 unit.wait()
     print(f"iSCSI writes over loopback, {a.size_mib} MiB files in one directory, libiscsi initiator, "
           f"{a.seconds:.0f} s per figure, best of {a.rounds}")
-    print(f"{'workload':<26} {'FUA':<4} {'usbmirror':>20} {'tgt':>20} {'ratio':>7}")
+    print("(CPU: the target process's user + system time per command, all its threads, in the best round)")
+    print(f"{'workload':<26} {'FUA':<4} {'usbmirror':>30} {'tgt':>30} {'ratio':>7}")
     for name, _, _, _ in WORKLOADS:
         for fua in (False, True):
             o, t = best[(name, fua, "usbmirror")], best[(name, fua, "tgt")]
-            print(f"{name:<26} {'yes' if fua else 'no':<4} {o.iops:>8.0f} IOPS {o.mbps:>6.1f} MB/s "
-                  f"{t.iops:>8.0f} IOPS {t.mbps:>6.1f} MB/s {o.iops / t.iops:>7.2f}")
+            print(f"{name:<26} {'yes' if fua else 'no':<4} {o.iops:>8.0f} IOPS {o.mbps:>6.1f} MB/s {o.cpu_us:>4.0f} us "
+                  f"{t.iops:>8.0f} IOPS {t.mbps:>6.1f} MB/s {t.cpu_us:>4.0f} us {o.iops / t.iops:>7.2f}")
     return 0
 
 
