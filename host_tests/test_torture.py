@@ -67,8 +67,9 @@ def test_the_last_line_has_the_documented_form(capsys: pytest.CaptureFixture[str
 def test_records_shipped_before_the_overflow_resync_are_a_prefix_violation(monkeypatch: pytest.MonkeyPatch) -> None:
     # the source as it was: records journaled after an overflow go out before its dirty regions;
     # the campaign checks the remote in that window too and must report it
+    # (seed 3 meets that window early since the campaign also cuts the remote's power)
     monkeypatch.setattr(torture, "records_before_dirty", lambda runs, token, covered: None)
-    counts, failure = run(seed=13, seconds=0, steps=20_000)
+    counts, failure = run(seed=3, seconds=0, steps=20_000)
     assert failure is not None and "no image of the host's writes" in failure
     assert counts.prefix_violations == 1
 
