@@ -52,6 +52,9 @@ class Flash(Protocol):
         ...
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+
+
 class FileFlash:
     """A journal device: a regular file (pre-written) or a block device, accessed with pread/pwrite."""
 
@@ -125,6 +128,23 @@ class FileFlash:
                 raise OSError(errno.EIO, f"{self.path}: write at offset {offset} made no progress")
             view = view[n:]
             offset += n
+
+    def pwritev(self, buffers: list[bytes | bytearray | memoryview], offset: int) -> None:
+        """`pwrite` of the concatenation of `buffers` without joining them (one `os.pwritev` system
+        call, at most `IOV_MAX` buffers each)."""
+        total = sum(len(b) for b in buffers)
+        self._check(offset, total, "write", errno.ENOSPC)
+        at = 0
+        while at < len(buffers):
+            group = buffers[at:at + _IOV_MAX]
+            at += len(group)
+            want = sum(len(b) for b in group)
+            n = os.pwritev(self._fd, group, offset)
+            if n < want:  # a partial write (rare on a file): the rest from where it stopped
+                if n <= 0:
+                    raise OSError(errno.EIO, f"{self.path}: write at offset {offset} made no progress")
+                self.pwrite(memoryview(b"".join(group))[n:], offset + n)
+            offset += want
 
     def sync(self) -> None:
         self._check(0, 0, "sync", errno.EIO)

@@ -63,7 +63,6 @@ from firmware.journal.format import (
     Superblock,
     crc32c,
     decode_header,
-    new_record_buffer,
     record_length,
     seal_header,
 )
@@ -94,12 +93,20 @@ class RecoveryReport:
     notes: list[str] = field(default_factory=list)
 
 
+#: The zero padding after a payload up to the next ALIGN boundary (sliced, never written whole).
+_ZEROS = bytes(ALIGN)
+
+
 @dataclass(slots=True)
 class _QueuedRecord:
-    """A record appended to the ring but not yet written to flash (the write-behind queue)."""
+    """A record appended to the ring but not yet written to flash (the write-behind queue): its
+    header (sealed when the batch is written), the payload by reference (not copied into a record
+    buffer) and its length in the ring, padding included."""
 
     pos: int
-    buf: bytearray
+    head: bytearray
+    payload: bytes | bytearray | memoryview
+    rlen: int
     kind: int
     seq: int
     lba: int
@@ -525,9 +532,10 @@ class Journal:
             raise ValueError("negative lba or count")
         if plen > self.max_record_bytes:
             raise ValueError(f"record payload of {plen} bytes exceeds {self.max_record_bytes}")
-        buf = new_record_buffer(payload)
+        if type(payload) is not bytes:  # the record keeps it until written: no buffer the caller reuses
+            payload = bytes(payload)
         pcrc = crc32c(payload) if plen else 0
-        rlen = len(buf)
+        rlen = record_length(plen)
         with self._lock:
             self._check_usable()
             pos = self._head_pos
@@ -538,9 +546,11 @@ class Journal:
                                   f"used, record needs {rlen + waste}")
             seq = self._head_seq + 1
             if waste:
-                self._queue.append(_QueuedRecord(pos, bytearray(HEADER_SIZE), WRAP_KIND, seq, 0, 0, 0, now_ns, 0))
+                self._queue.append(_QueuedRecord(pos, bytearray(HEADER_SIZE), b"", HEADER_SIZE, WRAP_KIND, seq,
+                                                 0, 0, 0, now_ns, 0))
                 pos += waste
-            self._queue.append(_QueuedRecord(pos, buf, int(kind), seq, lba, count, plen, now_ns, pcrc))
+            self._queue.append(_QueuedRecord(pos, bytearray(HEADER_SIZE), payload, rlen, int(kind), seq, lba,
+                                             count, plen, now_ns, pcrc))
             self._idx_pos.append(pos)
             self._idx_len.append(rlen)
             self._idx_ts.append(now_ns)
@@ -582,7 +592,7 @@ class Journal:
         size = 0
         while n < len(self._queue):
             p = self._queue[n]
-            plen = len(p.buf)
+            plen = p.rlen
             # a wrap marker always travels with the record after it
             if n and size + plen > budget and self._queue[n - 1].kind != WRAP_KIND:
                 break
@@ -591,27 +601,40 @@ class Journal:
         batch = self._queue[:n]
         del self._queue[:n]
         last = batch[-1]
-        end_pos = last.pos + len(last.buf)
+        end_pos = last.pos + last.rlen
         ckpt_state = self._checkpoint_state() if end_pos > self._ckpt_tail_pos + self._ring else None
         durable_before = self._durable_seq
         self._lock.release()
         try:
             if ckpt_state is not None:
                 self._write_checkpoint(ckpt_state)
-            runs: list[tuple[int, list[bytearray]]] = []
+            # Each run of consecutive records is one write of header, payload and padding buffers
+            # (pwritev where the flash has it: the payloads are not copied into record buffers).
+            runs: list[tuple[int, list[bytes | bytearray | memoryview]]] = []
             run_end = -1
             for p in batch:
-                seal_header(p.buf, kind=p.kind, epoch=self._epoch, incarnation=self._incarnation, seq=p.seq,
+                seal_header(p.head, kind=p.kind, epoch=self._epoch, incarnation=self._incarnation, seq=p.seq,
                             durable_before=durable_before, lba=p.lba, count=p.count,
                             payload_len=p.payload_len, timestamp_ns=p.timestamp_ns, payload_crc=p.payload_crc)
                 off = p.pos % self._ring
                 if off == run_end:
-                    runs[-1][1].append(p.buf)
+                    bufs = runs[-1][1]
                 else:
-                    runs.append((off, [p.buf]))
-                run_end = off + len(p.buf)
+                    bufs = []
+                    runs.append((off, bufs))
+                bufs.append(p.head)
+                if p.payload_len:
+                    bufs.append(p.payload)
+                pad = p.rlen - HEADER_SIZE - p.payload_len
+                if pad:
+                    bufs.append(_ZEROS[:pad])
+                run_end = off + p.rlen
+            pwritev = getattr(self._flash, "pwritev", None)
             for off, bufs in runs:
-                self._flash.pwrite(bufs[0] if len(bufs) == 1 else b"".join(bufs), RING_OFFSET + off)
+                if pwritev is not None:
+                    pwritev(bufs, RING_OFFSET + off)
+                else:
+                    self._flash.pwrite(bufs[0] if len(bufs) == 1 else b"".join(bufs), RING_OFFSET + off)
             self._flash.sync()
         except BaseException as exc:
             self._lock.acquire()
