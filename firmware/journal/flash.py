@@ -132,19 +132,30 @@ class FileFlash:
     def pwritev(self, buffers: list[bytes | bytearray | memoryview], offset: int) -> None:
         """`pwrite` of the concatenation of `buffers` without joining them (one `os.pwritev` system
         call, at most `IOV_MAX` buffers each)."""
-        total = sum(len(b) for b in buffers)
+        total = 0
+        for b in buffers:
+            total += len(b)
         self._check(offset, total, "write", errno.ENOSPC)
+        if len(buffers) <= _IOV_MAX:  # the usual case: one system call
+            n = os.pwritev(self._fd, buffers, offset)
+            if n < total:  # a partial write (rare on a file): the rest from where it stopped
+                self._rest(buffers, n, offset)
+            return
         at = 0
         while at < len(buffers):
             group = buffers[at:at + _IOV_MAX]
             at += len(group)
             want = sum(len(b) for b in group)
             n = os.pwritev(self._fd, group, offset)
-            if n < want:  # a partial write (rare on a file): the rest from where it stopped
-                if n <= 0:
-                    raise OSError(errno.EIO, f"{self.path}: write at offset {offset} made no progress")
-                self.pwrite(memoryview(b"".join(group))[n:], offset + n)
+            if n < want:
+                self._rest(group, n, offset)
             offset += want
+
+    def _rest(self, buffers: list[bytes | bytearray | memoryview], done: int, offset: int) -> None:
+        """After a partial `pwritev` of `done` bytes at `offset`: the rest of `buffers`."""
+        if done <= 0:
+            raise OSError(errno.EIO, f"{self.path}: write at offset {offset} made no progress")
+        self.pwrite(memoryview(b"".join(buffers))[done:], offset + done)
 
     def sync(self) -> None:
         self._check(0, 0, "sync", errno.EIO)

@@ -123,6 +123,9 @@ class Journal:
                  track_applied: bool = True) -> None:
         # Use Journal.open(); this constructor only sets fields.
         self._flash = flash
+        # a flash that writes several buffers at once (FileFlash.pwritev), else None: joined
+        self._pwritev: Callable[[list[bytes | bytearray | memoryview], int], None] | None = getattr(
+            flash, "pwritev", None)
         self._sb = sb
         self._ring = sb.ring_size
         self._epoch = sb.epoch
@@ -629,7 +632,7 @@ class Journal:
                 if pad:
                     bufs.append(_ZEROS[:pad])
                 run_end = off + p.rlen
-            pwritev = getattr(self._flash, "pwritev", None)
+            pwritev = self._pwritev
             for off, bufs in runs:
                 if pwritev is not None:
                     pwritev(bufs, RING_OFFSET + off)
