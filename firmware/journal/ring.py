@@ -131,6 +131,9 @@ class Journal:
         self._epoch = sb.epoch
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        # threads in self._cond.wait() (changed under the lock): the write path notifies only when
+        # someone waits (threading.Condition.notify_all costs several Python calls even for nobody)
+        self._waiters = 0
         self._closed = False
         self._failed: BaseException | None = None
         self._writer_busy = False
@@ -564,12 +567,20 @@ class Journal:
     def _acquire_writer(self) -> None:
         """Under the lock: wait until no other thread writes to flash, then claim it."""
         while self._writer_busy:
-            self._cond.wait()
+            self._wait_locked()
         self._writer_busy = True
+
+    def _wait_locked(self, timeout: float | None = None) -> None:
+        self._waiters += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiters -= 1
 
     def _release_writer(self) -> None:
         self._writer_busy = False
-        self._cond.notify_all()
+        if self._waiters:
+            self._cond.notify_all()
 
     def sync(self) -> int:
         """Make every record appended so far durable and return the durable seq. Concurrent callers
@@ -579,7 +590,7 @@ class Journal:
             while self._durable_seq < target:
                 self._check_usable()
                 if self._writer_busy:
-                    self._cond.wait()
+                    self._wait_locked()
                     continue
                 self._writer_busy = True
                 try:
@@ -651,7 +662,8 @@ class Journal:
         self._durable_seq = last.seq if last.kind != WRAP_KIND else last.seq - 1
         self._durable_pos = end_pos
         self._bytes_since_ckpt += size
-        self._cond.notify_all()
+        if self._waiters:
+            self._cond.notify_all()
         for listener in self._durable_listeners:
             listener()
         if self._bytes_since_ckpt >= self._ring // 8:
@@ -886,8 +898,12 @@ class Journal:
         """Block until a durable record with seq > after_seq exists (True) or `timeout` seconds
         pass or the journal closes (False)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._durable_seq > after_seq or self._closed, timeout) \
-                and self._durable_seq > after_seq
+            self._waiters += 1
+            try:
+                return self._cond.wait_for(lambda: self._durable_seq > after_seq or self._closed, timeout) \
+                    and self._durable_seq > after_seq
+            finally:
+                self._waiters -= 1
 
     def status(self) -> dict[str, object]:
         with self._lock:
