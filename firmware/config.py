@@ -332,9 +332,14 @@ def iscsi_options(o: dict[str, Any]) -> dict[str, Any]:
 def _chap_credentials(o: dict[str, Any], key: str) -> tuple[str, str] | None:
     if not o[key]:
         return None
-    user, sep, secret = str(o[key]).partition(":")
+    return parse_chap(str(o[key]), f"--{key.replace('_', '-')}")
+
+
+def parse_chap(text: str, flag: str) -> tuple[str, str]:
+    """USER:SECRET for iSCSI CHAP (a secret of 12 to 255 characters); UsageError naming `flag`."""
+    user, sep, secret = text.partition(":")
     if not sep or not user or not 12 <= len(secret) <= 255:
-        raise UsageError(f"--{key.replace('_', '-')} expects USER:SECRET with a secret of 12 to 255 characters")
+        raise UsageError(f"{flag} expects USER:SECRET with a secret of 12 to 255 characters")
     return (user, secret)
 
 

@@ -1,9 +1,11 @@
 """The role commands of `usbmirror`: `promote` and `failback` (on a remote unit), `resolve` (either).
 
-`usbmirror promote --state-dir REMOTE_STATE --source ID --usbip HOST:PORT [--mark NAME | --at TIME |
---seq N] [--force]` asks the remote unit running with REMOTE_STATE, over its control socket, to make
-its copy of source ID primary and serve it read-write to a standby host over USB/IP. It prints what is
-at stake (how far behind the copy was) and the address; docs/FAILOVER.md has the details.
+`usbmirror promote --state-dir REMOTE_STATE --source ID (--usbip HOST:PORT | --iscsi HOST:PORT
+[--iscsi-chap USER:SECRET] | --gadget [UDC]) [--mark NAME | --at TIME | --seq N] [--force]` asks the
+remote unit running with REMOTE_STATE, over its control socket, to make its copy of source ID
+primary and serve it read-write to a standby host over USB/IP, iSCSI or the board's USB gadget. It
+prints what is at stake (how far behind the copy was) and where it is served; docs/FAILOVER.md has
+the details.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ from firmware.control import ask_unit
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    req: dict[str, Any] = {"cmd": "promote", "source": args.source, "usbip": args.usbip, "busid": args.usbip_busid,
-                           "force": args.force}
-    for k in ("mark", "at", "seq"):
+    req: dict[str, Any] = {"cmd": "promote", "source": args.source, "busid": args.usbip_busid, "force": args.force}
+    buses = [b for b in ("usbip", "iscsi", "gadget") if getattr(args, b) is not None]
+    if len(buses) != 1:
+        print("usbmirror promote: give exactly one of --usbip HOST:PORT, --iscsi HOST:PORT or --gadget [UDC] "
+              "(where the standby host finds the disk)", file=sys.stderr)
+        return 2
+    if args.iscsi_chap is not None and args.iscsi is None:
+        print("usbmirror promote: --iscsi-chap needs --iscsi HOST:PORT", file=sys.stderr)
+        return 2
+    for k in ("usbip", "iscsi", "iscsi_chap", "gadget", "mark", "at", "seq"):
         if getattr(args, k) is not None:
             req[k] = getattr(args, k)
     ans = ask_unit("promote", args.state_dir, req, timeout=3600.0)
@@ -31,9 +40,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(json.dumps(ans, indent=2, sort_keys=True))
         return 0
     print(f"warning: {ans['warning']}", file=sys.stderr)
+    if ans.get("iscsi"):
+        where = (f"over iSCSI on {ans['iscsi']} target {ans['iscsi_target']}"
+                 + (" (CHAP)" if ans.get("iscsi_chap") else ""))
+    elif ans.get("gadget") is not None:
+        where = f"through the USB gadget on UDC {ans.get('udc') or ans['gadget']}"
+    else:
+        where = f"over USB/IP on {ans['usbip']} busid {ans['busid']}"
     print(f"promoted source {ans['source']} at {ans['point']}: primary in generation {ans['generation']}, "
-          f"served read-write over USB/IP on {ans['usbip']} busid {ans['busid']}; this remote refuses the old "
-          "local unit's writes from now on")
+          f"served read-write {where}; this remote refuses the old local unit's writes from now on")
     return 0
 
 
@@ -70,14 +85,25 @@ def register(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]])
     pp = sub.add_parser("promote", help="on a remote unit, make its copy of a source primary and serve it",
                         description="Switchover: the running remote unit makes its copy of a source primary (a new "
                         "data generation, recorded before anything is served) and serves it read-write to a "
-                        "standby host over USB/IP. Refused while the source is connected and healthy. With "
-                        "--mark, --at or --seq the copy is first rolled back to that point of its history. From "
-                        "then on the remote refuses the old local unit's writes, also after a restart.")
+                        "standby host on one bus: USB/IP (--usbip), iSCSI (--iscsi, the same target as "
+                        "`usbmirror local --iscsi`) or, on a board, the USB gadget (--gadget). Refused while the "
+                        "source is connected and healthy. With --mark, --at or --seq the copy is first rolled back "
+                        "to that point of its history. From then on the remote refuses the old local unit's "
+                        "writes, also after a restart (it serves the copy again the same way when it starts); "
+                        "`usbmirror failback` stops serving it and hands it back.")
     pp.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR", help="the remote unit's state dir")
     pp.add_argument("--source", required=True, metavar="ID", help="the source (local unit) id")
-    pp.add_argument("--usbip", required=True, metavar="HOST:PORT", help="where to serve USB/IP "
+    pp.add_argument("--usbip", metavar="HOST:PORT", help="serve the copy over USB/IP here "
                     "(no authentication: bind to 127.0.0.1 or a trusted network)")
     pp.add_argument("--usbip-busid", default="1-1", metavar="BUSID", help="the exported bus id (default 1-1)")
+    pp.add_argument("--iscsi", metavar="HOST:PORT", help="serve the copy as an iSCSI target here (e.g. "
+                    "0.0.0.0:3260); its name (IQN) and portal are printed and shown in status")
+    pp.add_argument("--iscsi-chap", metavar="USER:SECRET", help="with --iscsi: require CHAP at login with this "
+                    "user and secret (12 to 255 characters); the remote keeps it in its state dir (mode 0600) to "
+                    "serve with it again after a restart")
+    pp.add_argument("--gadget", nargs="?", const="", metavar="UDC", help="on a board: serve the copy as a USB "
+                    "disk through configfs and FunctionFS (as `usbmirror local --gadget` does), bound to UDC or "
+                    "the first one; needs root, libcomposite and FunctionFS")
     g = pp.add_mutually_exclusive_group()
     g.add_argument("--mark", metavar="NAME", help="roll back to the newest mark of that name first")
     g.add_argument("--at", metavar="TIME", help="roll back to every write the local unit acknowledged up to TIME "

@@ -54,6 +54,7 @@ def run_remote(opts: RemoteOptions, stop: threading.Event) -> int:
 
             def status(req: dict[str, Any]) -> dict[str, Any]:
                 st = unit.status()
+                promoted.add_status(st)
                 st["pid"] = os.getpid()
                 add_expiry_status(st, TlsFiles.for_remote(tls_dir, name))
                 return st

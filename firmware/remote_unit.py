@@ -378,12 +378,13 @@ class SourceTarget:
             "seconds_since_source": None if self.last_heard is None else round(now - self.last_heard, 3),
         }
 
-    def promote(self, *, usbip: str, busid: str = "1-1", mark: str | None = None, at: str | None = None,
+    def promote(self, *, serving: dict[str, Any], mark: str | None = None, at: str | None = None,
                 seq: int | None = None, force: bool = False) -> dict[str, Any]:
         """Make this copy primary (docs/FAILOVER.md): refused while the source is connected and
-        healthy. A new generation is recorded durably first; then the optional rollback to a point of
-        the history; then the copy is opened read-write (`self.promoted`). Returns what happened and
-        the warning saying what is at stake."""
+        healthy. A new generation is recorded durably first, with `serving` (how the copy is served:
+        `usbip`/`busid`, `iscsi`/`iscsi_target`/`iscsi_chap_user` or `gadget`) in its `promotion`;
+        then the optional rollback to a point of the history; then the copy is opened read-write
+        (`self.promoted`). Returns what happened and the warning saying what is at stake."""
         if self.roles.state.primary:
             raise PromoteError(f"source {self.source_id} is already primary on this remote"
                                f" ({self._serving_text()})")
@@ -403,7 +404,7 @@ class SourceTarget:
         if not self.lock.acquire(timeout=max(5.0, self.unit.cfg.heartbeat_timeout_s)):
             raise PromoteError(f"a connection of source {self.source_id} still holds its target; try again")
         try:
-            return self._promote_locked(usbip=usbip, busid=busid, mark=mark, at=at, seq=seq, force=force)
+            return self._promote_locked(serving=serving, mark=mark, at=at, seq=seq, force=force)
         except BaseException as exc:
             if self.roles.state.primary and self.promoted is None:
                 self.promotion_error = str(exc)
@@ -411,7 +412,7 @@ class SourceTarget:
                 self.lock.release()
             raise
 
-    def _promote_locked(self, *, usbip: str, busid: str, mark: str | None, at: str | None, seq: int | None,
+    def _promote_locked(self, *, serving: dict[str, Any], mark: str | None, at: str | None, seq: int | None,
                         force: bool) -> dict[str, Any]:
         st = self.state
         rolled_resync = False
@@ -461,7 +462,7 @@ class SourceTarget:
                    + (f"; {torn} (promoted with --force)" if torn else "")
                    + (f"; the target is rolled back to {what}, discarding the writes after it" if point_seq is not None
                       and point_seq < st.applied_seq else ""))
-        promotion = {"usbip": usbip, "busid": busid, "point": what, "fork_seq": fork, "promoted_ns": now_ns,
+        promotion = {**serving, "point": what, "fork_seq": fork, "promoted_ns": now_ns,
                      "rollback_to_seq": point_seq if point_seq is not None and point_seq < st.applied_seq else None,
                      "behind": behind, "resync_rolled_back": rolled_resync,
                      "torn_after_seq": st.applied_seq if torn else None}
@@ -471,7 +472,7 @@ class SourceTarget:
         crash_point("promote.recorded")
         self._open_promoted()
         return {"source": self.source_id, "generation": cur.label, "fork_seq": fork, "point": what,
-                "warning": warning, "behind": behind, "usbip": usbip, "busid": busid}
+                "warning": warning, "behind": behind, **serving}
 
     def resume_promotion(self) -> PromotedStore | None:
         """A remote that starts with this copy primary: finish what the promotion left undone and
@@ -587,8 +588,7 @@ class SourceTarget:
         return new.fork_seq
 
     def _serving_text(self) -> str:
-        promo = self.roles.state.promotion or {}
-        return f"served over USB/IP on {promo.get('usbip')}" if promo.get("usbip") else "not served"
+        return serving_text(self.roles.state.promotion or {})
 
     def status(self) -> dict[str, Any]:
         st, ses = self.state, self.session
@@ -635,6 +635,19 @@ class SourceTarget:
         if self.history is not None:
             self.history.close()
             self.history = None
+
+
+def serving_text(promo: dict[str, Any]) -> str:
+    """How a promoted copy is served, in words (from its role state's `promotion`)."""
+    if promo.get("handover"):
+        return "no longer served: a failback is under way"
+    if promo.get("iscsi"):
+        return f"served over iSCSI on {promo['iscsi']} target {promo.get('iscsi_target')}"
+    if promo.get("gadget") is not None:
+        return f"served through the USB gadget (UDC {promo['gadget'] or 'the first one'})"
+    if promo.get("usbip"):
+        return f"served over USB/IP on {promo['usbip']} busid {promo.get('busid') or '1-1'}"
+    return "not served"
 
 
 def _iso(t: float | None) -> str:

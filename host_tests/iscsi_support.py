@@ -122,3 +122,98 @@ class Harness:
 def sense_of(rsp: Pdu) -> bytes:
     (length,) = struct.unpack_from(">H", rsp.data, 0)
     return rsp.data[2 : 2 + length]
+
+
+class LoginRefused(Exception):
+    """The target answered the login with a non-zero status class (the (class, detail) pair)."""
+
+    def __init__(self, status: tuple[int, int]) -> None:
+        super().__init__(f"login refused: status {status[0]:#04x}/{status[1]:#04x}")
+        self.status = status
+
+
+class SocketInitiator:
+    """A minimal initiator over a socket: log in (optionally with CHAP) to `target` at
+    127.0.0.1:`port`, then READ(10) / WRITE(10) / any CDB one at a time (immediate data)."""
+
+    def __init__(self, port: int, target: str, *, chap: tuple[str, str] | None = None,
+                 host: str = "127.0.0.1") -> None:
+        import socket
+
+        self.sock = socket.create_connection((host, port), timeout=30)
+        self.framer = Framer(max_data=1 << 24)
+        self.cmdsn = 1
+        base = [("InitiatorName", INITIATOR), ("TargetName", target), ("SessionType", "Normal")]
+        ops = [("ImmediateData", "Yes"), ("InitialR2T", "No")]
+        try:
+            if chap is None:
+                self._login(login_pdu([*base, *ops], csg=1, nsg=3))
+                return
+            rsp = self._login(login_pdu([*base, ("AuthMethod", "CHAP,None")], csg=0, nsg=1))
+            rsp = self._login(login_pdu([("CHAP_A", "5")], csg=0, nsg=1, transit=False))
+            keys = dict(parse_text(rsp.data))
+            answer = chap_response(int(keys["CHAP_I"]), chap[1], keys["CHAP_C"])
+            self._login(login_pdu([("CHAP_N", chap[0]), ("CHAP_R", answer)], csg=0, nsg=1))
+            self._login(login_pdu(ops, csg=1, nsg=3))
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _login(self, pdu: Pdu) -> Pdu:
+        self.sock.sendall(pdu.encode())
+        rsp = self._recv()
+        assert rsp.opcode == PduOpcode.LOGIN_RESPONSE
+        if (rsp.bhs[36], rsp.bhs[37]) != (0, 0):
+            raise LoginRefused((rsp.bhs[36], rsp.bhs[37]))
+        return rsp
+
+    def _recv(self) -> Pdu:
+        while (item := self.framer.next()) is None:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionResetError("the target closed the connection")
+            self.framer.feed(data)
+        assert isinstance(item, Pdu)
+        return item
+
+    def command(self, cdb: bytes, *, read: int = 0, data: bytes = b"") -> tuple[int, bytes, bytes]:
+        """(SCSI status, data in, sense data)."""
+        self.sock.sendall(scsi_pdu(cdb, itt=self.cmdsn, cmdsn=self.cmdsn, edtl=read or len(data), read=bool(read),
+                                   write=bool(data), data=data).encode())
+        self.cmdsn += 1
+        got = b""
+        while True:
+            pdu = self._recv()
+            if pdu.opcode == PduOpcode.DATA_IN:
+                got += pdu.data
+                if pdu.flags & 0x01:  # status in the last Data-In
+                    return pdu.bhs[3], got, b""
+            elif pdu.opcode == PduOpcode.SCSI_RESPONSE:
+                return pdu.bhs[3], got, sense_of(pdu) if pdu.data else b""
+
+    def read10(self, lba: int, blocks: int, block_size: int = 512) -> bytes:
+        status, data, sense = self.command(bytes([0x28, 0]) + lba.to_bytes(4, "big") + b"\0"
+                                           + blocks.to_bytes(2, "big") + b"\0", read=blocks * block_size)
+        assert status == 0, sense.hex()
+        return data
+
+    def write10(self, lba: int, data: bytes, block_size: int = 512) -> tuple[int, bytes]:
+        """(SCSI status, sense data)."""
+        status, _, sense = self.command(bytes([0x2A, 0]) + lba.to_bytes(4, "big") + b"\0"
+                                        + (len(data) // block_size).to_bytes(2, "big") + b"\0", data=data)
+        return status, sense
+
+    def read_capacity(self) -> tuple[int, int]:
+        """(number of blocks, block size) from READ CAPACITY (10)."""
+        status, data, _ = self.command(bytes([0x25]) + bytes(9), read=8)
+        assert status == 0
+        return int.from_bytes(data[0:4], "big") + 1, int.from_bytes(data[4:8], "big")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> SocketInitiator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -273,3 +273,59 @@ def test_split_brain_is_reported_on_both_sides_and_resolved(units: Units, tmp_pa
                           what="the remote to be resynced from the local unit")
         assert read_block(target, 400) == b"\x62" * BS and read_block(target, 3 * 2048) == bytes(BS)
     assert volume.read_bytes() == target.read_bytes()
+
+
+def test_promote_over_iscsi_then_failback_brings_the_standby_writes_home(units: Units, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from host_tests.iscsi_support import LoginRefused, SocketInitiator
+
+    chap = ("standby", "a-long-secret-1")
+    tls = units.pair("dr1", ["server1"])
+    target, volume = tmp_path / "target.img", tmp_path / "volume.img"
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
+    local = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address])
+    written = bytes(range(256)) * (16 * BS // 256)
+    with attach(local) as c:
+        assert c.write10(8, written) == 0
+    local.wait_status(drained, what="the remote to catch up")
+    local.kill9()
+    remote.wait_status(lambda s: s["sources"][0]["state"] != "connected", what="the source to be gone")
+    port = free_port()
+    r = usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--iscsi",
+                  f"127.0.0.1:{port}", "--iscsi-chap", ":".join(chap))
+    assert r.returncode == 0, r.stderr
+    assert f"served read-write over iSCSI on 127.0.0.1:{port} target iqn.2026-01.net.usbmirror:copy-server1-" \
+        in r.stdout and "(CHAP)" in r.stdout
+    (src,) = remote.status()["sources"]
+    iqn = src["promotion"]["iscsi_target"]
+    assert src["primary"] is True and src["promotion"]["iscsi"] == f"127.0.0.1:{port}"
+    assert src["served"]["bus"] == "iscsi" and src["served"]["chap"] is True and chap[1] not in json.dumps(src)
+    # an outside initiator (libiscsi) sees the disk, with CHAP only
+    if shutil.which("iscsi-readcapacity16") is None:
+        pytest.fail("iscsi-readcapacity16 missing: `make setup` installs Debian's libiscsi-bin")
+    rc = subprocess.run(["iscsi-readcapacity16", "-s", f"iscsi://{chap[0]}%{chap[1]}@127.0.0.1:{port}/{iqn}/0"],
+                        capture_output=True, text=True, timeout=30)
+    assert rc.returncode == 0 and rc.stdout.strip() == str(16 << 20), rc.stdout + rc.stderr
+    assert subprocess.run(["iscsi-readcapacity16", "-s", f"iscsi://127.0.0.1:{port}/{iqn}/0"],
+                          capture_output=True, text=True, timeout=30).returncode != 0
+    with pytest.raises(LoginRefused):
+        SocketInitiator(port, iqn)
+    with SocketInitiator(port, iqn, chap=chap) as standby:  # the standby host: reads what the source wrote, writes
+        assert standby.read10(8, 16) == written
+        assert standby.write10(100, b"\x71" * BS) == (0, b"")
+        assert standby.write10(5 * 2048 + 7, b"\x72" * (3 * BS)) == (0, b"")
+    again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address],
+                              state_dir=local.state_dir)
+    again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
+    r = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
+                  timeout=180)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(OSError):  # the standby host lost the disk
+        SocketInitiator(port, iqn, chap=chap)
+    st = again.wait_status(lambda s: s["host_writes"] == "accepted", what="the unit to serve writes again")
+    assert st["primary"] is True
+    assert volume.read_bytes() == target.read_bytes()  # the standby's writes are home
+    assert read_block(volume, 100) == b"\x71" * BS and read_block(volume, 5 * 2048 + 9) == b"\x72" * BS
+    assert "served" not in remote.status()["sources"][0]
