@@ -110,7 +110,8 @@ def register(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]])
                    "and none after (ISO 8601, UTC without a zone, or seconds since the epoch)")
     g.add_argument("--seq", type=int, metavar="N", help="roll back to the image just after record N")
     pp.add_argument("--force", action="store_true", help="also when a resync is incomplete: roll it back to the "
-                    "image from before it and promote that")
+                    "image from before it and promote that; or when a power cut may have left torn writes the source has "
+                    "not sent again: promote the target as it is")
     pp.add_argument("--json", action="store_true", help="machine-readable output")
     commands["promote"] = cmd_promote
     fp = sub.add_parser("failback", help="on a remote unit, hand a promoted source back to its local unit",

@@ -306,6 +306,10 @@ class PromotionServers:
             udc = req["gadget"]
             if not isinstance(udc, str):
                 raise PromoteError("--gadget takes a UDC name or nothing")
+            busy = [other for other, served in self._servers.items() if served.bus == "gadget" and other != sid]
+            if busy:
+                raise PromoteError(f"the USB gadget already serves the copy of source {busy[0]}: one gadget per "
+                                   "board (fail that one back first, or use --usbip or --iscsi)")
             _check_gadget(udc, self.gadget_paths)
             return {"gadget": udc}, None
         value = req[bus]

@@ -11,8 +11,9 @@ keeps in DIR for one source (also while that remote is running) and lists the po
 writes the image of one point to a new file or a block device (never the live target), with a
 progress bar, while the remote keeps applying.
 
-`usbmirror expose --state-dir DIR --source ID (--mark|--at|--seq) (--usbip HOST:PORT | --iscsi HOST:PORT)... [--writable]`
-serves the image of one point at once as a USB disk over USB/IP (no copy first), read-only or
+`usbmirror expose --state-dir DIR --source ID (--mark|--at|--seq) (--usbip HOST:PORT | --iscsi HOST:PORT
+[--iscsi-chap USER:SECRET])... [--writable]` serves the image of one point at once as a USB disk over
+USB/IP and/or an iSCSI target (no copy first), read-only or
 with a scratch overlay that is thrown away when it stops (SIGINT or SIGTERM).
 """
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware.config import DEFAULT_STATE_DIR, parse_hostport
+from firmware.config import DEFAULT_STATE_DIR, UsageError, parse_chap, parse_hostport
 from firmware.control import ControlError, request
 from firmware.history import HistoryError, HistoryReader, ImageView, history_dir, resolve, restore, summary
 from firmware.history.format import Meta
@@ -290,6 +291,7 @@ class Exposure:
     server: Any
     iscsi_address: tuple[str, int] | None = None
     iscsi_target: str = ""
+    iscsi_chap: bool = False
 
     def line(self) -> str:
         mode = (f"writable, scratch overlay of {_size(self.store.scratch_cap)} thrown away at the end"
@@ -298,7 +300,8 @@ class Exposure:
         if self.address is not None:
             where.append(f"over USB/IP on {self.address[0]}:{self.address[1]} busid {self.busid}")
         if self.iscsi_address is not None:
-            where.append(f"over iSCSI on {self.iscsi_address[0]}:{self.iscsi_address[1]} target {self.iscsi_target}")
+            where.append(f"over iSCSI on {self.iscsi_address[0]}:{self.iscsi_address[1]} target {self.iscsi_target}"
+                         + (" (CHAP)" if self.iscsi_chap else ""))
         return f"exposing source {self.source} at {self.what} {' and '.join(where)} ({mode})"
 
     def end_line(self) -> str:
@@ -311,12 +314,13 @@ class Exposure:
 def exposed(state_dir: str, source: str, usbip: tuple[str, int] | None, *, mark: str | None = None,
             at: str | None = None, seq: int | None = None, writable: bool = False,
             scratch_cap: int = DEFAULT_SCRATCH, busid: str = "1-1",
-            iscsi: tuple[str, int] | None = None) -> Iterator[Exposure]:
+            iscsi: tuple[str, int] | None = None, iscsi_chap: tuple[str, str] | None = None) -> Iterator[Exposure]:
     """Serve the image of one point of `source`'s history over USB/IP and/or iSCSI until the block
     ends (over iSCSI one command at a time: the image store is not shared between threads). The
     view pins its point (trimming stops short of it) and follows the remote's applies, so the image
     stays fixed while replication goes on; with `writable`, writes go to a scratch overlay in
-    `state_dir` (unlinked at once) and vanish at the end."""
+    `state_dir` (unlinked at once) and vanish at the end. `iscsi_chap`: (user, secret) an iSCSI
+    initiator must prove at login."""
     from firmware.scsi import ScsiTarget, naa_locally_assigned
     from firmware.scsi.shared import SharedUnit
     from gadget.descriptors import DeviceIdentity
@@ -357,7 +361,7 @@ def exposed(state_dir: str, source: str, usbip: tuple[str, int] | None, *, mark:
             from firmware.iscsi.server import IQN_PREFIX, IscsiServer
 
             iqn = f"{IQN_PREFIX}:image-{serial.lower()}"
-            config = TargetConfig(target_name=iqn, portal="", alias=f"usbmirror image {serial}")
+            config = TargetConfig(target_name=iqn, portal="", alias=f"usbmirror image {serial}", chap=iscsi_chap)
             try:
                 isrv = stack.enter_context(IscsiServer(config, new_lu, host=iscsi[0], port=iscsi[1],
                                                        reservations=shared.reservations))
@@ -365,7 +369,8 @@ def exposed(state_dir: str, source: str, usbip: tuple[str, int] | None, *, mark:
                 raise HistoryError(f"cannot listen on {iscsi[0]}:{iscsi[1]}: {exc.strerror}") from None
             iscsi_address = (iscsi[0], isrv.port)
             server = server if server is not None else isrv
-        yield Exposure(source, res.what, res.seq, usbip_address, busid, store, server, iscsi_address, iqn)
+        yield Exposure(source, res.what, res.seq, usbip_address, busid, store, server, iscsi_address, iqn,
+                       iscsi_chap is not None)
 
 
 def cmd_expose(args: argparse.Namespace) -> int:
@@ -375,16 +380,21 @@ def cmd_expose(args: argparse.Namespace) -> int:
         addr = parse_hostport(args.usbip) if args.usbip else None
         iscsi_addr = parse_hostport(args.iscsi) if args.iscsi else None
         cap = parse_size(args.scratch_size)
-    except ValueError as exc:
+        chap = parse_chap(args.iscsi_chap, "--iscsi-chap") if args.iscsi_chap is not None else None
+    except (ValueError, UsageError) as exc:
         print(f"usbmirror expose: {exc}", file=sys.stderr)
         return 2
     if addr is None and iscsi_addr is None:
         print("usbmirror expose: give --usbip HOST:PORT, --iscsi HOST:PORT or both", file=sys.stderr)
         return 2
+    if chap is not None and iscsi_addr is None:
+        print("usbmirror expose: --iscsi-chap needs --iscsi HOST:PORT", file=sys.stderr)
+        return 2
     stop = install_stop_signals()
     try:
         with exposed(args.state_dir, args.source, addr, mark=args.mark, at=args.at, seq=args.seq,
-                     writable=args.writable, scratch_cap=cap, busid=args.usbip_busid, iscsi=iscsi_addr) as ex:
+                     writable=args.writable, scratch_cap=cap, busid=args.usbip_busid, iscsi=iscsi_addr,
+                     iscsi_chap=chap) as ex:
             print(ex.line(), flush=True)
             stop.wait()
             end = ex.end_line()
@@ -446,8 +456,10 @@ def register(sub: Any, commands: dict[str, Any]) -> None:
     _add_point_args(ep)
     ep.add_argument("--usbip", metavar="HOST:PORT", help="where to serve USB/IP "
                     "(no authentication: bind to 127.0.0.1 or a trusted network)")
-    ep.add_argument("--iscsi", metavar="HOST:PORT", help="where to serve the image as an iSCSI target (no CHAP: "
-                    "bind to 127.0.0.1 or a trusted network); its name is printed")
+    ep.add_argument("--iscsi", metavar="HOST:PORT", help="where to serve the image as an iSCSI target (without "
+                    "--iscsi-chap bind to 127.0.0.1 or a trusted network); its name is printed")
+    ep.add_argument("--iscsi-chap", metavar="USER:SECRET", help="with --iscsi: require CHAP at login with this "
+                    "user and secret (12 to 255 characters)")
     ep.add_argument("--usbip-busid", default="1-1", metavar="BUSID", help="the exported bus id (default 1-1)")
     ep.add_argument("--writable", action="store_true", help="accept writes into a scratch overlay, thrown away "
                     "at the end")

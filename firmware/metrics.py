@@ -139,7 +139,9 @@ class StatusCollector(Collector):
         records = CounterMetricFamily(P + "source_applied_records", "records applied", labels=lab)
         nbytes = CounterMetricFamily(P + "source_applied_bytes", "bytes applied", labels=lab)
         conn = GaugeMetricFamily(P + "source_connected", "1 while the source is connected", labels=lab)
-        consistent = GaugeMetricFamily(P + "source_consistent", "0 during a resync (the copy is inconsistent)",
+        consistent = GaugeMetricFamily(P + "source_consistent",
+                                       "0 during a resync or while records a power cut may have torn are "
+                                       "applied again (the copy is inconsistent)",
                                        labels=lab)
         age = GaugeMetricFamily(P + "source_applied_record_age_seconds",
                                 "host time of the newest applied record, as an age", labels=lab)

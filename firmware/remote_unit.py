@@ -309,7 +309,8 @@ class SourceTarget:
         if not rs.get("needs_full_resync"):
             return
         ts = self.session.state
-        ts.volume_uuid, ts.generation, ts.applied_seq, ts.target_id = "", 0, 0, ""
+        ts.volume_uuid, ts.generation, ts.applied_seq, ts.target_id, ts.write_limit = "", 0, 0, "", 0
+        self.session.reapply_until = self.session.written_seq = 0
         ts.resync_active = ts.resync_undo = False
         ts.resync_end = None
         self.session.forget_unsynced()
@@ -424,6 +425,14 @@ class SourceTarget:
                                    f"image; --force rolls it back to the image from before the resync (seq "
                                    f"{st.resync_base_seq}) and promotes that")
             rolled_resync = self._rollback_resync_locked()
+        torn = ""
+        if self.session.reapplying:
+            torn = (f"the target may hold torn writes of the records after seq {st.applied_seq} (up to seq "
+                    f"{self.session.reapply_until}): the remote stopped without syncing them (a power cut or a "
+                    "crash) and the source has not sent them again")
+            if not force:
+                raise PromoteError(f"{torn}; it is consistent again once the source reconnects and they are "
+                                   "applied; --force promotes it as it is (check its file system)")
         behind = self.behind()
         point_seq: int | None = None
         what = f"the newest image (seq {st.applied_seq})"
@@ -450,11 +459,13 @@ class SourceTarget:
                    + (f", last heard {behind['seconds_since_source']:.0f} s ago" if behind["seconds_since_source"]
                       is not None else "")
                    + "; whatever the local unit acknowledged after that is not in this copy (the failover's loss)"
+                   + (f"; {torn} (promoted with --force)" if torn else "")
                    + (f"; the target is rolled back to {what}, discarding the writes after it" if point_seq is not None
                       and point_seq < st.applied_seq else ""))
         promotion = {**serving, "point": what, "fork_seq": fork, "promoted_ns": now_ns,
                      "rollback_to_seq": point_seq if point_seq is not None and point_seq < st.applied_seq else None,
-                     "behind": behind, "resync_rolled_back": rolled_resync}
+                     "behind": behind, "resync_rolled_back": rolled_resync,
+                     "torn_after_seq": st.applied_seq if torn else None}
         self.roles.update(primary=True, history=hist, promotion=promotion, split_brain=None, resolution=None)
         log.warning("promoted source=%s generation=%s fork_seq=%d point=%s warning=%s", self.source_id, cur.label,
                     fork, what, warning)
@@ -556,7 +567,8 @@ class SourceTarget:
             raise Refused(jp.ErrorCode.SEQUENCE, f"generation {new and new.label} does not follow this copy's "
                           f"{cur and cur.label}")
         ts = self.session.state
-        ts.applied_seq = new.fork_seq
+        ts.applied_seq = ts.write_limit = self.session.written_seq = new.fork_seq
+        self.session.reapply_until = 0
         self.session.forget_unsynced()
         self.store.sync()
         self.store.save_state(ts)
@@ -589,7 +601,8 @@ class SourceTarget:
             "state": "primary" if self.roles.state.primary else
                      ("resyncing" if st.resync_active else "connected") if self.active else
                      ("error" if self.last_error else "idle"),
-            "consistent": not st.resync_active,
+            "consistent": ses.consistent,
+            "reapplying_until": ses.reapply_until if ses.reapplying else None,
             "rollback_available": st.resync_active and st.resync_undo,
             "peer": self.peer,
             "applied_seq": st.applied_seq,
@@ -772,6 +785,11 @@ class _Connection:
             except (StorageError, OSError) as exc:
                 log.warning("could not save the applied position source=%s error=%s", t.source_id, exc)
         t.session.forget_unsynced()
+        if t.session.settle_write_limit() and t.store.volume is not None:
+            try:  # a stop now leaves a target the next start knows is consistent
+                t.store.save_state(t.state)
+            except (StorageError, OSError) as exc:
+                log.warning("could not save the write limit source=%s error=%s", t.source_id, exc)
         t.lock.release()
 
     # -- the loop -------------------------------------------------------------------------------
@@ -794,6 +812,9 @@ class _Connection:
     def on_events(self, events: Sequence[jp.Event]) -> None:
         if self.replicating and self.target is not None:
             self.target.last_heard = time.monotonic()
+            ahead = [ev.records[-1].seq for ev in events if isinstance(ev, jp.Batch) and ev.records]
+            if ahead and self.session is not None:  # one write-limit save covers every batch at hand
+                self.session.write_ahead = max(ahead)
         for ev in events:
             self._event(ev)
             if self.closing:

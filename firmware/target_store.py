@@ -187,10 +187,13 @@ class TargetStore:
 
     def save_state(self, state: TargetState) -> None:
         with self.save_lock:
-            try:
-                save_json_durably(self.state_path, {**self.extra_state, **asdict(state)})
-            except OSError as exc:
-                raise storage_error(exc, f"state file {self.state_path}") from exc
+            self._save_locked(state)
+
+    def _save_locked(self, state: TargetState) -> None:
+        try:
+            save_json_durably(self.state_path, {**self.extra_state, **asdict(state)})
+        except OSError as exc:
+            raise storage_error(exc, f"state file {self.state_path}") from exc
 
     # -- volume -----------------------------------------------------------------------------------
     def open(self, volume_size: int, block_size: int) -> Volume:
@@ -268,8 +271,11 @@ class TargetStore:
         self._vol().flush()
         for hook in self.durable_hooks:
             self.extra_state.update(hook(seq))
-        if seq > state.applied_seq:
-            self.save_state(replace(state, applied_seq=seq))
+        # the copy of the live state is taken under the lock: a write limit raised meanwhile by the
+        # receive path (saved before its records are written) is never overwritten by an older one
+        with self.save_lock:
+            if seq > state.applied_seq:
+                self._save_locked(replace(state, applied_seq=seq))
 
     # -- undo log ---------------------------------------------------------------------------------
     def undo_discard(self) -> None:

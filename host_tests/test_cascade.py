@@ -74,6 +74,30 @@ def write_some(c: UsbipClient, rng: random.Random, n: int, blocks: int = 8) -> N
         assert c.write10(lba, rng.randbytes(blocks * BS)) == 0
 
 
+@contextlib.contextmanager
+def writing_in_background(local: UnitProcess, rng: random.Random) -> Iterator[None]:
+    """Host writes through `local` on a thread for as long as the block runs; any error it met fails the test."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def workload() -> None:
+        try:
+            with attach(local) as c:
+                while not stop.is_set():
+                    write_some(c, rng, 20)
+        except BaseException as exc:
+            errors.append(exc)
+
+    w = threading.Thread(target=workload, daemon=True)
+    w.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        w.join(60)
+    assert not errors, errors
+
+
 def forward(st: Status) -> dict[str, object]:
     fwd: dict[str, object] = st["sources"][0]["forward"]
     return fwd
@@ -125,20 +149,7 @@ def test_cascade_with_the_last_hop_absent_then_killed_and_restarted(units: Units
     # r2 comes up with nothing beyond --target; it is killed (SIGKILL) and restarted mid-workload
     r2 = units.start_remote("r2", targets={SID: r2_target}, tls_dir=tls, port=r2_port)
     r2.wait_status(lambda s: s["sources"][0]["applied_seq"] > 0, what="r2 to receive the relayed source")
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def workload() -> None:
-        try:
-            with attach(local) as c2:
-                while not stop.is_set():
-                    write_some(c2, rng, 20)
-        except BaseException as exc:
-            errors.append(exc)
-
-    w = threading.Thread(target=workload, daemon=True)
-    w.start()
-    try:
+    with writing_in_background(local, rng):
         seen = r2.status()["sources"][0]["applied_seq"]
         killer = KillAndRestart(r2, r2, lambda s: s["sources"][0]["applied_seq"] > seen + 50,
                                 what="r2 to apply part of the workload")
@@ -149,10 +160,6 @@ def test_cascade_with_the_last_hop_absent_then_killed_and_restarted(units: Units
         again = r2.wait_status(lambda s: s["sources"][0]["state"] == "connected",
                                what="the relay to reconnect")["sources"][0]["applied_seq"]
         r2.wait_status(lambda s: s["sources"][0]["applied_seq"] > again + 20, what="the workload to go on to r2")
-    finally:
-        stop.set()
-        w.join(60)
-    assert not errors, errors
     local.wait_status(drained, what="r1 to catch up")
     r1.wait_status(next_hop_caught_up(r1), what="r2 to catch up with r1", timeout=120)
     local.stop()
@@ -269,20 +276,7 @@ def test_the_relay_killed_in_the_middle_relays_every_record_once_more_at_most(un
     local = units.start_local(volume=volume, size="16M", source_id=SID, tls_dir=tls, remotes=[r1.address])
     local.wait_status(streaming(), what="the link to r1")
     rng = random.Random(13)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def workload() -> None:
-        try:
-            with attach(local) as c:
-                while not stop.is_set():
-                    write_some(c, rng, 20)
-        except BaseException as exc:
-            errors.append(exc)
-
-    w = threading.Thread(target=workload, daemon=True)
-    w.start()
-    try:
+    with writing_in_background(local, rng):
         killer = KillAndRestart(r2, r1, lambda s: s["sources"][0]["applied_seq"] > 100,
                                 what="r2 to apply part of the workload")
         killer.start()
@@ -291,10 +285,6 @@ def test_the_relay_killed_in_the_middle_relays_every_record_once_more_at_most(un
         again = r2.wait_status(lambda s: s["sources"][0]["state"] == "connected",
                                what="the relay to come back")["sources"][0]["applied_seq"]
         r2.wait_status(lambda s: s["sources"][0]["applied_seq"] > again + 50, what="the workload to go on to r2")
-    finally:
-        stop.set()
-        w.join(60)
-    assert not errors, errors
     local.wait_status(drained, what="r1 to catch up")
     r1.wait_status(next_hop_caught_up(r1), what="r2 to catch up with r1", timeout=120)
     local.stop()

@@ -205,3 +205,22 @@ def test_a_closed_device_refuses_use(case: Case) -> None:
         with pytest.raises(OSError):
             op()
     case.dev.close()  # closing twice is harmless
+
+
+@pytest.mark.parametrize("iov_max", [1024, 2])
+def test_file_flash_pwritev_writes_the_buffers_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        iov_max: int) -> None:
+    # the journal writes a record's header, payload and padding as separate buffers in one call
+    # (in groups of IOV_MAX buffers where there are more)
+    import firmware.journal.flash as flash_mod
+
+    monkeypatch.setattr(flash_mod, "_IOV_MAX", iov_max)
+    dev = FileFlash.create(tmp_path / "journal.flash", SIZE)
+    parts: list[bytes | bytearray | memoryview] = [_pattern(64, 1), bytearray(_pattern(4096, 2)),
+                                                   memoryview(_pattern(448, 3)), _pattern(512, 4)]
+    dev.pwritev(parts, 8192)
+    assert dev.pread(64 + 4096 + 448 + 512, 8192) == b"".join(bytes(p) for p in parts)
+    with pytest.raises(OSError):
+        dev.pwritev([bytes(512), bytes(512)], SIZE - 512)
+    assert dev.pread(512, SIZE - 512) == bytes(512)  # refused whole: nothing written
+    dev.close()

@@ -190,3 +190,47 @@ def test_expose_command_serves_until_sigterm(sc: Scenario) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_expose_command_over_iscsi_with_chap_until_sigterm(sc: Scenario) -> None:
+    import shutil
+
+    from host_tests.iscsi_support import LoginRefused, SocketInitiator
+
+    chap = ("tester", "a-long-secret-2")
+    p = subprocess.Popen([sys.executable, "-m", "firmware.cli", "expose", "--state-dir", sc.state, "--source", "s1",
+                          "--seq", "4", "--iscsi", "127.0.0.1:0", "--iscsi-chap", ":".join(chap)],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.startswith("exposing source s1 at seq 4 over iSCSI on 127.0.0.1:"), \
+            line + (p.stderr.read() if p.stderr else "")
+        assert "(CHAP) (read-only)" in line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        iqn = line.split(" target ")[1].split()[0]
+        # an outside initiator (libiscsi) logs in with the secret, and not without it
+        if shutil.which("iscsi-readcapacity16") is None:
+            pytest.fail("iscsi-readcapacity16 missing: `make setup` installs Debian's libiscsi-bin")
+        rc = subprocess.run(["iscsi-readcapacity16", "-s", f"iscsi://{chap[0]}%{chap[1]}@127.0.0.1:{port}/{iqn}/0"],
+                            capture_output=True, text=True, timeout=30)
+        assert rc.returncode == 0 and rc.stdout.strip() == str(SIZE), rc.stdout + rc.stderr
+        with pytest.raises(LoginRefused):
+            SocketInitiator(port, iqn)
+        with SocketInitiator(port, iqn, chap=chap) as ini:
+            assert ini.read10(0, SIZE // BS) == sc.images[4]
+            status, sense = ini.write10(0, b"\x11" * BS)
+            assert status == 0x02 and (sense[2] & 0x0F, sense[12], sense[13]) == WRITE_PROTECTED
+        os.kill(p.pid, signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        assert "ended: " in out and "the target and the history are unchanged" in out
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert cli.main(["expose", "--state-dir", sc.state, "--source", "s1", "--seq", "4", "--usbip", "127.0.0.1:0",
+                     "--iscsi-chap", ":".join(chap)]) == 2
+    assert cli.main(["expose", "--state-dir", sc.state, "--source", "s1", "--seq", "4", "--iscsi", "127.0.0.1:0",
+                     "--iscsi-chap", "x:short"]) == 2

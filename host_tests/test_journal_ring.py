@@ -303,7 +303,8 @@ def test_torn_record_at_the_tail_is_discarded() -> None:
     j.append(RecordKind.WRITE, 3, 4, payload(3, 4), 0)
     j._write_batch_locked = None  # type: ignore[assignment,method-assign]  # never called below
     rec_pos = j._idx_pos[-1]
-    buf = j._queue[-1].buf
+    queued = j._queue[-1]
+    buf = queued.head + bytes(queued.payload)  # the record as it would lie in the ring
     from firmware.journal.format import seal_header
 
     seal_header(buf, kind=1, epoch=j.superblock.epoch, incarnation=j._incarnation, seq=4, durable_before=3,

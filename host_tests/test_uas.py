@@ -377,6 +377,23 @@ class UasHost:
         assert isinstance(ret, SubmitReturn) and ret.status == 0, ret
         return ret.data
 
+    def finish_writes(self, statuses: list[int], payload: dict[int, bytes]) -> dict[int, int]:
+        """Serve the queued WRITEs whose status URBs are `statuses`: each WRITE READY names a tag,
+        whose `payload` then goes out on the data-out pipe; returns each tag's final SCSI status."""
+        done: dict[int, int] = {}
+        pending = list(statuses)
+        while pending:
+            iu = self.iu(pending.pop(0))
+            if iu[0] == IuId.WRITE_READY:
+                tag = int.from_bytes(iu[2:4], "big")
+                pending.append(self.status_urb())
+                ret = self.c.wait(self.c.submit(4, UrbDirection.OUT, len(payload[tag]), payload[tag]))
+                assert isinstance(ret, SubmitReturn) and ret.actual_length == len(payload[tag])
+            else:
+                tag, status, _ = sense(iu)
+                done[tag] = status
+        return done
+
 
 @pytest.fixture
 def uas_server() -> Iterator[tuple[UsbipServer, UasMassStorageDevice]]:
@@ -422,19 +439,7 @@ def test_queued_writes_and_reads_over_usbip_with_autosense(uas_server: tuple[Usb
         # eight WRITEs in flight: each WRITE READY names a tag, the data goes to that tag
         payload = {tag: bytes([tag]) * 4 * BS for tag in range(1, 9)}
         statuses = [host.command(tag, write10(tag * 8, 4)) for tag in payload]
-        done: dict[int, int] = {}
-        pending = list(statuses)
-        while pending:
-            iu = host.iu(pending.pop(0))
-            if iu[0] == IuId.WRITE_READY:
-                tag = int.from_bytes(iu[2:4], "big")
-                pending.append(host.status_urb())
-                ret = client.wait(client.submit(4, UrbDirection.OUT, 4 * BS, payload[tag]))
-                assert isinstance(ret, SubmitReturn) and ret.actual_length == 4 * BS
-            else:
-                tag, status, _ = sense(iu)
-                done[tag] = status
-        assert done == {tag: Status.GOOD for tag in payload}
+        assert host.finish_writes(statuses, payload) == {tag: Status.GOOD for tag in payload}
         # READ back one of them: READ READY, data, then GOOD
         status_seq = host.command(20, read10(3 * 8, 4))
         assert host.iu(status_seq) == bytes([IuId.READ_READY, 0, 0, 20])
@@ -510,17 +515,7 @@ def test_queued_uas_writes_share_journal_flushes_and_each_is_durable_before_its_
             host = UasHost(client)
             host.iu(host.command(1, bytes(6)))  # the unit attention
             statuses = [host.command(tag, write10(tag, 1)) for tag in range(1, 5)]
-            done: dict[int, int] = {}
-            pending = list(statuses)
-            while pending:
-                iu = host.iu(pending.pop(0))
-                if iu[0] == IuId.WRITE_READY:
-                    tag = int.from_bytes(iu[2:4], "big")
-                    pending.append(host.status_urb())
-                    client.wait(client.submit(4, UrbDirection.OUT, BS, blk(tag)))
-                else:
-                    tag, status, _ = sense(iu)
-                    done[tag] = status
+            done = host.finish_writes(statuses, {tag: blk(tag) for tag in range(1, 5)})
             assert done == {1: Status.GOOD, 2: Status.GOOD, 3: Status.GOOD, 4: Status.GOOD}
             flushes = int(unit.journal.status()["flushes"])  # type: ignore[call-overload]
             assert flushes < 4, f"{flushes} journal flushes for 4 queued writes: no group commit"

@@ -124,6 +124,8 @@ class Counts:
     wedges: int = 0
     remote_cuts: int = 0
     remote_torn_checks: int = 0
+    promotion_checks: int = 0  # in process: promotions a remote would allow right after its power cut, checked
+    promotions_refused: int = 0  # ... and refused (the target may be torn, or a resync is open)
     promotions: int = 0
     failbacks: int = 0
     real_rounds: int = 0
@@ -201,7 +203,6 @@ class MemRemote:
         self.full = False
         self.outbox: list[jp.Event] = []
         self.closed = False
-        self.written_seq = 0  # the highest record whose blocks reached the target (synced or not)
 
     @property
     def blocks(self) -> bytearray:
@@ -251,7 +252,6 @@ class MemRemote:
                 for r in a.records:
                     if r.seq <= self.saved.applied_seq and not self.session.state.resync_active:
                         self.counts.applied_twice += 1
-                    self.written_seq = max(self.written_seq, r.seq)
                     if r.kind is RecordKind.WRITE:
                         self._write(r.lba, r.payload)
                     elif r.kind is RecordKind.UNMAP:
@@ -333,7 +333,6 @@ class Campaign:
         self.model = HostModel()
         self.remote = MemRemote(self.c)
         self.remote_k = 0  # the remote was last seen as the disk after this write
-        self.remote_torn_until = 0  # after a remote power cut: the highest record its target may hold torn
         self.now = 1000.0
         self.partition_until = -1
         self.full_until = -1
@@ -457,10 +456,22 @@ class Campaign:
         self.resync_open = False
         self.link = None
         self.session.connection_lost()
-        # the target may hold torn writes of records up to the highest one applied, until it applies
-        # them again
-        self.remote_torn_until = max(self.remote_torn_until, self.remote.written_seq)
         self.remote.power_cut(random.Random(self.rng.getrandbits(32)), self.crash_mode())
+        self.promotion_check()
+
+    def promotion_check(self) -> None:
+        """`usbmirror promote` right after the remote's power cut (the local site may be gone too): it
+        is refused while the remote says its target may be torn; if the remote would serve it, what it
+        serves must be an image of the host's writes, checked here whatever the remote says."""
+        ses = self.remote.session
+        if ses.state.resync_active or ses.reapplying:
+            self.c.promotions_refused += 1
+            return
+        self.c.promotion_checks += 1
+        if self.model.find(bytes(self.remote.blocks), self.remote_k) is None:
+            self.c.prefix_violations += 1
+            raise Violation(f"a promotion right after the remote's power cut would serve no image of the host's "
+                            f"writes (applied seq {ses.state.applied_seq}, write limit {ses.state.write_limit})")
 
     def connect(self) -> None:
         self.link = Link()
@@ -669,9 +680,9 @@ class Campaign:
     def check_remote(self) -> None:
         if self.remote.session.state.resync_active:
             return  # marked inconsistent: a reader is told so
-        if self.remote.saved.applied_seq < self.remote_torn_until:
+        if self.remote.session.reapplying:
             # after its power cut the remote's target may hold torn writes of records it had applied
-            # but not made durable, until it applies them again; it does not say so (docs/TESTING.md)
+            # but not made durable; it says so (not consistent, promotion refused) until it applied them again
             self.c.remote_torn_checks += 1
             return
         k = self.model.find(bytes(self.remote.blocks), self.remote_k)
@@ -695,14 +706,16 @@ class Campaign:
             self.now += 0.01
             st = self.remote.session.state
             if (self.link is not None and self.session.acked_seq >= self.journal.durable_seq
-                    and not st.resync_active and not self.lu.overflow and not self.lu.dirty_snapshot().regions
+                    and not st.resync_active and not self.remote.session.reapplying and not self.lu.overflow
+                    and not self.lu.dirty_snapshot().regions
                     and self.pending_clear is None):
                 break
         else:
             self.c.wedges += 1
             raise Violation(f"no progress: after {HEAL_STEPS} steps without faults the remote is at "
                             f"{self.session.acked_seq}, the journal at {self.journal.durable_seq} (connected "
-                            f"{self.link is not None}, resync {self.remote.session.state.resync_active}, overflow "
+                            f"{self.link is not None}, resync {self.remote.session.state.resync_active}, re-applying "
+                            f"{self.remote.session.reapplying}, overflow "
                             f"{self.lu.overflow}, dirty regions {len(self.lu.dirty_snapshot().regions)}, "
                             f"clear pending {self.pending_clear is not None})")
         if bytes(self.remote.blocks) != self.lu.read(0, NBLOCKS):
@@ -908,7 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - t0
     print(f"torture: {counts.steps} steps, {counts.resyncs} resyncs, {counts.real_rounds} rounds with real "
           f"processes in {elapsed:.1f} s; {counts.remote_cuts} of the cuts hit the remote, remote checks "
-          f"deferred while it re-applied records torn by its power cut: {counts.remote_torn_checks}", flush=True)
+          f"skipped while it said it was re-applying records its power cut may have torn: {counts.remote_torn_checks}; "
+          f"promotions right after a remote power cut: {counts.promotion_checks} checked, "
+          f"{counts.promotions_refused} refused", flush=True)
     if failure is not None:
         print(f"torture: FAILED seed={seed} at {failure} (replay: TORTURE_SEED={seed} "
               f"TORTURE_STEPS={counts.steps})", flush=True)

@@ -52,6 +52,9 @@ class Flash(Protocol):
         ...
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
+
+
 class FileFlash:
     """A journal device: a regular file (pre-written) or a block device, accessed with pread/pwrite."""
 
@@ -125,6 +128,34 @@ class FileFlash:
                 raise OSError(errno.EIO, f"{self.path}: write at offset {offset} made no progress")
             view = view[n:]
             offset += n
+
+    def pwritev(self, buffers: list[bytes | bytearray | memoryview], offset: int) -> None:
+        """`pwrite` of the concatenation of `buffers` without joining them (one `os.pwritev` system
+        call, at most `IOV_MAX` buffers each)."""
+        total = 0
+        for b in buffers:
+            total += len(b)
+        self._check(offset, total, "write", errno.ENOSPC)
+        if len(buffers) <= _IOV_MAX:  # the usual case: one system call
+            n = os.pwritev(self._fd, buffers, offset)
+            if n < total:  # a partial write (rare on a file): the rest from where it stopped
+                self._rest(buffers, n, offset)
+            return
+        at = 0
+        while at < len(buffers):
+            group = buffers[at:at + _IOV_MAX]
+            at += len(group)
+            want = sum(len(b) for b in group)
+            n = os.pwritev(self._fd, group, offset)
+            if n < want:
+                self._rest(group, n, offset)
+            offset += want
+
+    def _rest(self, buffers: list[bytes | bytearray | memoryview], done: int, offset: int) -> None:
+        """After a partial `pwritev` of `done` bytes at `offset`: the rest of `buffers`."""
+        if done <= 0:
+            raise OSError(errno.EIO, f"{self.path}: write at offset {offset} made no progress")
+        self.pwrite(memoryview(b"".join(buffers))[done:], offset + done)
 
     def sync(self) -> None:
         self._check(0, 0, "sync", errno.EIO)

@@ -63,7 +63,6 @@ from firmware.journal.format import (
     Superblock,
     crc32c,
     decode_header,
-    new_record_buffer,
     record_length,
     seal_header,
 )
@@ -94,12 +93,20 @@ class RecoveryReport:
     notes: list[str] = field(default_factory=list)
 
 
+#: The zero padding after a payload up to the next ALIGN boundary (sliced, never written whole).
+_ZEROS = bytes(ALIGN)
+
+
 @dataclass(slots=True)
 class _QueuedRecord:
-    """A record appended to the ring but not yet written to flash (the write-behind queue)."""
+    """A record appended to the ring but not yet written to flash (the write-behind queue): its
+    header (sealed when the batch is written), the payload by reference (not copied into a record
+    buffer) and its length in the ring, padding included."""
 
     pos: int
-    buf: bytearray
+    head: bytearray
+    payload: bytes | bytearray | memoryview
+    rlen: int
     kind: int
     seq: int
     lba: int
@@ -116,11 +123,17 @@ class Journal:
                  track_applied: bool = True) -> None:
         # Use Journal.open(); this constructor only sets fields.
         self._flash = flash
+        # a flash that writes several buffers at once (FileFlash.pwritev), else None: joined
+        self._pwritev: Callable[[list[bytes | bytearray | memoryview], int], None] | None = getattr(
+            flash, "pwritev", None)
         self._sb = sb
         self._ring = sb.ring_size
         self._epoch = sb.epoch
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        # threads in self._cond.wait() (changed under the lock): the write path notifies only when
+        # someone waits (threading.Condition.notify_all costs several Python calls even for nobody)
+        self._waiters = 0
         self._closed = False
         self._failed: BaseException | None = None
         self._writer_busy = False
@@ -525,9 +538,10 @@ class Journal:
             raise ValueError("negative lba or count")
         if plen > self.max_record_bytes:
             raise ValueError(f"record payload of {plen} bytes exceeds {self.max_record_bytes}")
-        buf = new_record_buffer(payload)
+        if type(payload) is not bytes:  # the record keeps it until written: no buffer the caller reuses
+            payload = bytes(payload)
         pcrc = crc32c(payload) if plen else 0
-        rlen = len(buf)
+        rlen = record_length(plen)
         with self._lock:
             self._check_usable()
             pos = self._head_pos
@@ -538,9 +552,11 @@ class Journal:
                                   f"used, record needs {rlen + waste}")
             seq = self._head_seq + 1
             if waste:
-                self._queue.append(_QueuedRecord(pos, bytearray(HEADER_SIZE), WRAP_KIND, seq, 0, 0, 0, now_ns, 0))
+                self._queue.append(_QueuedRecord(pos, bytearray(HEADER_SIZE), b"", HEADER_SIZE, WRAP_KIND, seq,
+                                                 0, 0, 0, now_ns, 0))
                 pos += waste
-            self._queue.append(_QueuedRecord(pos, buf, int(kind), seq, lba, count, plen, now_ns, pcrc))
+            self._queue.append(_QueuedRecord(pos, bytearray(HEADER_SIZE), payload, rlen, int(kind), seq, lba,
+                                             count, plen, now_ns, pcrc))
             self._idx_pos.append(pos)
             self._idx_len.append(rlen)
             self._idx_ts.append(now_ns)
@@ -551,12 +567,20 @@ class Journal:
     def _acquire_writer(self) -> None:
         """Under the lock: wait until no other thread writes to flash, then claim it."""
         while self._writer_busy:
-            self._cond.wait()
+            self._wait_locked()
         self._writer_busy = True
+
+    def _wait_locked(self, timeout: float | None = None) -> None:
+        self._waiters += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiters -= 1
 
     def _release_writer(self) -> None:
         self._writer_busy = False
-        self._cond.notify_all()
+        if self._waiters:
+            self._cond.notify_all()
 
     def sync(self) -> int:
         """Make every record appended so far durable and return the durable seq. Concurrent callers
@@ -566,7 +590,7 @@ class Journal:
             while self._durable_seq < target:
                 self._check_usable()
                 if self._writer_busy:
-                    self._cond.wait()
+                    self._wait_locked()
                     continue
                 self._writer_busy = True
                 try:
@@ -582,7 +606,7 @@ class Journal:
         size = 0
         while n < len(self._queue):
             p = self._queue[n]
-            plen = len(p.buf)
+            plen = p.rlen
             # a wrap marker always travels with the record after it
             if n and size + plen > budget and self._queue[n - 1].kind != WRAP_KIND:
                 break
@@ -591,27 +615,40 @@ class Journal:
         batch = self._queue[:n]
         del self._queue[:n]
         last = batch[-1]
-        end_pos = last.pos + len(last.buf)
+        end_pos = last.pos + last.rlen
         ckpt_state = self._checkpoint_state() if end_pos > self._ckpt_tail_pos + self._ring else None
         durable_before = self._durable_seq
         self._lock.release()
         try:
             if ckpt_state is not None:
                 self._write_checkpoint(ckpt_state)
-            runs: list[tuple[int, list[bytearray]]] = []
+            # Each run of consecutive records is one write of header, payload and padding buffers
+            # (pwritev where the flash has it: the payloads are not copied into record buffers).
+            runs: list[tuple[int, list[bytes | bytearray | memoryview]]] = []
             run_end = -1
             for p in batch:
-                seal_header(p.buf, kind=p.kind, epoch=self._epoch, incarnation=self._incarnation, seq=p.seq,
+                seal_header(p.head, kind=p.kind, epoch=self._epoch, incarnation=self._incarnation, seq=p.seq,
                             durable_before=durable_before, lba=p.lba, count=p.count,
                             payload_len=p.payload_len, timestamp_ns=p.timestamp_ns, payload_crc=p.payload_crc)
                 off = p.pos % self._ring
                 if off == run_end:
-                    runs[-1][1].append(p.buf)
+                    bufs = runs[-1][1]
                 else:
-                    runs.append((off, [p.buf]))
-                run_end = off + len(p.buf)
+                    bufs = []
+                    runs.append((off, bufs))
+                bufs.append(p.head)
+                if p.payload_len:
+                    bufs.append(p.payload)
+                pad = p.rlen - HEADER_SIZE - p.payload_len
+                if pad:
+                    bufs.append(_ZEROS[:pad])
+                run_end = off + p.rlen
+            pwritev = self._pwritev
             for off, bufs in runs:
-                self._flash.pwrite(bufs[0] if len(bufs) == 1 else b"".join(bufs), RING_OFFSET + off)
+                if pwritev is not None:
+                    pwritev(bufs, RING_OFFSET + off)
+                else:
+                    self._flash.pwrite(bufs[0] if len(bufs) == 1 else b"".join(bufs), RING_OFFSET + off)
             self._flash.sync()
         except BaseException as exc:
             self._lock.acquire()
@@ -625,7 +662,8 @@ class Journal:
         self._durable_seq = last.seq if last.kind != WRAP_KIND else last.seq - 1
         self._durable_pos = end_pos
         self._bytes_since_ckpt += size
-        self._cond.notify_all()
+        if self._waiters:
+            self._cond.notify_all()
         for listener in self._durable_listeners:
             listener()
         if self._bytes_since_ckpt >= self._ring // 8:
@@ -860,8 +898,12 @@ class Journal:
         """Block until a durable record with seq > after_seq exists (True) or `timeout` seconds
         pass or the journal closes (False)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._durable_seq > after_seq or self._closed, timeout) \
-                and self._durable_seq > after_seq
+            self._waiters += 1
+            try:
+                return self._cond.wait_for(lambda: self._durable_seq > after_seq or self._closed, timeout) \
+                    and self._durable_seq > after_seq
+            finally:
+                self._waiters -= 1
 
     def status(self) -> dict[str, object]:
         with self._lock:

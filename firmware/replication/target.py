@@ -11,6 +11,12 @@ The remote's position lives here and only here:
   synced and the state file says so. It is what HELLO_REPLY reports and what ACKs carry.
 - `applied`: records handed to the adapter to apply, maybe not durable yet. A lost connection
   drops it back to the durable position (the source sends the rest again).
+- `reapply_until`: after a stop without a sync (a power cut, a crash), the target may hold torn
+  writes of the records in (applied_seq, write_limit] of the state file; it is not a consistent image
+  (`consistent` is False, promotion refuses) until records up to there are applied again and made
+  durable (a resync's end position counts: the records before it were sent again or their regions
+  copied). `write_limit` is raised (state file durable) before records past it are
+  written, to the last seq received, so that bound is records the source holds and sends again.
 - `flush_requested` and `acked` are the group-commit bookkeeping of the current connection (the
   newest position handed to MakeDurable, the newest ACK sent), not positions of the target.
 
@@ -49,6 +55,9 @@ class TargetState:
     resync_undo: bool = False  # an undo log protects the pre-resync image
     resync_base_seq: int = 0  # applied position of that pre-resync image
     target_id: str = ""  # which file or disk the position belongs to (the adapter's fingerprint)
+    # no record after this seq reaches the target before a state file with a higher limit is durable:
+    # after a stop without a sync (a power cut), records in (applied_seq, write_limit] may be torn
+    write_limit: int = 0
 
 
 class Refused(Exception):
@@ -145,6 +154,29 @@ class TargetSession:
         self.resync_regions_done = 0
         self.resync_regions_total = 0
         self.last_record_ts_ns = 0
+        self.write_ahead = 0  # the driver's hint: the last seq of the batches it has received so far
+        self.written_seq = state.applied_seq  # the newest record handed to the target (synced or not)
+        self.reapply_until = state.write_limit if state.write_limit > state.applied_seq else 0
+
+    @property
+    def reapplying(self) -> bool:
+        """The target may hold torn writes of records after the durable position (see the module doc)."""
+        return self.reapply_until > self.state.applied_seq
+
+    @property
+    def consistent(self) -> bool:
+        return not self.state.resync_active and not self.reapplying
+
+    def settle_write_limit(self) -> list[TargetAction]:
+        """Nothing is applied past the durable position: lower the write limit to it (so a power cut
+        now leaves a consistent target), unless records torn earlier still wait to be applied again.
+        The driver calls it when the link is idle (a heartbeat) and when the connection ends."""
+        st = self.state
+        low = max(st.applied_seq, self.reapply_until if self.reapplying else 0)
+        if self.written_seq > st.applied_seq or st.write_limit <= low:
+            return []
+        st.write_limit = low
+        return [SaveState()]
 
     # -- connection ------------------------------------------------------------------------------
     def bound_to(self, hello: jp.Hello) -> bool:
@@ -188,8 +220,13 @@ class TargetSession:
         return None
 
     def forget_unsynced(self) -> None:
-        """Anything not durable will be sent again by the source."""
-        self.applied = self.flush_requested = self.acked = self.state.applied_seq
+        """Anything not durable will be sent again by the source. Records written to the target but not
+        made durable (its sync failed) leave it not consistent until they are applied again."""
+        st = self.state
+        if self.written_seq > st.applied_seq:
+            self.reapply_until = max(self.reapply_until, self.written_seq)
+        self.written_seq = st.applied_seq
+        self.applied = self.flush_requested = self.acked = st.applied_seq
 
     @property
     def _hello(self) -> jp.Hello:
@@ -218,7 +255,10 @@ class TargetSession:
     def event(self, ev: jp.Event) -> list[TargetAction]:
         """One frame from the source (after HELLO)."""
         if isinstance(ev, jp.Heartbeat):
-            return [Send(jp.Heartbeat(ev.token))]
+            out: list[TargetAction] = [Send(jp.Heartbeat(ev.token))]
+            if self.purpose is jp.Purpose.REPLICATE and self.hello_ev is not None:
+                out = self.settle_write_limit() + out
+            return out
         if isinstance(ev, jp.DigestRequest):
             self._hello  # noqa: B018
             if ev.region_blocks <= 0:
@@ -264,6 +304,10 @@ class TargetSession:
                 raise jp.ProtocolError(f"write seq={r.seq}: {len(r.payload)} bytes for {r.count} blocks")
             fresh.append(r)
         if fresh:
+            if fresh[-1].seq > st.write_limit:
+                # durable before the records reach the target: a power cut may tear them (see above)
+                st.write_limit = max(fresh[-1].seq, self.write_ahead)
+                out.append(SaveState())
             out.append(ApplyRecords(tuple(fresh)))
         return out
 
@@ -273,7 +317,7 @@ class TargetSession:
         for r in records:
             if r.seq <= self.applied:
                 raise ValueError(f"record seq={r.seq} reported applied twice")
-            self.applied = r.seq
+            self.applied = self.written_seq = r.seq
             self.records_applied += 1
             self.last_record_ts_ns = r.timestamp_ns
             if r.kind is RecordKind.WRITE:
@@ -293,6 +337,8 @@ class TargetSession:
             return []
         st.applied_seq = max(st.applied_seq, seq)
         self.acked = seq
+        if self.reapply_until and st.applied_seq >= self.reapply_until:
+            self.reapply_until = 0  # every record the power cut may have torn is applied again, durably
         out: list[TargetAction] = []
         if st.resync_active and st.resync_end is not None and seq >= st.resync_end:
             out.extend(self._finish_resync())
@@ -316,7 +362,8 @@ class TargetSession:
             st.applied_seq = self.applied
         if not st.resync_active:
             # an undo log is worth keeping only if the target holds a consistent image of this volume now
-            keep = bool(self.bound_to(self._hello) and st.applied_seq > 0)
+            # (a target that may hold torn writes has no consistent image to keep)
+            keep = bool(self.bound_to(self._hello) and st.applied_seq > 0 and not self.reapplying)
             st.resync_active = True
             st.resync_undo = keep
             st.resync_base_seq = st.applied_seq
@@ -371,4 +418,6 @@ class TargetSession:
         st.resync_active = False
         st.resync_undo = False
         st.resync_end = None
+        st.write_limit = self.written_seq = st.applied_seq  # the undo log restored every chunk written since
+        self.reapply_until = 0  # the resync began
         self.applied = self.flush_requested = self.acked = st.applied_seq

@@ -16,6 +16,7 @@ import pytest
 
 from host_tests.units import UnitProcess, Units, free_port
 from hw.qemu.build_guest import BuildError, GuestBuilder, GuestImage
+from hw.qemu.guest import GuestResult, run_guest
 
 # GPT partition type GUIDs the guests write with sfdisk
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
@@ -34,6 +35,22 @@ label: gpt
 EOF
 n=0; while [ ! -b {last} ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
 [ -b {last} ] || {die} partitions_not_seen"""
+
+
+@pytest.fixture
+def units(tmp_path: Path) -> Iterator[Units]:
+    """Unit processes of one test (`host_tests.units`), all stopped at its end."""
+    with Units(tmp_path) as u:
+        yield u
+
+
+def run_checked_guest(script: str, port: int, image: GuestImage, units: Units, what: str, *,
+                      timeout: float) -> GuestResult:
+    """Run `script` in a guest attached to the USB/IP device on `port`; it must exit 0 having marked
+    done=1, else the test fails with the guest's output and the units' logs."""
+    res = run_guest(script, usbip_port=port, timeout=timeout, image=image)
+    assert res.rc == 0 and res.markers.get("done") == "1", f"{what} failed\n{res.describe()}\n{units.describe()}"
+    return res
 
 
 @pytest.fixture(scope="session")

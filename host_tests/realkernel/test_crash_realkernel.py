@@ -23,7 +23,6 @@ from __future__ import annotations
 import random
 import re
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,14 +75,7 @@ ls /tmp/*verify.state >/dev/null 2>&1 || die "fio saved no verify state"
 mark fio_state=$(ls /tmp/*verify.state | tr '\\n' ,)
 
 step reattach
-usbip detach -p 0 >/dev/null 2>&1 || true
-n=0; while [ -e /sys/block/$DISK ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
-[ -e /sys/block/$DISK ] && die old_disk_still_present
-n=0
-until usbip attach -r 10.0.2.100 -b 1-1 >/dev/null 2>&1; do
-    n=$((n + 1)); [ $n -gt 180 ] && die reattach_after_restart
-    sleep 0.5
-done
+reattach_after_restart $DISK 180
 DISK=$(wait_disk 30) || die no_disk_after_restart
 mark disk2=$DISK
 
@@ -150,12 +142,6 @@ class Crasher(threading.Thread):
             self.after = self.unit.wait_ready(120)
         except BaseException as exc:
             self.error = exc
-
-
-@pytest.fixture
-def units(tmp_path: Path) -> Iterator[Units]:
-    with Units(tmp_path) as u:
-        yield u
 
 
 @pytest.mark.parametrize(("write_cache", "mode"), [("off", "async"), ("on", "async"), ("off", "sync")])

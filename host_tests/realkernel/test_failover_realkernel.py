@@ -16,15 +16,15 @@ A local unit (USB/IP, flash journal) replicates to a remote unit over TLS. Then:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from host_tests.realkernel.conftest import run_checked_guest
 from host_tests.units import Units, drained, first_difference, free_port, streaming, usbmirror
 from host_tests.usbip_support import UsbipClient
 from hw.qemu.build_guest import GuestImage
-from hw.qemu.guest import GuestResult, run_guest
+from hw.qemu.guest import GuestResult
 
 pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
 
@@ -91,15 +91,8 @@ PHASE_TWO = ATTACH + MOUNT + check_phase(1) + write_phase(2) + DETACH
 PHASE_THREE = ATTACH + MOUNT + check_phase(1) + check_phase(2) + write_phase(3) + DETACH
 
 
-@pytest.fixture
-def units(tmp_path: Path) -> Iterator[Units]:
-    with Units(tmp_path) as u:
-        yield u
-
-
 def guest(script: str, port: int, image: GuestImage, units: Units, what: str) -> GuestResult:
-    res = run_guest(script, usbip_port=port, timeout=240, image=image)
-    assert res.rc == 0 and res.markers.get("done") == "1", f"{what} failed\n{res.describe()}\n{units.describe()}"
+    res = run_checked_guest(script, port, image, units, what, timeout=240)
     assert res.markers["kernel_errors"] == "0", f"{what}: the kernel logged disk errors\n{res.describe()}"
     return res
 

@@ -28,15 +28,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from host_tests.realkernel.conftest import run_checked_guest
 from host_tests.units import REPO, Units, drained, first_difference, sha256_file, streaming, usbmirror
 from host_tests.usbip_support import UsbipClient
 from hw.qemu.build_guest import GuestImage
-from hw.qemu.guest import GuestResult, run_guest
+from hw.qemu.guest import GuestResult
 
 pytestmark = [pytest.mark.realkernel, pytest.mark.slow]
 
@@ -126,16 +126,8 @@ check_kernel_log
 """ + DETACH
 
 
-@pytest.fixture
-def units(tmp_path: Path) -> Iterator[Units]:
-    with Units(tmp_path) as u:
-        yield u
-
-
 def guest(script: str, port: int, image: GuestImage, units: Units, what: str) -> GuestResult:
-    res = run_guest(script, usbip_port=port, timeout=300, image=image)
-    assert res.rc == 0 and res.markers.get("done") == "1", f"{what} failed\n{res.describe()}\n{units.describe()}"
-    return res
+    return run_checked_guest(script, port, image, units, what, timeout=300)
 
 
 class Expose:

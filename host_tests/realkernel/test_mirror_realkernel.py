@@ -19,7 +19,6 @@ more file), and the resync of the dirty regions must make the remote identical.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,12 +93,6 @@ n=0; while [ -e /sys/block/$d ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); d
 [ -e /sys/block/$d ] && die disk_still_present
 mark done=1
 """
-
-
-@pytest.fixture
-def units(tmp_path: Path) -> Iterator[Units]:
-    with Units(tmp_path) as u:
-        yield u
 
 
 def sha256_range(path: Path, offset: int, length: int) -> str:

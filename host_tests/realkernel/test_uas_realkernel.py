@@ -18,7 +18,7 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -163,14 +163,7 @@ while [ $w -lt {WRITERS} ]; do
 done
 wait
 step reattach
-usbip detach -p 0 >/dev/null 2>&1 || true
-n=0; while [ -e /sys/block/$d ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
-[ -e /sys/block/$d ] && die old_disk_still_present
-n=0
-until usbip attach -r 10.0.2.100 -b 1-1 >/dev/null 2>&1; do
-    n=$((n + 1)); [ $n -gt 120 ] && die reattach_after_restart
-    sleep 0.5
-done
+reattach_after_restart $d 120
 d=$(wait_disk 30) || die no_disk_after_restart
 {BOUND.replace("mark driver=", "mark driver2=").replace("alternate=", "alternate2=").replace("queue_depth=", "qd2=")}
 step read_back
@@ -200,12 +193,6 @@ class _Killer(threading.Thread):
             self.unit.wait_ready(60)
         except BaseException as exc:
             self.error = exc
-
-
-@pytest.fixture
-def units(tmp_path: Path) -> Iterator[Units]:
-    with Units(tmp_path) as u:
-        yield u
 
 
 def test_kill_9_under_queued_uas_writes_loses_nothing_acknowledged(guest_image: GuestImage, units: Units,

@@ -54,6 +54,18 @@ check_kernel_log() {{
     sed 's/^/KERNEL-ERROR: /' /tmp/kernel-errors
     mark kernel_errors=$(wc -l < /tmp/kernel-errors)
 }}
+reattach_after_restart() {{
+    # detach the disk $1 of a unit that was killed, wait until the kernel drops it, then attach the
+    # restarted unit, retrying for $2 half-seconds while it starts again
+    usbip detach -p 0 >/dev/null 2>&1 || true
+    n=0; while [ -e /sys/block/$1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+    [ -e /sys/block/$1 ] && die old_disk_still_present
+    n=0
+    until usbip attach -r {USBIP_ADDR} -b 1-1 >/dev/null 2>&1; do
+        n=$((n + 1)); [ $n -gt $2 ] && die reattach_after_restart
+        sleep 0.5
+    done
+}}
 wait_disk() {{
     limit=$(( ${{1:-20}} * 10 )); n=0
     while [ $n -lt $limit ]; do
