@@ -316,6 +316,21 @@ def test_persistent_reserve_out_bad_parameter_lists() -> None:
     assert u.keys()[1] == []  # nothing was registered by a refused command
 
 
+def test_a_parameter_list_longer_than_any_offered_is_refused_before_its_data_phase() -> None:
+    # a 4 GiB parameter list: the plan asks for no data (a transport discards the host's bytes
+    # instead of keeping them) and the command fails with PARAMETER LIST LENGTH ERROR
+    u = Unit()
+    for length in (25, 1 << 20, 0xFFFFFFFF):
+        cdb = struct.pack(">BBB2xIB", 0x5F, REGISTER_IGNORE, 0, length, 0)
+        target = u.targets[0]
+        plan = target.plan(cdb)
+        assert plan.length == 0, (length, plan)
+        result = target.execute(cdb, b"", A)
+        assert result.status == Status.CHECK_CONDITION
+        assert (target.sense.key, target.sense.asc) == (ILLEGAL, LIST_LENGTH), target.sense.label
+    assert u.keys()[1] == []
+
+
 def test_persistent_reserve_out_bad_cdbs() -> None:
     u = Unit()
     u.prout(A, REGISTER_IGNORE, sa_key=1)

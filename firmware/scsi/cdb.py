@@ -509,6 +509,9 @@ def _lba_length(op: Opcode, cdb: bytes) -> tuple[int, int, int, int]:
     return flags, lba, blocks, 10
 
 
+PROUT_PARAMETER_LIST_LENGTH = 24  # SPC-4 6.16.3, without SPEC_I_PT
+
+
 def _decode(opcode: int, cdb: bytes, limits: Limits) -> Command:
     op = Opcode(opcode)
     if op in (Opcode.READ_12, Opcode.WRITE_12):
@@ -590,8 +593,12 @@ def _decode(opcode: int, cdb: bytes, limits: Limits) -> Command:
         return PersistentReserveIn(PrInAction(sa), alloc)
     if op == Opcode.PERSISTENT_RESERVE_OUT:
         _, sa, scope_type, param_len, _ = _PROUT.unpack_from(cdb)
-        if sa not in PrOutAction._value2member_map_:
-            raise CommandError(invalid_field_in_cdb(1, 4))
+        if sa not in PrOutAction._value2member_map_ or sa == PrOutAction.REGISTER_AND_MOVE:
+            raise CommandError(invalid_field_in_cdb(1, 4))  # REGISTER AND MOVE is not offered
+        if param_len > PROUT_PARAMETER_LIST_LENGTH:
+            # every action offered takes the 24-byte list (SPEC_I_PT and ALL_TG_PT are refused):
+            # refused here, before a transport would hold a data-out phase of up to 4 GiB for it
+            raise CommandError(illegal_request(Asc.PARAMETER_LIST_LENGTH_ERROR))
         return PersistentReserveOut(PrOutAction(sa), scope_type >> 4, scope_type & 0x0F, param_len)
     if op == Opcode.MAINTENANCE_IN:
         _, sa, b2, req_op, req_sa, alloc, _ = _MAINT_IN.unpack_from(cdb)

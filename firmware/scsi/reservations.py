@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from firmware.scsi.cdb import PROUT_PARAMETER_LIST_LENGTH
 from firmware.scsi.opcodes import Opcode, PrInAction, PrOutAction
 from firmware.scsi.sense import (
     Asc,
@@ -50,8 +51,6 @@ from firmware.scsi.sense import (
     invalid_field_in_cdb,
     invalid_field_in_parameter_list,
 )
-
-PROUT_PARAMETER_LIST_LENGTH = 24
 
 
 class PrType(enum.IntEnum):
