@@ -128,12 +128,14 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
         usb_ident = DeviceIdentity(vendor_id=opts.vendor_id, product_id=opts.product_id, serial=ident.serial)
         transports: list[str] = []
         usb_status: list[Any] = []
+        uas_workers: list[Any] = []  # the SCSI targets UAS commands run on, counted in status too
         if opts.usbip:
             from gadget.usbip_server import UsbipServer
 
             if opts.uas:
                 server = stack.enter_context(
-                    _uas_server(target, scsi_target, unit, ident, usb_ident, opts.usbip, opts.usbip_busid))
+                    _uas_server(target, scsi_target, unit, ident, usb_ident, opts.usbip, opts.usbip_busid,
+                                uas_workers))
             else:
                 server = stack.enter_context(
                     UsbipServer.for_logical_unit(target, usb_ident, host=opts.usbip[0], port=opts.usbip[1],
@@ -180,7 +182,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             st.update(unit.status())
             st.update(local_roles.status() if local_roles is not None else
                       {"primary": True, "split_brain": False, "host_writes": "accepted", "host_writes_reason": None})
-            st["scsi"] = target.status()
+            st["scsi"] = combined_scsi_status([target.status(), *(w.status() for w in uas_workers)])
             usb: list[dict[str, Any]] = []
             for s in usb_status:
                 if hasattr(s, "status"):
@@ -286,6 +288,25 @@ def _shared_unit(state_dir: Path) -> Any:
     return SharedUnit(reservations=reservations)
 
 
+def combined_scsi_status(statuses: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `scsi` status of a unit whose commands run on several SCSI targets (Bulk-Only's and the
+    UAS workers'): counters and per-opcode/per-size/per-error counts summed, the rest from the first."""
+    out: dict[str, Any] = dict(statuses[0])
+    for st in statuses[1:]:
+        for key, value in st.items():
+            if isinstance(value, dict):
+                merged = dict(out.get(key) or {})
+                for k, n in value.items():
+                    merged[k] = merged.get(k, 0) + n
+                out[key] = dict(sorted(merged.items()))
+            elif isinstance(value, int) and not isinstance(value, bool) and key not in _SCSI_FIXED:
+                out[key] = out.get(key, 0) + value
+    return out
+
+
+_SCSI_FIXED = frozenset({"block_size", "num_blocks", "max_transfer_blocks"})
+
+
 #: UAS commands run on this many workers, each with its own SCSI target over the one local unit
 #: (Linux's `uas` keeps up to 30 commands in flight at high speed; past a few, the journal's group
 #: commit already shares each flush among them).
@@ -294,9 +315,10 @@ UAS_WORKERS = 8
 
 @contextlib.contextmanager
 def _uas_server(target: Any, scsi_target: Any, unit: Any, ident: Any, usb_ident: Any, address: tuple[str, int],
-                busid: str) -> Any:
+                busid: str, workers_out: list[Any]) -> Any:
     """A USB/IP server whose device offers UAS beside Bulk-Only (docs/UAS.md); its workers' targets
-    share the reservations and write gate of `scsi_target`, the one Bulk-Only uses."""
+    share the reservations and write gate of `scsi_target`, the one Bulk-Only uses, and are put in
+    `workers_out` (status counts their commands)."""
     from firmware.scsi import ScsiTarget, naa_locally_assigned
     from gadget.uas_device import UasMassStorageDevice
     from gadget.usbip_server import UsbipServer
@@ -306,6 +328,7 @@ def _uas_server(target: Any, scsi_target: Any, unit: Any, ident: Any, usb_ident:
                for _ in range(UAS_WORKERS)]
     for worker in workers:
         unit.add_write_refusal_listener(worker.write_protect_changed)  # the replica's WP bit too
+    workers_out.extend(workers)
     device = UasMassStorageDevice(target, workers, usb_ident)
     try:
         with UsbipServer(device, host=address[0], port=address[1], busid=busid) as server:

@@ -536,3 +536,18 @@ def test_uas_option_needs_usbip_and_defaults_to_bulk_only() -> None:
     assert options("--usbip", "127.0.0.1:3240", "--uas", "on").uas is True
     with pytest.raises(config.UsageError, match="--uas on needs --usbip"):
         options("--gadget", "--uas", "on")
+
+
+def test_status_counts_the_commands_of_every_uas_worker() -> None:
+    # `usbmirror status` of a UAS unit: commands ran on the workers' targets, not Bulk-Only's
+    from firmware.local_main import combined_scsi_status
+
+    target, store = make_target(num_blocks=64)
+    workers = [type(target)(store, serial="UM0001", device_id=bytes.fromhex("3000000000000001"),
+                            shared=target.shared) for _ in range(2)]
+    for i, w in enumerate(workers):
+        w.plan(write10(i, 1))
+        assert w.execute(write10(i, 1), bytes(BS)).status == Status.GOOD
+    st = combined_scsi_status([target.status(), *(w.status() for w in workers)])
+    assert st["commands"] == {"WRITE_10": 2} and st["blocks_written"] == 2
+    assert st["num_blocks"] == 64 and st["block_size"] == BS
