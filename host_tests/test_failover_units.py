@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from host_tests.units import Units, drained, free_port, streaming, usbmirror
+from host_tests.units import UnitProcess, Units, drained, free_port, streaming, usbmirror
 from host_tests.usbip_support import UsbipClient
 
 BS = 512
@@ -33,6 +34,19 @@ def units(tmp_path: Path) -> Iterator[Units]:
     with Units(tmp_path) as u:
         yield u
 
+
+
+def restart_as_replica_and_fail_back(units: Units, local: UnitProcess, remote: UnitProcess, volume: Path,
+                                     tls: Path) -> tuple[UnitProcess, subprocess.CompletedProcess[str]]:
+    """The old primary restarts on its state (it must come back as a replica), then `usbmirror failback`
+    runs on the promoted remote and succeeds; returns the restarted unit and the failback's result."""
+    again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address],
+                              state_dir=local.state_dir)
+    again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
+    r = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
+                  timeout=180)
+    assert r.returncode == 0, r.stderr
+    return again, r
 
 def test_status_shows_primary_and_split_brain_on_both_units(units: Units, tmp_path: Path) -> None:
     tls = units.pair("dr1", ["server1"])
@@ -187,12 +201,7 @@ def test_planned_failback_moves_only_changed_regions_and_swaps_the_roles(units: 
         standby.until_ready()
         assert standby.write10(100, b"\x71" * BS) == 0
         assert standby.write10(5 * 2048 + 7, b"\x72" * (3 * BS)) == 0
-    again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address],
-                              state_dir=local.state_dir)
-    again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
-    r = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
-                  timeout=180)
-    assert r.returncode == 0, r.stderr
+    again, r = restart_as_replica_and_fail_back(units, local, remote, volume, tls)
     assert "failed back source server1" in r.stdout
     st = again.wait_status(lambda s: s["host_writes"] == "accepted", what="the unit to serve writes again")
     assert st["primary"] is True and st["data_generation"].startswith("3:")
@@ -316,12 +325,7 @@ def test_promote_over_iscsi_then_failback_brings_the_standby_writes_home(units: 
         assert standby.read10(8, 16) == written
         assert standby.write10(100, b"\x71" * BS) == (0, b"")
         assert standby.write10(5 * 2048 + 7, b"\x72" * (3 * BS)) == (0, b"")
-    again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address],
-                              state_dir=local.state_dir)
-    again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
-    r = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
-                  timeout=180)
-    assert r.returncode == 0, r.stderr
+    again, r = restart_as_replica_and_fail_back(units, local, remote, volume, tls)
     with pytest.raises(OSError):  # the standby host lost the disk
         SocketInitiator(port, iqn, chap=chap)
     st = again.wait_status(lambda s: s["host_writes"] == "accepted", what="the unit to serve writes again")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -94,58 +93,14 @@ def test_bad_points_are_clear_errors(sc: Scenario, capsys: pytest.CaptureFixture
     assert "expected HOST:PORT" in capsys.readouterr().err
 
 
-class _IscsiReader:
-    """A minimal iSCSI initiator: log in to `target` and READ(10) / WRITE(10)."""
-
-    def __init__(self, port: int, target: str) -> None:
-        import socket
-
-        from firmware.iscsi.pdu import Framer
-        from host_tests.iscsi_support import INITIATOR, login_pdu
-
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.framer = Framer(max_data=1 << 24)
-        self.sock.sendall(login_pdu([("InitiatorName", INITIATOR), ("TargetName", target),
-                                     ("ImmediateData", "Yes"), ("InitialR2T", "No")], csg=1, nsg=3).encode())
-        rsp = self._recv()
-        assert (rsp.bhs[36], rsp.bhs[37]) == (0, 0)
-        self.cmdsn = 1
-
-    def _recv(self) -> Any:
-        while (item := self.framer.next()) is None:
-            data = self.sock.recv(1 << 16)
-            assert data, "the target closed the connection"
-            self.framer.feed(data)
-        return item
-
-    def command(self, cdb: bytes, *, read: int = 0, data: bytes = b"") -> tuple[int, bytes, bytes]:
-        from firmware.iscsi.pdu import PduOpcode
-        from host_tests.iscsi_support import scsi_pdu
-
-        self.sock.sendall(scsi_pdu(cdb, itt=self.cmdsn, cmdsn=self.cmdsn, edtl=read or len(data), read=bool(read),
-                                   write=bool(data), data=data).encode())
-        self.cmdsn += 1
-        got = b""
-        while True:
-            pdu = self._recv()
-            if pdu.opcode == PduOpcode.DATA_IN:
-                got += pdu.data
-                if pdu.flags & 0x01:  # status in the last Data-In
-                    return pdu.bhs[3], got, b""
-            elif pdu.opcode == PduOpcode.SCSI_RESPONSE:
-                sense = pdu.data[2:] if pdu.data else b""
-                return pdu.bhs[3], got, sense
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_expose_over_iscsi_serves_the_same_fixed_image(sc: Scenario) -> None:
     with exposed(sc.state, "s1", None, mark="good", iscsi=("127.0.0.1", 0)) as ex:
         assert ex.address is None and ex.iscsi_address is not None
         assert ex.iscsi_target.startswith("iqn.2026-01.net.usbmirror:image-")
         assert "over iSCSI on 127.0.0.1:" in ex.line() and "USB/IP" not in ex.line()
-        r = _IscsiReader(ex.iscsi_address[1], ex.iscsi_target)
+        from host_tests.iscsi_support import SocketInitiator
+
+        r = SocketInitiator(ex.iscsi_address[1], ex.iscsi_target)
         try:
             sc.batch(6, rec(7, 0, 9, 2048), point(8, "later"))  # the source rewrites the whole disk
             image = b""
