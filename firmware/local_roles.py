@@ -82,19 +82,20 @@ class LocalRoles:
         except RecordsGone:
             return out, False
 
-    def on_remote_primary(self, link: Any, gens: jp.Generations | None, message: str) -> None:
-        """A remote refused this unit with ERROR PRIMARY (after its GENERATIONS, when it sent them)."""
+    def on_remote_primary(self, link: Any, gens: jp.Generations | None, message: str) -> bool:
+        """A remote refused this unit with ERROR PRIMARY (after its GENERATIONS, when it sent them).
+        True when this call made the unit primary again (it failed back): its link reconnects at once."""
         from firmware.link import protocol as jp
 
         peer = link.spec.name or link.remote_name or link.spec.label
         if gens is None:
             log.error("remote is primary but sent no generations remote=%s message=%s", peer, message)
-            return
+            return False
         try:
             peer_history = History.from_tuples(gens.generations)
         except ValueError as exc:
             log.error("remote sent bad generations remote=%s error=%s", peer, exc)
-            return
+            return False
         st = self.roles.state
         cur = st.history.current
         handover = jp.GenerationsFlag.HANDOVER in gens.flags
@@ -105,7 +106,7 @@ class LocalRoles:
             link.rep.fetch_back(link, lambda report: self.generations(), pull=False)
             log.warning("failback: the remote took the hand-back remote=%s generation=%s", peer,
                         cur.label if cur is not None else None)
-            return
+            return False
         promoted = peer_history.successor(cur) if cur is not None else None
         after = promoted.fork_seq if promoted is not None else link.acked_seq
         writes, complete = self._unshipped(after)
@@ -126,6 +127,7 @@ class LocalRoles:
             self.unit.refuse_writes(self.replica_reason() or ret.message)
         if handover and ret.refuse_writes and ret.decision.outcome.value == "remote_newer":
             self._fail_back(link, peer, peer_history)
+        return not st.primary and self.roles.state.primary
 
     def _fail_back(self, link: Any, peer: str, peer_history: History) -> None:
         """The promoted remote hands the source back: pull what differs, then take over in a new

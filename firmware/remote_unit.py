@@ -739,7 +739,7 @@ class _Connection:
             self._serve()
         except Refused as exc:
             self.unit.refused += 1
-            log.warning("refused source peer=%s code=%s reason=%s", self.peer, exc.code.name, exc)
+            self.unit.log_refusal(self.peer, exc)
             self._note_error(f"{exc.code.name}: {exc}")
             self.link.try_send(jp.Error(exc.code, str(exc)))
         except jp.ProtocolError as exc:
@@ -1030,6 +1030,8 @@ class RemoteUnit:
         self._conns: set[_Connection] = set()
         self._mutex = threading.Lock()
         self.refused = 0
+        # a refusal repeated by a retrying source is logged once a minute, with how often it came
+        self._refusals_logged: dict[str, tuple[float, int]] = {}
         self.started = time.monotonic()
 
     @property
@@ -1139,6 +1141,22 @@ class RemoteUnit:
         finally:
             with self._mutex:
                 self._conns.discard(c)
+
+    def log_refusal(self, peer: str, exc: Refused) -> None:
+        """A WARNING for a refused connection; the same refusal again within a minute (a source
+        retrying while this unit is primary for it) only counts, and the next line says how often."""
+        key = f"{exc.code.name}:{exc}"
+        now = time.monotonic()
+        last, repeats = self._refusals_logged.get(key, (-1e9, 0))
+        if now - last < 60.0:
+            self._refusals_logged[key] = (last, repeats + 1)
+            log.debug("refused source peer=%s code=%s (repeated)", peer, exc.code.name)
+            return
+        if len(self._refusals_logged) > 256:
+            self._refusals_logged.clear()
+        self._refusals_logged[key] = (now, 0)
+        more = f" repeated={repeats} in the last {now - last:.0f} s" if repeats else ""
+        log.warning("refused source peer=%s code=%s reason=%s%s", peer, exc.code.name, exc, more)
 
     def status(self) -> dict[str, Any]:
         return {

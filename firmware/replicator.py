@@ -93,6 +93,9 @@ class ReplicatorTuning:
     connect_timeout_s: float = 10.0
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
+    # a remote that refused us because it was promoted is asked again this often: `usbmirror
+    # failback` on it hands the source back at the next attempt (docs/FAILOVER.md)
+    primary_poll_s: float = 2.0
     sync_timeout_s: float = 15.0  # under Linux sd's 30 s command timeout
     region_blocks: int | None = None  # default: the local unit's, else 1 MiB worth
     digests_per_request: int = 64
@@ -268,15 +271,22 @@ class RemoteLink:
         backoff = self.tuning.backoff_initial_s
         while not self.stopping():
             self._handshaken = False
+            promoted_remote = False
             try:
                 self._connection()
             except LinkFailure as exc:
                 self._fail(str(exc), exc.state)
-                if exc.code in PERMANENT_ERRORS:
+                if exc.code is jp.ErrorCode.PRIMARY:
+                    promoted_remote = True
+                    backoff = min(self.tuning.backoff_max_s, self.tuning.primary_poll_s)
+                elif exc.code in PERMANENT_ERRORS:
                     backoff = self.tuning.backoff_max_s
                 if exc.code is jp.ErrorCode.PRIMARY and self.rep.on_remote_primary is not None:
                     try:
-                        self.rep.on_remote_primary(self, self.peer_generations, str(exc))
+                        if self.rep.on_remote_primary(self, self.peer_generations, str(exc)):
+                            # this unit is primary again (failed back): replicate to the remote now
+                            promoted_remote = False
+                            backoff = self.tuning.backoff_initial_s
                     except Exception:
                         log.exception("handling a promoted remote failed remote=%s", self.spec.label)
             except PeerClosed:
@@ -304,6 +314,8 @@ class RemoteLink:
             delay = backoff * (0.5 + random.random())
             self.rep.stop_event.wait(delay)
             backoff = min(self.tuning.backoff_max_s, backoff * 2)
+            if promoted_remote:
+                backoff = min(backoff, self.tuning.primary_poll_s)
         self.state = RemoteState.STOPPED
 
     def _fail(self, message: str, state: RemoteState) -> None:
@@ -797,7 +809,7 @@ class Replicator:
         progress: Callable[[Progress], None] | None = None,
         plaintext: bool = False,
         generations: Callable[[], jp.Generations] | None = None,
-        on_remote_primary: Callable[[RemoteLink, jp.Generations | None, str], None] | None = None,
+        on_remote_primary: Callable[[RemoteLink, jp.Generations | None, str], bool] | None = None,
         on_link_up: Callable[[RemoteLink], None] | None = None,
     ) -> None:
         self.local_unit = local_unit
