@@ -330,3 +330,26 @@ def test_a_failing_apply_hook_stops_the_apply_and_the_ack(remote: RemoteUnit) ->
     s.close()
     t = remote.targets["s1"]
     assert block(t.path, 3) == bytes(BS) and t.records_applied == 0 and t.state.applied_seq == 0
+
+
+def test_a_refusal_repeated_by_a_retrying_source_is_logged_once_a_minute_with_its_count(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from firmware import remote_unit as ru
+    from firmware.replication.target import Refused
+
+    clock = [1000.0]
+    monkeypatch.setattr(ru.time, "monotonic", lambda: clock[0])
+    holder = type("Holder", (), {"_refusals_logged": {}})()
+    primary = Refused(jp.ErrorCode.PRIMARY, "remote dr1 is primary for source s1 now")
+    caplog.set_level("DEBUG", logger="firmware.remote_unit")
+    for step in range(30):  # a source asking every 2 s for a minute
+        ru.RemoteUnit.log_refusal(holder, f"10.0.0.2:{40000 + step}", primary)  # type: ignore[arg-type]
+        clock[0] += 2.0
+    other = Refused(jp.ErrorCode.PERMISSION_DENIED, "not remote:r2")
+    ru.RemoteUnit.log_refusal(holder, "10.0.0.3:1", other)  # type: ignore[arg-type]
+    ru.RemoteUnit.log_refusal(holder, "10.0.0.2:2", primary)  # type: ignore[arg-type]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3, warnings
+    assert "code=PRIMARY" in warnings[0] and "repeated" not in warnings[0]
+    assert "code=PERMISSION_DENIED" in warnings[1]  # another refusal is not held back
+    assert "repeated=29 in the last 60 s" in warnings[2], warnings[2]
