@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 PYTEST_ARGS ?=
+# two pytest-xdist workers, each running one queue of the real-kernel tests (host_tests/conftest.py) and a share of the rest
+TEST_WORKERS ?= 2
+XDIST  := -n $(TEST_WORKERS) --dist loadgroup
 FUZZ_SECONDS ?= 20
 FUZZ_RUNS ?=
 TORTURE_SECONDS ?= 120
@@ -31,10 +34,10 @@ $(STAMP): pyproject.toml hw/setup_host.sh
 	touch $@
 
 test: setup
-	$(PY) -m pytest host_tests $(PYTEST_ARGS)
+	$(PY) -m pytest host_tests $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest host_tests -m "not realkernel and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest host_tests $(XDIST) -m "not realkernel and not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m hw.demo

@@ -186,6 +186,13 @@ def _run(cmd: list[str], timeout: float) -> GuestResult:
         _kill_group(proc)
         thread.join(5)
     output = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n").replace("\r", "")
+    keep = os.environ.get("USBMIRROR_GUEST_LOG")  # a directory: every guest's console is kept there
+    if keep:
+        with contextlib.suppress(OSError):
+            os.makedirs(keep, exist_ok=True)
+            name = f"guest-{time.strftime('%H%M%S')}-{proc.pid}.log"
+            with open(os.path.join(keep, name), "w") as fh:
+                fh.write(output)
     match = EXIT_RE.search(output)
     return GuestResult(rc=int(match.group(1)) if match else None, output=output,
                        markers=parse_markers(output), timed_out=timed_out, wall=time.monotonic() - start)
