@@ -415,7 +415,7 @@ def gadget_guest() -> GadgetGuest:
         pytest.fail(f"gadget guest could not be built: {exc}")
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(720)
 def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest) -> None:
     """One boot: the whole workload at high speed (a Pi-class board's controller), then dummy_hcd
     again at super speed for the SuperSpeed descriptors, `usbmirror local --gadget` and ep0 while a
@@ -423,7 +423,7 @@ def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest) -> None:
     from hw.qemu.gadget_layer import run_gadget_guest
 
     board_test = {"/opt/usbmirror/host_tests/test_pyusb_board.py": (REPO / "host_tests/test_pyusb_board.py").read_bytes()}
-    result: GuestResult = run_gadget_guest(_script(), timeout=400, image=gadget_guest.image,
+    result: GuestResult = run_gadget_guest(_script(), timeout=600, image=gadget_guest.image,
                                            extra_files={**gadget_guest.extra_files, **board_test})
     m = result.markers
     assert result.rc == 0 and m.get("done") == "1", result.describe()
