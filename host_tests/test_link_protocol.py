@@ -340,7 +340,7 @@ def test_a_failback_negotiates_the_dirty_map_and_gets_the_promoted_copys_regions
 
 
 def test_dirty_request_without_the_feature_and_dirty_regions_out_of_bounds_are_protocol_errors() -> None:
-    s1, r1 = open_pair()  # the HELLO offered no DIRTY_MAP
+    _, r1 = open_pair()  # the HELLO offered no DIRTY_MAP
     r1.receive_data(_frame(jp.FrameType.DIRTY_REQUEST, b""))
     with pytest.raises(jp.ProtocolError, match="did not negotiate"):
         r1.next_event()
