@@ -143,21 +143,32 @@ class LocalRoles:
                           f"generation {reply.generation})")
         if j.durable_seq < fork_seq:
             return None, f"this unit's journal ends at seq {j.durable_seq}, before the promotion's seq {fork_seq}"
+        # a promotion at an earlier point (--mark/--at/--seq) rolled back the records the copy had
+        # applied after it, and marked every block it rewrote in its bitmap: from this side, only the
+        # records after the copy's applied position are needed then (the journal released the others)
+        starts = [fork_seq] + ([reply.applied_seq] if reply.applied_seq > fork_seq else [])
+        for start in starts:
+            out = self._extents_after(start)
+            if out is not None:
+                out.extend(self.unit.dirty_snapshot().regions)
+                return out, ""
+        return None, f"this unit's journal no longer holds the records after seq {starts[-1]}"
+
+    def _extents_after(self, after_seq: int) -> list[tuple[int, int]] | None:
+        """(lba, count) of the journal's WRITE and UNMAP records after `after_seq`; None when some are gone."""
         out: list[tuple[int, int]] = []
-        at = fork_seq
+        at = after_seq
         try:
             while True:
-                recs = j.read_records(at, _READ_CHUNK)
+                recs = self.journal.read_records(at, _READ_CHUNK)
                 if not recs:
-                    break
+                    return out
                 for r in recs:
                     if r.kind in (RecordKind.WRITE, RecordKind.UNMAP) and r.count:
                         out.append((r.lba, r.count))
                     at = r.seq
         except RecordsGone:
-            return None, f"this unit's journal no longer holds the records after seq {fork_seq}"
-        out.extend(self.unit.dirty_snapshot().regions)
-        return out, ""
+            return None
 
     def _fail_back(self, link: Any, peer: str, peer_history: History, fork_seq: int) -> None:
         """The promoted remote hands the source back: pull what differs, then take over in a new
