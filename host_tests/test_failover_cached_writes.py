@@ -69,7 +69,7 @@ def test_blocks_installed_by_a_failback_are_not_replayed_over_after_a_restart() 
     # seed 1121756141, a kill after a failback brought back the old primary's lost writes)
     rng = random.Random(1)
     jflash, vflash, bflash = SimulatedFlash(RING_OFFSET + 96 * 1024), SimulatedFlash(64 * BS), SimulatedFlash(8192)
-    journal, unit = _unit(jflash, vflash, bflash)
+    _, unit = _unit(jflash, vflash, bflash)
     for i in range(4):
         unit.write(i, bytes([0x10 + i]) * BS)  # journaled; the old primary's lost writes
     unit.refuse_writes("a replica")
