@@ -131,13 +131,52 @@ class LocalRoles:
         if ret.refuse_writes and self.unit.write_refusal is None:
             self.unit.refuse_writes(self.replica_reason() or ret.message)
         if handover and ret.refuse_writes and ret.decision.outcome.value == "remote_newer":
-            self._fail_back(link, peer, peer_history)
+            self._fail_back(link, peer, peer_history, after)
 
-    def _fail_back(self, link: Any, peer: str, peer_history: History) -> None:
+    def changes_since(self, fork_seq: int, reply: jp.HelloReply) -> tuple[list[tuple[int, int]] | None, str]:
+        """What this unit wrote since it and the promoted remote last agreed, as (lba, count): its
+        journal's WRITE and UNMAP records after the promotion's fork position (the failover's loss
+        among them) and the dirty regions a journal overflow left. None and why when that set is not
+        whole: the journal restarted since the remote followed it, or no longer holds those records,
+        or an earlier failback attempt compared every region (it may have installed blocks outside
+        any recorded set)."""
+        j = self.journal
+        pending = self.roles.state.last_resync or {}
+        if pending.get("failback_pending") == "full":
+            return None, f"an interrupted failback compared every region ({pending.get('mode_reason')})"
+        if reply.generation != j.generation:
+            return None, (f"this unit's journal restarted (generation {j.generation}; the remote followed "
+                          f"generation {reply.generation})")
+        if j.durable_seq < fork_seq:
+            return None, f"this unit's journal ends at seq {j.durable_seq}, before the promotion's seq {fork_seq}"
+        out: list[tuple[int, int]] = []
+        at = fork_seq
+        try:
+            while True:
+                recs = j.read_records(at, _READ_CHUNK)
+                if not recs:
+                    break
+                for r in recs:
+                    if r.kind in (RecordKind.WRITE, RecordKind.UNMAP) and r.count:
+                        out.append((r.lba, r.count))
+                    at = r.seq
+        except RecordsGone:
+            return None, f"this unit's journal no longer holds the records after seq {fork_seq}"
+        out.extend(self.unit.dirty_snapshot().regions)
+        return out, ""
+
+    def _fail_back(self, link: Any, peer: str, peer_history: History, fork_seq: int) -> None:
         """The promoted remote hands the source back: pull what differs, then take over in a new
         generation on top of the remote's (recorded before the remote hears of it) and serve the
         host again."""
         log.warning("failback: pulling the changed regions from remote=%s", peer)
+
+        def changes(reply: jp.HelloReply) -> tuple[list[tuple[int, int]] | None, str]:
+            mine, why = self.changes_since(fork_seq, reply)
+            if mine is None:  # a retry after a crash must compare every region again too
+                self.roles.save(replace(self.roles.state, last_resync={"failback_pending": "full",
+                                                                       "mode_reason": why}))
+            return mine, why
 
         def take_over(report: dict[str, Any]) -> Any:
             hist = peer_history.promote(gen_id=fresh_generation_id(), now_ns=time.time_ns(),
@@ -148,14 +187,16 @@ class LocalRoles:
             return self.generations()
 
         try:
-            report = link.rep.fetch_back(link, take_over)
+            report = link.rep.fetch_back(link, take_over, local_changes=changes)
         finally:
             if self.roles.state.primary:  # taken over (even if the remote's ACK was lost): serve the host
                 self.unit.refuse_writes(None)
         self.last_message = (f"failed back from {peer}: {report['regions_copied']} regions "
-                             f"({report['bytes_moved']} bytes) pulled in {report['seconds']} s; primary again")
-        log.warning("failback complete remote=%s bytes_moved=%d regions=%d seconds=%.3f", peer,
-                    report["bytes_moved"], report["regions_copied"], report["seconds"])
+                             f"({report['bytes_moved']} bytes) pulled in {report['seconds']} s after comparing "
+                             f"{report['bytes_compared']} bytes ({report['mode']}); primary again")
+        log.warning("failback complete remote=%s mode=%s bytes_moved=%d bytes_compared=%d regions=%d seconds=%.3f%s",
+                    peer, report["mode"], report["bytes_moved"], report["bytes_compared"], report["regions_copied"],
+                    report["seconds"], f" reason={report['mode_reason']}" if report.get("mode_reason") else "")
 
     def resolve(self, req: dict[str, Any]) -> dict[str, Any]:
         """The control command `resolve` on a local unit: `--keep remote` discards what this unit
