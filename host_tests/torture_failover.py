@@ -16,8 +16,10 @@ the same the commands drive:
   new generation) and `resolve()` (`--keep remote`).
 
 Only the FETCH connection's exchange is carried out directly (`SimFetch.fetch_back`, in the
-order `Replicator.fetch_back` runs it: compare every region's digest, pull the ones that differ
-with `LocalUnit.install`, `install_done`, the take-over's GENERATIONS answered by `handed_back`),
+order `Replicator.fetch_back` runs it: the union of the remote's bitmap, `dirty_regions_frames()`,
+and the local unit's own changes, `LocalRoles.changes_since` (every region when either cannot be
+trusted), the digests of those regions compared, the ones that differ pulled with
+`LocalUnit.install`, `install_done`, the take-over's GENERATIONS answered by `handed_back`),
 and the role files live in a temporary directory (the project's atomic writer, durable at once):
 the power cuts fall on the simulated devices.
 
@@ -54,6 +56,7 @@ from firmware.storage import WriteProtected
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from firmware.replicator import LocalChanges
     from firmware.volume import Volume
     from host_tests.torture import Campaign
 
@@ -102,7 +105,7 @@ class SimFetch:
         self.ep = ep
 
     def fetch_back(self, link: _Link, take_over: Callable[[dict[str, Any]], jp.Generations], *,
-                   pull: bool = True) -> dict[str, Any]:
+                   pull: bool = True, local_changes: LocalChanges | None = None) -> dict[str, Any]:
         ep = self.ep
         camp, t = ep.camp, ep.target
         from host_tests.torture import BS, NBLOCKS, REGION
@@ -115,11 +118,20 @@ class SimFetch:
             raise Violation("failback: the promoted copy's target is still held (its lock was never released)")
         try:
             t.store.open(NBLOCKS * BS, BS)
+            st = t.state
+            reply = jp.HelloReply(REMOTE_NAME, bytes.fromhex(st.volume_uuid), st.applied_seq, st.generation,
+                                  jp.Feature.DIRTY_MAP)
             moved = copied = 0
+            report: dict[str, Any] = {}
             if pull:
-                drop_at = ep.rng.randrange(NBLOCKS // REGION) if ep.rng.random() < 0.15 else -1
-                for i in range(NBLOCKS // REGION):
-                    if i == drop_at:
+                union, why = self.union(reply, local_changes)
+                total = NBLOCKS // REGION
+                candidates = range(total) if union is None else sorted(union)
+                if union is None:
+                    ep.full_compares += 1
+                drop_at = ep.rng.randrange(max(1, len(candidates))) if ep.rng.random() < 0.15 else -1
+                for n, i in enumerate(candidates):
+                    if n == drop_at:
                         raise LinkDropped("the connection ended during the pull")
                     lba = i * REGION
                     if t.store.digests(i, 1, REGION)[0] != jp.region_digest(camp.lu.read(lba, REGION)):
@@ -128,9 +140,10 @@ class SimFetch:
                         moved += REGION * BS
                         copied += 1
                 camp.lu.install_done()
-            report = {"bytes_moved": moved, "seconds": 0.0, "regions_copied": copied,
-                      "regions_compared": NBLOCKS // REGION if pull else 0, "pieces_compared": 0,
-                      "from": REMOTE_NAME}
+                report = {"mode": "full" if union is None else "bitmap", "regions_compared": len(candidates),
+                          "regions_total": total, **({"mode_reason": why} if union is None else {})}
+            report = {"bytes_moved": moved, "bytes_compared": 0, "seconds": 0.0, "regions_copied": copied,
+                      "regions_compared": 0, "pieces_compared": 0, "from": REMOTE_NAME, **report}
             gens = take_over(report)
             if ep.rng.random() < 0.15:  # the connection ends before the remote hears of the take-over
                 raise LinkDropped("the connection ended before the remote acknowledged the take-over")
@@ -138,6 +151,34 @@ class SimFetch:
             return report
         finally:
             t.lock.release()
+
+    def union(self, reply: jp.HelloReply, local_changes: LocalChanges | None) -> tuple[set[int] | None, str]:
+        """The regions either side wrote since they last agreed, as `Replicator._failback_union`
+        gathers them: the remote's answer to DIRTY_REQUEST and `local_changes(reply)`; None and why
+        when one side's set cannot be trusted (then every region is compared)."""
+        from host_tests.torture import NBLOCKS, REGION
+
+        if local_changes is None:
+            return None, "this unit does not know what it wrote since the promotion"
+        out: set[int] = set()
+
+        def add(lba: int, count: int) -> None:
+            if count > 0 and lba < NBLOCKS:
+                out.update(range(lba // REGION, (min(NBLOCKS, lba + count) - 1) // REGION + 1))
+
+        for f in self.ep.target.dirty_regions_frames():
+            if jp.DirtyFlag.TRUSTED not in f.flags:
+                return None, f"the remote's record of its writes cannot be trusted: {f.reason}"
+            for k, byte in enumerate(f.bits):
+                for b in range(8):
+                    if byte >> b & 1:
+                        add((f.first_region + 8 * k + b) * f.region_blocks, f.region_blocks)
+        mine, why = local_changes(reply)
+        if mine is None:
+            return None, why
+        for lba, count in mine:
+            add(lba, count)
+        return out, ""
 
 
 class Episode:
@@ -157,6 +198,7 @@ class Episode:
         self.link = _Link(SimFetch(self))
         self.target = self.start_target()
         self.standby: list[tuple[int, bytes]] = []  # the standby host's acknowledged writes, in order
+        self.full_compares = 0
 
     # -- the two sides ---------------------------------------------------------------------------
     def open_target(self, path: str, size: int, block_size: int) -> Volume:
