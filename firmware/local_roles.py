@@ -22,7 +22,7 @@ from firmware.crash_points import crash_point
 from firmware.failover.generations import History, Keep, Resolution, WriteInfo, mib
 from firmware.failover.returning import old_primary_returns
 from firmware.failover.state import RoleStore, fresh_generation_id
-from firmware.journal import RecordsGone
+from firmware.journal import JournalError, RecordsGone
 from firmware.journal.format import RecordKind
 
 if TYPE_CHECKING:  # the link protocol (and lz4) is imported only by a unit that has remotes
@@ -108,11 +108,17 @@ class LocalRoles:
             return
         promoted = peer_history.successor(cur) if cur is not None else None
         after = promoted.fork_seq if promoted is not None else link.acked_seq
+        synced = True
+        try:  # writes answered with the write cache on, still in the journal's unsynced tail, count too
+            self.journal.sync()
+        except (JournalError, OSError) as exc:
+            synced = False
+            log.warning("could not make the journal durable before comparing with remote=%s error=%s", peer, exc)
         writes, complete = self._unshipped(after)
         snap = self.unit.dirty_snapshot()
         unknown = snap.blocks * self.unit.block_size if snap.regions else 0
-        if not complete:
-            unknown = max(unknown, 1)  # records gone from the journal: their times are unknown
+        if not complete or not synced:
+            unknown = max(unknown, 1)  # records gone from the journal (or not readable): their times are unknown
         ret = old_primary_returns(st, peer=peer, peer_history=peer_history,
                                   peer_dirty=jp.GenerationsFlag.DIRTY in gens.flags,
                                   peer_dirty_bytes=gens.dirty_bytes, unshipped=writes, unknown_time_bytes=unknown,
