@@ -22,7 +22,7 @@ from firmware.crash_points import crash_point
 from firmware.failover.generations import History, Keep, Resolution, WriteInfo, mib
 from firmware.failover.returning import old_primary_returns
 from firmware.failover.state import RoleStore, fresh_generation_id
-from firmware.journal import RecordsGone
+from firmware.journal import JournalError, RecordsGone
 from firmware.journal.format import RecordKind
 
 if TYPE_CHECKING:  # the link protocol (and lz4) is imported only by a unit that has remotes
@@ -108,11 +108,17 @@ class LocalRoles:
             return
         promoted = peer_history.successor(cur) if cur is not None else None
         after = promoted.fork_seq if promoted is not None else link.acked_seq
+        synced = True
+        try:  # writes answered with the write cache on, still in the journal's unsynced tail, count too
+            self.journal.sync()
+        except (JournalError, OSError) as exc:
+            synced = False
+            log.warning("could not make the journal durable before comparing with remote=%s error=%s", peer, exc)
         writes, complete = self._unshipped(after)
         snap = self.unit.dirty_snapshot()
         unknown = snap.blocks * self.unit.block_size if snap.regions else 0
-        if not complete:
-            unknown = max(unknown, 1)  # records gone from the journal: their times are unknown
+        if not complete or not synced:
+            unknown = max(unknown, 1)  # records gone from the journal (or not readable): their times are unknown
         ret = old_primary_returns(st, peer=peer, peer_history=peer_history,
                                   peer_dirty=jp.GenerationsFlag.DIRTY in gens.flags,
                                   peer_dirty_bytes=gens.dirty_bytes, unshipped=writes, unknown_time_bytes=unknown,
@@ -143,21 +149,32 @@ class LocalRoles:
                           f"generation {reply.generation})")
         if j.durable_seq < fork_seq:
             return None, f"this unit's journal ends at seq {j.durable_seq}, before the promotion's seq {fork_seq}"
+        # a promotion at an earlier point (--mark/--at/--seq) rolled back the records the copy had
+        # applied after it, and marked every block it rewrote in its bitmap: from this side, only the
+        # records after the copy's applied position are needed then (the journal released the others)
+        starts = [fork_seq] + ([reply.applied_seq] if reply.applied_seq > fork_seq else [])
+        for start in starts:
+            out = self._extents_after(start)
+            if out is not None:
+                out.extend(self.unit.dirty_snapshot().regions)
+                return out, ""
+        return None, f"this unit's journal no longer holds the records after seq {starts[-1]}"
+
+    def _extents_after(self, after_seq: int) -> list[tuple[int, int]] | None:
+        """(lba, count) of the journal's WRITE and UNMAP records after `after_seq`; None when some are gone."""
         out: list[tuple[int, int]] = []
-        at = fork_seq
+        at = after_seq
         try:
             while True:
-                recs = j.read_records(at, _READ_CHUNK)
+                recs = self.journal.read_records(at, _READ_CHUNK)
                 if not recs:
-                    break
+                    return out
                 for r in recs:
                     if r.kind in (RecordKind.WRITE, RecordKind.UNMAP) and r.count:
                         out.append((r.lba, r.count))
                     at = r.seq
         except RecordsGone:
-            return None, f"this unit's journal no longer holds the records after seq {fork_seq}"
-        out.extend(self.unit.dirty_snapshot().regions)
-        return out, ""
+            return None
 
     def _fail_back(self, link: Any, peer: str, peer_history: History, fork_seq: int) -> None:
         """The promoted remote hands the source back: pull what differs, then take over in a new

@@ -619,7 +619,7 @@ class SourceTarget:
         return {"source": self.source_id, "generation": st.history.current.label if st.history.current else None,
                 "promoted_io": written}
 
-    def handed_back(self, gens: jp.Generations) -> int:
+    def handed_back(self, gens: jp.Generations, *, bytes_compared: int = 0) -> int:
         """A FETCH connection's GENERATIONS: the local unit pulled what changed and is primary again
         in the generation after ours. This copy becomes its replica at that generation's fork
         position (stored first, so the source never ships the writes it lost on top of it). Returns
@@ -651,7 +651,7 @@ class SourceTarget:
         self.roles.drop_bitmap(self.source_id)
         self.roles.update(primary=False, history=theirs, promotion=None, split_brain=None, resolution=None,
                           last_resync={"failback_ns": time.time_ns(), "to": self.peer or "the local unit",
-                                       "fork_seq": new.fork_seq})
+                                       "fork_seq": new.fork_seq, "bytes_compared": bytes_compared})
         log.warning("failback complete: the local unit is primary again source=%s generation=%s applied_seq=%d",
                     self.source_id, new.label, new.fork_seq)
         return new.fork_seq
@@ -795,6 +795,7 @@ class _Connection:
         self.session: TargetSession | None = None  # the target's, or a verify connection's own
         self.replicating = False
         self.fetching = False  # a failback's FETCH connection: holds the target's lock
+        self.bytes_digested = 0  # bytes of the target a failback's FETCH connection read to compare digests
         self.refusing: tuple[SourceTarget, Refused] | None = None  # primary: refuse after the source's GENERATIONS
         self.closing = False
         self.flusher: _Flusher | None = None
@@ -907,7 +908,7 @@ class _Connection:
             if self.replicating:
                 t.adopt_history(ev)
             elif self.fetching:
-                self.link.send(jp.Ack(t.handed_back(ev)))
+                self.link.send(jp.Ack(t.handed_back(ev, bytes_compared=self.bytes_digested)))
             return
         if isinstance(ev, jp.DirtyRequest):
             if not self.fetching:
@@ -946,6 +947,10 @@ class _Connection:
             elif isinstance(a, ReadDigests):
                 self.link.send(jp.RegionDigests(a.first_region, a.region_blocks,
                                                 store.digests(a.first_region, a.count, a.region_blocks)))
+                if self.fetching:  # what a failback made this side read
+                    n = t.state.num_blocks
+                    lo, hi = min(n, a.first_region * a.region_blocks), min(n, (a.first_region + a.count) * a.region_blocks)
+                    self.bytes_digested += (hi - lo) * t.state.block_size
             elif isinstance(a, SyncNow):
                 store.sync()
             elif isinstance(a, SaveState):
