@@ -11,10 +11,12 @@ then the local unit is killed, `usbmirror promote --usbip` serves the remote's c
 client writes --written bytes through it (half as 64 KiB writes, half as 1 MiB writes, at random
 4 KiB-aligned offsets), the old local unit comes back as a replica, and `usbmirror failback`
 runs:
-  failback  bytes moved (`last_resync.bytes_moved`, limit 1.1 x --written), the local unit's
-         failback time (`last_resync.seconds`: compare every region, then the pieces of those that
-         differ, pull them) and the wall time of the `failback` command, each beside the full copy
-         as a ratio.
+  failback  bytes moved (`last_resync.bytes_moved`, limit 1.1 x --written) beside the bytes
+         compared (`last_resync.bytes_compared`: the bytes of the volume each side read and
+         digested, only the regions either side wrote since the promotion in mode `bitmap`), the
+         local unit's failback time (`last_resync.seconds`: compare the pieces of those regions,
+         pull the ones that differ) and the wall time of the `failback` command, each beside the
+         full copy as a ratio.
 At the end the local volume must equal the remote's copy byte for byte (exit 1 otherwise).
 Files go to a temporary directory on a real disk (/var/tmp); the figures vary from run to run.
 """
@@ -128,12 +130,16 @@ def main() -> int:
         print(f"full copy over the link      {full_s:8.2f} s   (reference; a file copy on this disk: {file_s:.2f} s)")
         print(f"failback (local unit)        {fb_s:8.2f} s   {fb_s / full_s:6.3f} x the full copy")
         print(f"failback command, wall       {wall_s:8.2f} s   {wall_s / full_s:6.3f} x the full copy")
+        compared = int(rs["bytes_compared"])
         print(f"bytes moved                  {moved / MIB:8.2f} MiB {moved / acked:6.3f} x the bytes written "
-              f"(limit 1.1); {rs['regions_copied']} of {rs['regions_compared']} regions differed, "
-              f"{rs['pieces_compared']} pieces compared")
+              f"(limit 1.1); {rs['regions_copied']} of {rs['regions_compared']} regions compared differed")
+        print(f"bytes compared               {compared / MIB:8.2f} MiB {compared / size:6.3f} x the volume "
+              f"(mode {rs['mode']}{': ' + rs['mode_reason'] if rs.get('mode_reason') else ''}; "
+              f"{rs['regions_compared']} of {rs['regions_total']} regions, {rs['pieces_compared']} pieces)")
         print("local volume equals the remote copy" if diff is None else f"VOLUMES DIFFER at byte {diff}")
         if a.json:
             print(json.dumps({"bench": "failback", "size": size, "written": acked, "bytes_moved": moved,
+                              "bytes_compared": compared, "mode": rs["mode"],
                               "moved_ratio": round(moved / acked, 4), "failback_s": fb_s, "failback_wall_s":
                               round(wall_s, 3), "full_copy_s": round(full_s, 3), "file_copy_s": round(file_s, 3),
                               "ratio_to_full": round(fb_s / full_s, 4), "equal": diff is None}))

@@ -22,7 +22,7 @@ from firmware.crash_points import crash_point
 from firmware.failover.generations import History, Keep, Resolution, WriteInfo, mib
 from firmware.failover.returning import old_primary_returns
 from firmware.failover.state import RoleStore, fresh_generation_id
-from firmware.journal import RecordsGone
+from firmware.journal import JournalError, RecordsGone
 from firmware.journal.format import RecordKind
 
 if TYPE_CHECKING:  # the link protocol (and lz4) is imported only by a unit that has remotes
@@ -109,11 +109,17 @@ class LocalRoles:
             return False
         promoted = peer_history.successor(cur) if cur is not None else None
         after = promoted.fork_seq if promoted is not None else link.acked_seq
+        synced = True
+        try:  # writes answered with the write cache on, still in the journal's unsynced tail, count too
+            self.journal.sync()
+        except (JournalError, OSError) as exc:
+            synced = False
+            log.warning("could not make the journal durable before comparing with remote=%s error=%s", peer, exc)
         writes, complete = self._unshipped(after)
         snap = self.unit.dirty_snapshot()
         unknown = snap.blocks * self.unit.block_size if snap.regions else 0
-        if not complete:
-            unknown = max(unknown, 1)  # records gone from the journal: their times are unknown
+        if not complete or not synced:
+            unknown = max(unknown, 1)  # records gone from the journal (or not readable): their times are unknown
         ret = old_primary_returns(st, peer=peer, peer_history=peer_history,
                                   peer_dirty=jp.GenerationsFlag.DIRTY in gens.flags,
                                   peer_dirty_bytes=gens.dirty_bytes, unshipped=writes, unknown_time_bytes=unknown,
@@ -126,14 +132,64 @@ class LocalRoles:
         if ret.refuse_writes and self.unit.write_refusal is None:
             self.unit.refuse_writes(self.replica_reason() or ret.message)
         if handover and ret.refuse_writes and ret.decision.outcome.value == "remote_newer":
-            self._fail_back(link, peer, peer_history)
+            self._fail_back(link, peer, peer_history, after)
         return not st.primary and self.roles.state.primary
 
-    def _fail_back(self, link: Any, peer: str, peer_history: History) -> None:
+    def changes_since(self, fork_seq: int, reply: jp.HelloReply) -> tuple[list[tuple[int, int]] | None, str]:
+        """What this unit wrote since it and the promoted remote last agreed, as (lba, count): its
+        journal's WRITE and UNMAP records after the promotion's fork position (the failover's loss
+        among them) and the dirty regions a journal overflow left. None and why when that set is not
+        whole: the journal restarted since the remote followed it, or no longer holds those records,
+        or an earlier failback attempt compared every region (it may have installed blocks outside
+        any recorded set)."""
+        j = self.journal
+        pending = self.roles.state.last_resync or {}
+        if pending.get("failback_pending") == "full":
+            return None, f"an interrupted failback compared every region ({pending.get('mode_reason')})"
+        if reply.generation != j.generation:
+            return None, (f"this unit's journal restarted (generation {j.generation}; the remote followed "
+                          f"generation {reply.generation})")
+        if j.durable_seq < fork_seq:
+            return None, f"this unit's journal ends at seq {j.durable_seq}, before the promotion's seq {fork_seq}"
+        # a promotion at an earlier point (--mark/--at/--seq) rolled back the records the copy had
+        # applied after it, and marked every block it rewrote in its bitmap: from this side, only the
+        # records after the copy's applied position are needed then (the journal released the others)
+        starts = [fork_seq] + ([reply.applied_seq] if reply.applied_seq > fork_seq else [])
+        for start in starts:
+            out = self._extents_after(start)
+            if out is not None:
+                out.extend(self.unit.dirty_snapshot().regions)
+                return out, ""
+        return None, f"this unit's journal no longer holds the records after seq {starts[-1]}"
+
+    def _extents_after(self, after_seq: int) -> list[tuple[int, int]] | None:
+        """(lba, count) of the journal's WRITE and UNMAP records after `after_seq`; None when some are gone."""
+        out: list[tuple[int, int]] = []
+        at = after_seq
+        try:
+            while True:
+                recs = self.journal.read_records(at, _READ_CHUNK)
+                if not recs:
+                    return out
+                for r in recs:
+                    if r.kind in (RecordKind.WRITE, RecordKind.UNMAP) and r.count:
+                        out.append((r.lba, r.count))
+                    at = r.seq
+        except RecordsGone:
+            return None
+
+    def _fail_back(self, link: Any, peer: str, peer_history: History, fork_seq: int) -> None:
         """The promoted remote hands the source back: pull what differs, then take over in a new
         generation on top of the remote's (recorded before the remote hears of it) and serve the
         host again."""
         log.warning("failback: pulling the changed regions from remote=%s", peer)
+
+        def changes(reply: jp.HelloReply) -> tuple[list[tuple[int, int]] | None, str]:
+            mine, why = self.changes_since(fork_seq, reply)
+            if mine is None:  # a retry after a crash must compare every region again too
+                self.roles.save(replace(self.roles.state, last_resync={"failback_pending": "full",
+                                                                       "mode_reason": why}))
+            return mine, why
 
         def take_over(report: dict[str, Any]) -> Any:
             hist = peer_history.promote(gen_id=fresh_generation_id(), now_ns=time.time_ns(),
@@ -144,14 +200,16 @@ class LocalRoles:
             return self.generations()
 
         try:
-            report = link.rep.fetch_back(link, take_over)
+            report = link.rep.fetch_back(link, take_over, local_changes=changes)
         finally:
             if self.roles.state.primary:  # taken over (even if the remote's ACK was lost): serve the host
                 self.unit.refuse_writes(None)
         self.last_message = (f"failed back from {peer}: {report['regions_copied']} regions "
-                             f"({report['bytes_moved']} bytes) pulled in {report['seconds']} s; primary again")
-        log.warning("failback complete remote=%s bytes_moved=%d regions=%d seconds=%.3f", peer,
-                    report["bytes_moved"], report["regions_copied"], report["seconds"])
+                             f"({report['bytes_moved']} bytes) pulled in {report['seconds']} s after comparing "
+                             f"{report['bytes_compared']} bytes ({report['mode']}); primary again")
+        log.warning("failback complete remote=%s mode=%s bytes_moved=%d bytes_compared=%d regions=%d seconds=%.3f%s",
+                    peer, report["mode"], report["bytes_moved"], report["bytes_compared"], report["regions_copied"],
+                    report["seconds"], f" reason={report['mode_reason']}" if report.get("mode_reason") else "")
 
     def resolve(self, req: dict[str, Any]) -> dict[str, Any]:
         """The control command `resolve` on a local unit: `--keep remote` discards what this unit

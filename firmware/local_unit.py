@@ -343,9 +343,11 @@ class LocalUnit:
             self._guard(lambda: self._volume.write_nosync(lba, data))
 
     def install_done(self) -> None:
-        """The installed blocks are durable on the volume."""
+        """The installed blocks are durable on the volume, and so is the journal's applied position
+        (a checkpoint): a restart must not replay older records over them."""
         with self._lock:
             self._guard(self._volume.flush)
+            self._guard(self._journal.checkpoint)
 
     def flush(self) -> None:
         """SYNCHRONIZE CACHE: a consistency point; returns once everything before it is durable

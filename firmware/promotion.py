@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from firmware.crash_points import crash_point
 from firmware.history import HistoryError, HistoryReader, ImageView, history_dir
@@ -169,9 +169,11 @@ def _runs(extents: Sequence[tuple[int, int]], limit: int) -> list[tuple[int, int
 
 
 def rollback_to_point(store: TargetStore, state_dir: str, source_id: str, target_path: str, *, seq: int,
-                      next_seq: int, num_blocks: int) -> tuple[int, int]:
+                      next_seq: int, num_blocks: int,
+                      mark: Callable[[int, int], object] | None = None) -> tuple[int, int]:
     """Make the target the image just after record `seq` of its history, as writes numbered from
-    `next_seq` (their before-images saved by the history hook first). Returns (blocks written, the
+    `next_seq` (their before-images saved by the history hook first). `mark(lba, count)` (the
+    promoted copy's bitmap) is told of each run before it is written. Returns (blocks written, the
     next free seq). Runs again safely after an interruption. HistoryError when the history no
     longer reaches back to `seq`."""
     root = history_dir(state_dir, source_id)
@@ -192,6 +194,8 @@ def rollback_to_point(store: TargetStore, state_dir: str, source_id: str, target
                 if lba >= num_blocks:
                     continue
                 n = min(n, num_blocks - lba)
+                if mark is not None:
+                    mark(lba, n)
                 batch.append(jp.Record(next_seq, RecordKind.WRITE, lba, n, now, view.read(lba, n)))
                 next_seq += 1
                 written += n

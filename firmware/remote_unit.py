@@ -64,6 +64,7 @@ from firmware.failover.generations import History, mib
 from firmware.failover.state import SplitBrain, fresh_generation_id, open_roles
 from firmware.history import DEFAULT_AGE_S, DiscardOnChange, HistoryError, HistoryWriter, history_dir, resolve
 from firmware.history import status_keys as history_status_keys
+from firmware.journal.bitmap import DirtyBitmap
 from firmware.link import protocol as jp
 from firmware.link_driver import LinkDriver, Waker
 from firmware.link_transport import LinkTransport
@@ -462,7 +463,11 @@ class SourceTarget:
                    + (f"; {torn} (promoted with --force)" if torn else "")
                    + (f"; the target is rolled back to {what}, discarding the writes after it" if point_seq is not None
                       and point_seq < st.applied_seq else ""))
-        promotion = {**serving, "point": what, "fork_seq": fork, "promoted_ns": now_ns,
+        # a fresh bitmap of the regions this copy writes as primary, durable (empty) before the promotion
+        # names it: one left by an earlier generation is dropped first
+        self.roles.drop_bitmap(self.source_id)
+        self._bitmap()
+        promotion = {**serving, "point": what, "fork_seq": fork, "promoted_ns": now_ns, "bitmap": cur.label,
                      "rollback_to_seq": point_seq if point_seq is not None and point_seq < st.applied_seq else None,
                      "behind": behind, "resync_rolled_back": rolled_resync,
                      "torn_after_seq": st.applied_seq if torn else None}
@@ -501,12 +506,13 @@ class SourceTarget:
             raise PromoteError(f"cannot open the target {self.path}: {exc}") from None
         last = self.history.index.last_seq if self.history is not None else 0
         next_seq = max(st.applied_seq, last) + 1
+        bitmap = self._promoted_bitmap()
         pending = (self.roles.state.promotion or {}).get("rollback_to_seq")
         if isinstance(pending, int):
             try:
                 blocks, next_seq = rollback_to_point(self.store, self.unit.cfg.state_dir, self.source_id,
                                                      os.path.realpath(self.path), seq=pending, next_seq=next_seq,
-                                                     num_blocks=n)
+                                                     num_blocks=n, mark=bitmap.mark)
             except (HistoryError, OSError, StorageError) as exc:
                 raise PromoteError(f"rolling the target of source {self.source_id} back to seq {pending} "
                                    f"failed: {exc}") from None
@@ -516,10 +522,73 @@ class SourceTarget:
             self.roles.update(promotion=promo)
             log.warning("rolled the promoted target back source=%s seq=%d blocks=%d", self.source_id, pending,
                         blocks)
-        bitmap = self.roles.bitmap(self.source_id, num_blocks=n, region_blocks=max(1, (1 << 20) // bs),
-                                   volume_uuid=uuid.UUID(hex=st.volume_uuid))
         self.promoted = PromotedStore(self.store, bitmap, num_blocks=n, block_size=bs, next_seq=next_seq)
         self.promotion_error = ""
+
+    def _bitmap(self) -> DirtyBitmap:
+        """The regions written on this copy since it and its source last agreed (1 MiB regions)."""
+        st = self.state
+        return self.roles.bitmap(self.source_id, num_blocks=st.num_blocks,
+                                 region_blocks=max(1, (1 << 20) // st.block_size),
+                                 volume_uuid=uuid.UUID(hex=st.volume_uuid))
+
+    def bitmap_doubt(self) -> str:
+        """Why the bitmap may not hold every region written on this promoted copy ("" when it does):
+        it belongs to another generation (or to a promotion recorded before bitmaps were named), it
+        was lost or its header damaged, or the promotion rolled back an incomplete resync (the copy
+        then differs from the source by more than the writes either side recorded)."""
+        roles = self.roles.state
+        promo = roles.promotion or {}
+        cur = roles.history.current
+        path = self.roles.bitmap_path(self.source_id)
+        if promo.get("bitmap_lost"):
+            return str(promo["bitmap_lost"])
+        if cur is None or promo.get("bitmap") != cur.label:
+            return (f"the bitmap of this copy's writes is not recorded for generation {cur.label if cur else '?'} "
+                    f"(recorded: {promo.get('bitmap')})")
+        if promo.get("resync_rolled_back"):
+            return "the promotion rolled back an incomplete resync"
+        if self.source_id not in self.roles.open_bitmaps() and not path.exists():
+            return f"the bitmap {path} is missing"
+        return ""
+
+    def _promoted_bitmap(self) -> DirtyBitmap:
+        """The bitmap the promoted copy marks before each write; one that was lost or damaged since
+        the promotion is noted in `promotion.bitmap_lost` (durably, before the copy takes a write):
+        a failback then compares every region."""
+        doubt = self.bitmap_doubt()
+        bm = self._bitmap()
+        if not doubt and bm.damaged:
+            doubt = f"the bitmap {self.roles.bitmap_path(self.source_id)} was damaged"
+        if doubt and not (self.roles.state.promotion or {}).get("bitmap_lost"):
+            self.roles.update(promotion={**(self.roles.state.promotion or {}), "bitmap_lost": doubt})
+            log.error("promoted copy: its bitmap cannot be trusted source=%s reason=%s; a failback compares every "
+                      "region", self.source_id, doubt)
+        return bm
+
+    def dirty_regions_frames(self) -> list[jp.DirtyRegions]:
+        """The answer to a failback's DIRTY_REQUEST: the regions written on this copy since the
+        promotion, or (not TRUSTED) why they cannot be trusted."""
+        st = self.state
+        rb = max(1, (1 << 20) // st.block_size)
+        total = (st.num_blocks + rb - 1) // rb
+        doubt = self.bitmap_doubt()
+        bm = None if doubt else self._bitmap()
+        if bm is not None and bm.damaged:
+            doubt = f"the bitmap {self.roles.bitmap_path(self.source_id)} was damaged"
+        if bm is None or doubt:
+            log.warning("failback: this copy's bitmap cannot be trusted source=%s reason=%s", self.source_id, doubt)
+            return [jp.DirtyRegions(jp.DirtyFlag.LAST, rb, total, 0, b"", doubt)]
+        bits = bytearray((total + 7) // 8)
+        for r in bm.snapshot().region_indices:
+            bits[r >> 3] |= 1 << (r & 7)
+        step = jp.MAX_DIRTY_BITMAP_BYTES
+        out = []
+        for off in range(0, max(1, len(bits)), step):
+            last = off + step >= len(bits)
+            flags = jp.DirtyFlag.TRUSTED | (jp.DirtyFlag.LAST if last else jp.DirtyFlag.NONE)
+            out.append(jp.DirtyRegions(flags, rb, total, off * 8, bytes(bits[off : off + step])))
+        return out
 
     def end_promotion_io(self) -> None:
         """The remote stops: the promoted copy takes no more I/O and the target lock is released
@@ -550,7 +619,7 @@ class SourceTarget:
         return {"source": self.source_id, "generation": st.history.current.label if st.history.current else None,
                 "promoted_io": written}
 
-    def handed_back(self, gens: jp.Generations) -> int:
+    def handed_back(self, gens: jp.Generations, *, bytes_compared: int = 0) -> int:
         """A FETCH connection's GENERATIONS: the local unit pulled what changed and is primary again
         in the generation after ours. This copy becomes its replica at that generation's fork
         position (stored first, so the source never ships the writes it lost on top of it). Returns
@@ -582,7 +651,7 @@ class SourceTarget:
         self.roles.drop_bitmap(self.source_id)
         self.roles.update(primary=False, history=theirs, promotion=None, split_brain=None, resolution=None,
                           last_resync={"failback_ns": time.time_ns(), "to": self.peer or "the local unit",
-                                       "fork_seq": new.fork_seq})
+                                       "fork_seq": new.fork_seq, "bytes_compared": bytes_compared})
         log.warning("failback complete: the local unit is primary again source=%s generation=%s applied_seq=%d",
                     self.source_id, new.label, new.fork_seq)
         return new.fork_seq
@@ -726,6 +795,7 @@ class _Connection:
         self.session: TargetSession | None = None  # the target's, or a verify connection's own
         self.replicating = False
         self.fetching = False  # a failback's FETCH connection: holds the target's lock
+        self.bytes_digested = 0  # bytes of the target a failback's FETCH connection read to compare digests
         self.refusing: tuple[SourceTarget, Refused] | None = None  # primary: refuse after the source's GENERATIONS
         self.closing = False
         self.flusher: _Flusher | None = None
@@ -838,7 +908,13 @@ class _Connection:
             if self.replicating:
                 t.adopt_history(ev)
             elif self.fetching:
-                self.link.send(jp.Ack(t.handed_back(ev)))
+                self.link.send(jp.Ack(t.handed_back(ev, bytes_compared=self.bytes_digested)))
+            return
+        if isinstance(ev, jp.DirtyRequest):
+            if not self.fetching:
+                raise jp.ProtocolError("DIRTY_REQUEST outside a failback")
+            for frame in t.dirty_regions_frames():
+                self.link.send(frame)
             return
         if isinstance(ev, jp.RegionRead):
             if not self.fetching:
@@ -871,6 +947,10 @@ class _Connection:
             elif isinstance(a, ReadDigests):
                 self.link.send(jp.RegionDigests(a.first_region, a.region_blocks,
                                                 store.digests(a.first_region, a.count, a.region_blocks)))
+                if self.fetching:  # what a failback made this side read
+                    n = t.state.num_blocks
+                    lo, hi = min(n, a.first_region * a.region_blocks), min(n, (a.first_region + a.count) * a.region_blocks)
+                    self.bytes_digested += (hi - lo) * t.state.block_size
             elif isinstance(a, SyncNow):
                 store.sync()
             elif isinstance(a, SaveState):

@@ -154,6 +154,10 @@ class ReplicatedUnit(Protocol):
     def remove_sync_gate(self, gate: Callable[[int], None]) -> None: ...
 
 
+# what a local unit wrote since it and a promoted remote last agreed, as (lba, count) extents, or None and
+# why that set is not whole (given the FETCH connection's HELLO_REPLY)
+LocalChanges = Callable[[jp.HelloReply], tuple[list[tuple[int, int]] | None, str]]
+
 FAILBACK_PIECE_BYTES = 4096  # a failback compares a differing region again in pieces of this size
 
 
@@ -487,6 +491,8 @@ class _SourceConnection:
         self.echoes: set[int] = set()
         self.fetching = False  # a failback's FETCH connection: region data and ACKs are its own
         self.fetched: deque[jp.RegionData] = deque()
+        self.dirty_frames: deque[jp.DirtyRegions] = deque()
+        self.bytes_digested = 0  # bytes of the local volume read to compare digests on this connection
         self.fetch_acks: deque[int] = deque()
         self.bucket = _TokenBucket(link.spec.bandwidth_limit_bps) if link.spec.bandwidth_limit_bps else None
         self.driver = LinkDriver(transport, self)
@@ -520,6 +526,8 @@ class _SourceConnection:
             self.fetch_acks.append(ev.seq)
         elif self.fetching and isinstance(ev, jp.RegionData):
             self.fetched.append(ev)
+        elif self.fetching and isinstance(ev, jp.DirtyRegions):
+            self.dirty_frames.append(ev)
         elif isinstance(ev, jp.Ack):
             self.link.on_ack(ev.seq)
         elif isinstance(ev, jp.Heartbeat):
@@ -544,6 +552,8 @@ class _SourceConnection:
 
     def handshake(self, purpose: jp.Purpose) -> jp.HelloReply:
         hello = self.session.hello(purpose)
+        if purpose is jp.Purpose.FETCH:  # a failback asks for the promoted copy's written regions
+            hello = replace(hello, features=hello.features | jp.Feature.DIRTY_MAP)
         rep = self.link.rep
         gens = rep.generations() if rep.generations is not None and purpose is jp.Purpose.REPLICATE else None
         if gens is not None:
@@ -608,6 +618,7 @@ class _SourceConnection:
                 lba = idx * rb
                 n = min(rb, rep.num_blocks - lba)
                 local = rep.local_unit.read(lba, n)
+                self.bytes_digested += len(local)
                 on_region(idx, jp.region_digest(local) != remote_digest)
                 done += 1
             rep.progress(Progress(self.link.spec.label, phase, done, total,
@@ -980,43 +991,58 @@ class Replicator:
         return {"remotes": out, "match": bool(out) and all(e["match"] for e in out)}
 
     def fetch_back(self, link: RemoteLink, take_over: Callable[[dict[str, Any]], jp.Generations], *,
-                   pull: bool = True) -> dict[str, Any]:
+                   pull: bool = True, local_changes: LocalChanges | None = None) -> dict[str, Any]:
         """Failback from a promoted remote that hands the source back (docs/FAILOVER.md): on a FETCH
-        connection of its own, compare every region's digest, then the digests of the 4 KiB pieces
-        of each region that differs, and pull only the runs of pieces that differ into the local
-        volume (the local unit is a replica: `LocalUnit.install`), make them durable, then
-        `take_over(report)` (which records this unit's new generation and returns it) is sent and
-        acknowledged by the remote, which becomes the replica. Returns the report (`bytes_moved`,
-        `seconds`, `regions_copied`, `regions_compared`). `pull=False` only repeats the take-over (a
-        crash came between the two sides recording it)."""
+        connection of its own, find the regions either side wrote since the two last agreed (the
+        union of the remote's bitmap, DIRTY_REQUEST, and `local_changes(reply)`: this unit's
+        writes after the promotion's fork position), compare the digests of the 4 KiB pieces of
+        those regions only, and pull only the runs of pieces that differ into the local volume (the
+        local unit is a replica: `LocalUnit.install`), make them durable, then `take_over(report)`
+        (which records this unit's new generation and returns it) is sent and acknowledged by the
+        remote, which becomes the replica. When either side's set cannot be trusted (the remote's
+        bitmap lost, damaged or of another generation; this unit's journal no longer holding the
+        records; no `local_changes`), every region is compared, then the pieces of those that
+        differ (mode `full`, with the reason). Returns the report (`mode`, `bytes_moved`,
+        `bytes_compared`, `seconds`, `regions_copied`, `regions_compared`, `pieces_compared`).
+        `pull=False` only repeats the take-over (a crash came between the two sides recording it)."""
         t0 = time.monotonic()
         transport = link.connect()
+        peer = link.remote_name or link.spec.label
         try:
             session = SourceSession(self.identity, acked_seq=link.acked_seq, window_bytes=self.tuning.window_bytes,
                                     heartbeat_interval_s=self.tuning.heartbeat_interval_s,
                                     dead_after_s=self.tuning.dead_after_s, compression=self.tuning.compression)
             conn = _SourceConnection(link, transport, session)
             conn.fetching = True
-            conn.handshake(jp.Purpose.FETCH)
+            reply = conn.handshake(jp.Purpose.FETCH)
             rb = self.region_blocks
-            diffs: list[int] = []
+            diffs: set[int] = set()
             moved = 0
             fine_compared = 0
+            report: dict[str, Any] = {}
             if pull:
-                def on_region(idx: int, differs: bool) -> None:
-                    if differs:
-                        diffs.append(idx)
-
-                conn.compare_regions(range(self.total_regions), rb, on_region, "failback")
-                # then, inside each differing region, the 4 KiB pieces that differ: only those cross
+                union, why = self._failback_union(conn, reply, local_changes)
                 fine = max(1, FAILBACK_PIECE_BYTES // self.block_size)
                 if rb % fine:
                     fine = rb
                 per = rb // fine
-                pieces = [p for idx in diffs for p in range(idx * per, (idx + 1) * per) if p * fine < self.num_blocks]
+                if union is None:
+                    log.warning("failback: comparing every region remote=%s reason=%s", peer, why)
+                    coarse: list[int] = []
+                    conn.compare_regions(range(self.total_regions), rb,
+                                         lambda idx, d: coarse.append(idx) if d else None, "failback")
+                    candidates = coarse
+                else:
+                    log.info("failback: comparing the regions either side wrote remote=%s regions=%d of %d", peer,
+                             len(union), self.total_regions)
+                    candidates = sorted(union)
+                # inside each candidate region, the 4 KiB pieces that differ: only those cross
+                pieces = [p for idx in candidates for p in range(idx * per, (idx + 1) * per)
+                          if p * fine < self.num_blocks]
                 fine_compared = len(pieces)
                 differing: list[int] = []
                 conn.compare_regions(pieces, fine, lambda p, d: differing.append(p) if d else None, "failback")
+                diffs = {p // per for p in differing}
                 runs = piece_runs(differing, fine, rb, self.num_blocks)
                 for lba, n in runs:
                     conn._send(jp.RegionRead(lba, n))
@@ -1033,9 +1059,14 @@ class Replicator:
                     if len(runs) > 1:
                         crash_point("failback.pulled")
                 self.local_unit.install_done()  # type: ignore[attr-defined]
-            report = {"bytes_moved": moved, "seconds": round(time.monotonic() - t0, 3), "regions_copied": len(diffs),
-                      "regions_compared": self.total_regions if pull else 0, "pieces_compared": fine_compared,
-                      "from": link.remote_name or link.spec.label}
+                report = {"mode": "full" if union is None else "bitmap",
+                          "regions_compared": self.total_regions if union is None else len(union),
+                          "regions_total": self.total_regions}
+                if union is None:
+                    report["mode_reason"] = why
+            report = {"bytes_moved": moved, "bytes_compared": conn.bytes_digested,
+                      "seconds": round(time.monotonic() - t0, 3), "regions_copied": len(diffs),
+                      "regions_compared": 0, "pieces_compared": fine_compared, "from": peer, **report}
             gens = take_over(report)
             conn._send(gens)
             while not conn.fetch_acks:
@@ -1045,6 +1076,48 @@ class Replicator:
             return report
         finally:
             transport.close()
+
+    def _failback_union(self, conn: _SourceConnection, reply: jp.HelloReply,
+                        local_changes: LocalChanges | None) -> tuple[set[int] | None, str]:
+        """The regions (of `region_blocks`) written on either side since they last agreed, or None
+        and the reason when one side's set cannot be trusted."""
+        if local_changes is None:
+            return None, "this unit does not know what it wrote since the promotion"
+        if jp.Feature.DIRTY_MAP not in reply.features:
+            return None, "the remote does not send the regions written on its copy"
+        conn._send(jp.DirtyRequest())
+        frames: list[jp.DirtyRegions] = []
+        while not frames or jp.DirtyFlag.LAST not in frames[-1].flags:
+            while not conn.dirty_frames:
+                if conn.link.stopping():
+                    raise LinkFailure("stopping")
+                conn.pump(0.5)
+            frames.append(conn.dirty_frames.popleft())
+        n, rb = self.num_blocks, self.region_blocks
+        union: set[int] = set()
+
+        def add(lba: int, count: int) -> None:
+            if count > 0 and lba < n:
+                union.update(range(lba // rb, (min(n, lba + count) - 1) // rb + 1))
+
+        for f in frames:
+            if jp.DirtyFlag.TRUSTED not in f.flags:
+                return None, f"the remote's record of its writes cannot be trusted: {f.reason}"
+            if f.total_regions != (n + f.region_blocks - 1) // f.region_blocks:
+                return None, (f"the remote's bitmap has {f.total_regions} regions of {f.region_blocks} blocks, "
+                              f"not this volume's")
+            for k, byte in enumerate(f.bits):
+                if byte:
+                    for b in range(8):
+                        if byte >> b & 1:
+                            r = f.first_region + 8 * k + b
+                            add(r * f.region_blocks, f.region_blocks)
+        mine, why = local_changes(reply)
+        if mine is None:
+            return None, why
+        for lba, count in mine:
+            add(lba, count)
+        return union, ""
 
     def _verify_one(self, link: RemoteLink, regions: list[int]) -> list[int]:
         transport = link.connect()

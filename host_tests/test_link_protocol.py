@@ -260,6 +260,8 @@ def test_state_table_every_sequence_valid_or_protocol_error(role: jp.Role, seq: 
         jp.FrameType.REGION_DATA: jp.RegionData(0, bytes(512)), jp.FrameType.RESYNC_END: jp.ResyncEnd(2),
         jp.FrameType.GENERATIONS: jp.Generations(((5, 1, 2, 3),), jp.GenerationsFlag.PRIMARY, 0),
         jp.FrameType.REGION_READ: jp.RegionRead(8, 16),
+        jp.FrameType.DIRTY_REQUEST: jp.DirtyRequest(),
+        jp.FrameType.DIRTY_REGIONS: jp.DirtyRegions(jp.DirtyFlag.TRUSTED | jp.DirtyFlag.LAST, 8, 16, 8, b"\x05"),
     }
     peer_role = jp.Role.REMOTE if role is jp.Role.SOURCE else jp.Role.SOURCE
     me = jp.JourneyConnection(role)
@@ -316,3 +318,43 @@ def test_bad_generations_are_protocol_errors(gens: tuple[tuple[int, int, int, in
     with pytest.raises(jp.ProtocolError, match=message):
         r.next_event()
     assert r.state is jp.ConnState.CLOSED
+
+
+def test_a_failback_negotiates_the_dirty_map_and_gets_the_promoted_copys_regions() -> None:
+    src = jp.JourneyConnection(jp.Role.SOURCE)
+    rem = jp.JourneyConnection(jp.Role.REMOTE)
+    rem.receive_data(src.send(hello(jp.Feature.LZ4 | jp.Feature.DIRTY_MAP)))
+    got = rem.next_event()
+    assert isinstance(got, jp.Hello) and jp.Feature.DIRTY_MAP in got.features
+    src.receive_data(rem.send(jp.HelloReply("r", UUID, 0, 0, jp.Feature.LZ4 | jp.Feature.DIRTY_MAP)))
+    reply = src.next_event()
+    assert isinstance(reply, jp.HelloReply) and jp.Feature.DIRTY_MAP in reply.features
+    rem.receive_data(src.send(jp.DirtyRequest()))
+    assert rem.next_event() == jp.DirtyRequest()
+    frames = [jp.DirtyRegions(jp.DirtyFlag.TRUSTED, 2048, 20, 0, b"\x09\x00"),
+              jp.DirtyRegions(jp.DirtyFlag.TRUSTED | jp.DirtyFlag.LAST, 2048, 20, 16, b"\x08"),
+              jp.DirtyRegions(jp.DirtyFlag.LAST, 2048, 20, 0, b"", "the bitmap is missing")]
+    for f in frames:
+        src.receive_data(rem.send(f))
+        assert src.next_event() == f
+
+
+def test_dirty_request_without_the_feature_and_dirty_regions_out_of_bounds_are_protocol_errors() -> None:
+    _, r1 = open_pair()  # the HELLO offered no DIRTY_MAP
+    r1.receive_data(_frame(jp.FrameType.DIRTY_REQUEST, b""))
+    with pytest.raises(jp.ProtocolError, match="did not negotiate"):
+        r1.next_event()
+    bad = [
+        (1 << 2, 8, 16, 0, 1, 0, b"\x01"),  # unknown flag
+        (1, 0, 16, 0, 1, 0, b"\x01"),  # regions of 0 blocks
+        (1, 8, 16, 3, 1, 0, b"\x01"),  # first region not a multiple of 8
+        (1, 8, 16, 8, 2, 0, b"\x01\x01"),  # bits for regions 8..23 of a volume of 16
+        (1, 8, 16, 0, 2, 0, b"\x01"),  # shorter than it says
+    ]
+    for flags, rb, total, first, nbits, nreason, body in bad:
+        src, _ = open_pair()
+        payload = struct.pack(">BIQQIH", flags, rb, total, first, nbits, nreason) + body
+        src.receive_data(_frame(jp.FrameType.DIRTY_REGIONS, payload))
+        with pytest.raises(jp.ProtocolError):
+            src.next_event()
+        assert src.state is jp.ConnState.CLOSED

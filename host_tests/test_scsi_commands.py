@@ -75,6 +75,22 @@ def test_verify_12_compares_and_reports_the_offset() -> None:
     assert sense.information == 700
 
 
+@pytest.mark.parametrize("first", [0, 1, 4095, 4096, 9000, 64 * BS - 1])
+def test_verify_names_the_first_differing_byte_of_a_large_transfer(first: int) -> None:
+    t, store = make_target()
+    data = pattern(5, 64)
+    store.write(0, data)
+    bad = bytearray(data)
+    for at in (first, first + 1, 64 * BS - 1):  # later differences do not count
+        bad[min(at, 64 * BS - 1)] ^= 0x01
+    cdb = rw16(0x8F, 0, 64, flags=0x02)  # VERIFY(16), BYTCHK=1
+    sense = expect_check(t, cdb, MISCOMPARE, MISCOMPARE_ASC, data_out=bytes(bad))
+    assert sense.information == first
+    sense = expect_check(t, caw(0, 64), MISCOMPARE, MISCOMPARE_ASC, data_out=bytes(bad) + pattern(6, 64))
+    assert sense.information == first
+    assert store.read(0, 64) == data
+
+
 # ---- WRITE AND VERIFY ------------------------------------------------------------------------------
 
 WV = {0x2E: rw10, 0xAE: rw12, 0x8E: rw16}

@@ -17,7 +17,10 @@ steps issues host writes, flushes and marks, switches the write cache, and injec
 - corrupted frames (one byte flipped: the CRC must refuse it) and truncated frames;
 - a remote target that fills up (ENOSPC on apply) and is freed later;
 - journal overflow into the dirty bitmap (the journal is small and a partition or a full target
-  keeps it from being confirmed), and the resync after it.
+  keeps it from being confirmed), and the resync after it;
+- now and then a whole failover (`host_tests.torture_failover`): the remote promoted through the
+  firmware's own failover code, the standby host's writes on it, the old local unit back as a replica
+  (or a split brain, resolved with `resolve --keep`), failback, with power cuts and kills inside.
 
 After every fault, and at the end of each heal phase, it checks against a model of the host's writes:
 the local disk is the host's disk after some prefix of its writes that includes every write
@@ -91,6 +94,7 @@ from firmware.replication.target import (
     TargetState,
 )
 from firmware.storage import StorageError
+from host_tests.torture_failover import Violation, fail_over
 from host_tests.torture_real import RealViolation, real_round
 
 UNIT = uuid.UUID("70270e00-0000-4000-8000-000000000013")
@@ -102,11 +106,8 @@ RING = 96 * 1024  # small: the journal fills and overflows while the remote is c
 CONSUMER = "remote"
 HEAL_EVERY = 400  # steps between heal phases (faults off, the link must catch up)
 HEAL_STEPS = 3000  # a heal phase that has not caught up after this many steps is a wedge
+FAILOVER_FROM = 1 - 1 / 1500  # the share of steps above it are a whole failover (host_tests.torture_failover)
 ME = SourceIdentity("src", UNIT.bytes, NBLOCKS * BS, BS, 1)
-
-
-class Violation(Exception):
-    """A property of the model does not hold."""
 
 
 @dataclass
@@ -128,6 +129,13 @@ class Counts:
     promotions_refused: int = 0  # ... and refused (the target may be torn, or a resync is open)
     promotions: int = 0
     failbacks: int = 0
+    real_promotions: int = 0  # of `promotions`, those in rounds with real processes
+    real_failbacks: int = 0
+    failovers_refused: int = 0  # in process: promotions the remote refused (a resync open, a torn target)
+    promoted_writes: int = 0  # the standby host's writes answered by a promoted copy, in process
+    split_brains: int = 0
+    resolved: int = 0  # split brains resolved with `resolve --keep`
+    failover_loss: int = 0  # acknowledged writes of the old primary a promotion discarded (accepted, counted)
     real_rounds: int = 0
     resyncs: int = 0
     steps: int = 0
@@ -360,8 +368,9 @@ class Campaign:
         self.session = SourceSession(ME, acked_seq=acked, window_bytes=32 * 1024, heartbeat_interval_s=5.0,
                                      dead_after_s=20.0)
 
-    def recover_local(self, mode: CrashMode, *, inflight: tuple[int, int, bool] | None) -> None:
-        """After a power cut or a kill: reboot the devices, reopen, check the disk against the model."""
+    def recover_local(self, mode: CrashMode, *, inflight: tuple[int, int, bool] | None, check: bool = True) -> None:
+        """After a power cut or a kill: reboot the devices, reopen, check the disk against the model
+        (`check=False`: in the middle of a failback, whose next attempt compares every region again)."""
         self.drop_link()
         self.rail = PowerRail()
         rng = random.Random(self.rng.getrandbits(32))
@@ -369,6 +378,8 @@ class Campaign:
         self.vflash = self.vflash.rebooted(rng, mode, rail=self.rail)
         self.bflash = self.bflash.rebooted(rng, mode, rail=self.rail)
         self.start_local()
+        if not check:
+            return
         disk = self.lu.read(0, NBLOCKS)
         m = self.model
         k = m.find(disk, m.durable_idx)
@@ -464,7 +475,7 @@ class Campaign:
         is refused while the remote says its target may be torn; if the remote would serve it, what it
         serves must be an image of the host's writes, checked here whatever the remote says."""
         ses = self.remote.session
-        if ses.state.resync_active or ses.reapplying:
+        if ses.state.resync_active or ses.reapplying or not ses.state.volume_uuid:
             self.c.promotions_refused += 1
             return
         self.c.promotion_checks += 1
@@ -678,8 +689,8 @@ class Campaign:
 
     # -- checks ----------------------------------------------------------------------------------
     def check_remote(self) -> None:
-        if self.remote.session.state.resync_active:
-            return  # marked inconsistent: a reader is told so
+        if self.remote.session.state.resync_active or not self.remote.session.state.volume_uuid:
+            return  # marked inconsistent, or holding no copy (`resolve --keep local`): a reader is told so
         if self.remote.session.reapplying:
             # after its power cut the remote's target may hold torn writes of records it had applied
             # but not made durable; it says so (not consistent, promotion refused) until it applied them again
@@ -727,7 +738,7 @@ class Campaign:
     ACTIONS = ((0.50, "host write"), (0.54, "flush"), (0.56, "mark"), (0.57, "write cache switched"),
                (0.90, "link step"), (0.93, "power cut armed"), (0.945, "link fault"), (0.96, "corrupt frame"),
                (0.965, "kill local"), (0.97, "kill remote"), (0.975, "remote target full"),
-               (0.99, "remote power cut armed"), (1.0, "link step"))
+               (0.99, "remote power cut armed"), (FAILOVER_FROM, "link step"), (1.0, "fail over and back"))
 
     def step(self, sid: int | None = None) -> None:
         """One step: step number `sid` of the seed (default: the next one). A step draws only on its
@@ -768,8 +779,11 @@ class Campaign:
                 self.full_until = self.c.steps + self.rng.randint(20, 300)
             elif r < 0.99:
                 self.remote.rail.cut_at = self.remote.rail.ops + self.rng.randint(1, 12)
-            else:
+            elif r < FAILOVER_FROM:
                 self.pump()
+            else:
+                fail_over(self)
+                self.check_remote()
         except PowerCut:  # the power failed inside a flush, a mark, a journal read or a confirm
             self.c.cuts += 1
             self.recover_local(self.crash_mode(), inflight=None)
@@ -923,7 +937,11 @@ def main(argv: list[str] | None = None) -> int:
           f"processes in {elapsed:.1f} s; {counts.remote_cuts} of the cuts hit the remote, remote checks "
           f"skipped while it said it was re-applying records its power cut may have torn: {counts.remote_torn_checks}; "
           f"promotions right after a remote power cut: {counts.promotion_checks} checked, "
-          f"{counts.promotions_refused} refused", flush=True)
+          f"{counts.promotions_refused} refused; in process, failovers: {counts.promotions - counts.real_promotions} "
+          f"promotions ({counts.failovers_refused} refused), {counts.failbacks - counts.real_failbacks} failbacks, "
+          f"{counts.promoted_writes} standby host writes, {counts.split_brains} split brains, {counts.resolved} "
+          f"resolved with resolve --keep, {counts.failover_loss} acknowledged writes the promotions discarded",
+          flush=True)
     if failure is not None:
         print(f"torture: FAILED seed={seed} at {failure} (replay: TORTURE_SEED={seed} "
               f"TORTURE_STEPS={counts.steps})", flush=True)

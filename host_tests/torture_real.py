@@ -192,6 +192,7 @@ class RealRound:
         if r.returncode != 0:
             raise RealViolation(f"promote failed: {r.stderr.strip()}")
         self.c.promotions += 1
+        self.c.real_promotions += 1
         # the promoted copy is the host's disk now: what it holds plus the standby host's writes
         image = read_file(self.target)
         k = self.model.find(image, self.remote_k)
@@ -223,6 +224,7 @@ class RealRound:
             self.c.wedges += 1
             raise RealViolation(f"failback failed: {r.stderr.strip()}")
         self.c.failbacks += 1
+        self.c.real_failbacks += 1
         self.wait(self.local, lambda s: s["host_writes"] == "accepted", "the local unit to serve writes again")
         self.remote_k = self.model.issued
         want = self.model.disk_at(self.model.issued)

@@ -312,6 +312,10 @@ class RoleStore:
             self._bitmaps[peer] = bm
         return bm
 
+    def open_bitmaps(self) -> frozenset[str]:
+        """The peers whose bitmaps this store holds open."""
+        return frozenset(self._bitmaps)
+
     def drop_bitmap(self, peer: str) -> None:
         """The two sides agree again: forget the blocks written towards `peer` (the file goes)."""
         bm = self._bitmaps.pop(peer, None)

@@ -79,6 +79,7 @@ class DirtyBitmap:
         header = BITMAP_HEADER.pack(BITMAP_MAGIC, 1, 0, region_blocks, num_blocks, unit_uuid.bytes)
         header += struct.pack("<I", crc32c(header))
         raw = flash.pread(len(header), 0)
+        self.damaged = False  # the header did not match: every region was marked dirty
         if raw == header:
             self._bits = bytearray(flash.pread(self._nbytes, BITMAP_OFFSET))
             # regions beyond the volume must never appear dirty
@@ -88,6 +89,7 @@ class DirtyBitmap:
             if raw != bytes(len(raw)):
                 log.error("dirty bitmap header does not match this volume (damaged or other geometry): "
                           "marking the whole volume dirty")
+                self.damaged = True
                 self._bits = bytearray(b"\xff" * self._nbytes)
                 if self.num_regions % 8:
                     self._bits[-1] = (1 << (self.num_regions % 8)) - 1

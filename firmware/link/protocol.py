@@ -60,6 +60,8 @@ _REGION_DATA = struct.Struct(">QIBI")
 _GENERATIONS = struct.Struct(">BQB")  # flags, dirty bytes, number of generations
 _GENERATION = struct.Struct(">QQQQ")  # id, counter, started_ns, fork_seq
 _REGION_READ = struct.Struct(">QI")  # lba, block count
+_DIRTY_REGIONS = struct.Struct(">BIQQIH")  # flags, region blocks, regions, first region, bitmap bytes, reason bytes
+MAX_DIRTY_BITMAP_BYTES = 1 << 20  # one DIRTY_REGIONS frame covers at most 8 Mi regions
 MAX_READ_BLOCKS = 1 << 16
 MAX_GENERATIONS = 32
 
@@ -83,6 +85,8 @@ class FrameType(enum.IntEnum):
     RESYNC_END = 11
     GENERATIONS = 12
     REGION_READ = 13
+    DIRTY_REQUEST = 14
+    DIRTY_REGIONS = 15
 
 
 class ErrorCode(enum.IntEnum):
@@ -108,9 +112,11 @@ class Feature(enum.IntFlag):
     NONE = 0
     LZ4 = 1
     GENERATIONS = 2  # the source speaks GENERATIONS frames (docs/FAILOVER.md)
+    DIRTY_MAP = 4  # a failback's FETCH: the remote sends the regions it wrote (DIRTY_REQUEST / DIRTY_REGIONS)
 
 
-_KNOWN_FEATURES = int(Feature.LZ4 | Feature.GENERATIONS)
+_KNOWN_FEATURES = int(Feature.LZ4 | Feature.GENERATIONS | Feature.DIRTY_MAP)
+_REPLY_FEATURES = int(Feature.LZ4 | Feature.DIRTY_MAP)  # what a HELLO_REPLY may accept
 
 
 class Purpose(enum.IntEnum):
@@ -240,6 +246,33 @@ class RegionRead:
 
 
 @dataclass(frozen=True, slots=True)
+class DirtyRequest:
+    """Failback (a FETCH connection that negotiated Feature.DIRTY_MAP): ask the promoted remote for
+    the regions written on its copy since the two sides last agreed; it answers DIRTY_REGIONS."""
+
+
+class DirtyFlag(enum.IntFlag):
+    NONE = 0
+    TRUSTED = 1  # the bitmap holds every region written since the two sides last agreed
+    LAST = 2  # the last frame of the answer
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyRegions:
+    """One part of the answer to DIRTY_REQUEST: bit i of byte k of `bits` is region first_region + 8k + i
+    (regions of `region_blocks` blocks, `total_regions` in the volume). Without TRUSTED the remote's
+    record of its writes is lost or damaged and `reason` says why (the source then compares every
+    region)."""
+
+    flags: DirtyFlag
+    region_blocks: int
+    total_regions: int
+    first_region: int
+    bits: bytes
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Generations:
     """A side's data generations for the source, oldest first, each (id, counter, started_ns,
     fork_seq); sent by the source after HELLO when it offers Feature.GENERATIONS, and by a promoted
@@ -252,7 +285,7 @@ class Generations:
 
 Event: TypeAlias = (
     Hello | HelloReply | Batch | Ack | Heartbeat | Error | ResyncBegin | DigestRequest | RegionDigests
-    | RegionData | ResyncEnd | Generations | RegionRead
+    | RegionData | ResyncEnd | Generations | RegionRead | DirtyRequest | DirtyRegions
 )
 
 
@@ -291,15 +324,18 @@ _EVENT_TYPE: dict[type, FrameType] = {
     ResyncEnd: FrameType.RESYNC_END,
     Generations: FrameType.GENERATIONS,
     RegionRead: FrameType.REGION_READ,
+    DirtyRequest: FrameType.DIRTY_REQUEST,
+    DirtyRegions: FrameType.DIRTY_REGIONS,
 }
 
 _SOURCE_SENDS = frozenset(
     {FrameType.HELLO, FrameType.BATCH, FrameType.HEARTBEAT, FrameType.ERROR, FrameType.RESYNC_BEGIN,
-     FrameType.DIGEST_REQUEST, FrameType.REGION_DATA, FrameType.RESYNC_END, FrameType.REGION_READ}
+     FrameType.DIGEST_REQUEST, FrameType.REGION_DATA, FrameType.RESYNC_END, FrameType.REGION_READ,
+     FrameType.DIRTY_REQUEST}
 )
 _REMOTE_SENDS = frozenset(
     {FrameType.HELLO_REPLY, FrameType.ACK, FrameType.HEARTBEAT, FrameType.ERROR, FrameType.REGION_DIGESTS,
-     FrameType.REGION_DATA}  # REGION_DATA: the answer to a REGION_READ
+     FrameType.REGION_DATA, FrameType.DIRTY_REGIONS}  # REGION_DATA / DIRTY_REGIONS: a failback's answers
 )
 
 # Everything that changes the connection state lives in this table:
@@ -521,6 +557,14 @@ class JourneyConnection:
             return _U64.pack(ev.position)
         if isinstance(ev, RegionRead):
             return _REGION_READ.pack(ev.lba, ev.count)
+        if isinstance(ev, DirtyRequest):
+            return b""
+        if isinstance(ev, DirtyRegions):
+            reason = ev.reason.encode()[:MAX_MESSAGE_LEN]
+            if len(ev.bits) > MAX_DIRTY_BITMAP_BYTES or ev.first_region % 8 or not 0 < ev.region_blocks <= MAX_REGION_BLOCKS:
+                raise ValueError("DIRTY_REGIONS: bitmap too long, first region not a multiple of 8 or bad region size")
+            return _DIRTY_REGIONS.pack(int(ev.flags), ev.region_blocks, ev.total_regions, ev.first_region,
+                                       len(ev.bits), len(reason)) + bytes(ev.bits) + reason
         if isinstance(ev, Generations):
             if len(ev.generations) > MAX_GENERATIONS:
                 raise ValueError(f"at most {MAX_GENERATIONS} generations")
@@ -627,7 +671,7 @@ class JourneyConnection:
             _need(p, _HELLO_REPLY.size + nlen, "HELLO_REPLY")
             if nlen > MAX_ID_LEN:
                 raise ProtocolError("HELLO_REPLY name too long")
-            accepted = Feature(feats & int(Feature.LZ4)) & self.offer_features
+            accepted = Feature(feats & _REPLY_FEATURES) & self.offer_features
             self.features = accepted
             return HelloReply(_text(p[_HELLO_REPLY.size :], "remote name"), uuid, applied, gen, accepted,
                               ReplyFlag(flags & 3))
@@ -683,6 +727,22 @@ class JourneyConnection:
             if not 0 < count <= MAX_READ_BLOCKS:
                 raise ProtocolError(f"REGION_READ of {count} blocks (1..{MAX_READ_BLOCKS})")
             return RegionRead(lba, count)
+        if ftype is FrameType.DIRTY_REQUEST:
+            _need(p, 0, "DIRTY_REQUEST")
+            if Feature.DIRTY_MAP not in self.features:
+                raise ProtocolError("DIRTY_REQUEST on a connection that did not negotiate it")
+            return DirtyRequest()
+        if ftype is FrameType.DIRTY_REGIONS:
+            _need(p, _DIRTY_REGIONS.size, "DIRTY_REGIONS", exact=False)
+            flags, rb, total, first, nbits, nreason = _DIRTY_REGIONS.unpack_from(p, 0)
+            _need(p, _DIRTY_REGIONS.size + nbits + nreason, "DIRTY_REGIONS")
+            if flags & ~3 or not 0 < rb <= MAX_REGION_BLOCKS or nbits > MAX_DIRTY_BITMAP_BYTES or first % 8 \
+                    or first + 8 * nbits > total + 7 or nreason > MAX_MESSAGE_LEN:
+                raise ProtocolError(f"DIRTY_REGIONS out of bounds: flags {flags}, {rb}-block regions, {total} "
+                                    f"regions, bits for {first}+{8 * nbits}")
+            base = _DIRTY_REGIONS.size
+            return DirtyRegions(DirtyFlag(flags), rb, total, first, p[base : base + nbits],
+                                _text(p[base + nbits :], "DIRTY_REGIONS reason"))
         if ftype is FrameType.GENERATIONS:
             _need(p, _GENERATIONS.size, "GENERATIONS", exact=False)
             flags, dirty, n = _GENERATIONS.unpack_from(p, 0)

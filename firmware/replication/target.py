@@ -186,6 +186,14 @@ class TargetSession:
         return (st.volume_uuid == hello.volume_uuid.hex() and st.generation == hello.generation
                 and st.block_size == hello.block_size and (not st.target_id or st.target_id == self.target_id))
 
+    @staticmethod
+    def reply_features(hello: jp.Hello) -> jp.Feature:
+        """What this end accepts of the features a HELLO offers: lz4, and on a failback's FETCH the
+        promoted copy's written regions (DIRTY_REQUEST)."""
+        if hello.purpose is jp.Purpose.FETCH:
+            return jp.Feature.LZ4 | jp.Feature.DIRTY_MAP
+        return jp.Feature.LZ4
+
     def hello(self, hello: jp.Hello, *, target_id: str, target_blocks: int) -> list[TargetAction]:
         """A HELLO whose certificate was checked and whose target is open (`target_blocks` long)."""
         num_blocks = hello.volume_size // hello.block_size
@@ -209,7 +217,7 @@ class TargetSession:
             flags |= jp.ReplyFlag.NEW_TARGET
         uuid = bytes.fromhex(st.volume_uuid) if st.volume_uuid else bytes(16)
         out.append(Send(jp.HelloReply(self.remote_name, uuid, st.applied_seq, st.generation,
-                                      hello.features & jp.Feature.LZ4, flags)))
+                                      hello.features & self.reply_features(hello), flags)))
         return out
 
     def connection_lost(self) -> MakeDurable | None:

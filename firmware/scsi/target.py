@@ -489,7 +489,7 @@ class ScsiTarget:
             return
         expected = data_out if cmd.bytchk == 1 else data_out * cmd.blocks
         if data != expected:
-            offset = next(i for i, (a, b) in enumerate(zip(data, expected, strict=True)) if a != b)
+            offset = _first_difference(data, expected)
             if cmd.bytchk == 3:
                 offset %= bs
             raise CommandError(Sense.of(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY_OPERATION, information=offset))
@@ -643,6 +643,19 @@ class ScsiTarget:
 _NEXUS_COMMANDS = (PersistentReserveIn, PersistentReserveOut, ReserveRelease)
 
 
+def _first_difference(a: bytes, b: bytes) -> int:
+    """Offset of the first byte where `a` and `b` (of one length, not equal) differ: whole blocks are
+    compared first (C comparisons), then the differing block through the XOR of the two as big-endian
+    integers, whose highest set bit lies in that byte. A byte loop in Python took tens of milliseconds
+    per miscompare of a large transfer."""
+    step, at = 4096, 0
+    while a[at:at + step] == b[at:at + step]:
+        at += step
+    x, y = a[at:at + step], b[at:at + step]
+    diff = int.from_bytes(x, "big") ^ int.from_bytes(y, "big")
+    return at + len(x) - 1 - (diff.bit_length() - 1) // 8
+
+
 def _miscompare(found: bytes, expected: bytes) -> Sense:
-    offset = next(i for i, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
+    offset = _first_difference(found, expected)
     return Sense.of(SenseKey.MISCOMPARE, Asc.MISCOMPARE_DURING_VERIFY_OPERATION, information=offset)
