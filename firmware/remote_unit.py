@@ -1063,8 +1063,8 @@ class _Connection:
                 t.relay.upstream_hello(hello)
         actions = session.hello(hello, target_id=t.store.target_id, target_blocks=vol.num_blocks)
         self._do(t, session, actions)
-        log.info("source connected source=%s peer=%s purpose=%s applied_seq=%d", t.source_id, self.peer,
-                 hello.purpose.name, session.state.applied_seq)
+        log.info("source connected source=%s peer=%s cert=%s purpose=%s applied_seq=%d", t.source_id, self.peer,
+                 ":".join(ident), hello.purpose.name, session.state.applied_seq)
 
     # -- group commit ---------------------------------------------------------------------------
     def _request_flush(self, seq: int) -> None:

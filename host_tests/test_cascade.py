@@ -173,6 +173,10 @@ def test_cascade_with_the_last_hop_absent_then_killed_and_restarted(units: Units
     assert_equal(volume, r1_target, units)
     assert_equal(volume, r2_target, units)
     assert "relay upstream recorded source=site1 upstream=source:site1" in r1.log()
+    # the relay connects to r2 with its own certificate, not the source's
+    r2_log = r2.log(tail=1 << 30)
+    assert "cert=source:" not in r2_log, units.describe()
+    assert re.search(r"source connected source=site1 \S+ cert=remote:r1 purpose=REPLICATE", r2_log), units.describe()
 
 
 def test_a_relay_takes_writes_for_its_source_from_its_upstream_only(units: Units, tmp_path: Path, tls: Path) -> None:
