@@ -380,21 +380,32 @@ class Relay:
 
     def _relay_promoted(self, j: Journal, bm: DirtyBitmap, records: Sequence[jp.RecordLike]) -> None:
         """The promoted copy's writes: appended in order and synced before the target changes (no
-        upstream sends them again after a crash); a full relay journal marks their regions dirty."""
+        upstream sends them again after a crash); a full or failing relay journal marks their
+        regions dirty instead (durably), so the next hop gets them by a dirty-region round."""
+        journaled: list[tuple[int, int]] = []
         with self.lock:
             for r in records:
                 kind = RecordKind(int(r.kind))
+                blocks = kind in (RecordKind.WRITE, RecordKind.UNMAP)
                 if not self._overflow:
                     try:
                         j.append(kind, r.lba, r.count, bytes(r.payload), r.timestamp_ns)
                         self.records_relayed += 1
+                        if blocks:
+                            journaled.append((r.lba, r.count))
                         continue
-                    except (JournalFull, ValueError) as exc:
+                    except (JournalError, ValueError) as exc:
                         self._enter_overflow_locked(str(exc))
                 self.records_overflowed += 1
-                if kind in (RecordKind.WRITE, RecordKind.UNMAP):
+                if blocks:
                     self._mark_locked(bm, j, r.lba, r.count)
-        j.sync()  # also wakes the link to the next hop
+        try:
+            j.sync()  # also wakes the link to the next hop
+        except JournalError as exc:  # what it took may not be durable: the bitmap says so instead
+            with self.lock:
+                self._enter_overflow_locked(f"relay journal sync failed: {exc}")
+                for lba, count in journaled:
+                    self._mark_locked(bm, j, lba, count)
 
     def _mark_locked(self, bm: DirtyBitmap, j: Journal, lba: int, count: int) -> None:
         """Mark blocks dirty (durable before the target changes), noting the run they belong to."""

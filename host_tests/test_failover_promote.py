@@ -17,6 +17,7 @@ from firmware import promotion
 from firmware.failover.generations import History
 from firmware.failover_serve import PromotionServers
 from firmware.history_cli import run_restore
+from firmware.journal import JournalError
 from firmware.link import protocol as jp
 from firmware.relay import ForwardSpec
 from firmware.remote_unit import PromoteError, RemoteUnit, RemoteUnitConfig
@@ -265,10 +266,11 @@ def _until(pred: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_relay_promoted_after_an_incomplete_resync_gives_its_next_hop_the_image_it_serves(tmp_path: Path) -> None:
+def test_a_relay_promoted_after_an_incomplete_resync_gives_its_next_hop_the_image_it_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """r1 relays s1 to r2 and is in the middle of a resync whose data r2 already has; promoted with
     --force, r1 rolls its target back from the undo log (not a record) and r2 gets those blocks back
-    too, then the standby host's writes."""
+    too, then the standby host's writes, also one the relay journal fails to keep."""
     r2cfg = RemoteUnitConfig(listen=("127.0.0.1", 0), name="r2", targets={"s1": str(tmp_path / "r2.img")},
                              tls_dir=None, state_dir=str(tmp_path / "r2state"))
     with RemoteUnit(r2cfg) as r2:
@@ -298,6 +300,17 @@ def test_a_relay_promoted_after_an_incomplete_resync_gives_its_next_hop_the_imag
                 assert t.promoted is not None and t.status()["forward"]["promoted"] is True
                 t.promoted.write(100, b"\x5c" * (8 * BS))
                 _until(lambda: r2_target.read_bytes() == r1_target.read_bytes(), "r2 to take the standby's write")
+                # the relay journal's flash fails: the write still lands, its region goes to r2 as dirty
+                relay = t.relay
+                assert relay is not None and relay.journal is not None
+
+                def failed_sync() -> int:
+                    raise JournalError("injected: the relay journal's flash failed")
+
+                monkeypatch.setattr(relay.journal, "sync", failed_sync)
+                t.promoted.write(300, b"\x6d" * (4 * BS))
+                assert r1_target.read_bytes()[300 * BS : 304 * BS] == b"\x6d" * (4 * BS)
+                _until(lambda: r2_target.read_bytes() == r1_target.read_bytes(), "r2 to get the dirty region")
             sc.src.close()
 
 
