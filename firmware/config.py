@@ -10,6 +10,7 @@ self-test; it imports no unit, so none of them import each other through it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -217,6 +218,9 @@ LOCAL_OPTS = [
     Opt("--sync-timeout", "a sync remote unreachable this long stops holding host writes (status shows it "
         "degraded) rather than hanging the host; keep it well under the host's SCSI command timeout (30 s on "
         "Linux)", default=15.0, kind=float, metavar="SECONDS"),
+    Opt("--catch-up-interval", "a replica of a promoted remote pulls the blocks the promoted copy changed this "
+        "often while that copy is served, so a failback has little left to move; 0 turns it off (the failback "
+        "still pulls them all)", default=30.0, kind=float, metavar="SECONDS"),
     Opt("--progress", "draw resync progress bars on the terminal: auto (when stderr is a terminal), on, off",
         default="auto", choices=("auto", "on", "off")),
     Opt("--state-dir", f"holds the unit's identity, control socket and state (default {DEFAULT_STATE_DIR})",
@@ -374,6 +378,7 @@ class LocalOptions:
     state_dir: str
     sync_timeout: float
     progress: bool
+    catch_up_interval: float = 30.0
     metrics: tuple[str, int] | None = None
     iscsi: tuple[str, int] | None = None
     iscsi_chap: tuple[str, str] | None = None
@@ -403,12 +408,20 @@ def local_options(o: dict[str, Any]) -> LocalOptions:
         gadget=o["gadget"], vendor_id=_usb_id(o, "vendor_id"), product_id=_usb_id(o, "product_id"),
         acm_console=o["acm_console"] == "on", source_id=o["source_id"], remotes=remotes,
         tls_dir=o["tls_dir"], bandwidth_limit=o["bandwidth_limit"], state_dir=o["state_dir"],
-        sync_timeout=o["sync_timeout"],
+        sync_timeout=o["sync_timeout"], catch_up_interval=_catch_up_interval(o["catch_up_interval"]),
         progress=o["progress"] == "on" or (o["progress"] == "auto" and sys.stderr.isatty()),
         metrics=metrics_listen(o["metrics"]),
         uas=o["uas"] == "on",
         **iscsi,
     )
+
+
+def _catch_up_interval(v: Any) -> float:
+    """--catch-up-interval (or the TOML key catch_up_interval) as seconds, 0 = off."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise UsageError(f"--catch-up-interval: expected seconds (0 or more, 0 turns the catch-up off), "
+                         f"got {v!r}")
+    return float(v)
 
 
 @dataclass

@@ -119,7 +119,8 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             replicator = stack.enter_context(
                 Replicator(unit, journal, source_id=opts.source_id or "", remotes=specs,
                            tls_dir=opts.tls_dir or "", state_dir=str(state_dir),
-                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout), progress=progress,
+                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout,
+                                                  catch_up_interval_s=opts.catch_up_interval), progress=progress,
                            **role_hooks)
             )
 

@@ -41,6 +41,8 @@ class LocalRoles:
         self.unit = unit
         self.journal = journal
         self.last_message = ""
+        self.catch_up: dict[str, Any] | None = None  # the last catch-up with a promoted remote, for status
+        self._caught_up_at = 0.0  # monotonic time of the last catch-up attempt (0: none yet)
 
     def generations(self) -> jp.Generations:
         from firmware.link import protocol as jp
@@ -133,7 +135,41 @@ class LocalRoles:
             self.unit.refuse_writes(self.replica_reason() or ret.message)
         if handover and ret.refuse_writes and ret.decision.outcome.value == "remote_newer":
             self._fail_back(link, peer, peer_history, after)
+        elif ret.refuse_writes and ret.decision.outcome.value == "remote_newer":
+            self._catch_up(link, peer, after)
         return not st.primary and self.roles.state.primary
+
+    def _catch_up(self, link: Any, peer: str, fork_seq: int) -> None:
+        """A replica of a promoted remote that still serves its copy: pull the pieces the promoted
+        side changed (the failback's comparison without the take-over), at most once per
+        `catch_up_interval_s`, so the replica follows the promoted data and a later failback has
+        little left to move. Skipped when a side's set of writes cannot be trusted (the failback
+        compares every region then). A failure is logged and shown; the next attempt tries again.
+        Each catch-up compares every region either side wrote since the promotion's fork (not only
+        since the last catch-up), so one cut short by a crash, or one that read a region while the
+        promoted host rewrote it, is repaired by the next (or by the failback's comparison)."""
+        interval = link.rep.tuning.catch_up_interval_s
+        if interval <= 0:  # off (`--catch-up-interval 0`): the failback pulls it all
+            return
+        now = time.monotonic()
+        if self._caught_up_at and now - self._caught_up_at < interval:
+            return
+        self._caught_up_at = now
+        if self.unit.write_refusal is None:
+            return
+        try:
+            report = link.rep.fetch_back(link, None,
+                                         local_changes=lambda reply: self.changes_since(fork_seq, reply))
+        except Exception as exc:  # the link (and its failure handling) goes on; a failback pulls it all anyway
+            self.catch_up = {"error": f"{type(exc).__name__}: {exc}", "from": peer, "at_ns": time.time_ns()}
+            log.warning("catch-up with the promoted copy failed remote=%s error=%s", peer, self.catch_up["error"])
+            return
+        self.catch_up = {**report, "at_ns": time.time_ns()}
+        if "skipped" in report:
+            log.info("catch-up skipped remote=%s reason=%s", peer, report["skipped"])
+        else:
+            log.info("caught up with the promoted copy remote=%s bytes_moved=%d bytes_compared=%d seconds=%.3f",
+                     peer, report["bytes_moved"], report["bytes_compared"], report["seconds"])
 
     def changes_since(self, fork_seq: int, reply: jp.HelloReply) -> tuple[list[tuple[int, int]] | None, str]:
         """What this unit wrote since it and the promoted remote last agreed, as (lba, count): its
@@ -261,4 +297,6 @@ class LocalRoles:
         out["host_writes_reason"] = refusal
         if self.last_message:
             out["role_message"] = self.last_message
+        if self.catch_up is not None and not self.roles.state.primary:
+            out["catch_up"] = self.catch_up
         return out

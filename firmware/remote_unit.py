@@ -807,7 +807,8 @@ class _Connection:
         self.target: SourceTarget | None = None
         self.session: TargetSession | None = None  # the target's, or a verify connection's own
         self.replicating = False
-        self.fetching = False  # a failback's FETCH connection: holds the target's lock
+        self.fetching = False  # a failback's FETCH connection: holds the target's lock (unless catching up)
+        self.catching_up = False  # a replica's FETCH while the promoted copy is served: reads only, no lock
         self.bytes_digested = 0  # bytes of the target a failback's FETCH connection read to compare digests
         self.refusing: tuple[SourceTarget, Refused] | None = None  # primary: refuse after the source's GENERATIONS
         self.closing = False
@@ -855,7 +856,8 @@ class _Connection:
         t = self.target
         if t is not None and self.fetching:
             self.fetching = False
-            t.lock.release()
+            if not self.catching_up:
+                t.lock.release()
             return
         if t is None or not self.replicating or t.active is not self:
             return
@@ -920,6 +922,9 @@ class _Connection:
         if isinstance(ev, jp.Generations):
             if self.replicating:
                 t.adopt_history(ev)
+            elif self.catching_up:
+                raise jp.ProtocolError("GENERATIONS on a catch-up: only a failback (`usbmirror failback`) hands "
+                                       "the source back")
             elif self.fetching:
                 self.link.send(jp.Ack(t.handed_back(ev, bytes_compared=self.bytes_digested)))
             return
@@ -939,8 +944,14 @@ class _Connection:
             self.link.send(jp.RegionData(ev.lba, vol.read(ev.lba, ev.count)))
             return
         if isinstance(ev, jp.ResyncBegin | jp.ResyncEnd):
+            if self.catching_up:
+                raise jp.ProtocolError(f"{type(ev).__name__} on a catch-up: it only reads the promoted copy")
             self._quiesce()
-        self._do(t, ses, ses.event(ev))
+        actions = ses.event(ev)
+        if self.catching_up and any(not isinstance(a, ReadDigests | Send) for a in actions):
+            # the promoted copy is served to its host meanwhile: a catch-up only reads it
+            raise jp.ProtocolError(f"{type(ev).__name__} on a catch-up: it only reads the promoted copy")
+        self._do(t, ses, actions)
         if isinstance(ev, jp.ResyncBegin) and t.history is not None and self.replicating:
             t.store.resync_begins(ses.state.resync_base_seq)  # the history keeps the image from before it
 
@@ -1005,11 +1016,16 @@ class _Connection:
         roles = t.roles.state
         handover = bool((roles.promotion or {}).get("handover"))
         if hello.purpose is jp.Purpose.FETCH:
-            if not roles.primary or not handover:
+            if not roles.primary:
                 raise Refused(jp.ErrorCode.SEQUENCE, f"no failback of source {hello.source_id} is under way on "
                               f"remote {self.unit.cfg.name} (`usbmirror failback` starts one)")
-            if not t.lock.acquire(timeout=max(5.0, self.unit.cfg.heartbeat_timeout_s)):
-                raise Refused(jp.ErrorCode.BUSY, "another connection holds this source's target")
+            if handover:
+                if not t.lock.acquire(timeout=max(5.0, self.unit.cfg.heartbeat_timeout_s)):
+                    raise Refused(jp.ErrorCode.BUSY, "another connection holds this source's target")
+            else:  # the replica catches up while the copy is served: reads only, the promotion holds the target
+                if t.store.volume is None:
+                    raise Refused(jp.ErrorCode.TARGET_IO, f"the promoted copy of source {hello.source_id} is not open")
+                self.catching_up = True
             self.target = t
             self.fetching = True
             t.peer = self.peer

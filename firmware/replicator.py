@@ -96,6 +96,9 @@ class ReplicatorTuning:
     # a remote that refused us because it was promoted is asked again this often: `usbmirror
     # failback` on it hands the source back at the next attempt (docs/FAILOVER.md)
     primary_poll_s: float = 2.0
+    # a replica of a promoted remote pulls what the promoted copy changed at most this often, while
+    # the copy is still served (a catch-up: the same comparison as a failback, without the take-over)
+    catch_up_interval_s: float = 30.0
     sync_timeout_s: float = 15.0  # under Linux sd's 30 s command timeout
     region_blocks: int | None = None  # default: the local unit's, else 1 MiB worth
     digests_per_request: int = 64
@@ -990,7 +993,7 @@ class Replicator:
             out.append(entry)
         return {"remotes": out, "match": bool(out) and all(e["match"] for e in out)}
 
-    def fetch_back(self, link: RemoteLink, take_over: Callable[[dict[str, Any]], jp.Generations], *,
+    def fetch_back(self, link: RemoteLink, take_over: Callable[[dict[str, Any]], jp.Generations] | None, *,
                    pull: bool = True, local_changes: LocalChanges | None = None) -> dict[str, Any]:
         """Failback from a promoted remote that hands the source back (docs/FAILOVER.md): on a FETCH
         connection of its own, find the regions either side wrote since the two last agreed (the
@@ -1004,7 +1007,12 @@ class Replicator:
         records; no `local_changes`), every region is compared, then the pieces of those that
         differ (mode `full`, with the reason). Returns the report (`mode`, `bytes_moved`,
         `bytes_compared`, `seconds`, `regions_copied`, `regions_compared`, `pieces_compared`).
-        `pull=False` only repeats the take-over (a crash came between the two sides recording it)."""
+        `pull=False` only repeats the take-over (a crash came between the two sides recording it).
+        `take_over=None` is a catch-up while the promoted copy is still served: the same pull, no
+        take-over, and nothing when a side's set cannot be trusted (`skipped` says why: the failback
+        compares every region then)."""
+        catch_up = take_over is None
+        what = "catch-up" if catch_up else "failback"
         t0 = time.monotonic()
         transport = link.connect()
         peer = link.remote_name or link.spec.label
@@ -1022,6 +1030,8 @@ class Replicator:
             report: dict[str, Any] = {}
             if pull:
                 union, why = self._failback_union(conn, reply, local_changes)
+                if catch_up and union is None:
+                    return {"skipped": why, "bytes_moved": 0, "from": peer}
                 fine = max(1, FAILBACK_PIECE_BYTES // self.block_size)
                 if rb % fine:
                     fine = rb
@@ -1033,7 +1043,7 @@ class Replicator:
                                          lambda idx, d: coarse.append(idx) if d else None, "failback")
                     candidates = coarse
                 else:
-                    log.info("failback: comparing the regions either side wrote remote=%s regions=%d of %d", peer,
+                    log.info("%s: comparing the regions either side wrote remote=%s regions=%d of %d", what, peer,
                              len(union), self.total_regions)
                     candidates = sorted(union)
                 # inside each candidate region, the 4 KiB pieces that differ: only those cross
@@ -1041,7 +1051,7 @@ class Replicator:
                           if p * fine < self.num_blocks]
                 fine_compared = len(pieces)
                 differing: list[int] = []
-                conn.compare_regions(pieces, fine, lambda p, d: differing.append(p) if d else None, "failback")
+                conn.compare_regions(pieces, fine, lambda p, d: differing.append(p) if d else None, what)
                 diffs = {p // per for p in differing}
                 runs = piece_runs(differing, fine, rb, self.num_blocks)
                 for lba, n in runs:
@@ -1056,7 +1066,7 @@ class Replicator:
                                                f"{lba}+{n} blocks")
                     self.local_unit.install(lba, got.data)  # type: ignore[attr-defined]
                     moved += len(got.data)
-                    if len(runs) > 1:
+                    if len(runs) > 1 and not catch_up:
                         crash_point("failback.pulled")
                 self.local_unit.install_done()  # type: ignore[attr-defined]
                 report = {"mode": "full" if union is None else "bitmap",
@@ -1067,6 +1077,8 @@ class Replicator:
             report = {"bytes_moved": moved, "bytes_compared": conn.bytes_digested,
                       "seconds": round(time.monotonic() - t0, 3), "regions_copied": len(diffs),
                       "regions_compared": 0, "pieces_compared": fine_compared, "from": peer, **report}
+            if take_over is None:
+                return report
             gens = take_over(report)
             conn._send(gens)
             while not conn.fetch_acks:

@@ -43,11 +43,14 @@ def units(tmp_path: Path) -> Iterator[Units]:
 
 
 def restart_as_replica_and_fail_back(units: Units, local: UnitProcess, remote: UnitProcess, volume: Path,
-                                     tls: Path) -> tuple[UnitProcess, subprocess.CompletedProcess[str]]:
+                                     tls: Path, *, catch_up_interval: str
+                                     ) -> tuple[UnitProcess, subprocess.CompletedProcess[str]]:
     """The old primary restarts on its state (it must come back as a replica), then `usbmirror failback`
-    runs on the promoted remote and succeeds; returns the restarted unit and the failback's result."""
+    runs on the promoted remote and succeeds; returns the restarted unit and the failback's result.
+    `catch_up_interval` is its --catch-up-interval: "0" when the test counts what the failback itself
+    pulls (no catch-up has pulled it before)."""
     again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address],
-                              state_dir=local.state_dir)
+                              state_dir=local.state_dir, extra=["--catch-up-interval", catch_up_interval])
     again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
     r = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
                   timeout=180)
@@ -207,7 +210,9 @@ def test_planned_failback_moves_only_changed_regions_and_swaps_the_roles(units: 
         standby.until_ready()
         assert standby.write10(100, b"\x71" * BS) == 0
         assert standby.write10(5 * 2048 + 7, b"\x72" * (3 * BS)) == 0
-    again, r = restart_as_replica_and_fail_back(units, local, remote, volume, tls)
+    # the catch-up is off (--catch-up-interval 0): this test counts what the failback's own pull moves
+    again, r = restart_as_replica_and_fail_back(units, local, remote, volume, tls, catch_up_interval="0")
+    assert "catch_up" not in again.status()
     assert "failed back source server1" in r.stdout
     st = again.wait_status(lambda s: s["host_writes"] == "accepted", what="the unit to serve writes again")
     assert st["primary"] is True and st["data_generation"].startswith("3:")
@@ -225,6 +230,65 @@ def test_planned_failback_moves_only_changed_regions_and_swaps_the_roles(units: 
     with attach(again) as c:
         assert c.write10(40, b"\x81" * (2 * BS)) == 0
     again.wait_status(drained, what="the remote to take the new write")
+    assert volume.read_bytes() == target.read_bytes()
+
+
+def test_a_replica_catches_up_with_the_promoted_copy_before_any_failback(units: Units, tmp_path: Path) -> None:
+    """The old primary, a replica of the promoted remote, follows the standby host's writes while the
+    promoted copy is served (every --catch-up-interval), refusing host writes all along; the failback
+    then has nothing left to move."""
+    tls = units.pair("dr1", ["server1"])
+    target, volume = tmp_path / "target.img", tmp_path / "volume.img"
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
+    local = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address])
+    with attach(local) as c:
+        assert c.write10(8, b"\x5a" * (4 * BS)) == 0
+    local.wait_status(drained, what="the remote to catch up")
+    remote.stop()
+    with attach(local) as c:  # lost in the failover: acknowledged, never shipped
+        assert c.write10(300, b"\x61" * (2 * BS)) == 0
+    local.kill9()
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls, state_dir=remote.state_dir,
+                                port=remote.port)
+    standby_port = free_port()
+    assert usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
+                     f"127.0.0.1:{standby_port}").returncode == 0
+    with UsbipClient("127.0.0.1", standby_port) as standby:
+        assert standby.import_device("1-1").device is not None
+        standby.enumerate()
+        standby.until_ready()
+        assert standby.write10(100, b"\x71" * BS) == 0
+        assert standby.write10(5 * 2048 + 7, b"\x72" * (3 * BS)) == 0
+        again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls,
+                                  remotes=[remote.address], state_dir=local.state_dir,
+                                  extra=["--catch-up-interval", "1"])
+        st = again.wait_status(lambda s: (s.get("catch_up") or {}).get("bytes_moved", 0) > 0,
+                               what="a catch-up that pulled the standby's writes")
+        cu = st["catch_up"]
+        assert "error" not in cu and "skipped" not in cu, cu
+        assert cu["from"] == "dr1" and cu["bytes_compared"] > 0 and cu["seconds"] >= 0 and cu["at_ns"] > 0
+        assert st["host_writes"] == "refused" and st["primary"] is False
+        # no failback ran: the standby's writes are on the old primary's volume, the lost write is undone
+        assert read_block(volume, 100) == b"\x71" * BS and read_block(volume, 5 * 2048 + 9) == b"\x72" * BS
+        assert read_block(volume, 300) == bytes(BS)
+        assert remote.status()["sources"][0]["primary"] is True  # the promoted copy is still served
+        with attach(again) as c:
+            assert c.read10(100, 1) == b"\x71" * BS  # the host reads the caught-up data
+            assert c.write10(0, b"\x11" * BS) == 1  # and still may not write
+            assert c.request_sense() == WRITE_PROTECTED
+        # the standby host writes on: a later catch-up brings that too
+        assert standby.write10(9 * 2048, b"\x73" * (2 * BS)) == 0
+        again.wait_status(lambda s: read_block(volume, 9 * 2048 + 1) == b"\x73" * BS,
+                          what="the next catch-up to pull the standby's new write")
+    assert read_block(volume, 0) == bytes(BS)  # the refused write left nothing
+    assert "caught up with the promoted copy remote=dr1" in again.log()
+    r = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
+                  timeout=180)
+    assert r.returncode == 0, r.stderr
+    st = again.wait_status(lambda s: s["host_writes"] == "accepted", what="the unit to serve writes again")
+    assert st["primary"] is True and "catch_up" not in st
+    # the catch-ups had pulled every change: the failback compared the same regions and moved nothing
+    assert st["last_resync"]["bytes_moved"] == 0 and st["last_resync"]["mode"] == "bitmap"
     assert volume.read_bytes() == target.read_bytes()
 
 
@@ -331,7 +395,9 @@ def test_promote_over_iscsi_then_failback_brings_the_standby_writes_home(units: 
         assert standby.read10(8, 16) == written
         assert standby.write10(100, b"\x71" * BS) == (0, b"")
         assert standby.write10(5 * 2048 + 7, b"\x72" * (3 * BS)) == (0, b"")
-    again, r = restart_as_replica_and_fail_back(units, local, remote, volume, tls)
+    # the default catch-up runs (its first one soon after the unit is a replica): whatever it pulled
+    # before the failback, the copies end equal
+    again, r = restart_as_replica_and_fail_back(units, local, remote, volume, tls, catch_up_interval="30")
     with pytest.raises(OSError):  # the standby host lost the disk
         SocketInitiator(port, iqn, chap=chap)
     st = again.wait_status(lambda s: s["host_writes"] == "accepted", what="the unit to serve writes again")
