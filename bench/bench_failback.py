@@ -9,8 +9,9 @@ One run, real `usbmirror local` and `usbmirror remote` processes on this machine
   file   a plain copy of the volume file (read, write, fsync) on the same disk, a second reference;
 then the local unit is killed, `usbmirror promote --usbip` serves the remote's copy, a standby
 client writes --written bytes through it (half as 64 KiB writes, half as 1 MiB writes, at random
-4 KiB-aligned offsets), the old local unit comes back as a replica, and `usbmirror failback`
-runs:
+4 KiB-aligned offsets), the old local unit comes back as a replica with its catch-up off
+(`--catch-up-interval 0`, so the failback pulls every change itself: the worst case), and
+`usbmirror failback` runs:
   failback  bytes moved (`last_resync.bytes_moved`, limit 1.1 x --written) beside the bytes
          compared (`last_resync.bytes_compared`: the bytes of the volume each side read and
          digested, only the regions either side wrote since the promotion in mode `bitmap`), the
@@ -109,8 +110,10 @@ def main() -> int:
             print(r.stderr, file=sys.stderr)
             return 1
         acked = standby_writes(port, size, written)
+        # the replica's catch-up is off (--catch-up-interval 0): the failback pulls everything itself
         again = units.start_local(volume=volume, size=None, source_id="server1", tls_dir=tls,
-                                  remotes=[remote.address], state_dir=local.state_dir, port=local.port)
+                                  remotes=[remote.address], state_dir=local.state_dir, port=local.port,
+                                  extra=["--catch-up-interval", "0"])
         again.wait_status(lambda s: s["host_writes"] == "refused", what="the old primary to become a replica")
         t1 = time.monotonic()
         fb = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout",

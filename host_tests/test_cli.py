@@ -182,3 +182,28 @@ def test_render_status_shows_a_degraded_sync_remote() -> None:
         {"address": "h:1", "state": "connecting", "mode": "sync", "acked_seq": 3, "lag_bytes": 0,
          "degraded": True}]})
     assert "DEGRADED" in text
+
+
+def test_catch_up_interval_from_config_or_command_line_and_bad_values(tmp_path: Path) -> None:
+    cfg = tmp_path / "local.toml"
+    cfg.write_text('volume = "/srv/disk.img"\nusbip = "127.0.0.1:3240"\ncatch_up_interval = 5\n')
+    p = cli.build_parser()
+
+    def interval(*argv: str) -> float:
+        ns = p.parse_args(["local", "--config", str(cfg), *argv])
+        return config.local_options(config.merge_options(ns, config.LOCAL_OPTS, config.load_config(ns.config))
+                                    ).catch_up_interval
+
+    assert interval() == 5.0
+    assert interval("--catch-up-interval", "0") == 0.0  # off
+    assert interval("--catch-up-interval", "2.5") == 2.5
+    cfg.write_text('volume = "/srv/disk.img"\nusbip = "127.0.0.1:3240"\n')
+    assert interval() == 30.0  # the default
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(config.UsageError, match="--catch-up-interval: expected seconds"):
+            interval("--catch-up-interval", bad)
+    with pytest.raises(config.UsageError, match="--catch-up-interval"):
+        interval("--catch-up-interval", "soon")
+    cfg.write_text('volume = "/srv/disk.img"\nusbip = "127.0.0.1:3240"\ncatch_up_interval = true\n')
+    with pytest.raises(config.UsageError, match="--catch-up-interval: expected seconds"):
+        interval()

@@ -66,8 +66,10 @@ def promoted_with_writes(units: Units, tmp_path: Path) -> tuple[UnitProcess, Uni
 
 
 def fail_back(units: Units, local: UnitProcess, remote: UnitProcess, volume: Path, tls: Path) -> UnitProcess:
+    # the replica's catch-up is off (--catch-up-interval 0): these tests count what the failback itself
+    # compares and pulls, which a catch-up before it would have pulled already
     again = units.start_local(volume=volume, size=SIZE, source_id="server1", tls_dir=tls, remotes=[remote.address],
-                              state_dir=local.state_dir)
+                              state_dir=local.state_dir, extra=["--catch-up-interval", "0"])
     again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
     r = usbmirror("failback", "--state-dir", str(remote.state_dir), "--source", "server1", "--timeout", "120",
                   timeout=180)

@@ -178,8 +178,10 @@ def test_a_failback_killed_midway_resumes_and_keeps_the_standby_hosts_writes(uni
         for lba, data in standby_data.items():
             assert standby.write10(lba, data) == 0
     armed(monkeypatch, None if point in REMOTE_POINTS else point)
+    # the replica's catch-up is off (--catch-up-interval 0): it would pull the standby's writes before the
+    # failback, which then has a single piece or none to pull and never reaches `failback.pulled`
     again = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address],
-                              state_dir=local.state_dir, port=local.port)
+                              state_dir=local.state_dir, port=local.port, extra=["--catch-up-interval", "0"])
     armed(monkeypatch, None)
     again.wait_status(lambda s: s["host_writes"] == "refused", what="the unit to become a replica")
     fb = failback_cmd(remote.state_dir)

@@ -124,8 +124,11 @@ def test_switchover_standby_host_and_failback_with_a_real_kernel(units: Units, t
     assert src["primary"] is True and src["promoted_io"]["bytes_written"] > 0
     promoted_io = src["promoted_io"]
 
+    # the replica's catch-up is off (--catch-up-interval 0): this test checks that the replica's volume
+    # does not change under a refused write, and what the failback itself compares and moves
     again = units.start_local(volume=volume, size=f"{DISK_MIB}M", source_id="server1", tls_dir=tls,
-                              remotes=[remote.address], state_dir=local.state_dir, port=local.port)
+                              remotes=[remote.address], state_dir=local.state_dir, port=local.port,
+                              extra=["--catch-up-interval", "0"])
     st = again.wait_status(lambda s: s["host_writes"] == "refused", what="the old primary to become a replica")
     assert st["primary"] is False and st["split_brain"] is False
     assert st["failover_loss"]["writes"] == 0  # everything it acknowledged had reached the remote
