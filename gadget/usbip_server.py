@@ -634,8 +634,9 @@ class _UsbipSession:
         """Run `command` on this (the reading) thread, holding the server's run lock; `usbip-watch`
         moves the reading to another thread if it takes long."""
         try:
-            with self._reader_lock:
-                self._busy_since = time.monotonic()
+            # one store, no lock: `usbip-watch` sees None or this time. Clearing it takes the lock,
+            # so that a hand-over decided before the clear is seen by this thread's next check
+            self._busy_since = time.monotonic()
             try:
                 self.finish(device, command, device.run(command))
             finally:
