@@ -23,16 +23,16 @@ if _DIR:
         _profiles.append(p)
         p.enable()
 
-    def _dump() -> None:
+    def _dump(out_dir: str) -> None:
         main = _profiles[0]
         main.disable()
         stats = pstats.Stats(main)
         for p in _profiles[1:]:
             stats.add(p)
-        stats.dump_stats(os.path.join(_DIR, f"unit-{os.getpid()}.pstats"))
+        stats.dump_stats(os.path.join(out_dir, f"unit-{os.getpid()}.pstats"))
 
     threading.setprofile(_start_thread_profile)
     _first = cProfile.Profile()
     _profiles.append(_first)
     _first.enable()
-    atexit.register(_dump)
+    atexit.register(_dump, _DIR)
