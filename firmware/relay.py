@@ -26,8 +26,12 @@ that sends ID to the next hop, with a cursor, window and retention of its own.
 - **Upstream only**: a relayed source accepts writes only from its upstream, the certificate
   identity of the first unit that replicated it after `--forward` was set, kept in
   `<ID>.forward.json` (see `check_upstream`).
-
-What it does not do: forward writes a standby host makes to a promoted relay (docs/REPLICATION.md).
+- **A promoted relay** (its copy made primary, `usbmirror promote`) goes on forwarding: what reaches
+  the target then is the standby host's writes (`firmware.promotion.PromotedStore`) or a rollback
+  to a point, through the same `before_apply`, so they are appended in the order they are written
+  and made durable in the relay journal before the target changes (nobody would send them again).
+  The next hop keeps a third copy of the promoted data. After a failback (`promotion_ends`) the
+  relay journal's head stands for the failback's fork position and the upstream's records follow it.
 """
 
 from __future__ import annotations
@@ -162,6 +166,7 @@ class Relay:
         # relay journal record up to lo came before the run's writes, every one after hi after them
         self.dirty_epochs: list[tuple[int, int, int]] = []
         self._last_head = 0
+        self._promoted = False  # the copy is primary here: its writes come from a standby host
         self.upstream = self._load_pin()
         self._prewrite()
 
@@ -301,11 +306,56 @@ class Relay:
         log.warning("relay journal full: tracking dirty regions instead source=%s used_bytes=%d capacity_bytes=%d "
                     "reason=%s", self.source_id, j.used_bytes if j else 0, j.capacity_bytes if j else 0, why)
 
+    # -- a promoted copy ---------------------------------------------------------------------------
+    @property
+    def promoted(self) -> bool:
+        return self._promoted
+
+    def promotion_begins(self) -> None:
+        """The copy is primary here from now on (promoted, or opened again as primary after a
+        restart): the records that reach the target are the promoted copy's own stream, relayed
+        whole, with none skipped and none standing for an upstream position."""
+        with self.lock:
+            self._promoted = True
+            self.skip_through = 0
+            self._marks.clear()
+        log.info("relay forwards the promoted copy's writes source=%s to=%s", self.source_id, self.spec.remote.label)
+
+    def promotion_ends(self, upstream_seq: int) -> None:
+        """The copy follows the upstream again from `upstream_seq` (a failback's fork position; 0
+        after `resolve --keep local`): the relay journal's head now stands for that position, kept
+        in the state file the caller saves next."""
+        j = self.journal
+        if j is not None:
+            j.sync()
+        with self.lock:
+            self._promoted = False
+            self.skip_through = 0
+            self._marks.clear()
+            self._last_head = j.head_seq if j is not None else 0
+        if j is not None:
+            self.store.extra_state["forward"] = {"upstream_seq": upstream_seq, "journal_seq": self._last_head,
+                                                 "volume": self.state().volume_uuid}
+        log.info("relay follows its upstream again source=%s upstream_seq=%d journal_seq=%d", self.source_id,
+                 upstream_seq, self._last_head)
+
+    def mark_rewritten(self, lba: int, count: int) -> None:
+        """The target's blocks are rewritten outside the record stream (an incomplete resync rolled
+        back from the undo log): the next hop gets those regions by a dirty-region round."""
+        j, bm = self.journal, self.bitmap
+        if j is None or bm is None:
+            return  # not bound: the next hop is compared whole when the relay binds again
+        with self.lock:
+            self._mark_locked(bm, j, lba, count)
+
     # -- the ApplyHook ----------------------------------------------------------------------------
     def before_apply(self, records: Sequence[jp.RecordLike], read: Reader) -> None:
         j, bm = self.journal, self.bitmap
         if j is None or bm is None:
             raise OSError(f"the relay of source {self.source_id} is not bound to a volume")
+        if self._promoted:
+            self._relay_promoted(j, bm, records)
+            return
         with self.lock:
             last = None
             for r in records:
@@ -327,6 +377,35 @@ class Relay:
                     self._mark_locked(bm, j, r.lba, r.count)
             if last is not None:
                 self._marks.append((last, j.head_seq))
+
+    def _relay_promoted(self, j: Journal, bm: DirtyBitmap, records: Sequence[jp.RecordLike]) -> None:
+        """The promoted copy's writes: appended in order and synced before the target changes (no
+        upstream sends them again after a crash); a full or failing relay journal marks their
+        regions dirty instead (durably), so the next hop gets them by a dirty-region round."""
+        journaled: list[tuple[int, int]] = []
+        with self.lock:
+            for r in records:
+                kind = RecordKind(int(r.kind))
+                blocks = kind in (RecordKind.WRITE, RecordKind.UNMAP)
+                if not self._overflow:
+                    try:
+                        j.append(kind, r.lba, r.count, bytes(r.payload), r.timestamp_ns)
+                        self.records_relayed += 1
+                        if blocks:
+                            journaled.append((r.lba, r.count))
+                        continue
+                    except (JournalError, ValueError) as exc:
+                        self._enter_overflow_locked(str(exc))
+                self.records_overflowed += 1
+                if blocks:
+                    self._mark_locked(bm, j, r.lba, r.count)
+        try:
+            j.sync()  # also wakes the link to the next hop
+        except JournalError as exc:  # what it took may not be durable: the bitmap says so instead
+            with self.lock:
+                self._enter_overflow_locked(f"relay journal sync failed: {exc}")
+                for lba, count in journaled:
+                    self._mark_locked(bm, j, lba, count)
 
     def _mark_locked(self, bm: DirtyBitmap, j: Journal, lba: int, count: int) -> None:
         """Mark blocks dirty (durable before the target changes), noting the run they belong to."""
@@ -379,6 +458,7 @@ class Relay:
         out.update({"journal_used_bytes": j.used_bytes, "journal_capacity_bytes": j.capacity_bytes,
                     "journal_head_seq": j.head_seq, "records_relayed": self.records_relayed,
                     "records_overflowed": self.records_overflowed, "overflow": self._overflow,
+                    "promoted": self._promoted,
                     "overflow_events": self.overflow_events,
                     "dirty_regions": dirty})
         return out

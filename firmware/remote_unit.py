@@ -156,7 +156,6 @@ class SourceTarget:
                 self.store.add_hook(self.history)
         elif history_dir(unit.cfg.state_dir, source_id).exists():  # kept before: stale once the target changes
             self.store.add_hook(DiscardOnChange(history_dir(unit.cfg.state_dir, source_id)))
-        self._finish_resolve()
         self.relay: Relay | None = None
         fwd = unit.cfg.forwards.get(source_id)
         if fwd is not None:
@@ -165,6 +164,7 @@ class SourceTarget:
                                tuning=unit.cfg.forward_tuning)
             self.store.add_hook(self.relay)
             self.store.durable_hooks.append(self.relay.before_durable)
+        self._finish_resolve()
 
     def start_relay(self) -> None:
         """Forward at once when the target already holds a volume (else at the upstream's HELLO)."""
@@ -234,7 +234,8 @@ class SourceTarget:
             return self._rollback_resync_locked()
 
     def _rollback_resync_locked(self) -> bool:
-        if not self.session.rollback_possible() or not self.store.rollback(self.state):
+        before = self.relay.mark_rewritten if self.relay is not None else None
+        if not self.session.rollback_possible() or not self.store.rollback(self.state, before):
             return False
         self.session.rolled_back()
         self.store.save_state(self.state)
@@ -315,6 +316,8 @@ class SourceTarget:
         ts.resync_active = ts.resync_undo = False
         ts.resync_end = None
         self.session.forget_unsynced()
+        if self.relay is not None:  # the local unit's resync to come is relayed like its records
+            self.relay.promotion_ends(0)
         self.store.save_state(ts)
         if self.history is not None:
             if self.history in self.store.hooks:
@@ -507,6 +510,14 @@ class SourceTarget:
         last = self.history.index.last_seq if self.history is not None else 0
         next_seq = max(st.applied_seq, last) + 1
         bitmap = self._promoted_bitmap()
+        if self.relay is not None:  # a relay goes on forwarding: the standby host's writes reach its next hop
+            if self.relay.journal is None:
+                self.start_relay()
+            if self.relay.journal is None:
+                raise PromoteError(f"source {self.source_id} is relayed to {self.relay.spec.remote.label} but the "
+                                   "relay could not start (see the log): the promoted copy's writes would not reach "
+                                   "it")
+            self.relay.promotion_begins()
         pending = (self.roles.state.promotion or {}).get("rollback_to_seq")
         if isinstance(pending, int):
             try:
@@ -640,6 +651,8 @@ class SourceTarget:
         self.session.reapply_until = 0
         self.session.forget_unsynced()
         self.store.sync()
+        if self.relay is not None:  # the upstream's records after the fork follow what was relayed
+            self.relay.promotion_ends(new.fork_seq)
         self.store.save_state(ts)
         crash_point("failback.handed_back")
         if self.history is not None:  # its seqs are the promoted copy's, not the source's: start anew
@@ -1050,8 +1063,8 @@ class _Connection:
                 t.relay.upstream_hello(hello)
         actions = session.hello(hello, target_id=t.store.target_id, target_blocks=vol.num_blocks)
         self._do(t, session, actions)
-        log.info("source connected source=%s peer=%s purpose=%s applied_seq=%d", t.source_id, self.peer,
-                 hello.purpose.name, session.state.applied_seq)
+        log.info("source connected source=%s peer=%s cert=%s purpose=%s applied_seq=%d", t.source_id, self.peer,
+                 ":".join(ident), hello.purpose.name, session.state.applied_seq)
 
     # -- group commit ---------------------------------------------------------------------------
     def _request_flush(self, seq: int) -> None:

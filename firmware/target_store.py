@@ -288,14 +288,17 @@ class TargetStore:
         if self.undo is None:
             self.undo = UndoLog(self.undo_path, block_size)
 
-    def rollback(self, state: TargetState) -> bool:
-        """Restore the pre-resync image from the undo log. False when there is none."""
+    def rollback(self, state: TargetState, before: Callable[[int, int], object] | None = None) -> bool:
+        """Restore the pre-resync image from the undo log. False when there is none. `before(lba,
+        count)` is told of each range before it is written (a relay marks it for its next hop)."""
         if not self.undo_path.exists():
             return False
         bs = state.block_size
         vol = self.volume or open_target(self.path, state.num_blocks * bs, bs)
         undo = self.undo or UndoLog(self.undo_path, bs)
         for lba, data in undo.entries():
+            if before is not None:
+                before(lba, len(data) // bs)
             vol.write_nosync(lba, data)
         vol.flush()
         undo.close()

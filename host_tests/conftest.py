@@ -68,3 +68,18 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return qemu_queue(nodeid) or nodeid
 
     return RealKernelQueues(config, log)
+
+
+# Lines a test publishes with `record_property("summary_line", ...)` (the short torture campaign's
+# `torture: seed=...` line), printed at the end of the run; with xdist the reports carry them to the controller.
+_SUMMARY_LINES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _SUMMARY_LINES.extend(str(v) for k, v in report.user_properties if k == "summary_line")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _SUMMARY_LINES:
+        terminalreporter.write_line(line)

@@ -2,7 +2,8 @@
 
 local → r1 (`--forward ID=r2`) → r2: r2 absent does not hold up the local unit or r1; r2 killed with
 SIGKILL and restarted in the middle of a write workload; at the end both targets equal the local volume
-byte for byte. A relay refuses writes for its relayed source from anyone but its upstream.
+byte for byte. A relay refuses writes for its relayed source from anyone but its upstream. A promoted
+relay forwards the standby host's writes, and after the failback the chain goes on in order.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ RETENTION = ["--forward-retention", "16M"]  # plenty for these workloads, quick 
 
 
 def attach(unit: UnitProcess) -> UsbipClient:
-    c = UsbipClient("127.0.0.1", unit.port)
+    return attach_at(unit.port)
+
+
+def attach_at(port: int) -> UsbipClient:
+    c = UsbipClient("127.0.0.1", port)
     assert c.import_device("1-1").device is not None
     c.enumerate()
     c.until_ready()
@@ -168,6 +173,10 @@ def test_cascade_with_the_last_hop_absent_then_killed_and_restarted(units: Units
     assert_equal(volume, r1_target, units)
     assert_equal(volume, r2_target, units)
     assert "relay upstream recorded source=site1 upstream=source:site1" in r1.log()
+    # the relay connects to r2 with its own certificate, not the source's
+    r2_log = r2.log(tail=1 << 30)
+    assert "cert=source:" not in r2_log, units.describe()
+    assert re.search(r"source connected source=site1 \S+ cert=remote:r1 purpose=REPLICATE", r2_log), units.describe()
 
 
 def test_a_relay_takes_writes_for_its_source_from_its_upstream_only(units: Units, tmp_path: Path, tls: Path) -> None:
@@ -305,3 +314,64 @@ def test_metrics_show_the_next_hops_lag() -> None:
     assert got[("usbmirror_forward_lag_records", SID)] == 3
     assert got[("usbmirror_forward_lag_seconds", SID)] == 1.5
     assert got[("usbmirror_forward_link_up", SID)] == 0.0
+
+
+def test_a_promoted_relay_forwards_the_standby_hosts_writes_and_the_chain_resumes_after_failback(
+        units: Units, tmp_path: Path, tls: Path) -> None:
+    """local → r1 → r2; the local unit dies and r1 is promoted: what the standby host writes to r1
+    reaches r2 as well (also across a SIGKILL of r1 while promoted), so the third copy holds the
+    promoted data; after the failback the local unit's writes go on through r1 to r2, and all three
+    copies end equal."""
+    r2_target, r1_target, volume = tmp_path / "r2.img", tmp_path / "r1.img", tmp_path / "volume.img"
+    r2 = units.start_remote("r2", targets={SID: r2_target}, tls_dir=tls)
+    r1 = units.start_remote("r1", targets={SID: r1_target}, tls_dir=tls,
+                            extra=["--forward", f"{SID}={r2.address}", *RETENTION])
+    local = units.start_local(volume=volume, size="16M", source_id=SID, tls_dir=tls, remotes=[r1.address])
+    local.wait_status(streaming(), what="the link to r1")
+    rng = random.Random(14)
+    with attach(local) as c:
+        write_some(c, rng, 50)
+    local.wait_status(drained, what="r1 to apply")
+    r1.wait_status(next_hop_caught_up(r1), what="r2 to catch up with r1")
+    local.kill9()
+    r1.wait_status(lambda s: s["sources"][0]["state"] != "connected", what="the source to be gone")
+
+    standby_port = free_port()
+    pr = usbmirror("promote", "--state-dir", str(r1.state_dir), "--source", SID, "--usbip",
+                   f"127.0.0.1:{standby_port}")
+    assert pr.returncode == 0, pr.stderr + units.describe()
+    with attach_at(standby_port) as standby:
+        write_some(standby, rng, 40)
+    st = r1.wait_status(next_hop_caught_up(r1), what="r2 to take the standby host's writes", timeout=120)
+    f = forward(st)
+    assert st["sources"][0]["primary"] is True and f["promoted"] is True, f
+    assert_equal(r1_target, r2_target, units)  # the promoted copy is kept on r2 too
+
+    # r1 dies while promoted; it serves the copy again and goes on forwarding what the standby writes
+    r1.kill9()
+    r1.launch()
+    r1.wait_status(lambda s: s["sources"][0].get("served", {}).get("bus") == "usbip",
+                   what="the promoted copy to be served again")
+    with attach_at(standby_port) as standby:
+        write_some(standby, rng, 40, blocks=16)
+    r1.wait_status(next_hop_caught_up(r1), what="r2 to take the writes after r1's restart", timeout=120)
+    assert_equal(r1_target, r2_target, units)
+
+    again = units.start_local(volume=volume, size="16M", source_id=SID, tls_dir=tls, remotes=[r1.address],
+                              state_dir=local.state_dir)
+    again.wait_status(lambda s: s["host_writes"] == "refused", what="the old primary to become a replica")
+    fb = usbmirror("failback", "--state-dir", str(r1.state_dir), "--source", SID, "--timeout", "120", timeout=180)
+    assert fb.returncode == 0, fb.stderr + units.describe()
+    again.wait_status(lambda s: s["host_writes"] == "accepted", what="the local unit to serve writes again")
+    again.wait_status(streaming(), what="replication to r1 to resume")
+    with attach(again) as c:
+        write_some(c, rng, 50)
+    again.wait_status(drained, what="r1 to apply the writes after the failback")
+    st = r1.wait_status(next_hop_caught_up(r1), what="r2 to take the writes after the failback", timeout=120)
+    assert forward(st)["promoted"] is False and st["sources"][0]["primary"] is False
+    again.stop()
+    r1.stop()
+    r2.stop()
+    assert_equal(volume, r1_target, units)
+    assert_equal(volume, r2_target, units)
+    assert "relay follows its upstream again source=site1" in r1.log()

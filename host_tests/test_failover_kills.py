@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from firmware.crash_points import ENV, POINTS
+from host_tests.test_failover_units import resynced
 from host_tests.units import REPO, UnitProcess, Units, drained, free_port, streaming, usbmirror
 from host_tests.usbip_support import UsbipClient
 
@@ -247,7 +248,7 @@ def test_a_resolve_killed_midway_resumes_and_keeps_the_kept_sides_writes(units: 
     restart(victim, monkeypatch)
     if keep_local:  # the remote finished resetting its target at start: the local unit's writes reach it
         assert "pending_step" not in remote.status()["sources"][0]
-        again.wait_status(lambda s: s["split_brain"] is False and drained(s), timeout=120,
+        again.wait_status(lambda s: s["split_brain"] is False and resynced(s), timeout=120,
                           what="the remote to be resynced from the local unit")
         assert read_block(target, 400, 8) == b"\x62" * (8 * BS) and read_block(target, 3 * REGION) == bytes(BS)
         assert volume.read_bytes() == target.read_bytes()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +17,13 @@ from firmware import promotion
 from firmware.failover.generations import History
 from firmware.failover_serve import PromotionServers
 from firmware.history_cli import run_restore
+from firmware.journal import JournalError
 from firmware.link import protocol as jp
-from firmware.remote_unit import PromoteError, RemoteUnit
-from host_tests.test_history_restore import Scenario, _remote
+from firmware.relay import ForwardSpec
+from firmware.remote_unit import PromoteError, RemoteUnit, RemoteUnitConfig
+from firmware.replication.spec import RemoteSpec
+from firmware.replicator import ReplicatorTuning
+from host_tests.test_history_restore import Scenario, _remote, rec
 from host_tests.test_remote_unit import BS, SIZE, UUID
 from host_tests.usbip_support import UA_RESET, UsbipClient
 
@@ -253,6 +257,61 @@ def test_an_incomplete_resync_needs_force_and_promotes_the_image_from_before_it(
         res = servers.promote({"source": "s1", "usbip": "127.0.0.1:0", "force": True})
         assert res["fork_seq"] == 6
         assert sc.target.read_bytes() == sc.images[6]
+
+
+def _until(pred: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_relay_promoted_after_an_incomplete_resync_gives_its_next_hop_the_image_it_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """r1 relays s1 to r2 and is in the middle of a resync whose data r2 already has; promoted with
+    --force, r1 rolls its target back from the undo log (not a record) and r2 gets those blocks back
+    too, then the standby host's writes, also one the relay journal fails to keep."""
+    r2cfg = RemoteUnitConfig(listen=("127.0.0.1", 0), name="r2", targets={"s1": str(tmp_path / "r2.img")},
+                             tls_dir=None, state_dir=str(tmp_path / "r2state"))
+    with RemoteUnit(r2cfg) as r2:
+        fwd = ForwardSpec("s1", RemoteSpec(("127.0.0.1", r2.port)), retention=1 << 20)
+        r1cfg = RemoteUnitConfig(listen=("127.0.0.1", 0), name="r1", targets={"s1": str(tmp_path / "t.img")},
+                                 tls_dir=None, state_dir=str(tmp_path / "state"), history_size=16 << 20,
+                                 forwards={"s1": fwd},
+                                 forward_tuning=ReplicatorTuning(backoff_initial_s=0.05, backoff_max_s=0.2))
+        with RemoteUnit(r1cfg) as r1:
+            sc = Scenario(r1)
+            r1_target, r2_target = sc.target, tmp_path / "r2.img"
+            _until(lambda: r2_target.exists() and r2_target.read_bytes() == sc.images[6], "r2 to hold seq 6")
+            # a resync that copies region 0, then a record after it; it ends at 8, which never comes
+            sc.src.send(jp.ResyncBegin(6, 64, 32))
+            sc.src.send(jp.RegionData(0, b"\xee" * (64 * BS)))
+            sc.src.send(jp.ResyncEnd(8))
+            sc.src.send(jp.Batch(6, (rec(7, 900, 0x77, 4),)))
+            sc.src.ack_upto(7)
+            _until(lambda: r2_target.read_bytes() == r1_target.read_bytes(), "r2 to take the resync's data")
+            assert r2_target.read_bytes()[: 64 * BS] == b"\xee" * (64 * BS)
+            _disconnect(sc)
+            with PromotionServers(r1) as servers:
+                servers.promote({"source": "s1", "usbip": "127.0.0.1:0", "force": True})
+                assert r1_target.read_bytes() == sc.images[6]
+                _until(lambda: r2_target.read_bytes() == sc.images[6], "r2 to get the rolled-back blocks")
+                t = r1.targets["s1"]
+                assert t.promoted is not None and t.status()["forward"]["promoted"] is True
+                t.promoted.write(100, b"\x5c" * (8 * BS))
+                _until(lambda: r2_target.read_bytes() == r1_target.read_bytes(), "r2 to take the standby's write")
+                # the relay journal's flash fails: the write still lands, its region goes to r2 as dirty
+                relay = t.relay
+                assert relay is not None and relay.journal is not None
+
+                def failed_sync() -> int:
+                    raise JournalError("injected: the relay journal's flash failed")
+
+                monkeypatch.setattr(relay.journal, "sync", failed_sync)
+                t.promoted.write(300, b"\x6d" * (4 * BS))
+                assert r1_target.read_bytes()[300 * BS : 304 * BS] == b"\x6d" * (4 * BS)
+                _until(lambda: r2_target.read_bytes() == r1_target.read_bytes(), "r2 to get the dirty region")
+            sc.src.close()
 
 
 class FetchSource(GenSource):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from host_tests.units import UnitProcess, Units, drained, free_port, streaming, usbmirror
+from host_tests.units import Status, UnitProcess, Units, drained, free_port, streaming, usbmirror
 from host_tests.usbip_support import UsbipClient
 
 BS = 512
@@ -27,6 +27,12 @@ def read_block(path: Path, lba: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(lba * BS)
         return f.read(BS)
+
+
+def resynced(st: Status) -> bool:
+    """Every remote has the data: streaming (so a resync's regions are durable there) and drained. A
+    link that has not reached its remote yet may show a position taken over from the journal."""
+    return drained(st) and streaming()(st)
 
 
 @pytest.fixture
@@ -278,7 +284,7 @@ def test_split_brain_is_reported_on_both_sides_and_resolved(units: Units, tmp_pa
         r = usbmirror("resolve", "--state-dir", str(remote.state_dir), "--source", "server1", "--keep", "local")
         assert r.returncode == 0, r.stderr
         assert remote.status()["sources"][0]["primary"] is False
-        again.wait_status(lambda s: s["split_brain"] is False and drained(s), timeout=120,
+        again.wait_status(lambda s: s["split_brain"] is False and resynced(s), timeout=120,
                           what="the remote to be resynced from the local unit")
         assert read_block(target, 400) == b"\x62" * BS and read_block(target, 3 * 2048) == bytes(BS)
     assert volume.read_bytes() == target.read_bytes()
@@ -333,3 +339,37 @@ def test_promote_over_iscsi_then_failback_brings_the_standby_writes_home(units: 
     assert volume.read_bytes() == target.read_bytes()  # the standby's writes are home
     assert read_block(volume, 100) == b"\x71" * BS and read_block(volume, 5 * 2048 + 9) == b"\x72" * BS
     assert "served" not in remote.status()["sources"][0]
+
+
+def test_an_old_primary_with_unrelated_data_is_refused_and_nothing_changes(units: Units, tmp_path: Path) -> None:
+    """The protected server's disk was replaced (another volume, a fresh state dir: no generation in
+    common with the promoted copy): the remote's copy is not touched, the unit is told it holds
+    unrelated data, and `resolve` has no split brain to decide."""
+    tls = units.pair("dr1", ["server1"])
+    target = tmp_path / "target.img"
+    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
+    local = units.start_local(volume=tmp_path / "volume.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address])
+    with attach(local) as c:
+        assert c.write10(8, b"\x5a" * (4 * BS)) == 0
+    local.wait_status(drained, what="the remote to catch up")
+    local.kill9()
+    remote.wait_status(lambda s: s["sources"][0]["state"] != "connected", what="the source to be gone")
+    assert usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
+                     f"127.0.0.1:{free_port()}").returncode == 0
+    target_before = target.read_bytes()
+    other = units.start_local(volume=tmp_path / "other.img", size="16M", source_id="server1", tls_dir=tls,
+                              remotes=[remote.address])
+    with attach(other) as c:
+        assert c.write10(8, b"\x99" * BS) == 0
+    st = other.wait_status(lambda s: "unrelated" in (s.get("role_message") or ""), what="the unrelated outcome")
+    assert "dr1 holds unrelated data" in st["role_message"] and "refused" in st["role_message"]
+    assert st["primary"] is True and st["split_brain"] is False and st["host_writes"] == "accepted"
+    assert st["remotes"][0]["state"] != "streaming"
+    r = usbmirror("resolve", "--state-dir", str(other.state_dir), "--source", "server1", "--keep", "remote")
+    assert r.returncode != 0 and "no split brain is recorded" in r.stderr + r.stdout
+    (src,) = remote.status()["sources"]
+    assert src["primary"] is True and src["split_brain"] is False
+    assert target.read_bytes() == target_before
+    with attach(other) as c:
+        assert c.read10(8, 1) == b"\x99" * BS

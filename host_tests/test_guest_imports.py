@@ -1,5 +1,6 @@
-"""The local unit starts in the QEMU guest (and on a minimal board image) with only the Python packages
-the guest carries: `usbmirror local --help` and the modules a bare local unit imports must not pull in
+"""A bare local unit starts on a minimal board image (and in the QEMU gadget guest) with only the Python
+packages such an image carries (the guest's SITE_PACKAGES; LINK_PACKAGES are there for units with a
+journey link): `usbmirror local --help` and the modules a bare local unit imports must not pull in
 lz4, zstandard, rich, cryptography or prometheus_client at start-up (they are imported where used)."""
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ catch a remote that drops a record."""
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,8 +22,12 @@ from host_tests.torture import Campaign, Counts, HostModel, MemRemote, run
 from host_tests.torture_real import real_round
 
 
-def test_a_short_campaign_injects_every_fault_and_keeps_every_property() -> None:
+def test_a_short_campaign_injects_every_fault_and_keeps_every_property(
+        record_property: Callable[[str, object], None]) -> None:
+    t0 = time.monotonic()
     counts, failure = run(seed=13, seconds=0, steps=20_000)
+    # the campaign's last line, printed in the summary of `make test` (host_tests/conftest.py)
+    record_property("summary_line", torture.summary(13, round(time.monotonic() - t0), counts))
     assert failure is None, f"seed=13: {failure}"
     c = dataclasses.asdict(counts)
     assert {k: c[k] for k in ("lost", "prefix_violations", "applied_twice", "wedges")} == \

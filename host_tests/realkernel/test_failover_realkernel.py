@@ -9,7 +9,8 @@ A local unit (USB/IP, flash journal) replicates to a remote unit over TLS. Then:
 4. the local unit restarts, reaches the remote and becomes its replica: a SCSI client's WRITE gets
    DATA PROTECT / WRITE PROTECTED and MODE SENSE shows the disk write-protected, reads go on;
 5. `usbmirror failback`: the local unit is primary again and its volume equals the remote's copy byte
-   for byte, the promoted side's writes moved and little else;
+   for byte; it read only the regions the standby host wrote (`last_resync` mode `bitmap`) and moved
+   no more than the pieces those writes touched;
 6. phase three: a third guest attaches the local unit again, checks phases one and two, writes phase
    three; the remote applies it and ends equal to the local volume.
 """
@@ -121,6 +122,7 @@ def test_switchover_standby_host_and_failback_with_a_real_kernel(units: Units, t
     assert two.markers["checked1"] == one.markers["sums1"]
     (src,) = remote.status()["sources"]
     assert src["primary"] is True and src["promoted_io"]["bytes_written"] > 0
+    promoted_io = src["promoted_io"]
 
     again = units.start_local(volume=volume, size=f"{DISK_MIB}M", source_id="server1", tls_dir=tls,
                               remotes=[remote.address], state_dir=local.state_dir, port=local.port)
@@ -146,8 +148,14 @@ def test_switchover_standby_host_and_failback_with_a_real_kernel(units: Units, t
     assert st["primary"] is True and st["data_generation"].startswith("3:")
     diff = first_difference(volume, target)
     assert diff is None, f"after the failback the local volume differs from the remote's copy at byte {diff}"
-    moved = st["last_resync"]["bytes_moved"]
+    rs = st["last_resync"]
+    moved = rs["bytes_moved"]
     assert 0 < moved < DISK_MIB << 20, f"the failback moved {moved} bytes of a {DISK_MIB} MiB disk"
+    # only the union of both sides' writes was read: the standby's regions (the local unit lost nothing),
+    # and of them only the 4 KiB pieces that differ moved (a write spills into at most two more pieces)
+    assert rs["mode"] == "bitmap" and "mode_reason" not in rs, rs
+    assert rs["bytes_compared"] <= promoted_io["dirty_regions"] << 20, (rs, promoted_io)
+    assert moved <= promoted_io["bytes_written"] + 2 * 4096 * promoted_io["writes"], (rs, promoted_io)
     (src,) = remote.status()["sources"]
     assert src["primary"] is False and src["data_generation"] == st["data_generation"]
 

@@ -18,7 +18,12 @@ controller) the guest runs:
 then dummy_hcd is loaded again at super speed, the same disk enumerates with the SuperSpeed descriptors
 and its data is checked, and
 - the unit's own entry point `usbmirror local --gadget` with its journal, `usbmirror
-  status`, the ACM console showing the unit's status, and the install self-test on real configfs.
+  status`, the ACM console showing the unit's status, and the install self-test on real configfs;
+- ep0 while a WRITE is held by a frozen journal;
+then dummy_hcd is loaded a third time with two UDCs for a switchover on the gadget: a local unit on
+one replicates over TLS to a remote unit, is killed, `usbmirror promote --gadget` serves the copy on
+the other, the old local unit comes back as a write-protected replica, and `usbmirror failback`
+brings the standby host's writes back to it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from host_tests.realkernel.conftest import BASIC_DATA, LINUX_FS, write_gpt
+from host_tests.units import usbmirror
 from hw.qemu.build_guest import BuildError, GuestImage
 from hw.qemu.guest import GuestResult
 
@@ -229,6 +235,7 @@ mark tracebacks=$(grep -c Traceback /tmp/fw.log)
 {_super_speed_steps()}
 {_cli_steps()}
 {_held_write_steps()}
+{_promote_gadget_steps()}
 mark done=1
 """
 
@@ -396,6 +403,120 @@ umount /tmp/jfs
 """
 
 
+def _promote_gadget_steps() -> str:
+    """Switchover on the gadget, in the same boot: dummy_hcd again with two UDCs (two boards' worth of
+    cables to one host). A local unit serves its disk on dummy_udc.0 and replicates over TLS to a remote
+    unit in the guest; the local unit is killed; `usbmirror promote --gadget dummy_udc.1` serves the
+    remote's copy as a second USB disk, the host finds the acknowledged data there and writes more;
+    the old local unit restarts as a replica (its disk refuses writes); `usbmirror failback` takes
+    the promoted disk away, the local unit has the standby's writes and serves writes again, and they
+    reach the remote."""
+    return r"""
+step promote_gadget
+rmmod dummy_hcd || die pg_rmmod
+load_gadget_modules num=2
+[ -e /sys/class/udc/dummy_udc.1 ] || die pg_no_second_udc
+chmod 600 /opt/tls/*.key
+mkdir -p /tmp/pg
+# disk_on N SECONDS: the disk whose host controller is dummy_hcd.N
+disk_on() {
+    lim=$(( $2 * 10 )); n=0
+    while [ $n -lt $lim ]; do
+        for b in /sys/block/sd*; do
+            [ -e "$b" ] && readlink -f "$b" | grep -q "/dummy_hcd\.$1/" && [ -b "/dev/${b##*/}" ] \
+                && { echo "${b##*/}"; return 0; }
+        done
+        n=$((n + 1)); sleep 0.1
+    done
+    return 1
+}
+pgdie() { echo "--- remote log"; tail -40 /tmp/pg/remote.log; echo "--- local log"; tail -40 /tmp/pg/local.log;
+          dmesg | tail -20; die "$1"; }
+# a short command (status, promote, failback); units are started with exec so that $! is the unit
+um() { (cd /opt/usbmirror && exec python3 -m firmware.cli "$@"); }
+# wait_status STATE_DIR PYTHON_CONDITION_ON_st SECONDS
+wait_status() {
+    python3 - "$@" <<'PY'
+import json, subprocess, sys, time
+state, cond, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
+deadline, st = time.monotonic() + limit, {}
+while time.monotonic() < deadline:
+    out = subprocess.run(["python3", "-m", "firmware.cli", "status", "--state-dir", state, "--json"],
+                         cwd="/opt/usbmirror", capture_output=True, text=True).stdout
+    try:
+        st = json.loads(out)
+    except ValueError:
+        st = {}
+    try:
+        if eval(cond, {"st": st}):
+            sys.exit(0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
+    time.sleep(0.5)
+print("status never had", cond, json.dumps(st)[:2000])
+sys.exit(1)
+PY
+}
+(cd /opt/usbmirror && exec python3 -m firmware.cli remote --listen 127.0.0.1:7001 --name dr1 --tls-dir /opt/tls \
+    --state-dir /tmp/pg/rstate --target server1=/tmp/pg/copy.img) > /tmp/pg/remote.log 2>&1 &
+REM=$!
+start_local() {
+    (cd /opt/usbmirror && exec python3 -m firmware.cli local --volume /tmp/pg/vol.img --size 16M --gadget dummy_udc.0 \
+        --state-dir /tmp/pg/lstate --journal-size 8M --source-id server1 --tls-dir /opt/tls \
+        --remote 127.0.0.1:7001) >> /tmp/pg/local.log 2>&1 &
+    LOC=$!
+}
+start_local
+d=$(disk_on 0 60) || pgdie pg_no_local_disk
+dd if=/dev/urandom of=/tmp/pg/one bs=65536 count=16 2>/dev/null
+dd if=/tmp/pg/one of=/dev/$d bs=65536 oflag=direct conv=fsync 2>/dev/null || pgdie pg_write_one
+# the remote has made durable everything the local unit's journal holds
+DRAINED='st["remotes"][0]["state"] == "streaming"'
+DRAINED="$DRAINED"' and int(st["remotes"][0]["acked_seq"]) >= int(st["journal"]["durable_seq"]) > 0'
+wait_status /tmp/pg/lstate "$DRAINED" 90 || pgdie pg_not_drained
+step pg_switchover
+kill -9 $LOC; wait $LOC 2>/dev/null
+gone $d || pgdie pg_local_disk_stays
+wait_status /tmp/pg/rstate 'st["sources"][0]["state"] != "connected"' 30 || pgdie pg_source_still_connected
+um promote --state-dir /tmp/pg/rstate --source server1 --gadget dummy_udc.1 > /tmp/pg/promote.out 2>&1 \
+    || { cat /tmp/pg/promote.out; pgdie pg_promote; }
+cat /tmp/pg/promote.out
+p=$(disk_on 1 60) || pgdie pg_no_promoted_disk
+dd if=/dev/$p bs=65536 count=16 iflag=direct 2>/dev/null | cmp - /tmp/pg/one || pgdie pg_promoted_differs
+mark pg_promoted=ok
+wait_status /tmp/pg/rstate 'st["sources"][0]["primary"] is True' 10 && mark pg_remote_primary=ok
+dd if=/dev/urandom of=/tmp/pg/two bs=65536 count=4 2>/dev/null
+dd if=/tmp/pg/two of=/dev/$p bs=65536 seek=32 oflag=direct conv=fsync 2>/dev/null || pgdie pg_standby_write
+step pg_replica
+start_local
+d=$(disk_on 0 60) || pgdie pg_no_replica_disk
+wait_status /tmp/pg/lstate 'st["host_writes"] == "refused" and st["primary"] is False' 90 || pgdie pg_not_a_replica
+dd if=/tmp/pg/two of=/dev/$d bs=65536 count=1 oflag=direct 2>/dev/null && pgdie pg_replica_took_a_write
+dd if=/tmp/pg/vol.img bs=65536 count=16 2>/dev/null | cmp - /tmp/pg/one && mark pg_replica_refused=ok
+step pg_failback
+um failback --state-dir /tmp/pg/rstate --source server1 --timeout 120 > /tmp/pg/failback.out 2>&1 \
+    || { cat /tmp/pg/failback.out; pgdie pg_failback; }
+cat /tmp/pg/failback.out
+gone $p || pgdie pg_promoted_disk_stays
+wait_status /tmp/pg/lstate 'st["host_writes"] == "accepted" and st["primary"] is True' 60 || pgdie pg_not_primary_again
+dd if=/tmp/pg/vol.img bs=65536 skip=32 count=4 2>/dev/null | cmp - /tmp/pg/two && mark pg_failback_data=ok
+mark pg_moved=$(um status --state-dir /tmp/pg/lstate --json \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["last_resync"]["bytes_moved"])')
+step pg_after_failback
+# the host sees the disk writable again once it revalidates it (a replica's disk was write-protected)
+echo 1 > /sys/block/$d/device/rescan
+blockdev --setrw /dev/$d 2>/dev/null
+dd if=/dev/urandom of=/tmp/pg/three bs=65536 count=4 2>/dev/null
+dd if=/tmp/pg/three of=/dev/$d bs=65536 seek=48 oflag=direct conv=fsync 2>/dev/null || pgdie pg_write_after_failback
+wait_status /tmp/pg/lstate "$DRAINED" 90 || pgdie pg_not_drained_after_failback
+kill -TERM $LOC; wait $LOC; mark pg_local_exit=$?
+kill -TERM $REM; wait $REM; mark pg_remote_exit=$?
+dd if=/tmp/pg/vol.img bs=65536 skip=48 count=4 2>/dev/null | cmp - /tmp/pg/three && mark pg_third_write=ok
+cmp /tmp/pg/vol.img /tmp/pg/copy.img && mark pg_copies_equal=ok
+mark pg_tracebacks=$(cat /tmp/pg/remote.log /tmp/pg/local.log | grep -c Traceback)
+"""
+
+
 @dataclass(frozen=True)
 class GadgetGuest:
     image: GuestImage
@@ -415,16 +536,19 @@ def gadget_guest() -> GadgetGuest:
         pytest.fail(f"gadget guest could not be built: {exc}")
 
 
-@pytest.mark.timeout(720)
-def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest) -> None:
+@pytest.mark.timeout(840)
+def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, tmp_path: Path) -> None:
     """One boot: the whole workload at high speed (a Pi-class board's controller), then dummy_hcd
     again at super speed for the SuperSpeed descriptors, `usbmirror local --gadget` and ep0 while a
-    WRITE is held."""
+    WRITE is held, then a switchover and failback with `usbmirror promote --gadget`."""
     from hw.qemu.gadget_layer import run_gadget_guest
 
+    pair = usbmirror("pair", str(tmp_path / "tls"), "--remote", "dr1", "--source", "server1")
+    assert pair.returncode == 0, pair.stderr
+    tls = {f"/opt/tls/{f.name}": f.read_bytes() for f in (tmp_path / "tls").iterdir() if f.name != "ca.key"}
     board_test = {"/opt/usbmirror/host_tests/test_pyusb_board.py": (REPO / "host_tests/test_pyusb_board.py").read_bytes()}
-    result: GuestResult = run_gadget_guest(_script(), timeout=600, image=gadget_guest.image,
-                                           extra_files={**gadget_guest.extra_files, **board_test})
+    result: GuestResult = run_gadget_guest(_script(), timeout=720, image=gadget_guest.image,
+                                           extra_files={**gadget_guest.extra_files, **board_test, **tls})
     m = result.markers
     assert result.rc == 0 and m.get("done") == "1", result.describe()
     print(f"gadget high speed: 16 MiB O_DIRECT write {m.get('write_mib_s')} MiB/s, read {m.get('read_mib_s')} MiB/s; "
@@ -463,3 +587,11 @@ def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest) -> None:
     assert m["selftest"] == ("udc:PASS,gadget_binding:PASS,unit_running:PASS,host_enumerated:PASS,"
                              "host_profile:PASS,journal_device:PASS"), result.describe()
     assert m["cli_exit"] == "0", result.describe()
+    # switchover on the gadget: the copy served by promote --gadget holds what the killed local unit
+    # acknowledged, the returning local unit refuses writes, failback moves the standby's 256 KiB back
+    assert m.get("pg_promoted") == "ok" and m.get("pg_remote_primary") == "ok", result.describe()
+    assert m.get("pg_replica_refused") == "ok", result.describe()
+    assert m.get("pg_failback_data") == "ok", result.describe()
+    assert 4 * 65536 <= int(m["pg_moved"]) < 16 * MIB, result.describe()
+    assert m.get("pg_third_write") == "ok" and m.get("pg_copies_equal") == "ok", result.describe()
+    assert m["pg_local_exit"] == m["pg_remote_exit"] == "0" and m["pg_tracebacks"] == "0", result.describe()

@@ -1,5 +1,8 @@
 """Linux's own iSCSI initiator (open-iscsi: iscsid, iscsiadm and the kernel's iscsi_tcp) in Debian's
-kernel, against `usbmirror local --iscsi`, with a kill -9 and restart of the unit in the middle.
+kernel, against `usbmirror local --iscsi --iscsi-chap`, with a kill -9 and restart of the unit in the middle.
+
+The unit requires CHAP: the initiator's discovery without credentials and then with a wrong secret is
+refused, and with the right one (open-iscsi's discovery and session CHAP settings) it goes on.
 
 The guest discovers the target (SendTargets), logs in, writes a GPT and an ext4 file system, writes a
 4 MiB seed file and syncs; then it writes a tag block in free space past the partition and runs fio
@@ -30,11 +33,31 @@ DISK_MIB = 128
 TAG_OFFSET = 127 * MIB  # free space after the partition, before the backup GPT
 TAG = b"USBMIRROR-ISCSI-FIO-STARTS"
 RECORDS_AFTER_TAG = 40
+CHAP_USER, CHAP_SECRET = "server1", "mirror-chap-secret-1"  # the unit requires CHAP (--iscsi-chap)
 
 GUEST_SCRIPT = f"""
 set -u
 step start
 iscsi_start
+step chap_refused
+# the unit requires CHAP: discovery without credentials, then with a wrong secret, is refused
+/sbin/iscsiadm -m discovery -t sendtargets -p 10.0.2.100:3240 > /tmp/d0 2>&1; rc=$?
+cat /tmp/d0
+[ $rc -ne 0 ] || die discovery_without_chap_accepted
+mark no_chap_rc=$rc
+grep -v '[.]auth[.]' /etc/iscsi/iscsid.conf > /tmp/iscsid.conf
+chap_conf() {{
+    cat /tmp/iscsid.conf
+    for k in discovery.sendtargets.auth node.session.auth; do
+        printf '%s.authmethod = CHAP\\n%s.username = {CHAP_USER}\\n%s.password = %s\\n' $k $k $k "$1"
+    done
+}}
+chap_conf wrong-secret-0000 > /etc/iscsi/iscsid.conf
+/sbin/iscsiadm -m discovery -t sendtargets -p 10.0.2.100:3240 > /tmp/d1 2>&1; rc=$?
+cat /tmp/d1
+[ $rc -ne 0 ] || die discovery_with_wrong_secret_accepted
+mark wrong_secret_rc=$rc
+chap_conf {CHAP_SECRET} > /etc/iscsi/iscsid.conf
 step login
 iscsi_login 10.0.2.100:3240
 d=$(wait_disk 30) || die no_disk
@@ -93,7 +116,8 @@ def test_open_iscsi_survives_a_unit_restart_and_loses_nothing(tmp_path: Path, gu
         state = tmp_path / "state"
         volume = tmp_path / "volume.img"
         argv = ["local", "--volume", str(volume), "--size", f"{DISK_MIB}M", "--iscsi", f"127.0.0.1:{port}",
-                "--state-dir", str(state), "--journal", str(tmp_path / "journal"), "--journal-size", "64M"]
+                "--state-dir", str(state), "--journal", str(tmp_path / "journal"), "--journal-size", "64M",
+                "--iscsi-chap", f"{CHAP_USER}:{CHAP_SECRET}"]
         unit = units.start_argv("local", argv, state, port)
         killer = KillAndRestart(unit, unit, tag_then_records(volume, RECORDS_AFTER_TAG),
                                 what="the guest's tag block and fio's writes", timeout=300)
@@ -107,5 +131,10 @@ def test_open_iscsi_survives_a_unit_restart_and_loses_nothing(tmp_path: Path, gu
         assert m.get("fio") == "ok" and m.get("done") == "1", res.describe()
         assert m["io_errors"] == "0", res.describe()
         assert int(m["recoveries"]) >= 1, "the initiator never saw the restart:\n" + res.describe()
+        # open-iscsi without credentials and with a wrong secret was refused (exit 24: login failed
+        # for authorization), and the unit counted both before the restart
+        assert m["no_chap_rc"] != "0" and m["wrong_secret_rc"] != "0", res.describe()
+        isc = killer.before["iscsi"]
+        assert isc["chap"] is True and isc["logins_refused"] >= 2, isc
         print(f"iSCSI guest: {res.wall:.0f} s, unit restarted at journal head {killer.before['journal']['head_seq']}, "
               f"session recoveries seen by the kernel: {m['recoveries']}")

@@ -49,6 +49,11 @@ SITE_PACKAGES = ("functionfs", "libaio", "ioctl_opt", "serial",
                  "usb", "pytest", "_pytest", "pluggy", "iniconfig", "packaging", "pygments", "py",
                  # the local unit itself (usbmirror local --gadget): the journal's CRC, pure Python here
                  "google_crc32c")
+# Units with a journey link (the promote --gadget step): lz4 frames, and the certificates' expiry in
+# status (cryptography and the cffi backend it loads). A bare local unit never imports them
+# (host_tests/test_guest_imports.py); their compiled parts are copied too.
+LINK_PACKAGES = ("lz4", "cryptography", "cffi", "_cffi_backend")
+NATIVE_PACKAGES = frozenset({"lz4", "cryptography", "_cffi_backend"})
 # pytest only needs pygments' terminal formatter and its Python and diff lexers: leave the rest out.
 _PYGMENTS_KEEP = {"lexers": {"__init__.py", "_mapping.py", "python.py", "diff.py"},
                   "styles": {"__init__.py", "_mapping.py", "default.py"}}
@@ -120,13 +125,13 @@ def gadget_extra_files() -> dict[str, bytes]:
     files.update(_libusb(builder))
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "out.pyc"
-        for name in SITE_PACKAGES:
+        for name in (*SITE_PACKAGES, *LINK_PACKAGES):
             spec = importlib.util.find_spec(name)
             if spec is None or (spec.submodule_search_locations is None and spec.origin is None):
                 raise BuildError(f"python package {name!r} is not installed in this venv")
             if spec.submodule_search_locations:
                 top = Path(next(iter(spec.submodule_search_locations)))
-                paths = sorted(top.rglob("*.py"))
+                paths = sorted([*top.rglob("*.py"), *(top.rglob("*.so") if name in NATIVE_PACKAGES else ())])
             else:  # a single-file module
                 assert spec.origin is not None
                 top = Path(spec.origin)
@@ -141,6 +146,8 @@ def gadget_extra_files() -> dict[str, bytes]:
                     continue
                 guest = f"/opt/usbmirror/{relpath}"
                 files[guest] = path.read_bytes()
+                if path.suffix == ".so":  # an extension module (same CPython and architecture as the guest)
+                    continue
                 # precompiled: imports in the TCG guest are several times faster
                 py_compile.compile(str(path), cfile=str(out), dfile=guest, doraise=True,
                                    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
