@@ -375,3 +375,47 @@ def test_a_promoted_relay_forwards_the_standby_hosts_writes_and_the_chain_resume
     assert_equal(volume, r1_target, units)
     assert_equal(volume, r2_target, units)
     assert "relay follows its upstream again source=site1" in r1.log()
+
+
+def test_a_split_brain_on_a_relay_resolved_keep_local_reaches_the_next_hop(units: Units, tmp_path: Path,
+                                                                          tls: Path) -> None:
+    """r1 (relaying to r2) is promoted while the local unit still writes (a partition): r2 gets the
+    standby's writes; `resolve --keep local` on r1 discards them, the local unit resyncs r1 and r1
+    passes the regions that changed on to r2, so all three copies end equal to the local volume."""
+    r2_target, r1_target, volume = tmp_path / "r2.img", tmp_path / "r1.img", tmp_path / "volume.img"
+    r2 = units.start_remote("r2", targets={SID: r2_target}, tls_dir=tls)
+    fwd = ["--forward", f"{SID}={r2.address}", *RETENTION]
+    r1 = units.start_remote("r1", targets={SID: r1_target}, tls_dir=tls, extra=fwd)
+    local = units.start_local(volume=volume, size="16M", source_id=SID, tls_dir=tls, remotes=[r1.address])
+    local.wait_status(streaming(), what="the link to r1")
+    rng = random.Random(15)
+    with attach(local) as c:
+        write_some(c, rng, 30)
+    local.wait_status(drained, what="r1 to apply")
+    r1.stop()
+    # a partition: r1 comes back where the local unit cannot reach it, and is promoted
+    r1 = units.start_remote("r1", targets={SID: r1_target}, tls_dir=tls, state_dir=r1.state_dir, extra=fwd)
+    standby_port = free_port()
+    assert usbmirror("promote", "--state-dir", str(r1.state_dir), "--source", SID, "--usbip",
+                     f"127.0.0.1:{standby_port}").returncode == 0
+    with attach(local) as c:
+        write_some(c, rng, 10)
+    with attach_at(standby_port) as standby:
+        write_some(standby, rng, 10)
+    r1.wait_status(next_hop_caught_up(r1), what="r2 to take the standby host's writes")
+    assert_equal(r1_target, r2_target, units)
+    local.stop()
+    again = units.start_local(volume=volume, size="16M", source_id=SID, tls_dir=tls, remotes=[r1.address],
+                              state_dir=local.state_dir)
+    r1.wait_status(lambda s: s["sources"][0]["split_brain"] is True, timeout=90, what="r1 to see the split brain")
+    r = usbmirror("resolve", "--state-dir", str(r1.state_dir), "--source", SID, "--keep", "local")
+    assert r.returncode == 0, r.stderr
+    again.wait_status(lambda s: s["split_brain"] is False and s["remotes"][0]["state"] == "streaming" and drained(s),
+                      timeout=120, what="r1 to be resynced from the local unit")
+    st = r1.wait_status(next_hop_caught_up(r1), what="r2 to take what the resync changed", timeout=120)
+    assert forward(st)["promoted"] is False
+    again.stop()
+    r1.stop()
+    r2.stop()
+    assert_equal(volume, r1_target, units)
+    assert_equal(volume, r2_target, units)
