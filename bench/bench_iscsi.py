@@ -16,6 +16,7 @@ Printed: IOPS, MB/s and CPU time per command (the target process's user + system
 for each target and the usbmirror/tgt ratio of IOPS. Nothing is asserted.
 
 Run: .venv/bin/python bench/bench_iscsi.py [--size-mib 256] [--seconds 4] [--rounds 1] [--dir DIR]
+     [--workload "4 KiB random QD16"] [--fua yes|no|both]
 """
 
 from __future__ import annotations
@@ -217,8 +218,11 @@ class Tgt:
                 raise RuntimeError(f"tgt could not be configured: {r.stderr.strip()}")
 
     def close(self) -> None:
-        # tgtd ignores SIGTERM while it serves targets: it is told to shut down, then killed
-        subprocess.run(["tgtadm", "-C", str(self.ctl), "--op", "delete", "--mode", "system"], capture_output=True)
+        # tgtd ignores SIGTERM while it serves targets and refuses to shut down while a target exists:
+        # the target is removed (forced, its session with it), then tgtd told to shut down
+        for args in (["--op", "delete", "--force", "--mode", "target", "--tid", "1"],
+                     ["--op", "delete", "--mode", "system"]):
+            subprocess.run(["tgtadm", "-C", str(self.ctl), "--lld", "iscsi", *args], capture_output=True)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -239,7 +243,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--dir", default=None, help="where the two files live (default: a temporary directory)")
+    ap.add_argument("--workload", action="append", default=None, choices=[w[0] for w in WORKLOADS],
+                    help="run only this workload (repeat for several; default: all)")
+    ap.add_argument("--fua", choices=("both", "yes", "no"), default="both", help="plain writes, FUA or both")
     a = ap.parse_args()
+    workloads = [w for w in WORKLOADS if a.workload is None or w[0] in a.workload]
+    fuas = {"both": (False, True), "yes": (True,), "no": (False,)}[a.fua]
     if shutil.which("tgtd") is None:
         print("bench_iscsi: tgtd missing (`make setup` installs Debian's tgt)")
         return 1
@@ -255,8 +264,8 @@ def main() -> int:
             theirs = Session(lib, f"127.0.0.1:{tgt.port}", Tgt.IQN, 1)
             best: dict[tuple[str, bool, str], Result] = {}
             for _ in range(a.rounds):
-                for name, chunk, depth, seq in WORKLOADS:
-                    for fua in (False, True):
+                for name, chunk, depth, seq in workloads:
+                    for fua in fuas:
                         for who, sess, pid in (("usbmirror", ours, unit.pid), ("tgt", theirs, tgt.proc.pid)):
                             r = sess.run(chunk=chunk, depth=depth, sequential=seq, fua=fua, lbas=lbas,
                                          seconds=a.seconds, pid=pid)
@@ -278,8 +287,8 @@ def main() -> int:
           f"{a.seconds:.0f} s per figure, best of {a.rounds}")
     print("(CPU: the target process's user + system time per command, all its threads, in the best round)")
     print(f"{'workload':<26} {'FUA':<4} {'usbmirror':>30} {'tgt':>30} {'ratio':>7}")
-    for name, _, _, _ in WORKLOADS:
-        for fua in (False, True):
+    for name, _, _, _ in workloads:
+        for fua in fuas:
             o, t = best[(name, fua, "usbmirror")], best[(name, fua, "tgt")]
             print(f"{name:<26} {'yes' if fua else 'no':<4} {o.iops:>8.0f} IOPS {o.mbps:>6.1f} MB/s {o.cpu_us:>4.0f} us "
                   f"{t.iops:>8.0f} IOPS {t.mbps:>6.1f} MB/s {t.cpu_us:>4.0f} us {o.iops / t.iops:>7.2f}")

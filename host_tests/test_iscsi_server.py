@@ -4,8 +4,10 @@ TOML keys)."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -263,6 +265,59 @@ def test_a_write_is_answered_only_once_durable_and_the_connection_stays_served_m
         assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.itt == 1 and rsp.bhs[3] == 0
         assert j.durable_seq == j.head_seq
         assert unit.read(5, 1) == b"\x05" * BS
+        a.sock.close()
+
+
+class _GatedSyncFlash(SimulatedFlash):
+    """While `gated`, each sync covers the writes made before it started (as fdatasync does) and
+    waits for its own gate, handed out in `started`."""
+
+    parallel_syncs = 1
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gated = False
+        self.started: queue.Queue[threading.Event] = queue.Queue()
+
+    def sync(self) -> None:
+        if not self.gated:
+            super().sync()
+            return
+        covers = self.sync_begin()
+        gate = threading.Event()
+        self.started.put(gate)
+        assert gate.wait(30)
+        self.sync_end(covers)
+
+
+def test_a_write_that_arrives_while_a_sync_is_in_flight_waits_for_a_sync_of_its_own(tmp_path: Path) -> None:
+    flash = _GatedSyncFlash(RING_OFFSET + 1024 * 1024)
+    with Volume(tmp_path / "vol", size=1024 * BS, block_size=BS) as vol, \
+            Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=flash) as j, \
+            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
+            serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+        a = _Initiator(server.port, server.target_name)
+        flash.gated = True
+        a.write(1, b"\x01" * BS, itt=1)
+        first = flash.started.get(timeout=30)  # write 1's sync is in flight
+        a.write(2, b"\x02" * BS, itt=2)  # journaled now, not covered by that sync
+        deadline = time.monotonic() + 30
+        while j.head_seq < 2 and time.monotonic() < deadline:  # the reader takes it
+            time.sleep(0.005)
+        assert j.head_seq == 2
+        first.set()
+        rsp = a.recv()
+        assert (rsp.opcode, rsp.itt, rsp.bhs[3]) == (PduOpcode.SCSI_RESPONSE, 1, 0)
+        second = flash.started.get(timeout=30)  # write 2 waits for a sync that started after it
+        assert j.durable_seq == 1
+        a.send(_nop_out(0x78, a.cmdsn))
+        ping = a.recv()  # still no answer to write 2: the ping's comes first
+        assert (ping.opcode, ping.itt) == (PduOpcode.NOP_IN, 0x78)
+        second.set()
+        rsp = a.recv()
+        assert (rsp.opcode, rsp.itt, rsp.bhs[3]) == (PduOpcode.SCSI_RESPONSE, 2, 0)
+        assert j.durable_seq == 2
+        flash.gated = False
         a.sock.close()
 
 

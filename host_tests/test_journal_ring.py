@@ -4,9 +4,11 @@ recovery after power cuts (torn tails dropped, damaged durable records reported,
 from __future__ import annotations
 
 import functools
+import queue
 import random
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,109 @@ def test_syncs_waiting_for_a_write_in_progress_share_one_fdatasync() -> None:
     assert results == [4, 4, 4]
     # record 1's fdatasync, then a single one for records 2-4 that all three callers share
     assert f.syncs - before == 2
+
+
+class _GatedSyncFlash(SimulatedFlash):
+    """While `gated`, every flash sync covers the writes made before it started (as fdatasync does)
+    and waits for a gate of its own, handed out in `started`: syncs held in flight at once and
+    released in any order; a gate with `fail` set makes its sync fail."""
+
+    def __init__(self, size: int, parallel: int) -> None:
+        super().__init__(size)
+        self.parallel_syncs = parallel
+        self.gated = False
+        self.started: queue.Queue[_Gate] = queue.Queue()
+
+    def sync(self) -> None:
+        if not self.gated:
+            super().sync()
+            return
+        covers = self.sync_begin()
+        gate = _Gate()
+        self.started.put(gate)
+        assert gate.wait(30)
+        if gate.fail:
+            raise OSError(5, "flash write failed")
+        self.sync_end(covers)
+
+
+class _Gate(threading.Event):
+    fail = False
+
+
+def _in_thread(fn: Callable[[], int]) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:
+            out.append(exc)
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_a_sync_makes_durable_only_the_records_written_before_it_started(parallel: int) -> None:
+    # record 2 is written while record 1's flash sync is in flight: that sync does not cover it, so
+    # its caller must not hear "durable" until a sync that started after it returned
+    f = _GatedSyncFlash(RING_OFFSET + RING, parallel)
+    j = open_j(f)
+    j.append(RecordKind.WRITE, 0, 1, payload(1), 0)
+    f.gated = True
+    a, a_out = _in_thread(j.sync)
+    gate_a = f.started.get(timeout=30)
+    j.append(RecordKind.WRITE, 1, 1, payload(2), 0)
+    b, b_out = _in_thread(j.sync)
+    if parallel > 1:  # record 2 written and its own sync in flight beside record 1's
+        gate_b = f.started.get(timeout=30)
+    gate_a.set()
+    a.join(30)
+    assert a_out == [1]
+    assert j.durable_seq == 1 and b.is_alive() and not b_out
+    assert open_j(reboot(f)).head_seq == 1  # a power cut now keeps record 1 only: as promised
+    if parallel == 1:  # its sync starts only now
+        gate_b = f.started.get(timeout=30)
+    assert b.is_alive()
+    gate_b.set()
+    b.join(30)
+    assert b_out == [2] and j.durable_seq == 2
+    assert [r.seq for r in open_j(reboot(f)).read_records(0, 1 << 20)] == [1, 2]
+
+
+def test_overlapping_syncs_may_end_in_any_order_and_a_failed_one_fails_the_next() -> None:
+    f = _GatedSyncFlash(RING_OFFSET + RING, 4)
+    j = open_j(f)
+    f.gated = True
+    j.append(RecordKind.WRITE, 0, 1, payload(1), 0)
+    a, a_out = _in_thread(j.sync)
+    gate_a = f.started.get(timeout=30)
+    j.append(RecordKind.WRITE, 1, 1, payload(2), 0)
+    b, b_out = _in_thread(j.sync)
+    gate_b = f.started.get(timeout=30)
+    gate_b.set()  # the later sync ends first: it covers records 1 and 2
+    b.join(30)
+    assert b_out == [2] and j.durable_seq == 2
+    gate_a.set()
+    a.join(30)
+    assert a_out == [2] and j.durable_seq == 2  # never moves back
+    # a sync that fails while a later one is in flight: the later one does not count either
+    j.append(RecordKind.WRITE, 2, 1, payload(3), 0)
+    c, c_out = _in_thread(j.sync)
+    gate_c = f.started.get(timeout=30)
+    j.append(RecordKind.WRITE, 3, 1, payload(4), 0)
+    d, d_out = _in_thread(j.sync)
+    gate_d = f.started.get(timeout=30)
+    gate_c.fail = True
+    gate_c.set()
+    c.join(30)
+    gate_d.set()
+    d.join(30)
+    assert isinstance(c_out[0], JournalError) and isinstance(d_out[0], JournalError)
+    assert j.durable_seq == 2
+    with pytest.raises(JournalError):
+        j.append(RecordKind.WRITE, 4, 1, payload(5), 0)
 
 
 def test_wrap_around_keeps_every_record_intact() -> None:

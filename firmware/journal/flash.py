@@ -10,11 +10,13 @@ with ext4 on a virtual disk). A new journal file is therefore filled with zeros 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import stat
 import struct
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, runtime_checkable
@@ -44,7 +46,9 @@ class Flash(Protocol):
         ...
 
     def sync(self) -> None:
-        """Make every write before it durable (fdatasync)."""
+        """Make every write completed before it started durable (fdatasync). A flash with a
+        `parallel_syncs` attribute > 1 allows that many syncs at once from different threads, each
+        reporting the write errors of what it covered."""
         ...
 
     def close(self) -> None:
@@ -56,11 +60,29 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
 class FileFlash:
-    """A journal device: a regular file (pre-written) or a block device, accessed with pread/pwrite."""
+    """A journal device: a regular file (pre-written) or a block device, accessed with pread/pwrite.
+
+    Syncs may overlap (`parallel_syncs`): each runs fdatasync on a descriptor of its own, all opened
+    with the device. Linux reports a write-back error once to every open file description that was
+    open when it happened, so each sync hears of a failed write it covered, even if another sync
+    that ran at the same time heard of it first (one shared descriptor would tell only one of them)."""
+
+    parallel_syncs = 4
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        # one descriptor per sync in flight, plus one for a checkpoint's sync beside them; opened now,
+        # before anything is written, so each hears of every write-back error from the start
+        self._sync_fds: list[int] = []
+        self._sync_free = threading.Condition()
+        try:
+            for _ in range(self.parallel_syncs + 1):
+                self._sync_fds.append(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
+        except OSError:
+            self._close_fds()
+            raise
+        self._free_fds = list(self._sync_fds)
         st = os.fstat(self._fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         if self.is_block_device:
@@ -71,7 +93,7 @@ class FileFlash:
         elif stat.S_ISREG(st.st_mode):
             self._size = st.st_size
         else:
-            os.close(self._fd)
+            self._close_fds()
             raise OSError(errno.EINVAL, f"{self.path} is neither a regular file nor a block device")
 
     @classmethod
@@ -159,14 +181,29 @@ class FileFlash:
 
     def sync(self) -> None:
         self._check(0, 0, "sync", errno.EIO)
-        os.fdatasync(self._fd)
+        with self._sync_free:
+            while not self._free_fds:
+                self._sync_free.wait()
+            fd = self._free_fds.pop()
+        try:
+            os.fdatasync(fd)
+        finally:
+            with self._sync_free:
+                self._free_fds.append(fd)
+                self._sync_free.notify()
 
     def fileno(self) -> int:
         return self._fd
 
+    def _close_fds(self) -> None:
+        for fd in (self._fd, *self._sync_fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._sync_fds = []
+
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            self._close_fds()
             self._fd = -1
 
     def __enter__(self) -> FileFlash:

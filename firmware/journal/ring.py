@@ -69,10 +69,14 @@ from firmware.journal.format import (
 
 log = logging.getLogger(__name__)
 
+_crc32c_value = google_crc32c.value
+
 _SCAN_CHUNK = 8 << 20
 # the scan's fast path compares plain ints: a WRITE carries its blocks, UNMAP and FLUSH nothing
 _WRITE = int(RecordKind.WRITE)
 _BARE_KINDS = (int(RecordKind.UNMAP), int(RecordKind.FLUSH))
+# the most flash syncs one journal keeps in flight at once, whatever the flash offers
+_MAX_SYNCS_IN_FLIGHT = 4
 
 
 @dataclass
@@ -129,6 +133,7 @@ class Journal:
         self._sb = sb
         self._ring = sb.ring_size
         self._epoch = sb.epoch
+        self._max_record_bytes = min(sb.max_batch, sb.ring_size // 4) - HEADER_SIZE - ALIGN
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         # threads in self._cond.wait() (changed under the lock): the write path notifies only when
@@ -136,8 +141,13 @@ class Journal:
         self._waiters = 0
         self._closed = False
         self._failed: BaseException | None = None
-        self._writer_busy = False
-        self._flushes = 0  # batches made durable (one flash sync each): status "flushes"
+        self._writer_busy = False  # a thread writes records (or a checkpoint) to flash
+        # flash syncs that may be in flight at once (the flash says how many it can keep apart, each
+        # with its own error report: FileFlash syncs on a pool of descriptors)
+        self._parallel_syncs = max(1, min(int(getattr(flash, "parallel_syncs", 1)), _MAX_SYNCS_IN_FLIGHT))
+        self._syncing = 0  # flash syncs in flight
+        self._sync_covers = 0  # the highest seq a flash sync started so far covers (written before it)
+        self._flushes = 0  # flash syncs that made records durable: status "flushes"
         self._durable_listeners: list[Callable[[], None]] = []
         self._track_applied = track_applied
         self._incarnation = ckpt.incarnation
@@ -152,6 +162,9 @@ class Journal:
         self._head_pos = ckpt.tail_pos
         self._durable_seq = self._head_seq
         self._durable_pos = self._head_pos
+        # records written to flash (pwrite done, in order) but maybe not yet durable
+        self._written_seq = self._head_seq
+        self._written_pos = self._head_pos
         self._applied_seq = ckpt.applied_seq
         self._consumers: dict[str, int] = dict(ckpt.consumers)
         self._queue: list[_QueuedRecord] = []
@@ -421,8 +434,8 @@ class Journal:
         else:
             rep.torn_tail = reason == "payload checksum mismatch" or (
                 reason == "no intact record header" and self._looks_written(pos))
-        self._head_seq = self._durable_seq = expected - 1
-        self._head_pos = self._durable_pos = pos
+        self._head_seq = self._durable_seq = self._written_seq = self._sync_covers = expected - 1
+        self._head_pos = self._durable_pos = self._written_pos = pos
         rep.tail_seq = self._tail_seq
         rep.head_seq = self._head_seq
         self._applied_seq = min(max(self._applied_seq, self._tail_seq - 1), self._head_seq)
@@ -436,8 +449,10 @@ class Journal:
     def _durable_evidence(self, pos: int, expected: int, min_inc: int, max_inc: int, ck: Checkpoint) -> bool:
         """Look past a damaged record for one written after it was durable (its `durable before` is
         >= the damaged seq): then the damage is corruption of acknowledged data, not a torn tail.
-        Batches are at most `max_batch` bytes, so the next batch starts within that window."""
-        window = min(self._sb.max_batch * 2 + ALIGN, self._ring - (pos - ck.tail_pos))
+        Batches are at most `max_batch` bytes and a batch is written only while less than `max_batch`
+        bytes wait for a flash sync, so the first batch written after the damaged record was durable
+        starts within that window."""
+        window = min(self._sb.max_batch * 3 + ALIGN, self._ring - (pos - ck.tail_pos))
         if window <= ALIGN:
             return False
         data = self._ring_read(pos, window)
@@ -502,7 +517,7 @@ class Journal:
     @property
     def max_record_bytes(self) -> int:
         """Largest payload one record may carry."""
-        return min(self._sb.max_batch, self._ring // 4) - HEADER_SIZE - ALIGN
+        return self._max_record_bytes
 
     def fits(self, payload_len: int) -> bool:
         """Whether a record with this payload would fit now (wrap waste counted)."""
@@ -536,12 +551,12 @@ class Journal:
             raise ValueError(f"{kind.name} records carry no payload")
         if lba < 0 or count < 0:
             raise ValueError("negative lba or count")
-        if plen > self.max_record_bytes:
-            raise ValueError(f"record payload of {plen} bytes exceeds {self.max_record_bytes}")
+        if plen > self._max_record_bytes:
+            raise ValueError(f"record payload of {plen} bytes exceeds {self._max_record_bytes}")
         if type(payload) is not bytes:  # the record keeps it until written: no buffer the caller reuses
             payload = bytes(payload)
-        pcrc = crc32c(payload) if plen else 0
-        rlen = record_length(plen)
+        pcrc = _crc32c_value(payload) if plen else 0  # format.crc32c of the bytes, without the wrapper
+        rlen = (HEADER_SIZE + plen + ALIGN - 1) // ALIGN * ALIGN  # record_length(plen), inlined
         with self._lock:
             self._check_usable()
             pos = self._head_pos
@@ -584,23 +599,40 @@ class Journal:
 
     def sync(self) -> int:
         """Make every record appended so far durable and return the durable seq. Concurrent callers
-        share the fdatasync (group commit)."""
+        share the flash syncs (group commit): records are written in order by one thread at a time
+        (the writer claim), and a flash sync makes durable exactly the records whose writes had
+        completed when it started. While one sync is in flight the next batch is written and its own
+        sync may start (up to the flash's `parallel_syncs`); the durable seq only grows, to what a
+        completed sync covers, and a failed sync fails the journal, so no later one counts."""
         with self._lock:
             target = self._head_seq
             while self._durable_seq < target:
                 self._check_usable()
-                if self._writer_busy:
+                if self._written_seq < target:
+                    # our records still need writing: one writer at a time, and only while less than
+                    # a batch waits for a sync (a recovery looks for evidence within a bounded window)
+                    if not self._writer_busy and self._written_pos - self._durable_pos < self._sb.max_batch:
+                        self._writer_busy = True
+                        try:
+                            self._write_batch_locked()
+                        finally:
+                            self._release_writer()
+                        continue
+                    if self._writer_busy or self._sync_covers >= self._written_seq \
+                            or self._syncing >= self._parallel_syncs:
+                        self._wait_locked()
+                        continue
+                elif self._sync_covers >= target or self._syncing >= self._parallel_syncs:
+                    # a flash sync that started after our records were written is in flight (it
+                    # covers them), or as many as the flash keeps apart: wait for one to end
                     self._wait_locked()
                     continue
-                self._writer_busy = True
-                try:
-                    self._write_batch_locked()
-                finally:
-                    self._release_writer()
+                self._flash_sync_locked()
             return self._durable_seq
 
     def _write_batch_locked(self) -> None:
-        """Called with the lock held and the writer claimed; releases the lock around I/O."""
+        """Called with the lock held and the writer claimed; releases the lock around I/O. Writes the
+        next batch of queued records (no flash sync: `_flash_sync_locked` makes them durable)."""
         budget = self._sb.max_batch
         n = 0
         size = 0
@@ -649,7 +681,6 @@ class Journal:
                     pwritev(bufs, RING_OFFSET + off)
                 else:
                     self._flash.pwrite(bufs[0] if len(bufs) == 1 else b"".join(bufs), RING_OFFSET + off)
-            self._flash.sync()
         except BaseException as exc:
             self._lock.acquire()
             self._failed = exc
@@ -658,21 +689,56 @@ class Journal:
                 raise JournalError(f"journal write failed: {exc}") from exc
             raise
         self._lock.acquire()
-        self._flushes += 1
-        self._durable_seq = last.seq if last.kind != WRAP_KIND else last.seq - 1
-        self._durable_pos = end_pos
+        self._written_seq = last.seq if last.kind != WRAP_KIND else last.seq - 1
+        self._written_pos = end_pos
         self._bytes_since_ckpt += size
+
+    def _flash_sync_locked(self) -> None:
+        """Called with the lock held: one flash sync (the lock released around it) that makes durable
+        the records written before it started. A failure (this sync's or one that overlapped it)
+        leaves the journal unusable and is raised."""
+        covers_seq, covers_pos = self._written_seq, self._written_pos
+        self._syncing += 1
+        self._sync_covers = max(self._sync_covers, covers_seq)
+        self._lock.release()
+        try:
+            self._flash.sync()
+        except BaseException as exc:
+            self._lock.acquire()
+            self._syncing -= 1
+            if self._failed is None:
+                self._failed = exc
+            log.error("journal sync failed seq=%d: %s", covers_seq, exc)
+            self._cond.notify_all()
+            if isinstance(exc, OSError):
+                raise JournalError(f"journal write failed: {exc}") from exc
+            raise
+        self._lock.acquire()
+        self._syncing -= 1
+        if self._failed is not None:
+            # another write or sync failed meanwhile: nothing is durable any more than it was
+            self._cond.notify_all()
+            raise JournalError(f"journal failed earlier: {self._failed}")
+        if covers_seq > self._durable_seq:
+            self._flushes += 1
+            self._durable_seq = covers_seq
+            self._durable_pos = covers_pos
+            for listener in self._durable_listeners:
+                listener()
         if self._waiters:
             self._cond.notify_all()
-        for listener in self._durable_listeners:
-            listener()
-        if self._bytes_since_ckpt >= self._ring // 8:
-            # persist confirmations and the tail now and then, even if nobody asks
+        if self._bytes_since_ckpt >= self._ring // 8 and not self._writer_busy:
+            # persist confirmations and the tail now and then, even if nobody asks (the writer claim
+            # keeps it apart from batch writes)
             st = self._checkpoint_state()
             if st[:2] + st[4:] == self._ckpt_state:
                 self._bytes_since_ckpt = 0
                 return
-            self._write_checkpoint_unlocked(st)
+            self._writer_busy = True
+            try:
+                self._write_checkpoint_unlocked(st)
+            finally:
+                self._release_writer()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _checkpoint_state(self) -> tuple[object, ...]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import errno
 import random
+import threading
 from dataclasses import dataclass, field
 
 SECTOR = 512
@@ -64,6 +65,8 @@ class PowerRail:
 class SimulatedFlash:
     """An in-memory device with a volatile write cache that a `PowerRail` can switch off."""
 
+    parallel_syncs = 4  # syncs may overlap (each covers the writes made before it started)
+
     def __init__(self, size: int, *, rail: PowerRail | None = None, image: bytes | None = None) -> None:
         if image is not None and len(image) != size:
             raise ValueError("image size differs from device size")
@@ -76,6 +79,8 @@ class SimulatedFlash:
         self.syncs = 0
         self.writes = 0
         self.closed = False
+        self._mutex = threading.Lock()  # syncs may run in several threads beside a pwrite
+        self._synced_writes = 0  # writes ever made durable (the position of unsynced[0])
 
     @property
     def size(self) -> int:
@@ -99,16 +104,35 @@ class SimulatedFlash:
         b = bytes(data)
         if offset < 0 or offset + len(b) > self._size:
             raise OSError(28, f"write beyond device: {offset}+{len(b)} > {self._size}")
-        self.current[offset: offset + len(b)] = b
-        self.unsynced.append((offset, b))
-        self.writes += 1
+        with self._mutex:
+            self.current[offset: offset + len(b)] = b
+            self.unsynced.append((offset, b))
+            self.writes += 1
 
     def sync(self) -> None:
+        self.sync_end(self.sync_begin())
+
+    # A sync as two steps, for tests that hold one in flight: it covers the writes made before
+    # `sync_begin()`, not those made while it is in flight (as fdatasync does).
+    def sync_begin(self) -> int:
+        """Start a sync; returns what `sync_end()` needs (the writes it covers)."""
         self._check_open()
         self.rail.tick()
-        self.durable[:] = self.current
-        self.unsynced.clear()
-        self.syncs += 1
+        with self._mutex:
+            return len(self.unsynced) + self._synced_writes
+
+    def sync_end(self, covers: int) -> None:
+        """Finish a sync started by `sync_begin()`: the writes it covers are on the medium."""
+        if self.rail.cut:
+            raise PowerCut("power is off")
+        with self._mutex:
+            n = covers - self._synced_writes
+            if n > 0:
+                for off, b in self.unsynced[:n]:
+                    self.durable[off: off + len(b)] = b
+                del self.unsynced[:n]
+                self._synced_writes = covers
+            self.syncs += 1
 
     def close(self) -> None:
         self.closed = True
