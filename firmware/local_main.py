@@ -84,7 +84,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
                 raise UsageError(str(exc)) from None
             from firmware.local_roles import LocalRoles
 
-            local_roles = LocalRoles(roles, unit, journal)
+            local_roles = LocalRoles(roles, unit, journal, catch_up_interval_s=opts.catch_up_interval)
             local_roles.at_start()  # a replica refuses host writes from the first command on
 
         from firmware.monitor import CommandMonitor
@@ -119,8 +119,7 @@ def run_local(opts: LocalOptions, stop: threading.Event) -> int:
             replicator = stack.enter_context(
                 Replicator(unit, journal, source_id=opts.source_id or "", remotes=specs,
                            tls_dir=opts.tls_dir or "", state_dir=str(state_dir),
-                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout,
-                                                  catch_up_interval_s=opts.catch_up_interval), progress=progress,
+                           tuning=ReplicatorTuning(sync_timeout_s=opts.sync_timeout), progress=progress,
                            **role_hooks)
             )
 

@@ -36,10 +36,13 @@ _READ_CHUNK = 4 << 20
 class LocalRoles:
     """The role state of one local unit's source, as its replicator and status see it."""
 
-    def __init__(self, roles: RoleStore, unit: Any, journal: Any) -> None:
+    def __init__(self, roles: RoleStore, unit: Any, journal: Any, *, catch_up_interval_s: float = 0.0) -> None:
         self.roles = roles
         self.unit = unit
         self.journal = journal
+        # as a replica of a promoted remote, pull what the promoted copy changed this often while it is
+        # served (`--catch-up-interval`; 0: off, the failback pulls it all)
+        self.catch_up_interval_s = catch_up_interval_s
         self.last_message = ""
         self.catch_up: dict[str, Any] | None = None  # the last catch-up with a promoted remote, for status
         self._caught_up_at = 0.0  # monotonic time of the last catch-up attempt (0: none yet)
@@ -142,13 +145,13 @@ class LocalRoles:
     def _catch_up(self, link: Any, peer: str, fork_seq: int) -> None:
         """A replica of a promoted remote that still serves its copy: pull the pieces the promoted
         side changed (the failback's comparison without the take-over), at most once per
-        `catch_up_interval_s`, so the replica follows the promoted data and a later failback has
-        little left to move. Skipped when a side's set of writes cannot be trusted (the failback
+        `catch_up_interval_s` (the first one at once), so the replica follows the promoted data and
+        a later failback has little left to move. Skipped when a side's set of writes cannot be trusted (the failback
         compares every region then). A failure is logged and shown; the next attempt tries again.
         Each catch-up compares every region either side wrote since the promotion's fork (not only
         since the last catch-up), so one cut short by a crash, or one that read a region while the
         promoted host rewrote it, is repaired by the next (or by the failback's comparison)."""
-        interval = link.rep.tuning.catch_up_interval_s
+        interval = self.catch_up_interval_s
         if interval <= 0:  # off (`--catch-up-interval 0`): the failback pulls it all
             return
         now = time.monotonic()

@@ -96,9 +96,6 @@ class ReplicatorTuning:
     # a remote that refused us because it was promoted is asked again this often: `usbmirror
     # failback` on it hands the source back at the next attempt (docs/FAILOVER.md)
     primary_poll_s: float = 2.0
-    # a replica of a promoted remote pulls what the promoted copy changed at most this often, while
-    # the copy is still served (a catch-up: the same comparison as a failback, without the take-over)
-    catch_up_interval_s: float = 30.0
     sync_timeout_s: float = 15.0  # under Linux sd's 30 s command timeout
     region_blocks: int | None = None  # default: the local unit's, else 1 MiB worth
     digests_per_request: int = 64

@@ -335,10 +335,26 @@ def test_failback_on_the_remote_side_hands_the_source_back_once(sc: Scenario) ->
     port = int(str(res["usbip"]).rsplit(":", 1)[1])
     with _client(port) as c:
         assert c.write10(77, b"\x99" * BS) == 0
+    # before `failback`, a FETCH is a replica's catch-up: it reads the served copy, and hands nothing back
     early = FetchSource(sc.ru.port)
+    assert isinstance(early.recv(), jp.HelloReply)
+    early.send(jp.RegionRead(77, 1))
+    assert early.recv() == jp.RegionData(77, b"\x99" * BS)
+    early_hist = sc.ru.targets["s1"].roles.state.history
+    early.send(jp.Generations(early_hist.promote(gen_id=0x555, now_ns=1, fork_seq=7).as_tuples(),
+                              jp.GenerationsFlag.PRIMARY))
     err = early.recv()
-    assert isinstance(err, jp.Error) and "no failback of source s1 is under way" in err.message
+    assert isinstance(err, jp.Error) and "only a failback (`usbmirror failback`) hands the source back" in err.message
     early.close()
+    early = FetchSource(sc.ru.port)  # nor does it write the copy
+    assert isinstance(early.recv(), jp.HelloReply)
+    early.send(jp.ResyncBegin(0, 2048, SIZE // (2048 * BS)))
+    err = early.recv()
+    assert isinstance(err, jp.Error) and "on a catch-up: it only reads the promoted copy" in err.message
+    early.close()
+    assert sc.ru.targets["s1"].status()["primary"] is True
+    with _client(port) as c:  # the standby host still has its disk
+        assert c.read10(77, 1) == b"\x99" * BS
     out = servers.failback({"source": "s1", "timeout": 0})
     assert out["done"] is False and out["promoted_io"]["writes"] == 1
     with pytest.raises(OSError):
