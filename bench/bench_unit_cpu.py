@@ -34,7 +34,13 @@ unit runs the three workloads --rounds times and the floor is measured --rounds 
 CPU and the highest rate of each are kept, so a busy neighbour on a shared machine inflates the
 figures less.
 
-Run: .venv/bin/python bench/bench_unit_cpu.py [--ops 1000] [--rounds 3] [--dir DIR]
+`--profile DIR`: every unit process this benchmark starts runs under cProfile, one profiler per
+thread (bench/profile_site/sitecustomize.py, put on the units' PYTHONPATH), and writes
+DIR/unit-PID.pstats when it stops (`python -m pstats DIR/unit-PID.pstats`; the largest file is the
+local unit). The profiler slows the unit down several times: the figures of such a run are for
+finding where the time goes, not for comparing.
+
+Run: .venv/bin/python bench/bench_unit_cpu.py [--ops 1000] [--rounds 3] [--dir DIR] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -303,7 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", type=int, default=1000, help="commands per workload")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each workload and of the floor (best kept)")
     ap.add_argument("--dir", default=None, help="directory for the images and journal (default: a temp dir)")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="run the units under cProfile and write DIR/unit-PID.pstats (module docstring)")
     args = ap.parse_args(argv)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        os.environ["USBMIRROR_BENCH_PROFILE"] = os.path.abspath(args.profile)
+        site = str(Path(__file__).resolve().parent / "profile_site")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p)
     span = 64 << 20
     with tempfile.TemporaryDirectory(prefix="bench-unit-", dir=args.dir) as tmp:
         raw = raw_rates(Path(tmp) / "raw.img", args.ops, span)

@@ -147,6 +147,8 @@ class LocalUnit:
         self._unsynced_bytes = 0
         self._volume_sync_bytes = volume_sync_bytes or max(1 << 20, journal.capacity_bytes // 2)
         self._group_bytes = group_bytes
+        # a write larger than this many blocks is split into consecutive records (fixed per journal)
+        self._max_blocks = max(1, journal.max_record_bytes // self._bs)
         self._gates: list[Callable[[int], None]] = []
         self._overflow = False
         self._overflow_since: float | None = None
@@ -320,7 +322,7 @@ class LocalUnit:
             if fua:
                 self.flush()
             return
-        self._submit(RecordKind.WRITE, lba, count, bytes(data), fua=fua)
+        self.complete(self._append_write(RecordKind.WRITE, lba, count, bytes(data), fua=fua))
 
     def unmap(self, lba: int, count: int) -> None:
         self._check(lba, count)
@@ -434,11 +436,14 @@ class LocalUnit:
     def complete(self, ticket: int) -> None:
         """Wait until the submits behind `ticket` are as durable as `write()` promises (one shared
         journal sync, the sync gates), then the acknowledgement throttle."""
+        # the journal's fill is read once, for the volume sync and the throttle both
         if ticket > 0:
-            self._commit(ticket, gates=True)
+            fill = self._commit(ticket, gates=True)
         elif ticket < 0:
-            self._commit(-ticket, gates=False)
-        self._throttle_ack()
+            fill = self._commit(-ticket, gates=False)
+        else:
+            fill = self._fill()
+        self._throttle_ack(fill)
 
     # -- the write path ---------------------------------------------------------------------------
     def _submit(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> None:
@@ -447,7 +452,7 @@ class LocalUnit:
     def _append_write(self, kind: RecordKind, lba: int, count: int, payload: bytes, *, fua: bool) -> int:
         """Journal the write (or write it through in overflow); the ticket `complete()` waits for:
         > 0 durable with the sync gates before the ack, < 0 durable soon (memory), 0 nothing."""
-        max_blocks = max(1, self._journal.max_record_bytes // self._bs)
+        max_blocks = self._max_blocks
         commit = 0
         with self._lock:
             if self._space_exhausted is not None:
@@ -509,20 +514,29 @@ class LocalUnit:
         self._unsynced_bytes = 0
         self._journal.set_applied(self._applied_unsynced)
 
-    def _commit(self, seq: int, *, gates: bool, journal_is_enough: bool = False) -> None:
-        """Make `seq` durable (group commit), write it to the volume, pass the sync gates.
-        `journal_is_enough` (a flush): a full volume does not fail it, the records wait in the journal."""
-        durable = self._guard(self._journal.sync)
+    def _commit(self, seq: int, *, gates: bool, journal_is_enough: bool = False) -> float:
+        """Make `seq` durable (group commit), write it to the volume, pass the sync gates; returns
+        the journal's fill after it. `journal_is_enough` (a flush): a full volume does not fail it,
+        the records wait in the journal."""
+        try:  # _guard(self._journal.sync), without the extra call on every write
+            durable = self._journal.sync()
+        except JournalCorrupt:
+            raise
+        except (JournalError, OSError) as exc:
+            self._failed = exc
+            raise WriteError(f"journal or volume write failed: {exc}") from exc
         with self._lock:
             try:
                 self._apply_durable_locked(durable)
             except SpaceExhausted:
                 if not journal_is_enough:
                     raise
-        if gates:
+        if gates and self._gates:
             for gate in list(self._gates):
                 gate(seq)
-        self._maybe_sync_volume()
+        fill = self._fill()
+        self._maybe_sync_volume(fill)
+        return fill
 
     def _guard(self, fn: Callable[[], int | None]) -> int:
         try:
@@ -581,9 +595,11 @@ class LocalUnit:
         if n:
             del self._pending[:n]
 
-    def _maybe_sync_volume(self) -> None:
+    def _maybe_sync_volume(self, fill: float) -> None:
+        """Sync the volume (on the flusher) once enough is applied to it, or when the journal is
+        filling (`fill`: the journal's fill now) and anything is."""
         if self._unsynced_bytes < self._volume_sync_bytes and not (
-                self._unsynced_bytes and self._fill() >= self.throttle.start_fill):
+                self._unsynced_bytes and fill >= self.throttle.start_fill):
             return
         if self._flusher is not None:
             self._flush_wanted.set()
@@ -620,9 +636,10 @@ class LocalUnit:
     def _fill(self) -> float:
         return self._journal.used_bytes / self._journal.capacity_bytes
 
-    def _throttle_ack(self) -> None:
+    def _throttle_ack(self, fill: float) -> None:
         # In overflow the journal takes no records, so slowing the host down would not help it.
-        d = 0.0 if self._overflow else self.throttle.delay(self._fill())
+        throttle = self.throttle
+        d = 0.0 if self._overflow or fill < throttle.start_fill else throttle.delay(fill)
         self._last_delay = d
         if d > 0:
             self._throttled_acks += 1

@@ -188,12 +188,15 @@ class Volume:
         if self.read_only:
             raise WriteProtected(f"{self.path} is read-only")
         try:
-            view = memoryview(data)
             off = lba * self._block_size
-            while view:
-                n = os.pwrite(self._fd, view, off)
-                view = view[n:]
+            n = os.pwrite(self._fd, data, off)
+            if n < len(data):  # a short write (rare): the rest, through a view, not a copy
+                view = memoryview(data)[n:]
                 off += n
+                while view:
+                    n = os.pwrite(self._fd, view, off)
+                    view = view[n:]
+                    off += n
         except OSError as exc:
             raise storage_error(exc, f"write lba={lba} count={count}") from exc
 

@@ -108,6 +108,9 @@ BytesLike = bytes | bytearray | memoryview  # what adapters may hand to bulk_out
 # 12 bCSWStatus.
 _CBW = struct.Struct("<IIIBBB16s")
 _CSW = struct.Struct("<IIIB")
+_unpack_cbw = _CBW.unpack
+_pack_csw = _CSW.pack
+_tuple_new = tuple.__new__  # a named tuple without its Python-level __new__ (hot path)
 
 
 class Stall:
@@ -566,7 +569,13 @@ class BulkOnlyTransport:
 
     def _receive_cbw(self, data: BytesLike) -> bool:
         try:
-            cbw = Cbw.parse(data)
+            # Cbw.parse() inlined (once per command): the checks of BOT 6.2.1, then the tuple
+            if len(data) != CBW_LENGTH:
+                raise InvalidCbw(f"transfer of {len(data)} bytes, a CBW is {CBW_LENGTH}")
+            signature, tag, length, flags, lun, cb_length, cb = _unpack_cbw(data)
+            if signature != CBW_SIGNATURE:
+                raise InvalidCbw(f"signature {signature:#010x}")
+            cbw = _tuple_new(Cbw, (tag, length, flags, lun, cb_length, cb))
         except InvalidCbw as exc:
             # BOT 6.6.1: not valid -> stall IN, stall OUT (we choose stall over accept-and-discard)
             # and stay so until reset recovery.
@@ -578,20 +587,17 @@ class BulkOnlyTransport:
             self._stage = Stage.NEED_RESET
             return True
 
-        self._sizes[_size_bucket(cbw.data_transfer_length)] += 1
+        self._sizes[_SIZE_LABELS.get(length) or _size_bucket(length)] += 1
         # the checks of meaningless_reason() in one expression (lun > max_lun covers its reserved
         # bits, cb_length > 16 its reserved bits): the method only says why
-        reason = (cbw.meaningless_reason(self._max_lun)
-                  if cbw.flags & 0x7F or cbw.lun > self._max_lun or not 1 <= cbw.cb_length <= MAX_CB_LENGTH
-                  else None)
-        if reason is not None:
+        if flags & 0x7F or lun > self._max_lun or not 1 <= cb_length <= MAX_CB_LENGTH:
             # BOT 6.2.2 / 6.4: response unspecified; we refuse with a phase error (module docstring).
             self._counters["meaningless_cbws"] += 1
-            log.warning("CBW not meaningful tag=%#x: %s", cbw.tag, reason)
+            log.warning("CBW not meaningful tag=%#x: %s", cbw.tag, cbw.meaningless_reason(self._max_lun))
             self._refuse_command(cbw)
             return True
 
-        cdb = cbw.cdb
+        cdb = cb[:cb_length]
         self._counters["commands"] += 1
         try:
             plan = self._lu.plan(cdb)
@@ -805,7 +811,7 @@ class BulkOnlyTransport:
             self._halt(EP_IN)
             return STALL
         # BOT 5.2: dCSWTag echoes dCBWTag.
-        csw = _CSW.pack(CSW_SIGNATURE, command.cbw.tag, command.residue, command.status)
+        csw = _pack_csw(CSW_SIGNATURE, command.cbw.tag, command.residue, command.status)
         self._counters["completed"] += 1
         if command.status is CswStatus.PHASE_ERROR:
             self._counters["phase_errors"] += 1

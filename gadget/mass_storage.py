@@ -45,6 +45,8 @@ from gadget.descriptors import (
 
 log = logging.getLogger(__name__)
 
+_tuple_new = tuple.__new__
+
 EPIPE: Final = 32  # URB status -EPIPE: the endpoint stalled
 
 INTERFACE_NUMBER: Final = 0
@@ -162,6 +164,8 @@ class MassStorageDevice:
                         self.configuration)  # fmt: skip
             return [Completion(tag, -EPIPE, 0)]
         stats = self.stats
+        # The completions of the usual cases are built with tuple.__new__, without the named
+        # tuple's Python-level __new__ (one transfer after another goes through here).
         if direction_in:
             stats["bulk_in"] += 1
             if not self._pending_in:  # the usual case: the host asks for data or the CSW that is ready
@@ -171,14 +175,14 @@ class MassStorageDevice:
                     return []
                 if result is STALL:
                     return [Completion(tag, -EPIPE, 0)]
-                return [Completion(tag, 0, len(result), result)]  # type: ignore[arg-type]
+                return [_tuple_new(Completion, (tag, 0, len(result), result))]  # type: ignore[arg-type]
             self._pending_in.append(_PendingIn(tag, length))
             return self._retry_pending()
         stats["bulk_out"] += 1
         if not self.bot.bulk_out(data):
             return [Completion(tag, -EPIPE, 0), *self._retry_pending()]
         if not self._pending_in:  # the usual case: nothing waits on bulk IN
-            return [Completion(tag, 0, len(data))]
+            return [_tuple_new(Completion, (tag, 0, len(data), b""))]
         return [Completion(tag, 0, len(data)), *self._retry_pending()]
 
     def take_command(self) -> BotCommand | None:
@@ -191,7 +195,7 @@ class MassStorageDevice:
 
     def complete(self, command: BotCommand, result: CommandResult | None) -> list[Completion]:
         """The result of `run()`: the bulk-IN transfers it made ready (none if a reset came first)."""
-        if not self.bot.complete(command, result):
+        if not self.bot.complete(command, result) or not self._pending_in:
             return []
         return self._retry_pending()
 
@@ -229,7 +233,7 @@ class MassStorageDevice:
             if isinstance(result, Stall):  # gadget.bot.STALL: the IN endpoint is halted
                 done.append(Completion(item.tag, -EPIPE, 0))
             else:
-                done.append(Completion(item.tag, 0, len(result), result))
+                done.append(_tuple_new(Completion, (item.tag, 0, len(result), result)))
         return done
 
     # -- ep0 -------------------------------------------------------------------------------------

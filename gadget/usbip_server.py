@@ -73,16 +73,20 @@ from gadget.usbip_protocol import (
     SubmitReturn,
     UnlinkCommand,
     UnlinkReturn,
+    UrbCommand,
     UrbDirection,
     UsbDeviceInfo,
     UsbipConnection,
     UsbipProtocolError,
     UsbipRole,
+    pack_ret_submit,
     parse_submit,
     ret_submit_header,
 )
 
 log = logging.getLogger(__name__)
+
+_RET_SUBMIT_CODE = int(UrbCommand.RET_SUBMIT)
 
 RECV_BUFFER = 256 << 10
 #: A connection thread busy with one command for longer than this hands its connection's reading
@@ -249,8 +253,9 @@ class UsbipServer:
     def claim_inline(self) -> bool:
         """Whether the caller may run a command itself now: none runs and none waits on the
         executor. True holds the run lock; `release_inline()` gives it back."""
-        with self._lock:
-            return self._queued == 0 and self._run_lock.acquire(blocking=False)
+        # No server lock: `_queued` is read once (one int), and a command queued after that read
+        # arrived after this one, so running this one first keeps the order.
+        return self._queued == 0 and self._run_lock.acquire(blocking=False)
 
     def release_inline(self) -> None:
         self._run_lock.release()
@@ -629,8 +634,9 @@ class _UsbipSession:
         """Run `command` on this (the reading) thread, holding the server's run lock; `usbip-watch`
         moves the reading to another thread if it takes long."""
         try:
-            with self._reader_lock:
-                self._busy_since = time.monotonic()
+            # one store, no lock: `usbip-watch` sees None or this time. Clearing it takes the lock,
+            # so that a hand-over decided before the clear is seen by this thread's next check
+            self._busy_since = time.monotonic()
             try:
                 self.finish(device, command, device.run(command))
             finally:
@@ -682,6 +688,18 @@ class _UsbipSession:
     def _complete(self, conn: UsbipConnection, done: list[Completion]) -> None:
         """Send the RET_SUBMITs of `done`, in order, with one `sendmsg`: each header and its IN
         data go as separate buffers, so no payload is copied to join them."""
+        if len(done) == 1:  # the usual case: one transfer, one system call
+            tag, status, actual, data = done[0]
+            head = pack_ret_submit(_RET_SUBMIT_CODE, tag, 0, 0, 0, status, actual, 0, 0, 0)
+            if not data:
+                self.sock.sendall(head)
+                return
+            if len(data) != actual:
+                raise ValueError("IN data length must equal actual_length")
+            sent = self.sock.sendmsg((head, data))
+            if sent != URB_HEADER_SIZE + actual:  # a partial send (a signal, a timeout): the rest
+                self.sock.sendall(memoryview(head + data)[sent:])
+            return
         buffers: list[bytes] = []
         for c in done:
             if c.data and len(c.data) != c.actual_length:

@@ -125,3 +125,21 @@ def test_a_volume_in_use_is_refused(tmp_path: Path) -> None:
         Volume(p, size=1 << 20)
     with Volume(p, size=1 << 20):  # released on close
         pass
+
+
+def test_short_pwrites_still_write_every_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may write less than asked (a signal, a file system near full): the rest follows."""
+    real = os.pwrite
+    calls: list[int] = []
+
+    def short(fd: int, data: bytes | memoryview, off: int) -> int:
+        calls.append(len(data))
+        return real(fd, bytes(memoryview(data)[:1000]), off)  # at most 1000 bytes per call
+
+    payload = bytes(range(256)) * 16  # 8 blocks of 512
+    with Volume(tmp_path / "v.img", size=1 << 20) as v:
+        monkeypatch.setattr(os, "pwrite", short)
+        v.write_nosync(3, payload)
+        monkeypatch.setattr(os, "pwrite", real)
+        assert v.read(3, 8) == payload
+    assert calls == [4096, 3096, 2096, 1096, 96]

@@ -69,6 +69,8 @@ from firmware.journal.format import (
 
 log = logging.getLogger(__name__)
 
+_crc32c_value = google_crc32c.value
+
 _SCAN_CHUNK = 8 << 20
 # the scan's fast path compares plain ints: a WRITE carries its blocks, UNMAP and FLUSH nothing
 _WRITE = int(RecordKind.WRITE)
@@ -131,6 +133,7 @@ class Journal:
         self._sb = sb
         self._ring = sb.ring_size
         self._epoch = sb.epoch
+        self._max_record_bytes = min(sb.max_batch, sb.ring_size // 4) - HEADER_SIZE - ALIGN
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         # threads in self._cond.wait() (changed under the lock): the write path notifies only when
@@ -514,7 +517,7 @@ class Journal:
     @property
     def max_record_bytes(self) -> int:
         """Largest payload one record may carry."""
-        return min(self._sb.max_batch, self._ring // 4) - HEADER_SIZE - ALIGN
+        return self._max_record_bytes
 
     def fits(self, payload_len: int) -> bool:
         """Whether a record with this payload would fit now (wrap waste counted)."""
@@ -548,12 +551,12 @@ class Journal:
             raise ValueError(f"{kind.name} records carry no payload")
         if lba < 0 or count < 0:
             raise ValueError("negative lba or count")
-        if plen > self.max_record_bytes:
-            raise ValueError(f"record payload of {plen} bytes exceeds {self.max_record_bytes}")
+        if plen > self._max_record_bytes:
+            raise ValueError(f"record payload of {plen} bytes exceeds {self._max_record_bytes}")
         if type(payload) is not bytes:  # the record keeps it until written: no buffer the caller reuses
             payload = bytes(payload)
-        pcrc = crc32c(payload) if plen else 0
-        rlen = record_length(plen)
+        pcrc = _crc32c_value(payload) if plen else 0  # format.crc32c of the bytes, without the wrapper
+        rlen = (HEADER_SIZE + plen + ALIGN - 1) // ALIGN * ALIGN  # record_length(plen), inlined
         with self._lock:
             self._check_usable()
             pos = self._head_pos

@@ -512,8 +512,14 @@ def _lba_length(op: Opcode, cdb: bytes) -> tuple[int, int, int, int]:
 PROUT_PARAMETER_LIST_LENGTH = 24  # SPC-4 6.16.3, without SPEC_I_PT
 
 
+#: Opcode(value) of every opcode, without the enum's Python-level call (once per command)
+_OPCODE_OF: dict[int, Opcode] = {int(op): op for op in Opcode}
+
+
 def _decode(opcode: int, cdb: bytes, limits: Limits) -> Command:
-    op = Opcode(opcode)
+    op = _OPCODE_OF.get(opcode)
+    if op is None:  # not an opcode at all (the caller checked it is one): the enum says so
+        op = Opcode(opcode)
     if op in (Opcode.READ_12, Opcode.WRITE_12):
         flags, lba, blocks, length_at = _lba_length(op, cdb)
         if blocks > limits.max_transfer_blocks:

@@ -94,9 +94,10 @@ class PrOutAction(enum.IntEnum):
 
 
 _KNOWN = {int(op): op.name for op in Opcode}
-_NAMES = tuple(_KNOWN.get(op, f"0x{op:02X}") for op in range(256))  # looked up once per command
+#: `opcode_name()` of every byte value, indexed by it (the target looks its opcode up once per command)
+OPCODE_NAMES: tuple[str, ...] = tuple(_KNOWN.get(op, f"0x{op:02X}") for op in range(256))
 
 
 def opcode_name(opcode: int) -> str:
     """Name for counters and logs: the enum name, or `0xNN` for an opcode this target rejects."""
-    return _NAMES[opcode] if 0 <= opcode < 256 else f"0x{opcode:02X}"
+    return OPCODE_NAMES[opcode] if 0 <= opcode < 256 else f"0x{opcode:02X}"

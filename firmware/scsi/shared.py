@@ -22,18 +22,21 @@ class WriteGate:
     """Many ordinary writers at once, or one exclusive writer (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # enter() and leave() take the condition's lock itself: the condition's own __enter__ is a
+        # Python-level call, and these two run for every write
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._writers = 0
         self._exclusive = False
 
     def enter(self) -> None:
-        with self._cond:
+        with self._lock:
             while self._exclusive:
                 self._cond.wait()
             self._writers += 1
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._writers -= 1
             # only an exclusive writer waits for the writers to drain, and it set _exclusive first
             if not self._writers and self._exclusive:

@@ -65,7 +65,7 @@ from firmware.scsi.cdb import (
     WriteSame,
     check_command,
 )
-from firmware.scsi.opcodes import Opcode, opcode_name
+from firmware.scsi.opcodes import OPCODE_NAMES, Opcode, opcode_name
 from firmware.scsi.reservations import ReservationConflict
 from firmware.scsi.sense import (
     FIXED_SENSE_LENGTH,
@@ -209,7 +209,7 @@ class ScsiTarget:
         self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"", nexus: str = ""
     ) -> CommandResult:
         """`nexus` names the I_T nexus the command came from (`firmware.scsi.reservations`); USB has one."""
-        name = opcode_name(cdb[0]) if cdb else "EMPTY"
+        name = OPCODE_NAMES[cdb[0]] if cdb else "EMPTY"
         self._commands[name] += 1
         if not isinstance(data_out, bytes):  # a transport handing over a bytearray/memoryview
             data_out = bytes(data_out)
@@ -452,11 +452,13 @@ class ScsiTarget:
         return bytes(data)
 
     def _write(self, cmd: ReadWrite, data_out: bytes) -> bytes:
-        self._check_writable()
+        if self._read_only:  # _check_writable(), inlined: once per write
+            raise CommandError(_WRITE_PROTECTED)
         if not cmd.blocks:
             return b""  # SBC-3: a zero transfer length writes nothing and is not an error
         nbytes = cmd.blocks * self._limits.block_size
-        self._expect_data_out(data_out, nbytes)
+        if len(data_out) != nbytes:
+            self._expect_data_out(data_out, nbytes)
         gate = self._shared.gate
         gate.enter()
         try:
