@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,16 +14,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def free_port() -> Callable[[], int]:
-    """A function returning a currently free TCP port on 127.0.0.1 (never a fixed one)."""
-    return _free_port
+    """A function returning a currently free TCP port on 127.0.0.1 (never a fixed one; see
+    host_tests.units.free_port: outside the ephemeral range, one slice per xdist worker)."""
+    from host_tests.units import free_port as pick
+    return pick
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,9 +42,41 @@ class UnitError(AssertionError):
     """A unit did not start, answer or stop as expected; the message carries the logs."""
 
 
+def _port_slice() -> range:
+    """The ports this test process picks from: below the kernel's ephemeral range (the source ports of
+    every outgoing connection come from there, so a port picked from it can be taken by a unit's own
+    connection before the unit listens on it), one slice per pytest-xdist worker so that two workers
+    never pick the same port."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    first = 10000 if low > 12000 else 1024
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    worker = int((os.environ.get("PYTEST_XDIST_WORKER") or "gw0").removeprefix("gw") or 0) % workers
+    width = (low - first) // workers
+    return range(first + worker * width, first + (worker + 1) * width)
+
+
+_PORTS = _port_slice()
+_picked: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
+    """A TCP port that is free on 127.0.0.1 right now, outside the ephemeral range and this worker's
+    own (one not handed out before by this process, while others are left)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(_PORTS)
+        if port in _picked and len(_picked) < len(_PORTS) // 2:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _picked.add(port)
+        return port
+    with socket.socket() as s:  # the slice is crowded: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
