@@ -10,13 +10,15 @@ Workloads, each for --seconds per target, rounds alternating between the targets
 
     4 KiB random WRITE(16) at queue depth 1 and 16, and 128 KiB sequential WRITE(16) at queue depth 4,
     each plain and with FUA=1 (tgt's rdwr store caches plain writes in the page cache and syncs on
-    FUA; usbmirror makes every write durable, FUA or not).
+    FUA; usbmirror with its write cache off, the default, makes every write durable, FUA or not).
+    Plain writes also go to a second usbmirror unit with `--write-cache on`, which answers them as tgt
+    does (durable at the next SYNCHRONIZE CACHE or FUA write): the like-for-like comparison.
 
 Printed: IOPS, MB/s and CPU time per command (the target process's user + system time, every thread)
 for each target and the usbmirror/tgt ratio of IOPS. Nothing is asserted.
 
 Run: .venv/bin/python bench/bench_iscsi.py [--size-mib 256] [--seconds 4] [--rounds 1] [--dir DIR]
-     [--workload "4 KiB random QD16"] [--fua yes|no|both]
+     [--workload "4 KiB random QD16"] [--fua yes|no|both] [--write-cache off|on|both]
 """
 
 from __future__ import annotations
@@ -171,12 +173,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_usbmirror(work: Path, size_mib: int) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_usbmirror(work: Path, size_mib: int, write_cache: bool = False) -> tuple[subprocess.Popen[bytes], str, str]:
     port = free_port()
+    work = work / ("wc-on" if write_cache else "wc-off")
+    work.mkdir()
     state = work / "state"
     argv = [sys.executable, "-m", "firmware.cli", "local", "--volume", str(work / "usbmirror.img"),
             "--size", f"{size_mib}M", "--iscsi", f"127.0.0.1:{port}", "--state-dir", str(state),
-            "--journal", str(work / "journal"), "--journal-size", "256M"]
+            "--journal", str(work / "journal"), "--journal-size", "256M",
+            "--write-cache", "on" if write_cache else "off"]
     log = open(work / "usbmirror.log", "wb")  # noqa: SIM115 (kept open for the child's lifetime)
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(300):
@@ -246,6 +251,9 @@ def main() -> int:
     ap.add_argument("--workload", action="append", default=None, choices=[w[0] for w in WORKLOADS],
                     help="run only this workload (repeat for several; default: all)")
     ap.add_argument("--fua", choices=("both", "yes", "no"), default="both", help="plain writes, FUA or both")
+    ap.add_argument("--write-cache", choices=("both", "off", "on"), default="both",
+                    help="usbmirror's write cache for plain writes: off (durable when answered), on (as tgt: "
+                    "durable at the next SYNCHRONIZE CACHE or FUA write) or both (two units); FUA rows use off")
     a = ap.parse_args()
     workloads = [w for w in WORKLOADS if a.workload is None or w[0] in a.workload]
     fuas = {"both": (False, True), "yes": (True,), "no": (False,)}[a.fua]
@@ -256,42 +264,59 @@ def main() -> int:
     lbas = (a.size_mib << 20) // BLOCK
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="bench-iscsi-") as tmp:
         work = Path(tmp)
-        unit, portal, iqn = start_usbmirror(work, a.size_mib)
+        wc_on = a.write_cache in ("on", "both") and False in fuas
+        wc_off = a.write_cache in ("off", "both") or True in fuas
+        units: dict[str, tuple[subprocess.Popen[bytes], str, str]] = {}
         tgt = None
         try:
+            if wc_off:
+                units["usbmirror"] = start_usbmirror(work, a.size_mib)
+            if wc_on:
+                units["usbmirror wc"] = start_usbmirror(work, a.size_mib, write_cache=True)
             tgt = Tgt(work, a.size_mib)
-            ours = Session(lib, portal, iqn, 0)
-            theirs = Session(lib, f"127.0.0.1:{tgt.port}", Tgt.IQN, 1)
+            sessions = [(who, Session(lib, portal, iqn, 0), proc.pid) for who, (proc, portal, iqn) in units.items()]
+            sessions.append(("tgt", Session(lib, f"127.0.0.1:{tgt.port}", Tgt.IQN, 1), tgt.proc.pid))
             best: dict[tuple[str, bool, str], Result] = {}
             for _ in range(a.rounds):
                 for name, chunk, depth, seq in workloads:
                     for fua in fuas:
-                        for who, sess, pid in (("usbmirror", ours, unit.pid), ("tgt", theirs, tgt.proc.pid)):
+                        for who, sess, pid in sessions:
+                            if (who == "usbmirror wc" and fua) or (who == "usbmirror" and not fua and
+                                                                  a.write_cache == "on"):
+                                continue
                             r = sess.run(chunk=chunk, depth=depth, sequential=seq, fua=fua, lbas=lbas,
                                          seconds=a.seconds, pid=pid)
                             key = (name, fua, who)
                             if key not in best or r.iops > best[key].iops:
                                 best[key] = r
-            ours.close()
-            theirs.close()
+            for _, sess, _ in sessions:
+                sess.close()
         finally:
             if tgt is not None:
                 tgt.close()
-            unit.terminate()
-            try:
-                unit.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                unit.kill()
-                unit.wait()
+            for unit, _, _ in units.values():
+                unit.terminate()
+                try:
+                    unit.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    unit.kill()
+                    unit.wait()
     print(f"iSCSI writes over loopback, {a.size_mib} MiB files in one directory, libiscsi initiator, "
           f"{a.seconds:.0f} s per figure, best of {a.rounds}")
     print("(CPU: the target process's user + system time per command, all its threads, in the best round)")
-    print(f"{'workload':<26} {'FUA':<4} {'usbmirror':>30} {'tgt':>30} {'ratio':>7}")
+    print("(write cache: usbmirror's; 'on' answers plain writes as tgt does, durable at the next SYNCHRONIZE "
+          "CACHE or FUA write)")
+    print(f"{'workload':<26} {'FUA':<4} {'cache':<6} {'usbmirror':>30} {'tgt':>30} {'ratio':>7}")
     for name, _, _, _ in workloads:
         for fua in fuas:
-            o, t = best[(name, fua, "usbmirror")], best[(name, fua, "tgt")]
-            print(f"{name:<26} {'yes' if fua else 'no':<4} {o.iops:>8.0f} IOPS {o.mbps:>6.1f} MB/s {o.cpu_us:>4.0f} us "
-                  f"{t.iops:>8.0f} IOPS {t.mbps:>6.1f} MB/s {t.cpu_us:>4.0f} us {o.iops / t.iops:>7.2f}")
+            t = best[(name, fua, "tgt")]
+            for who, cache in (("usbmirror", "off"), ("usbmirror wc", "on")):
+                o = best.get((name, fua, who))
+                if o is None:
+                    continue
+                print(f"{name:<26} {'yes' if fua else 'no':<4} {cache:<6} {o.iops:>8.0f} IOPS {o.mbps:>6.1f} MB/s "
+                      f"{o.cpu_us:>4.0f} us {t.iops:>8.0f} IOPS {t.mbps:>6.1f} MB/s {t.cpu_us:>4.0f} us "
+                      f"{o.iops / t.iops:>7.2f}")
     return 0
 
 
