@@ -164,7 +164,7 @@ done
 wait
 step reattach
 reattach_after_restart $d 120
-d=$(wait_disk 30) || die no_disk_after_restart
+d=$(wait_disk 30) || {{ dmesg | tail -60; die no_disk_after_restart; }}
 {BOUND.replace("mark driver=", "mark driver2=").replace("alternate=", "alternate2=").replace("queue_depth=", "qd2=")}
 step read_back
 dd if=/dev/$d bs=65536 skip={ACK_BASE * BLOCK // 65536} count={ACK_BLOCKS * BLOCK // 65536} iflag=direct \\
