@@ -187,7 +187,11 @@ def test_the_old_primary_comes_back_as_a_replica_and_reports_its_lost_writes(uni
         assert c.request_sense() == WRITE_PROTECTED
 
 
-def test_planned_failback_moves_only_changed_regions_and_swaps_the_roles(units: Units, tmp_path: Path) -> None:
+def _promoted_after_a_lost_write(units: Units, tmp_path: Path) -> tuple[Path, Path, Path, UnitProcess, UnitProcess,
+                                                                      int]:
+    """A local unit replicates 4 blocks at lba 8, acknowledges 2 more at lba 300 while the remote is
+    down and dies; the restarted remote is promoted over USB/IP. Returns (tls, target, volume, the
+    dead local unit, the promoted remote, the standby's USB/IP port)."""
     tls = units.pair("dr1", ["server1"])
     target, volume = tmp_path / "target.img", tmp_path / "volume.img"
     remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
@@ -204,6 +208,11 @@ def test_planned_failback_moves_only_changed_regions_and_swaps_the_roles(units: 
     standby_port = free_port()
     assert usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
                      f"127.0.0.1:{standby_port}").returncode == 0
+    return tls, target, volume, local, remote, standby_port
+
+
+def test_planned_failback_moves_only_changed_regions_and_swaps_the_roles(units: Units, tmp_path: Path) -> None:
+    tls, target, volume, local, remote, standby_port = _promoted_after_a_lost_write(units, tmp_path)
     with UsbipClient("127.0.0.1", standby_port) as standby:  # the standby host writes in regions 0 and 5
         assert standby.import_device("1-1").device is not None
         standby.enumerate()
@@ -237,22 +246,7 @@ def test_a_replica_catches_up_with_the_promoted_copy_before_any_failback(units: 
     """The old primary, a replica of the promoted remote, follows the standby host's writes while the
     promoted copy is served (every --catch-up-interval), refusing host writes all along; the failback
     then has nothing left to move."""
-    tls = units.pair("dr1", ["server1"])
-    target, volume = tmp_path / "target.img", tmp_path / "volume.img"
-    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls)
-    local = units.start_local(volume=volume, size="16M", source_id="server1", tls_dir=tls, remotes=[remote.address])
-    with attach(local) as c:
-        assert c.write10(8, b"\x5a" * (4 * BS)) == 0
-    local.wait_status(drained, what="the remote to catch up")
-    remote.stop()
-    with attach(local) as c:  # lost in the failover: acknowledged, never shipped
-        assert c.write10(300, b"\x61" * (2 * BS)) == 0
-    local.kill9()
-    remote = units.start_remote("dr1", targets={"server1": target}, tls_dir=tls, state_dir=remote.state_dir,
-                                port=remote.port)
-    standby_port = free_port()
-    assert usbmirror("promote", "--state-dir", str(remote.state_dir), "--source", "server1", "--usbip",
-                     f"127.0.0.1:{standby_port}").returncode == 0
+    tls, target, volume, local, remote, standby_port = _promoted_after_a_lost_write(units, tmp_path)
     with UsbipClient("127.0.0.1", standby_port) as standby:
         assert standby.import_device("1-1").device is not None
         standby.enumerate()
