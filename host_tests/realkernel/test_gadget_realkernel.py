@@ -22,8 +22,8 @@ and its data is checked, and
 - ep0 while a WRITE is held by a frozen journal;
 then dummy_hcd is loaded a third time with two UDCs for a switchover on the gadget: a local unit on
 one replicates over TLS to a remote unit, is killed, `usbmirror promote --gadget` serves the copy on
-the other, the old local unit comes back as a write-protected replica, and `usbmirror failback`
-brings the standby host's writes back to it.
+the other, the old local unit comes back as a write-protected replica that catches up on the
+standby host's writes, and `usbmirror failback` hands the source back to it.
 """
 
 from __future__ import annotations
@@ -408,9 +408,9 @@ def _promote_gadget_steps() -> str:
     cables to one host). A local unit serves its disk on dummy_udc.0 and replicates over TLS to a remote
     unit in the guest; the local unit is killed; `usbmirror promote --gadget dummy_udc.1` serves the
     remote's copy as a second USB disk, the host finds the acknowledged data there and writes more;
-    the old local unit restarts as a replica (its disk refuses writes); `usbmirror failback` takes
-    the promoted disk away, the local unit has the standby's writes and serves writes again, and they
-    reach the remote."""
+    the old local unit restarts as a replica (its disk refuses writes) and catches up on the
+    standby's writes while the copy is still promoted; `usbmirror failback` takes the promoted disk
+    away, the local unit serves writes again, and they reach the remote."""
     return r"""
 step promote_gadget
 rmmod dummy_hcd || die pg_rmmod
@@ -493,6 +493,11 @@ d=$(disk_on 0 60) || pgdie pg_no_replica_disk
 wait_status /tmp/pg/lstate 'st["host_writes"] == "refused" and st["primary"] is False' 90 || pgdie pg_not_a_replica
 dd if=/tmp/pg/two of=/dev/$d bs=65536 count=1 oflag=direct 2>/dev/null && pgdie pg_replica_took_a_write
 dd if=/tmp/pg/vol.img bs=65536 count=16 2>/dev/null | cmp - /tmp/pg/one && mark pg_replica_refused=ok
+# the replica catches up while the copy is still promoted: the standby's writes reach its volume
+wait_status /tmp/pg/lstate '(st.get("catch_up") or {}).get("bytes_moved", 0) >= 262144' 90 || pgdie pg_no_catch_up
+mark pg_catch_up_moved=$(um status --state-dir /tmp/pg/lstate --json \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["catch_up"]["bytes_moved"])')
+dd if=/tmp/pg/vol.img bs=65536 skip=32 count=4 2>/dev/null | cmp - /tmp/pg/two && mark pg_caught_up=ok
 step pg_failback
 um failback --state-dir /tmp/pg/rstate --source server1 --timeout 120 > /tmp/pg/failback.out 2>&1 \
     || { cat /tmp/pg/failback.out; pgdie pg_failback; }
@@ -588,10 +593,12 @@ def test_disk_through_the_real_gadget_stack(gadget_guest: GadgetGuest, tmp_path:
                              "host_profile:PASS,journal_device:PASS"), result.describe()
     assert m["cli_exit"] == "0", result.describe()
     # switchover on the gadget: the copy served by promote --gadget holds what the killed local unit
-    # acknowledged, the returning local unit refuses writes, failback moves the standby's 256 KiB back
+    # acknowledged, the returning local unit refuses writes and catches up, failback hands the source back
     assert m.get("pg_promoted") == "ok" and m.get("pg_remote_primary") == "ok", result.describe()
     assert m.get("pg_replica_refused") == "ok", result.describe()
+    # the replica's catch-up pulled the standby's 256 KiB before the failback, which had little left
+    assert m.get("pg_caught_up") == "ok" and 4 * 65536 <= int(m["pg_catch_up_moved"]) < 16 * MIB, result.describe()
     assert m.get("pg_failback_data") == "ok", result.describe()
-    assert 4 * 65536 <= int(m["pg_moved"]) < 16 * MIB, result.describe()
+    assert 0 <= int(m["pg_moved"]) < 16 * MIB, result.describe()
     assert m.get("pg_third_write") == "ok" and m.get("pg_copies_equal") == "ok", result.describe()
     assert m["pg_local_exit"] == m["pg_remote_exit"] == "0" and m["pg_tracebacks"] == "0", result.describe()
