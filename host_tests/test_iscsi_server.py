@@ -4,12 +4,15 @@ TOML keys)."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,12 +84,19 @@ class _Initiator:
         self.cmdsn += 1
 
 
-def test_writes_that_arrive_together_share_one_journal_sync(tmp_path: Path) -> None:
-    flash = SimulatedFlash(RING_OFFSET + 1024 * 1024)
+@contextlib.contextmanager
+def _served(tmp_path: Path, flash: SimulatedFlash) -> Iterator[tuple[Journal, LocalUnit, Any]]:
+    """A local unit with its journal on `flash`, served over iSCSI on a free loopback port."""
     with Volume(tmp_path / "vol", size=1024 * BS, block_size=BS) as vol, \
             Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=flash) as j, \
             LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
             serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+        yield j, unit, server
+
+
+def test_writes_that_arrive_together_share_one_journal_sync(tmp_path: Path) -> None:
+    flash = SimulatedFlash(RING_OFFSET + 1024 * 1024)
+    with _served(tmp_path, flash) as (j, unit, server):
         a = _Initiator(server.port, server.target_name)
         before = flash.syncs
         pdus = []
@@ -246,10 +256,7 @@ def _nop_out(itt: int, cmdsn: int, *, ttt: int = 0xFFFFFFFF, immediate: bool = T
 
 def test_a_write_is_answered_only_once_durable_and_the_connection_stays_served_meanwhile(tmp_path: Path) -> None:
     flash = _HeldSyncFlash(RING_OFFSET + 1024 * 1024)
-    with Volume(tmp_path / "vol", size=1024 * BS, block_size=BS) as vol, \
-            Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=flash) as j, \
-            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
-            serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+    with _served(tmp_path, flash) as (j, unit, server):
         a = _Initiator(server.port, server.target_name)
         flash.hold = True
         a.write(5, b"\x05" * BS, itt=1)
@@ -292,10 +299,7 @@ class _GatedSyncFlash(SimulatedFlash):
 
 def test_a_write_that_arrives_while_a_sync_is_in_flight_waits_for_a_sync_of_its_own(tmp_path: Path) -> None:
     flash = _GatedSyncFlash(RING_OFFSET + 1024 * 1024)
-    with Volume(tmp_path / "vol", size=1024 * BS, block_size=BS) as vol, \
-            Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=flash) as j, \
-            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
-            serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+    with _served(tmp_path, flash) as (j, _unit, server):
         a = _Initiator(server.port, server.target_name)
         flash.gated = True
         a.write(1, b"\x01" * BS, itt=1)
@@ -323,10 +327,7 @@ def test_a_write_that_arrives_while_a_sync_is_in_flight_waits_for_a_sync_of_its_
 
 def test_writes_whose_journal_sync_fails_get_medium_error_not_good(tmp_path: Path) -> None:
     flash = _FailingSyncFlash(RING_OFFSET + 1024 * 1024)
-    with Volume(tmp_path / "vol", size=1024 * BS, block_size=BS) as vol, \
-            Journal.open(None, size=None, unit_uuid=UNIT, block_size=BS, flash=flash) as j, \
-            LocalUnit(vol, j, bitmap_path=str(tmp_path / "dirty")) as unit, \
-            serve_unit(unit, UnitIdentity(UNIT), host="127.0.0.1", port=0) as server:
+    with _served(tmp_path, flash) as (j, _unit, server):
         a = _Initiator(server.port, server.target_name)
         flash.fail = True
         a.write(0, b"\x01" * BS, itt=1)
