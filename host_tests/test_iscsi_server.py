@@ -361,3 +361,36 @@ def test_an_idle_initiator_is_pinged_and_one_that_does_not_answer_is_dropped(
         assert "no answer to a NOP-In" in caplog.text
         assert alive.call(scsi_pdu(bytes(6), itt=9, cmdsn=alive.cmdsn)).bhs[3] == 0  # still served
         alive.sock.close()
+
+
+def test_a_logout_releases_the_reservation_before_it_is_answered(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """RESERVE(6) ends with the nexus (libiscsi's Reserve6.Logout): once the initiator has its Logout
+    Response, another initiator port may write. The connection's own end is slowed down here, so a
+    release that waited for it would be seen as a RESERVATION CONFLICT."""
+    import firmware.iscsi.server as srv
+    real_shutdown = srv._shutdown
+
+    def slow_shutdown(sock: socket.socket) -> None:
+        time.sleep(1.5)
+        real_shutdown(sock)
+
+    monkeypatch.setattr(srv, "_shutdown", slow_shutdown)
+    with _served(tmp_path, SimulatedFlash(RING_OFFSET + 1024 * 1024)) as (_j, _unit, server):
+        a = _Initiator(server.port, server.target_name)
+        rsp = a.call(scsi_pdu(bytes([0x16, 0, 0, 0, 0, 0]), itt=1, cmdsn=a.cmdsn))  # RESERVE(6)
+        assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.bhs[3] == 0
+        a.cmdsn += 1
+        b = _Initiator(server.port, server.target_name, isid=b"\x80\x00\x00\x00\x00\x02")
+        b.write(7, b"\x07" * BS, itt=1)
+        assert b.recv().bhs[3] == 0x18  # RESERVATION CONFLICT while A holds it
+        logout = Pdu.new(PduOpcode.LOGOUT_REQUEST, flags=0x80, immediate=True)
+        logout.set_u32(16, 2)
+        logout.set_u32(24, a.cmdsn)
+        rsp = a.call(logout)
+        assert rsp.opcode == PduOpcode.LOGOUT_RESPONSE and rsp.bhs[2] == 0
+        b.write(7, b"\x07" * BS, itt=2)
+        rsp = b.recv()
+        assert rsp.opcode == PduOpcode.SCSI_RESPONSE and rsp.bhs[3] == 0, f"status {rsp.bhs[3]:#x} after the logout"
+        a.sock.close()
+        b.sock.close()

@@ -176,6 +176,8 @@ class _Peer:
         # the committer's work: (ticket, done commands) to answer once durable, or a slow task to run
         self.slow: queue.SimpleQueue[tuple[int, list[_Done]] | ScsiTask | None] = queue.SimpleQueue()
         self.committers: list[threading.Thread] = []
+        self.logged_in = False       # reached full feature phase: its nexus may hold a reservation
+        self.nexus_ended = False     # its SPC-2 reservation was released (logout or connection end)
 
 
 class IscsiServer:
@@ -357,7 +359,7 @@ class IscsiServer:
                 if conn.resets != resets and self._reservations is not None:
                     self._reservations.reset()
                 if not counted and conn.phase is Phase.FULL_FEATURE:
-                    counted = True
+                    counted = peer.logged_in = True
                     self._logins += 1
                     sock.settimeout(self._nop_interval if self._nop_interval > 0 else None)
                 if tasks:
@@ -365,12 +367,13 @@ class IscsiServer:
             if conn.close_reason.startswith("login refused"):
                 self._refused += 1
         finally:
+            # the nexus is gone now: its reservation ends before the writes in flight are waited for,
+            # so an initiator that logs in next is not refused by it
+            self._end_nexus(peer)
             for _ in peer.committers:
                 peer.slow.put(None)
             for thread in peer.committers:
                 thread.join()  # the writes taken complete on the store; their answers are dropped
-            if counted and self._reservations is not None:
-                self._reservations.nexus_lost(conn.nexus)
             with peer.lock:
                 _shutdown(sock)
             sock.close()
@@ -447,9 +450,20 @@ class IscsiServer:
                     peer.conn.task_done(d.task_id, int(d.result.status), d.result.data, d.sense)
                 self._flush(peer)
 
+    def _end_nexus(self, peer: _Peer) -> None:
+        """The I_T nexus of `peer` ended (logout or a lost connection): its SPC-2 reservation is
+        released, once."""
+        if peer.logged_in and not peer.nexus_ended and self._reservations is not None:
+            peer.nexus_ended = True
+            self._reservations.nexus_lost(peer.conn.nexus)
+
     def _flush(self, peer: _Peer) -> None:
-        """Send what the connection produced; called with `peer.lock` held, so PDUs leave in order."""
+        """Send what the connection produced; called with `peer.lock` held, so PDUs leave in order.
+        A logout ends the nexus before its answer leaves, so the initiator's next session finds its
+        reservation released."""
         out = peer.conn.take_output()
+        if peer.conn.closed and peer.conn.close_reason == "logout":
+            self._end_nexus(peer)
         if out:
             try:
                 peer.sock.sendall(out)

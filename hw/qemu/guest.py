@@ -67,10 +67,15 @@ reattach_after_restart() {{
     done
 }}
 wait_disk() {{
+    # a disk re-attached under its old name can be left without its /dev node (devtmpfs drops the
+    # node of the old disk, same device number, after the new one made it): made again from sysfs
     limit=$(( ${{1:-20}} * 10 )); n=0
     while [ $n -lt $limit ]; do
         for d in /sys/block/sd*; do
-            [ -e "$d" ] && [ -b "/dev/${{d##*/}}" ] && {{ echo "${{d##*/}}"; return 0; }}
+            [ -e "$d" ] || continue
+            [ -b "/dev/${{d##*/}}" ] && {{ echo "${{d##*/}}"; return 0; }}
+            [ $n -ge 20 ] && [ -r "$d/dev" ] && mknod "/dev/${{d##*/}}" b $(tr ':' ' ' < "$d/dev") 2>/dev/null \
+                && echo "wait_disk: /dev/${{d##*/}} was missing, made from $d/dev" >&2
         done
         n=$((n + 1)); sleep 0.1
     done
