@@ -377,8 +377,8 @@ class LocalOptions:
     bandwidth_limit: int | None
     state_dir: str
     sync_timeout: float
+    catch_up_interval: float
     progress: bool
-    catch_up_interval: float = 30.0
     metrics: tuple[str, int] | None = None
     iscsi: tuple[str, int] | None = None
     iscsi_chap: tuple[str, str] | None = None

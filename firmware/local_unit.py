@@ -322,7 +322,7 @@ class LocalUnit:
             if fua:
                 self.flush()
             return
-        self.complete(self._append_write(RecordKind.WRITE, lba, count, bytes(data), fua=fua))
+        self._submit(RecordKind.WRITE, lba, count, bytes(data), fua=fua)
 
     def unmap(self, lba: int, count: int) -> None:
         self._check(lba, count)
@@ -518,13 +518,7 @@ class LocalUnit:
         """Make `seq` durable (group commit), write it to the volume, pass the sync gates; returns
         the journal's fill after it. `journal_is_enough` (a flush): a full volume does not fail it,
         the records wait in the journal."""
-        try:  # _guard(self._journal.sync), without the extra call on every write
-            durable = self._journal.sync()
-        except JournalCorrupt:
-            raise
-        except (JournalError, OSError) as exc:
-            self._failed = exc
-            raise WriteError(f"journal or volume write failed: {exc}") from exc
+        durable = self._guard(self._journal.sync)
         with self._lock:
             try:
                 self._apply_durable_locked(durable)

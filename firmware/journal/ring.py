@@ -556,7 +556,7 @@ class Journal:
         if type(payload) is not bytes:  # the record keeps it until written: no buffer the caller reuses
             payload = bytes(payload)
         pcrc = _crc32c_value(payload) if plen else 0  # format.crc32c of the bytes, without the wrapper
-        rlen = (HEADER_SIZE + plen + ALIGN - 1) // ALIGN * ALIGN  # record_length(plen), inlined
+        rlen = record_length(plen)
         with self._lock:
             self._check_usable()
             pos = self._head_pos
